@@ -1,0 +1,67 @@
+"""The `mealv2` command: label once, train many students.
+
+Subcommands are imported when invoked, so `mealv2 --help` does not pay for torch and DALI.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from . import __version__
+from .common.errors import MealV2Error
+
+COMMANDS = {  # name: (module, attribute, one-line help)
+    "label": ("mealv2.stage1_label.commands", "label", "Stage 1: store the teacher ensemble's soft labels."),
+    "train": ("mealv2.stage2_train.commands", "train", "Stage 2: train a timm student from a label store."),
+    "eval": ("mealv2.stage2_train.commands", "evaluate", "Top-1/top-5 with MEAL V2's test protocol."),
+    "export": ("mealv2.stage2_train.commands", "export", "Export a checkpoint to ONNX, TorchScript or safetensors."),
+    "inspect": ("mealv2.stage1_label.commands", "inspect", "Show what a label store holds."),
+    "verify": ("mealv2.stage1_label.commands", "verify", "Check a label store's checksums and completeness."),
+    "demo": ("mealv2.demo", "demo", "Whole pipeline on a generated dataset, in minutes on a CPU."),
+    "bench": ("mealv2.bench", "bench", "Throughput and size benchmarks of both stages."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mealv2")
+def cli():
+    """MEAL V2 distillation in two stages: `label` stores the teacher ensemble's soft labels
+    for many random crops once; `train` replays them to train any timm student."""
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MealV2Error as e:
+        click.echo(f"mealv2: error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"mealv2: error: {e.strerror or e}{where}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

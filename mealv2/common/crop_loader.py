@@ -1,0 +1,146 @@
+"""Decode each image once and render its stored crops: the DALI pipeline both stages use.
+
+A request is (image ids, boxes, flips) for a batch of images with C crops each. The
+pipeline decodes every image once (nvJPEG through ``mixed`` on a GPU, DALI's CPU backend
+otherwise), cuts its C boxes, resizes them, mirrors the flipped ones and normalises them
+once per *view* (resolution, mean, std): the student's, or each distinct teacher's. The
+batch comes back as images x C crops, image-major, like FKD's ``num_crops``.
+
+``iterate_crops_torch`` renders the same boxes with PIL/torchvision for platforms without
+DALI; both take and yield the same things.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .crops import boxes_to_relative
+
+if TYPE_CHECKING:
+    from .dataset import DatasetIndex
+
+
+@dataclass(frozen=True)
+class View:
+    """One normalised rendering of the crops."""
+
+    res: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class CropRequest:
+    ids: np.ndarray     # (b,) int64 dataset image ids
+    boxes: np.ndarray   # (b, C, 4) uint16 grid boxes
+    flips: np.ndarray   # (b, C) bool
+
+
+@dataclass
+class CropBatch:
+    ids: np.ndarray                 # (b,) image ids
+    views: list[torch.Tensor]       # per view: (b * C, 3, res, res) float32, on the pipeline's device
+
+
+def _read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
+    return np.fromfile(index.path(int(image_id)), dtype=np.uint8)
+
+
+class _Source:
+    """DALI external source: turns requests into encoded images and per-crop ROIs."""
+
+    def __init__(self, index: DatasetIndex, requests: Iterable[CropRequest]):
+        self.index, self.requests = index, iter(requests)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        req = next(self.requests)  # StopIteration ends the DALI epoch
+        rel = boxes_to_relative(req.boxes)                       # (b, C, 4) y, x, h, w
+        start = np.ascontiguousarray(rel[..., :2])
+        end = np.ascontiguousarray(rel[..., :2] + rel[..., 2:])
+        return ([_read_bytes(self.index, i) for i in req.ids], list(start), list(end),
+                list(req.flips.astype(np.int32)), list(req.ids.astype(np.int64).reshape(-1, 1)))
+
+
+def _build_pipeline(source: _Source, views: list[View], crops: int, batch_size: int, device: str,
+                    threads: int, prefetch: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads,
+                  device_id=torch.cuda.current_device() if gpu else None,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    def pipe():
+        encoded, start, end, flips, ids = fn.external_source(source=source, num_outputs=5, batch=True,
+                                                             dtype=[types.UINT8, types.FLOAT, types.FLOAT,
+                                                                    types.INT32, types.INT64])
+        images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        outs = []
+        for view in views:
+            for c in range(crops):
+                crop = fn.resize(images, size=[view.res, view.res], roi_start=start[c], roi_end=end[c],
+                                 roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
+                outs.append(fn.crop_mirror_normalize(
+                    crop, mirror=flips[c], dtype=types.FLOAT, output_layout="CHW",
+                    mean=[255 * m for m in view.mean], std=[255 * s for s in view.std]))
+        return (ids, *outs)
+
+    return pipe()
+
+
+def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: list[View], crops: int,
+                  batch_size: int, device: str = "cpu", threads: int = 2,
+                  prefetch: int = 2) -> Iterator[CropBatch]:
+    """Yield a :class:`CropBatch` per request, rendered by DALI (decode once per image)."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    pipe = _build_pipeline(_Source(index, requests), views, crops, batch_size, device, threads, prefetch)
+    names = ["ids"] + [f"v{v}_c{c}" for v in range(len(views)) for c in range(crops)]
+    loader = DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                 auto_reset=False, prepare_first_batch=False)
+    for (out,) in loader:
+        ids = out["ids"].reshape(-1).cpu().numpy()
+        yield CropBatch(ids=ids, views=[
+            torch.stack([out[f"v{v}_c{c}"] for c in range(crops)], dim=1).flatten(0, 1)
+            for v in range(len(views))])
+
+
+def _pil_rgb(path) -> "Image.Image":
+    """Decode as DALI does: EXIF orientation applied, 16-bit scaled to 8-bit, RGB."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.uint32) >> 8
+            im = Image.fromarray(arr.astype(np.uint8))
+        return im.convert("RGB")
+
+
+def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], views: list[View],
+                        crops: int, device: str = "cpu", **_) -> Iterator[CropBatch]:
+    """The same crops as :func:`iterate_crops`, rendered with PIL and torchvision."""
+    from torchvision.transforms.v2 import functional as F
+
+    for req in requests:
+        per_view = [[] for _ in views]
+        rel = boxes_to_relative(req.boxes)
+        for image_id, boxes, flips in zip(req.ids, rel, req.flips):
+            image = F.pil_to_tensor(_pil_rgb(index.path(int(image_id))))
+            h, w = image.shape[-2:]
+            for (y, x, bh, bw), flip in zip(boxes, flips):
+                top, left = round(float(y) * h), round(float(x) * w)
+                height = max(1, round(float(y + bh) * h) - top)
+                width = max(1, round(float(x + bw) * w) - left)
+                for out, view in zip(per_view, views):
+                    crop = F.resized_crop(image, top, left, height, width, [view.res, view.res],
+                                          antialias=True)
+                    crop = F.horizontal_flip(crop) if flip else crop
+                    out.append(F.normalize(crop.float() / 255, view.mean, view.std))
+        yield CropBatch(ids=np.asarray(req.ids), views=[torch.stack(v).to(device) for v in per_view])

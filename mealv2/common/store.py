@@ -1,0 +1,308 @@
+"""The label store: the one module that knows its schema (format ``mealv2-labels`` v1).
+
+A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
+
+    labels      (N,)           int32   dataset class ids, for inspect's agreement figure
+    boxes       (R, N, C, 4)   uint16  crop (y, x, h, w) on a 1023-step relative grid
+    flips       (R, N, C)      uint8   1 = mirrored
+    ids         (R, N, C, k)   uint16  top-k class ids, descending probability
+    probs       (R, N, C, k)   uint8   round(255 * sqrt(p)) of those classes
+    done        (R, S)         uint8   1 once shard s of round r is fully written
+
+The round is the leading axis so a training epoch reads its round as one slab. Data
+chunks are (1 round, ``shard_size`` images): a shard is exactly one chunk per array, so
+writers on different shards never touch the same file, and ``done`` has one chunk per
+(round, shard) that is written only after the shard's data. Every chunk carries a CRC32C.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from filelock import FileLock, Timeout
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import MealV2Error
+
+FORMAT = "mealv2-labels"
+VERSION = 1
+ATTR_KEY = "mealv2"
+DIGEST_KEY = "mealv2_sha256"
+
+# Keys that must agree between a store and a new labelling command for it to resume or append.
+_IDENTITY_KEYS = ("format", "version", "classes", "topk", "temperature", "seed", "crops_per_image",
+                  "shard_size", "crop", "teachers", "dataset")
+
+
+class StoreError(MealV2Error):
+    """A store that cannot be used as asked; the message names the store and the value."""
+
+
+@dataclass
+class RoundData:
+    """One label round in RAM: everything stage 2 needs for an epoch."""
+
+    boxes: np.ndarray   # (N, C, 4) uint16
+    flips: np.ndarray   # (N, C) uint8
+    ids: np.ndarray     # (N, C, k) uint16
+    probs: np.ndarray   # (N, C, k) uint8
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.boxes, self.flips, self.ids, self.probs))
+
+
+def _codecs():
+    # bitshuffle + zstd turns the unused high bits of 10-bit ids and boxes into almost nothing.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def _digest(attrs: dict) -> str:
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two attribute dicts, one line per leaf."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif _dict_list(a) and _dict_list(b) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += _diff(x, y, f"{prefix}{key}[{i}].")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {_short(a)}, this run has {_short(b)}")
+    return out
+
+
+def _dict_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def _short(v) -> str:
+    if _dict_list(v) and all("spec" in x for x in v):  # teachers: name them, not their whole record
+        return f"{len(v)} teacher(s) [{', '.join(x['spec'] for x in v)}]"
+    s = json.dumps(v)
+    return s if len(s) <= 160 else s[:150] + "...]"
+
+
+class LabelStore:
+    """Open store; use :meth:`create_or_resume` to write and :meth:`open` to read."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs: dict = dict(group.attrs[ATTR_KEY])
+
+    # ---- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "LabelStore":
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"{path}: not a label store (no zarr.json); make one with `mealv2 label`")
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=mode == "r"), mode=mode)
+            attrs = group.attrs[ATTR_KEY]
+        except (KeyError, ValueError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: unreadable label store metadata ({e})") from e
+        if attrs.get("format") != FORMAT or attrs.get("version") != VERSION:
+            raise StoreError(f"{path}: format {attrs.get('format')} v{attrs.get('version')}, "
+                             f"this mealv2 reads {FORMAT} v{VERSION}")
+        if group.attrs.get(DIGEST_KEY) != _digest(attrs):
+            raise StoreError(f"{path}/zarr.json: the '{ATTR_KEY}' attributes were edited after the "
+                             f"store was made (SHA-256 does not match); the store cannot be trusted")
+        return cls(path, group)
+
+    @classmethod
+    def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+        """Make a new store, or reopen one made by the same teachers, data and crop settings.
+
+        ``rounds`` larger than the store's plan appends rounds; smaller is refused. Call on
+        one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
+        """
+        path = Path(path)
+        attrs = {"format": FORMAT, "version": VERSION, **attrs}
+        if path.exists() and any(path.iterdir()):
+            store = cls.open(path, mode="r+")
+            problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
+                             {k: attrs.get(k) for k in _IDENTITY_KEYS})
+            if problems:
+                raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
+                                 + "\n  ".join(problems)
+                                 + "\nUse a new --out, or the settings the store was made with.")
+            planned = store.attrs["rounds_planned"]
+            if rounds < planned:
+                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop "
+                                 f"some; pass --rounds {planned} (or more, to append)")
+            if rounds > planned:
+                store._grow(rounds)
+            return store
+        return cls._create(path, attrs, rounds, labels)
+
+    @classmethod
+    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+        n, c, k = attrs["dataset"]["num_images"], attrs["crops_per_image"], attrs["topk"]
+        s = attrs["shard_size"]
+        attrs = {**attrs, "rounds_planned": rounds}
+        tmp = path.with_name(path.name + ".creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
+        id_dtype = "uint16" if len(attrs["classes"]) <= 65536 else "int32"
+        for name, tail, dtype in (("boxes", (c, 4), "uint16"), ("flips", (c,), "uint8"),
+                                  ("ids", (c, k), id_dtype), ("probs", (c, k), "uint8")):
+            group.create_array(name, shape=(rounds, n, *tail), chunks=(1, s, *tail), dtype=dtype,
+                               fill_value=0, compressors=_codecs())
+        group.create_array("done", shape=(rounds, num_shards(n, s)), chunks=(1, 1), dtype="uint8",
+                           fill_value=0, compressors=_codecs())
+        group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0,
+                           compressors=_codecs())[:] = labels
+        group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
+        # The store appears under its name only once its metadata is complete.
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+        return cls.open(path, mode="r+")
+
+    def _grow(self, rounds: int) -> None:
+        for name in ("boxes", "flips", "ids", "probs", "done"):
+            arr = self.group[name]
+            arr.resize((rounds, *arr.shape[1:]))
+        self.attrs["rounds_planned"] = rounds
+        self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+
+    # ---- geometry ----------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return self.attrs["dataset"]["num_images"]
+
+    @property
+    def shard_size(self) -> int:
+        return self.attrs["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return num_shards(self.num_images, self.shard_size)
+
+    @property
+    def rounds_planned(self) -> int:
+        return self.attrs["rounds_planned"]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_images)
+
+    # ---- writing -----------------------------------------------------------------------
+    def done_mask(self) -> np.ndarray:
+        """(R, S) bool: which shards are complete."""
+        return self.group["done"][:].astype(bool)
+
+    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs) -> None:
+        """Write one shard's data, then mark it complete (never the other way round)."""
+        a, b = self.shard_range(shard)
+        g = self.group
+        g["boxes"][round_, a:b] = boxes
+        g["flips"][round_, a:b] = flips
+        g["ids"][round_, a:b] = ids
+        g["probs"][round_, a:b] = probs
+        g["done"][round_, shard] = 1
+
+    # ---- reading -----------------------------------------------------------------------
+    def rounds_complete(self) -> int:
+        """Number of leading rounds whose every shard is complete."""
+        full = self.done_mask().all(axis=1)
+        return int(np.argmin(full)) if not full.all() else len(full)
+
+    @property
+    def complete(self) -> bool:
+        return self.rounds_complete() == self.rounds_planned
+
+    def read_round(self, round_: int) -> RoundData:
+        """Load one complete round into RAM in one read per array."""
+        if not self.done_mask()[round_].all():
+            raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
+                             f"the same `mealv2 label` command")
+        missing = self.missing_chunks(round_)
+        if missing:
+            raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
+        g = self.group
+        return RoundData(boxes=g["boxes"][round_], flips=g["flips"][round_],
+                         ids=g["ids"][round_], probs=g["probs"][round_])
+
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][:]
+
+    def missing_chunks(self, round_: int) -> list[str]:
+        """Data chunk files of completed shards that are absent (zarr would read them as zeros)."""
+        done = self.done_mask()[round_]
+        out = []
+        for name in ("boxes", "flips", "ids", "probs"):
+            for s in np.flatnonzero(done):
+                key = chunk_key(name, self.group[name].ndim, round_, int(s))
+                if not (self.path / key).is_file():
+                    out.append(key)
+        return out
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def data_bytes(self) -> int:
+        """Bytes of the per-crop arrays only (what bytes-per-crop figures divide)."""
+        return sum(f.stat().st_size for name in ("boxes", "flips", "ids", "probs")
+                   for f in (self.path / name).rglob("*") if f.is_file())
+
+    def verify(self) -> list[str]:
+        """Every problem found, each naming its place; empty when the store is sound."""
+        problems = []
+        done = self.done_mask()
+        for r, s in zip(*np.nonzero(~done)):
+            problems.append(f"round {r} shard {s}: not complete (done/c/{r}/{s} unset)")
+        for r in range(done.shape[0]):
+            problems += [f"{key}: missing chunk file of a completed shard" for key in self.missing_chunks(r)]
+        for name in ("boxes", "flips", "ids", "probs", "labels"):
+            arr = self.group[name]
+            for idx in np.ndindex(*arr.cdata_shape):
+                sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
+                try:
+                    arr[sel]
+                except Exception as e:  # zarr raises several types for a bad checksum/codec
+                    problems.append(f"{name}/c/{'/'.join(map(str, idx))}: unreadable chunk ({e})")
+        return problems
+
+    def remove_partial_writes(self) -> int:
+        """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
+        partials = list(self.path.rglob("*.partial"))
+        for f in partials:
+            f.unlink(missing_ok=True)
+        return len(partials)
+
+
+def acquire_writer_lock(path: str | Path) -> FileLock:
+    """Exclusive lock ``STORE.lock`` beside the store for the one writing job.
+
+    It is an OS file lock: the kernel drops it when its holder dies, so a killed run
+    leaves no stale lock behind, while a second live writer is refused.
+    """
+    path = Path(path)
+    lock = FileLock(path.with_name(path.name + ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreError(f"{path} is being written by another `mealv2 label` process "
+                         f"(lock {lock.lock_file} is held); refusing to interleave writes") from None
+    return lock
+
+
+def num_shards(num_images: int, shard_size: int) -> int:
+    return max(1, -(-num_images // shard_size))
+
+
+def chunk_key(array: str, ndim: int, round_: int, shard: int) -> str:
+    """Relative path of the chunk holding (round, shard) under zarr v3's default key encoding."""
+    return "/".join([array, "c", str(round_), str(shard)] + ["0"] * (ndim - 2))

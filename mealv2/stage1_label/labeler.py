@@ -1,0 +1,140 @@
+"""Stage 1: run the ensemble once over R rounds x C random crops per image, store top-k labels.
+
+Work is split into (round, shard) units. Each unit's crops are a pure function of the
+seed, so units can be done in any order, by any rank, after any interruption, and the
+store comes out the same. A rank takes the shards ``s % world_size == rank``.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..common.crop_loader import CropRequest, iterate_crops
+from ..common.crops import CropParams, sample_crops
+from ..common.dataset import build_index
+from ..common.distributed import distributed
+from ..common.errors import MealV2Error
+from ..common.models import load_teacher
+from ..common.store import LabelStore, acquire_writer_lock
+from ..common.targets import encode_topk
+from .ensemble import Ensemble
+
+
+@dataclass
+class LabelConfig:
+    data: str
+    teachers: list[str]
+    out: str
+    rounds: int = 4
+    crops_per_image: int = 4
+    crop: CropParams = CropParams()
+    topk: int = 10
+    temperature: float = 1.0
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 4
+    shard_size: int = 1024
+    skip_bad: bool = False
+    progress: bool = True
+
+
+def store_attrs(cfg: LabelConfig, index, teachers) -> dict:
+    """Everything that identifies a store's labels (see common/store.py)."""
+    return {
+        "classes": list(index.classes),
+        "topk": cfg.topk,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "crops_per_image": cfg.crops_per_image,
+        "shard_size": cfg.shard_size,
+        "crop": cfg.crop.to_attrs(),
+        "teachers": [t.to_attrs() for t in teachers],
+        "dataset": {"num_images": len(index), "fingerprint": index.fingerprint,
+                    "skipped": [list(s) for s in index.skipped]},
+        "mealv2_version": __version__,
+    }
+
+
+def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray, images_per_batch: int,
+              cfg: LabelConfig, plan: deque) -> Iterator[CropRequest]:
+    """Crop requests for each (round, shard), in batches that never span two shards."""
+    for r, s in work:
+        a, b = store.shard_range(s)
+        for start in range(a, b, images_per_batch):
+            ids = np.arange(start, min(start + images_per_batch, b))
+            boxes, flips = sample_crops(cfg.seed, r, ids, sizes[ids], cfg.crops_per_image, cfg.crop)
+            plan.append((r, s, boxes, flips))
+            yield CropRequest(ids, boxes, flips)
+
+
+def run_label(cfg: LabelConfig) -> LabelStore:
+    with distributed(cfg.device) as (info, device):
+        index = build_index(cfg.data, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8))
+        if cfg.topk > len(index.classes):
+            raise MealV2Error(f"--topk {cfg.topk} is larger than the dataset's {len(index.classes)} classes")
+        teachers = [load_teacher(spec, index.classes) for spec in cfg.teachers]
+        if not teachers:
+            raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
+        attrs = store_attrs(cfg, index, teachers)
+        out = Path(cfg.out)
+        if info.is_main:
+            lock = acquire_writer_lock(out)
+            store = LabelStore.create_or_resume(out, attrs, cfg.rounds, index.labels)
+            store.remove_partial_writes()
+        info.barrier()
+        try:
+            if not info.is_main:
+                store = LabelStore.open(out, mode="r+")
+            crops, seconds = _label_shards(cfg, store, index, Ensemble(teachers, device, cfg.temperature), info)
+            info.barrier()
+        finally:
+            if info.is_main:
+                lock.release()
+        if info.is_main:
+            rate = f"{crops / seconds:.0f} crops/s" if seconds > 0 else "nothing left to do"
+            print(f"mealv2 label: {crops} crops in {seconds:.1f}s ({rate}"
+                  f"{f' on rank 0 of {info.world_size}' if info.enabled else ''}); "
+                  f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
+                  f"{store.bytes_on_disk() / 2**20:.1f} MiB")
+        return store
+
+
+def _label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
+    """Label this rank's incomplete shards; returns (crops labelled, seconds)."""
+    done = store.done_mask()
+    work = [(r, s) for r in range(store.rounds_planned) for s in range(store.num_shards)
+            if not done[r, s] and s % info.world_size == info.rank]
+    crops_todo = sum(b - a for a, b in map(store.shard_range, (s for _, s in work))) * cfg.crops_per_image
+    if not work:
+        return 0, 0.0
+    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
+    plan: deque = deque()
+    batches = iterate_crops(index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),
+                            ensemble.views, cfg.crops_per_image, images_per_batch,
+                            device=ensemble.device.type, threads=cfg.workers)
+    bar = tqdm(total=int(crops_todo), unit="crop", unit_scale=True, dynamic_ncols=True,
+               disable=not cfg.progress or not info.is_main, desc=f"label {store.path.name}")
+    pending: dict[tuple[int, int], list] = {}
+    started = time.perf_counter()
+    for batch in batches:
+        r, s, boxes, flips = plan.popleft()
+        ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
+        shape = (len(batch.ids), cfg.crops_per_image, cfg.topk)
+        part = pending.setdefault((r, s), [])
+        part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(np.uint16),
+                     codes.reshape(shape).cpu().numpy()))
+        a, b = store.shard_range(s)
+        if sum(len(p[0]) for p in part) == b - a:
+            store.write_shard(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
+        bar.update(batch.views[0].shape[0])
+    bar.close()
+    return crops_todo, time.perf_counter() - started
