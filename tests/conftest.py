@@ -1,0 +1,86 @@
+"""Shared fixtures: small real image datasets (made here, no network) and a CLI runner."""
+from __future__ import annotations
+
+import colorsys
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _class_image(c: int, num_classes: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Class c's look: its own hue, stripe period and direction, a contrasting square, noise."""
+    base = np.array(colorsys.hsv_to_rgb(c / num_classes, 0.7, 0.85)) * 255
+    period = 6 + 4 * (c % 5)
+    yy, xx = np.mgrid[:h, :w]
+    stripes = ((xx if c % 2 else yy) // (period // 2)) % 2
+    img = base[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+    side = max(1, min(h, w) // 3)
+    y0, x0 = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+    img[y0:y0 + side, x0:x0 + side] = 255 - base
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_image_dataset(root: Path, num_classes: int = 3, per_class: int = 4, seed: int = 0,
+                       size_range: tuple[int, int] = (40, 96)) -> Path:
+    """Write an ImageFolder dataset ``root/class_<c>/img_<j>.<ext>`` and return ``root``.
+
+    Sizes (H and W each in ``size_range``) and content are deterministic from ``seed``.
+    When ``per_class >= 3`` every class has, besides plain RGB JPEGs: ``img_00.jpg``
+    with EXIF orientation 6 (pixels stored rotated, so it *decodes* to the drawn H x W,
+    with H != W), ``img_01.jpg`` grayscale and ``img_02.png`` RGB PNG.
+    """
+    root = Path(root)
+    lo, hi = size_range
+    for c in range(num_classes):
+        class_dir = root / f"class_{c}"
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            rng = np.random.default_rng([seed, c, j])
+            h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+            kind = ("exif6", "gray", "png")[j] if per_class >= 3 and j < 3 else "jpeg"
+            if kind == "exif6" and h == w:
+                w = h + 1 if h < hi else h - 1
+            im = Image.fromarray(_class_image(c, num_classes, h, w, rng))
+            stem = class_dir / f"img_{j:02d}"
+            if kind == "png":
+                im.save(stem.with_suffix(".png"))
+            elif kind == "gray":
+                im.convert("L").save(stem.with_suffix(".jpg"), quality=90)
+            elif kind == "exif6":
+                # orientation 6 = "rotate 90 clockwise to display": store it turned the other way
+                ex = im.getexif()
+                ex[0x0112] = 6
+                im.transpose(Image.Transpose.ROTATE_90).save(
+                    stem.with_suffix(".jpg"), quality=90, exif=ex.tobytes())
+            else:
+                im.save(stem.with_suffix(".jpg"), quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 4 images, shared by the whole session: copy it before changing it."""
+    return make_image_dataset(tmp_path_factory.mktemp("tiny_data"), num_classes=3, per_class=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tiny_data) -> Path:
+    """``tiny_data/subset.csv``: images 01-03 of each class, classes interleaved, relative paths."""
+    rows = [f"class_{c}/img_{j:02d}{'.png' if j == 2 else '.jpg'},class_{c}"
+            for j in (1, 2, 3) for c in (2, 0, 1)]
+    path = tiny_data / "subset.csv"
+    path.write_text("path,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mealv2.cli ARGS``; ``env`` entries are added to the current environment."""
+    return subprocess.run([sys.executable, "-m", "mealv2.cli", *map(str, args)],
+                          capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
