@@ -1,0 +1,86 @@
+"""`mealv2 train`."""
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from ..common.cli_options import POSITIVE, crop_options, crop_params, device_option, workers_option
+from ..common.models import split_specs
+from .trainer import CROP_FLAGS, TrainConfig, train as run_train
+
+NON_NEGATIVE = click.FloatRange(min=0)
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="Run folder: last.pt, best.pt, metrics.csv, curves.png.")
+@click.option("--arch", "-a", required=True, help="Student: any timm model name.")
+@click.option("--labels", "-l", type=click.Path(exists=True),
+              help="Label store made by `mealv2 label` (stored-label mode).")
+@click.option("--hard-labels", is_flag=True, help="Cross-entropy on the dataset labels (baselines, training teachers).")
+@click.option("--teachers", "-t", multiple=True,
+              help="Online MEAL V2: teachers run on every step (ARCH | ARCH=CKPT | CKPT, @RES, *WEIGHT).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Online mode: softmax temperature of the teachers.")
+@crop_options
+@click.option("--epochs", type=POSITIVE, default=180, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=512, show_default=True,
+              help="Crops per step and rank (images per step x crops per image).")
+@click.option("--lr", type=NON_NEGATIVE, default=0.01, show_default=True)
+@click.option("--momentum", type=NON_NEGATIVE, default=0.9, show_default=True)
+@click.option("--wd", type=NON_NEGATIVE, default=0.0, show_default=True, help="Weight decay.")
+@click.option("--opt", default="sgd", show_default=True, help="Any timm optimizer name (timm.optim.list_optimizers()).")
+@click.option("--lr-step", type=POSITIVE, default=100, show_default=True, help="lr x0.1 every this many epochs.")
+@click.option("--cos", is_flag=True, help="Cosine lr schedule instead of steps.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True, help="Linear lr warm-up.")
+@click.option("--use-discriminator-loss", is_flag=True, help="Add MEAL V2's discriminator on the final outputs.")
+@click.option("--d-lr", type=NON_NEGATIVE, default=0.01, show_default=True,
+              help="Discriminator lr (its own SGD; the original's schedule overwrote its d_lr with --lr).")
+@click.option("--w-cutmix", is_flag=True, help="CutMix; the target is the area-weighted mix of the crops' targets.")
+@click.option("--cutmix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--cutmix-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True,
+              help="Mixup Beta alpha (0 = off); on steps without CutMix.")
+@click.option("--val", type=click.Path(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
+@click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
+@click.option("--init", type=click.Path(exists=True), help="Start from a checkpoint or state dict.")
+@click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly (repeat the run's flags).")
+@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
+              help="torch = PIL/torchvision fallback rendering the same crops.")
+@device_option
+@workers_option
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to RUN/tensorboard.")
+@click.pass_context
+def train(ctx, data, out, arch, labels, hard_labels, teachers, temperature, res, scale, ratio, crops_per_image,
+          epochs, batch_size, lr, momentum, wd, opt, lr_step, cos, warmup_epochs, use_discriminator_loss, d_lr,
+          w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained, init, resume, loader, device, workers,
+          seed, compile_, tensorboard):
+    """Train a timm student on DATA from a label store (--labels), dataset labels (--hard-labels)
+    or teachers run online (--teachers).
+
+    The crop flags (--res, --scale, --ratio, --crops-per-image) shape the fresh crops of
+    --hard-labels and --teachers; with --labels the store's crops are replayed, and a crop
+    flag that differs from the store's is refused.
+    """
+    teachers = split_specs(teachers)
+    if sum([bool(labels), hard_labels, bool(teachers)]) != 1:
+        raise click.UsageError("give exactly one of --labels STORE, --hard-labels, --teachers SPEC")
+    if use_discriminator_loss and hard_labels:
+        raise click.UsageError("--use-discriminator-loss needs soft targets (--labels or --teachers)")
+    if ctx.get_parameter_source("temperature") is not ParameterSource.DEFAULT and not teachers:
+        raise click.UsageError("--temperature applies to online mode (--teachers) only")
+    if pretrained and init:
+        raise click.UsageError("--pretrained and --init both set the starting weights; give one")
+    given = tuple(name for name in CROP_FLAGS
+                  if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
+    run_train(TrainConfig(
+        data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
+        temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
+        crop_given=given, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
+        lr_step=lr_step, cos=cos, warmup_epochs=warmup_epochs, use_discriminator_loss=use_discriminator_loss,
+        d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup, val=val,
+        pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,
+        seed=seed, compile=compile_, tensorboard=tensorboard))

@@ -1,0 +1,68 @@
+"""What a run leaves in RUN/: metrics.csv, curves.png and optionally TensorBoard events."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ..common.errors import MealV2Error
+
+METRICS = ("epoch", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s")
+
+
+class RunLog:
+    """Rewrites metrics.csv and curves.png from all rows so far (rows survive --resume in last.pt)."""
+
+    def __init__(self, run: Path, tensorboard: bool = False):
+        self.run = run
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise MealV2Error(f"--tensorboard needs the tensorboard package ({e}); "
+                                  f"pip install tensorboard") from e
+            self.tb = SummaryWriter(run / "tensorboard")
+
+    def write(self, rows: list[dict]) -> None:
+        tmp = self.run / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRICS)
+            writer.writeheader()
+            writer.writerows({k: ("" if row[k] is None else row[k]) for k in METRICS} for row in rows)
+        os.replace(tmp, self.run / "metrics.csv")
+        plot_curves(rows, self.run / "curves.png")
+        if self.tb is not None:
+            row = rows[-1]
+            for key in METRICS[1:]:
+                if row[key] is not None:
+                    self.tb.add_scalar(key, row[key], row["epoch"])
+            self.tb.flush()
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Training loss (and discriminator loss) and validation accuracy against epochs."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows]
+    for key in ("loss", "d_loss"):
+        points = [(e, r[key]) for e, r in zip(epochs, rows) if r[key] is not None]
+        if points:
+            loss_ax.plot(*zip(*points), marker=".", label=key)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    loss_ax.legend()
+    for key in ("val_top1", "val_top5"):
+        points = [(e, r[key]) for e, r in zip(epochs, rows) if r[key] is not None]
+        if points:
+            acc_ax.plot(*zip(*points), marker=".", label=key)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="validation")
+    if acc_ax.lines:
+        acc_ax.legend()
+    else:
+        acc_ax.text(0.5, 0.5, "no --val", ha="center", va="center", transform=acc_ax.transAxes)
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,67 @@
+"""Top-1/top-5 with MEAL V2's test protocol, shared by `mealv2 train --val` and `mealv2 eval`.
+
+Resize the shorter side to res / 0.875, center crop res, normalise with the model's mean/std
+(MEAL V2's and timm's ImageNet evaluation). Images decode as the crop loaders decode them
+(EXIF orientation applied, RGB), so a model sees the same pixels in training and evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..common.crop_loader import _pil_rgb
+from ..common.dataset import DatasetIndex, build_index
+
+CROP_PCT = 0.875
+
+
+class _EvalImages(Dataset):
+    def __init__(self, index: DatasetIndex, transform):
+        self.index, self.transform = index, transform
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.transform(_pil_rgb(self.index.path(i))), int(self.index.labels[i])
+
+
+def eval_transform(res: int, mean, std):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(int(res / CROP_PCT)), T.CenterCrop(res), T.ToTensor(), T.Normalize(mean, std)])
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, data_dir_or_index: str | Path | DatasetIndex, res: int, mean, std,
+             batch_size: int = 64, device: str | torch.device = "cpu", workers: int = 4) -> dict:
+    """{"top1", "top5" (percent), "num_images"} of ``model`` on an ImageFolder/CSV or a built index.
+
+    The model is left in eval mode; callers that go on training switch it back.
+    """
+    index = (data_dir_or_index if isinstance(data_dir_or_index, DatasetIndex)
+             else build_index(data_dir_or_index, workers=max(workers, 8)))
+    device = torch.device(device)
+    # Worker processes cost more to start than a few batches cost to decode in-process.
+    workers = workers if len(index) > 4 * batch_size else 0
+    loader = DataLoader(_EvalImages(index, eval_transform(res, mean, std)), batch_size=batch_size,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.eval()
+    k = min(5, len(index.classes))
+    correct1 = correct5 = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        hits = logits.float().topk(k, dim=1).indices == labels[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+    n = len(index)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "num_images": n}

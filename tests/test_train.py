@@ -1,0 +1,224 @@
+"""`mealv2 train` end to end on fixture data: every mode, checkpoints, resume, refusals, DDP."""
+import csv
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+
+from conftest import make_image_dataset, run_cli
+from mealv2.common.crops import CropParams
+from mealv2.common.errors import MealV2Error
+from mealv2.common.models import load_checkpoint_file
+from mealv2.common.store import LabelStore
+from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage2_train.utils import METRICS
+
+FAST = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one intra-op thread, and two collapse (10-100x) on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(*args):
+    return run_cli(*args, env=ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def labelled(tiny_data, tmp_path_factory):
+    """tiny_data labelled through the CLI: 2 rounds x 2 crops at 32 px by a random test_resnet."""
+    work = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
+    teacher = f"test_resnet={work / 'teacher.pth'}@32"
+    r = cli("label", tiny_data, "-t", teacher, "-o", work / "store", "--rounds", 2, "--res", 32,
+                "--crops-per-image", 2, "--topk", 2, "--batch-size", 8, "--workers", 2, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return SimpleNamespace(data=tiny_data, store=work / "store", teacher=teacher, work=work)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == list(METRICS)
+    return rows
+
+
+def assert_run_outputs(run: Path, epochs: int, arch: str, val: bool) -> list[dict]:
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))
+    assert all(float(r["loss"]) > 0 and float(r["img_per_s"]) > 0 for r in rows)
+    assert (run / "curves.png").stat().st_size > 1000
+    assert (run / "best.pt").is_file() == val
+    ckpt = load_checkpoint_file(run / "last.pt")
+    assert ckpt["arch"] == arch and ckpt["classes"] == ["class_0", "class_1", "class_2"] and ckpt["res"] == 32
+    assert ckpt["epoch"] == epochs
+    return rows
+
+
+@pytest.mark.slow
+def test_stored_labels_with_discriminator_and_cutmix(labelled, tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", run, "--epochs", 3,
+                "--val", labelled.data, "--use-discriminator-loss", "--w-cutmix", *FAST)
+    assert r.returncode == 0, r.stderr
+    rows = assert_run_outputs(run, 3, "test_resnet", val=True)
+    assert all(float(row["d_loss"]) > 0 and 0 <= float(row["val_top1"]) <= 100 for row in rows)
+    # 3 epochs over 2 rounds: warned once
+    assert (r.stdout + r.stderr).count("epoch e replays round e mod 2") == 1
+    assert "epoch 2/3" in r.stdout and "steps per rank [3]" in r.stdout
+    ckpt = load_checkpoint_file(run / "last.pt")
+    assert tuple(ckpt["mean"]) == timm.create_model("test_resnet").pretrained_cfg["mean"]
+    assert ckpt["discriminator"] is not None and ckpt["d_optimizer"]["state"]
+
+
+@pytest.mark.slow
+def test_hard_labels_run_makes_a_teacher_for_label(labelled, tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", labelled.data, "--hard-labels", "-a", "test_efficientnet", "-o", run, "--epochs", 2,
+                "--res", 32, "--crops-per-image", 2, "--mixup", 0.4, "--cos", "--warmup-epochs", 1, *FAST)
+    assert r.returncode == 0, r.stderr
+    rows = assert_run_outputs(run, 2, "test_efficientnet", val=False)
+    assert rows[0]["d_loss"] == "" and rows[0]["val_top1"] == ""
+    assert float(rows[0]["lr"]) < float(rows[1]["lr"])  # still warming up in epoch 0
+    r = cli("label", labelled.data, "-t", run / "last.pt", "-o", tmp_path / "store", "--rounds", 1,
+                "--res", 32, "--crops-per-image", 2, "--topk", 2, "--workers", 2, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    (teacher,) = LabelStore.open(tmp_path / "store").attrs["teachers"]
+    assert teacher["arch"] == "test_efficientnet" and teacher["res"] == 32
+    assert tuple(teacher["mean"]) == timm.create_model("test_efficientnet").pretrained_cfg["mean"]
+
+
+@pytest.mark.slow
+def test_online_teachers_with_torch_loader(labelled, tmp_path):
+    run = tmp_path / "run"
+    r = cli("train", labelled.data, "--teachers", labelled.teacher, "-a", "test_convnext", "-o", run,
+                "--epochs", 1, "--res", 32, "--crops-per-image", 2, "--w-cutmix", "--use-discriminator-loss",
+                "--temperature", 2, "--loader", "torch", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert_run_outputs(run, 1, "test_convnext", val=False)
+    assert "online labels" in r.stdout
+
+
+def config(labelled, out, **kw) -> TrainConfig:
+    return TrainConfig(**{"data": str(labelled.data), "out": str(out), "arch": "test_resnet",
+                          "labels": str(labelled.store), "batch_size": 8, "workers": 2, "device": "cpu",
+                          "progress": False, **kw})
+
+
+def test_resume_continues_exactly(labelled, tmp_path):
+    kw = dict(use_discriminator_loss=True, w_cutmix=True, mixup=0.2, cutmix_prob=0.5, lr=0.05, lr_step=2)
+    straight = train(config(labelled, tmp_path / "straight", epochs=3, **kw))
+    train(config(labelled, tmp_path / "resumed", epochs=2, **kw))
+    with pytest.raises(MealV2Error, match="already holds a run"):
+        train(config(labelled, tmp_path / "resumed", epochs=3, **kw))
+    with pytest.raises(MealV2Error, match="batch_size"):
+        train(config(labelled, tmp_path / "resumed", epochs=3, resume=True, **{**kw, "batch_size": 4}))
+    resumed = train(config(labelled, tmp_path / "resumed", epochs=3, resume=True, **kw))
+    for key in ("epoch", "lr", "loss", "d_loss"):
+        assert [row[key] for row in resumed] == pytest.approx([row[key] for row in straight], abs=1e-6), key
+    assert resumed[2]["lr"] == pytest.approx(0.005)   # x0.1 after --lr-step 2 epochs
+    a, b = (load_checkpoint_file(p / "last.pt") for p in (tmp_path / "straight", tmp_path / "resumed"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6)
+    for k, v in a["discriminator"].items():
+        torch.testing.assert_close(b["discriminator"][k], v, rtol=0, atol=1e-6)
+    assert [float(r["loss"]) for r in read_metrics(tmp_path / "resumed")] == pytest.approx(
+        [r["loss"] for r in straight], abs=1e-6)
+
+
+def test_store_mismatches_are_refused(labelled, tmp_path):
+    other = shutil.copytree(labelled.data, tmp_path / "other")
+    shutil.copy(other / "class_0" / "img_03.jpg", other / "class_0" / "img_99.jpg")
+    both = r"fingerprint [0-9a-f]{16} \(12 images\).*fingerprint [0-9a-f]{16} \(13 images\)"
+    with pytest.raises(MealV2Error, match=both):
+        train(config(labelled, tmp_path / "r1", epochs=1, data=str(other)))
+
+    renamed = shutil.copytree(labelled.data, tmp_path / "renamed")
+    (renamed / "class_2").rename(renamed / "zebra")
+    both = r"3 classes \['class_0', 'class_1', 'class_2'\].*3 classes \['class_0', 'class_1', 'zebra'\]"
+    with pytest.raises(MealV2Error, match=both):
+        train(config(labelled, tmp_path / "r2", epochs=1, data=str(renamed)))
+
+    with pytest.raises(MealV2Error, match=r"--res 64 differs from the 32"):
+        train(config(labelled, tmp_path / "r3", epochs=1, crop=CropParams(res=64), crop_given=("res",)))
+
+    incomplete = shutil.copytree(labelled.store, tmp_path / "incomplete")
+    (incomplete / "done" / "c" / "1" / "0").unlink()
+    r = cli("train", labelled.data, "--labels", incomplete, "-a", "test_resnet", "-o", tmp_path / "r4", *FAST)
+    assert r.returncode == 2
+    assert f"mealv2: error: {incomplete}: only 1/2 label rounds are complete" in r.stderr
+    assert "re-running the `mealv2 label` command" in r.stderr
+    assert not (tmp_path / "r4").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_reproduces_the_loss_curve(labelled, tmp_path):
+    straight = train(config(labelled, tmp_path / "straight", epochs=4, use_discriminator_loss=True, w_cutmix=True,
+                            lr=0.05))
+    flags = ["--epochs", 4, "--use-discriminator-loss", "--w-cutmix", "--lr", 0.05, *FAST]
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "mealv2.cli", "train", labelled.data, "--labels", labelled.store, "-a", "test_resnet",
+            "-o", run, *flags]
+    proc = subprocess.Popen(list(map(str, args)), env={**os.environ, **ONE_THREAD},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)   # mid-run: after the first checkpoint, wherever it is now
+    proc.wait()
+    killed_after = load_checkpoint_file(run / "last.pt")["epoch"]
+    resumed = cli("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", run, "--resume",
+                  *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 1 <= killed_after < 4, "the run was not killed mid-way"
+    assert f"resuming {run / 'last.pt'} at epoch {killed_after}" in resumed.stdout
+    rows = read_metrics(run)
+    for key in ("epoch", "lr", "loss", "d_loss"):
+        assert [float(r[key]) for r in rows] == pytest.approx([r[key] for r in straight], abs=1e-6), key
+
+
+def test_init_from_a_state_dict_and_tensorboard(labelled, tmp_path):
+    cfg = config(labelled, tmp_path / "run", epochs=1, init=str(labelled.work / "teacher.pth"), tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(MealV2Error, match="--tensorboard needs the tensorboard package"):
+            train(cfg)
+        cfg.tensorboard = False
+        train(cfg)
+    else:
+        train(cfg)
+        assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+    assert (tmp_path / "run" / "last.pt").is_file()
+    with pytest.raises(MealV2Error, match="--init .*shape"):
+        train(config(labelled, tmp_path / "run2", epochs=1, arch="test_resnet", hard_labels=True, labels=None,
+                     init=str(labelled.work / "teacher.pth"), data=str(make_image_dataset(tmp_path / "four", 4))))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_take_equal_steps(labelled, tmp_path):
+    run = tmp_path / "run"
+    # 12 images, 4 per step and rank on 2 ranks: 2 steps each, the second padded by wrapping around
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
+            "-m", "mealv2.cli", "train", labelled.data, "--labels", labelled.store, "-a", "test_resnet",
+            "-o", run, "--epochs", 2, "--use-discriminator-loss", *FAST]
+    r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("steps per rank [2, 2]") == 2
+    assert "2 rank(s)" in r.stdout
+    assert_run_outputs(run, 2, "test_resnet", val=False)
+    assert len(load_checkpoint_file(run / "last.pt")["rng"]) == 2
