@@ -1,0 +1,204 @@
+"""`mealv2 eval`: top-1/top-5 with MEAL V2's test protocol.
+
+Resize the short side to int(res / 0.875), center-crop res x res, normalise with the
+model's mean/std (stage2_train.validate does the pass). Three kinds of model:
+
+- a mealv2 checkpoint (``--checkpoint run/best.pt``): arch, classes, res and mean/std come
+  from the file; ``-a`` may be left out and must agree when given;
+- a plain state dict with ``-a ARCH`` (timm files, MEAL V2's released checkpoints with
+  DataParallel ``module.`` keys, possibly under ``'state_dict'``): normalised with ImageNet
+  mean/std as MEAL V2's test script does (``--mean``/``--std`` override);
+- ``-a ARCH --pretrained``: timm's pretrained weights, with the mean/std of timm's
+  pretrained config.
+
+load_model() is shared with `mealv2 export`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import click
+
+from ..common.cli_options import POSITIVE, device_option, workers_option
+from ..common.errors import MealV2Error
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # MEAL V2's test script normalises every model with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EvalError(MealV2Error, ValueError):
+    """A model that cannot be evaluated on DATA (or exported); names both values."""
+
+
+@dataclass
+class LoadedModel:
+    model: object                  # torch.nn.Module in eval mode, on the CPU
+    arch: str
+    num_classes: int
+    classes: list[str] | None      # class names, when the file records them
+    res: int                       # resolution the file records, else timm's default input size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    kind: str                      # 'mealv2-checkpoint' | 'state-dict' | 'timm-pretrained'
+
+
+def _preview(classes) -> str:
+    classes = list(classes)
+    return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
+
+
+def _pretrained_cfg(arch: str):
+    from timm.models import get_pretrained_cfg
+    try:
+        return get_pretrained_cfg(arch)
+    except Exception:   # unknown tag etc.: no config, callers fall back to defaults
+        return None
+
+
+def state_dict_num_classes(arch: str, state: dict) -> int | None:
+    """Class count of a plain state dict: rows of the classifier timm's config names."""
+    cfg = _pretrained_cfg(arch)
+    names = getattr(cfg, "classifier", None) if cfg is not None else None
+    for name in (names if isinstance(names, (tuple, list)) else (names,)):
+        w = state.get(f"{name}.weight") if name else None
+        if w is not None and w.ndim >= 1:
+            return int(w.shape[0])
+    return None
+
+
+def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = False,
+               num_classes: int | None = None, exportable: bool = False) -> LoadedModel:
+    """Build the model a command names. ``num_classes`` (DATA's) is checked, never imposed
+    on a checkpoint: a mismatch raises EvalError naming both counts."""
+    import timm
+
+    from ..common import models as M
+
+    config = timm.layers.set_layer_config(exportable=True) if exportable else _Null()
+    if checkpoint is not None and pretrained:
+        raise EvalError("--pretrained loads timm's weights and --checkpoint loads a file: give one of them")
+    if checkpoint is None:
+        if not arch:
+            raise EvalError("name the model: --checkpoint FILE (a mealv2 checkpoint, or a state dict "
+                            "with -a ARCH) or -a ARCH --pretrained")
+        if not pretrained:
+            raise EvalError(f"-a {arch} without --checkpoint or --pretrained would be randomly "
+                            f"initialised; add --pretrained (timm's weights) or --checkpoint FILE")
+        cfg = _pretrained_cfg(arch)
+        n = int(getattr(cfg, "num_classes", 0) or 1000)
+        if num_classes is not None and n != num_classes:
+            raise EvalError(f"-a {arch} --pretrained: timm's pretrained weights have {n} classes, "
+                            f"DATA has {num_classes} classes")
+        with config:
+            try:
+                model = M.create_timm_model(arch, n, pretrained=True, where=f"-a {arch}")
+            except MealV2Error:
+                raise
+            except Exception as e:
+                raise EvalError(f"-a {arch} --pretrained: cannot load timm's pretrained weights "
+                                f"({type(e).__name__}: {e}); without network access give a local "
+                                f"file with --checkpoint FILE -a {arch}") from e
+        res, mean, std = M.default_data_config(model)
+        return LoadedModel(model.eval(), arch, n, None, res, mean, std, "timm-pretrained")
+
+    obj = M.load_checkpoint_file(checkpoint)
+    if M.is_mealv2_checkpoint(obj):
+        if arch and arch != obj["arch"]:
+            raise EvalError(f"{checkpoint} is a mealv2 checkpoint of {obj['arch']}, but -a says {arch}; "
+                            f"leave -a out or make it agree")
+        classes = [str(c) for c in obj["classes"]]
+        if num_classes is not None and len(classes) != num_classes:
+            raise EvalError(f"{checkpoint}: the checkpoint has {len(classes)} classes {_preview(classes)}, "
+                            f"DATA has {num_classes} classes")
+        with config:
+            model = M.model_from_mealv2_checkpoint(obj, str(checkpoint))
+        return LoadedModel(model.eval(), obj["arch"], len(classes), classes, int(obj["res"]),
+                           tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint")
+
+    if not arch:
+        raise EvalError(f"{checkpoint} is not a mealv2 checkpoint; for a timm or MEAL V2 state dict "
+                        f"name its architecture with -a ARCH")
+    state = M._unwrap_state_dict(obj, str(checkpoint))
+    n = state_dict_num_classes(arch, state)
+    if n is not None and num_classes is not None and n != num_classes:
+        raise EvalError(f"{checkpoint}: the state dict's classifier has {n} classes, "
+                        f"DATA has {num_classes} classes")
+    n = n or num_classes or 1000
+    with config:
+        model = M.create_timm_model(arch, n, where=f"-a {arch}")
+    where = f"{checkpoint} (-a {arch}, {n} classes)"
+    M.load_weights(model, state, where)
+    res, _, _ = M.default_data_config(model)
+    return LoadedModel(model.eval(), arch, n, None, res, IMAGENET_MEAN, IMAGENET_STD, "state-dict")
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _triple(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise click.BadParameter(f"expected three numbers 'R,G,B', got '{value}'")
+    return vals
+
+
+def resolve_device(device: str):
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@click.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("-a", "--arch", help="timm architecture (optional with a mealv2 checkpoint; must agree).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="mealv2 checkpoint, or a timm / MEAL V2 state dict (with -a).")
+@click.option("--pretrained", is_flag=True, help="timm's pretrained weights for -a ARCH.")
+@click.option("--res", type=POSITIVE, default=None,
+              help="Test resolution (MEAL V2: 224 or 380). Default: the checkpoint's, else timm's input size.")
+@click.option("--mean", callback=_triple, help="Override the normalisation mean, 'R,G,B'.")
+@click.option("--std", callback=_triple, help="Override the normalisation std, 'R,G,B'.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@device_option
+@workers_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(data, arch, checkpoint, pretrained, res, mean, std, batch_size, device, workers, as_json):
+    """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
+    resize to res/0.875, center crop res, the model's mean/std."""
+    from ..common.dataset import build_index
+    from .validate import validate
+
+    index = build_index(data, workers=workers)
+    loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes))
+    if loaded.classes is not None and list(loaded.classes) != list(index.classes):
+        raise EvalError(f"{checkpoint}: trained on classes {_preview(loaded.classes)}, DATA {data} has "
+                        f"classes {_preview(index.classes)} (same count, different names or order)")
+    res = res or loaded.res
+    mean, std = mean or loaded.mean, std or loaded.std
+    dev = resolve_device(device)
+    stats = validate(loaded.model.to(dev), index, res, mean, std, batch_size, dev, workers)
+    result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
+              "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
+              "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),
+              "model": loaded.kind, "num_classes": loaded.num_classes,
+              "mean": list(mean), "std": list(std), "data": str(data)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        source = checkpoint or f"timm pretrained {loaded.arch}"
+        click.echo(f"{loaded.arch} ({source}) at {res}px on {result['num_images']} images of {data}")
+        click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
