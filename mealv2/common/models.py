@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import MealV2Error
+from .faults import fault_point
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
 _SPEC = re.compile(r"^(?P<body>.+?)(?:@(?P<res>\d+))?(?:\*(?P<weight>[0-9]*\.?[0-9]+))?$")
@@ -173,4 +174,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, r
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("checkpoint_write")
     os.replace(tmp, path)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)

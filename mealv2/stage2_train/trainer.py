@@ -39,6 +39,7 @@ from ..common.crops import CropParams
 from ..common.dataset import build_index
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
+from ..common.faults import fault_point
 from ..common.models import (_preview, _unwrap_state_dict, create_timm_model, default_data_config,
                              load_checkpoint_file, load_teacher, load_weights, save_checkpoint)
 from ..common.store import LabelStore
@@ -252,6 +253,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: in
             target = ensemble.probs([views[i] for i in teacher_views])
         images = views[0].contiguous(memory_format=torch.channels_last) if device.type == "cuda" else views[0]
         loss, d_loss = train_step(state, images, target, autocast)
+        fault_point("train_step")
         loss_sum += loss
         if d_loss is not None:
             d_loss_sum += d_loss
