@@ -1,4 +1,4 @@
-"""The label store: the one module that knows its schema (format ``mealv2-labels`` v1).
+"""The label store: the one module that knows its schema (format ``mealv2-labels`` v2).
 
 A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
 
@@ -6,13 +6,14 @@ A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers
     boxes       (R, N, C, 4)   uint16  crop (y, x, h, w) on a 1023-step relative grid
     flips       (R, N, C)      uint8   1 = mirrored
     ids         (R, N, C, k)   uint16  top-k class ids, descending probability
-    probs       (R, N, C, k)   uint8   round(255 * sqrt(p)) of those classes
+    probs       (R, N, C, k+1) uint8   round(127 * sqrt(p)) of those classes, then of the leftover mass
     done        (R, S)         uint8   1 once shard s of round r is fully written
 
 The round is the leading axis so a training epoch reads its round as one slab. Data
 chunks are (1 round, ``shard_size`` images): a shard is exactly one chunk per array, so
 writers on different shards never touch the same file, and ``done`` has one chunk per
-(round, shard) that is written only after the shard's data. Every chunk carries a CRC32C.
+(round, shard) that is written only after the shard's data. Every chunk carries a CRC32C
+and every chunk of a completed shard exists as a file, even one equal to the fill value.
 """
 from __future__ import annotations
 
@@ -26,17 +27,21 @@ from pathlib import Path
 import numpy as np
 import zarr
 from filelock import FileLock, Timeout
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from .errors import MealV2Error
+from .faults import fault_point
 
 FORMAT = "mealv2-labels"
-VERSION = 1
+# v2: 7-bit square-root codes plus a code for the leftover mass, per-array codecs. v1 (the
+# first commit: 8-bit codes, no leftover code) was never released; its stores are refused.
+VERSION = 2
+PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/targets.py encodes and decodes
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
 
 # Keys that must agree between a store and a new labelling command for it to resume or append.
-_IDENTITY_KEYS = ("format", "version", "classes", "topk", "temperature", "seed", "crops_per_image",
+_IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temperature", "seed", "crops_per_image",
                   "shard_size", "crop", "teachers", "dataset")
 
 
@@ -51,7 +56,7 @@ class RoundData:
     boxes: np.ndarray   # (N, C, 4) uint16
     flips: np.ndarray   # (N, C) uint8
     ids: np.ndarray     # (N, C, k) uint16
-    probs: np.ndarray   # (N, C, k) uint8
+    probs: np.ndarray   # (N, C, k + 1) uint8: top-k codes, then the leftover mass's (common/targets.py)
 
     @property
     def nbytes(self) -> int:
@@ -59,8 +64,33 @@ class RoundData:
 
 
 def _codecs():
-    # bitshuffle + zstd turns the unused high bits of 10-bit ids and boxes into almost nothing.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+    # bitshuffle + zstd turns the unused high bits of 10-bit boxes and 7-bit codes into almost nothing.
+    return [BloscCodec(cname="zstd", clevel=9, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def _encoding(name: str, crops: int) -> dict:
+    """Codecs of one per-crop array (keyword arguments of ``zarr.Group.create_array``).
+
+    Chosen on an ImageNet-like synthetic ensemble (1000 classes, k=5; `mealv2 bench label`,
+    docs/STORE.md). ``ids`` are laid out (image, rank, crop) inside a chunk: with several crops
+    per image, which mostly share their top classes, that makes runs zstd's matcher finds
+    (4.6 B/crop at C=4 against 5.9 with bitshuffle); with one or two crops there are few runs
+    and bitshuffle's dropping of the unused high bits wins. ``probs`` are laid out (rank, image,
+    crop) so each rank's codes are compressed together. A transpose only changes the bytes
+    on disk, never the array's shape; zarr.json records every codec.
+    """
+    if name == "ids":
+        compressors = _codecs() if crops <= 2 else [ZstdCodec(level=19), Crc32cCodec()]
+        return {"filters": [TransposeCodec(order=(0, 1, 3, 2))], "compressors": compressors}
+    if name == "probs":
+        return {"filters": [TransposeCodec(order=(0, 3, 1, 2))], "compressors": _codecs()}
+    return {"compressors": _codecs()}
+
+
+def _writable(arr: zarr.Array) -> zarr.Array:
+    """The array with every chunk written, even one equal to the fill value (zarr skips those by
+    default): a completed shard must have all its chunk files, or a deleted file would go unseen."""
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def _digest(attrs: dict) -> str:
@@ -128,7 +158,7 @@ class LabelStore:
         one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
         """
         path = Path(path)
-        attrs = {"format": FORMAT, "version": VERSION, **attrs}
+        attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
         if path.exists() and any(path.iterdir()):
             store = cls.open(path, mode="r+")
             problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
@@ -156,13 +186,13 @@ class LabelStore:
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
         id_dtype = "uint16" if len(attrs["classes"]) <= 65536 else "int32"
         for name, tail, dtype in (("boxes", (c, 4), "uint16"), ("flips", (c,), "uint8"),
-                                  ("ids", (c, k), id_dtype), ("probs", (c, k), "uint8")):
+                                  ("ids", (c, k), id_dtype), ("probs", (c, k + 1), "uint8")):
             group.create_array(name, shape=(rounds, n, *tail), chunks=(1, s, *tail), dtype=dtype,
-                               fill_value=0, compressors=_codecs())
+                               fill_value=0, **_encoding(name, c))
         group.create_array("done", shape=(rounds, num_shards(n, s)), chunks=(1, 1), dtype="uint8",
                            fill_value=0, compressors=_codecs())
-        group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0,
-                           compressors=_codecs())[:] = labels
+        _writable(group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0,
+                                     compressors=_codecs()))[:] = labels
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -171,9 +201,11 @@ class LabelStore:
         return cls.open(path, mode="r+")
 
     def _grow(self, rounds: int) -> None:
+        # Idempotent: a kill between these steps is completed by the next append.
         for name in ("boxes", "flips", "ids", "probs", "done"):
             arr = self.group[name]
             arr.resize((rounds, *arr.shape[1:]))
+            fault_point("append")
         self.attrs["rounds_planned"] = rounds
         self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
 
@@ -206,12 +238,12 @@ class LabelStore:
     def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs) -> None:
         """Write one shard's data, then mark it complete (never the other way round)."""
         a, b = self.shard_range(shard)
-        g = self.group
-        g["boxes"][round_, a:b] = boxes
-        g["flips"][round_, a:b] = flips
-        g["ids"][round_, a:b] = ids
-        g["probs"][round_, a:b] = probs
-        g["done"][round_, shard] = 1
+        for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
+            if i:
+                fault_point("chunk_write")     # some of the shard's arrays written, not all
+            _writable(self.group[name])[round_, a:b] = values
+        fault_point("shard_mark")              # data written, shard not yet marked done
+        _writable(self.group["done"])[round_, shard] = 1
 
     # ---- reading -----------------------------------------------------------------------
     def rounds_complete(self) -> int:
@@ -253,9 +285,10 @@ class LabelStore:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
     def data_bytes(self) -> int:
-        """Bytes of the per-crop arrays only (what bytes-per-crop figures divide)."""
+        """Bytes of the chunk files of the per-crop arrays (what bytes-per-crop figures divide);
+        the arrays' few-hundred-byte zarr.json metadata files are not counted."""
         return sum(f.stat().st_size for name in ("boxes", "flips", "ids", "probs")
-                   for f in (self.path / name).rglob("*") if f.is_file())
+                   for f in (self.path / name / "c").rglob("*") if f.is_file())
 
     def verify(self) -> list[str]:
         """Every problem found, each naming its place; empty when the store is sound."""

@@ -6,9 +6,9 @@ import json
 import click
 
 from ..common.cli_options import POSITIVE, crop_options, crop_params, device_option, workers_option
-from ..common.models import split_specs
-from .labeler import LabelConfig, run_label
 from .report import store_summary, verify_store
+
+# The labeller (torch, timm, DALI) is imported by `label` only: inspect and verify start quickly.
 
 
 @click.command()
@@ -32,6 +32,9 @@ from .report import store_summary, verify_store
 def label(data, teachers, out, rounds, res, scale, ratio, crops_per_image, topk, temperature, batch_size,
           seed, shard_size, skip_bad, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store."""
+    from ..common.models import split_specs
+    from .labeler import LabelConfig, run_label
+
     run_label(LabelConfig(data=data, teachers=split_specs(teachers), out=out, rounds=rounds,
                           crops_per_image=crops_per_image, crop=crop_params(res, scale, ratio), topk=topk,
                           temperature=temperature, batch_size=batch_size, seed=seed, device=device,

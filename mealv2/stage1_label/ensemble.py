@@ -6,6 +6,7 @@ import contextlib
 import torch
 
 from ..common.crop_loader import View
+from ..common.faults import fault_point
 from ..common.models import Teacher
 from ..common.targets import ensemble_probs
 
@@ -41,6 +42,7 @@ class Ensemble:
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 out.append(t.model(x).float())
+                fault_point("forward")   # between one teacher's forward and the next's
         return out
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error
+from ..common.faults import fault_point
 from ..common.models import load_teacher
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
@@ -86,18 +87,18 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         attrs = store_attrs(cfg, index, teachers)
         out = Path(cfg.out)
-        if info.is_main:
-            lock = acquire_writer_lock(out)
-            store = LabelStore.create_or_resume(out, attrs, cfg.rounds, index.labels)
-            store.remove_partial_writes()
-        info.barrier()
-        try:
+        lock = acquire_writer_lock(out) if info.is_main else None
+        try:  # a refused store releases the lock too (matters when called in-process)
+            if info.is_main:
+                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, index.labels)
+                store.remove_partial_writes()
+            info.barrier()
             if not info.is_main:
                 store = LabelStore.open(out, mode="r+")
             crops, seconds = _label_shards(cfg, store, index, Ensemble(teachers, device, cfg.temperature), info)
             info.barrier()
         finally:
-            if info.is_main:
+            if lock is not None:
                 lock.release()
         if info.is_main:
             rate = f"{crops / seconds:.0f} crops/s" if seconds > 0 else "nothing left to do"
@@ -126,9 +127,10 @@ def _label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     for batch in batches:
+        fault_point("decode")      # a batch decoded, not yet labelled
         r, s, boxes, flips = plan.popleft()
         ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
-        shape = (len(batch.ids), cfg.crops_per_image, cfg.topk)
+        shape = (len(batch.ids), cfg.crops_per_image, -1)
         part = pending.setdefault((r, s), [])
         part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(np.uint16),
                      codes.reshape(shape).cpu().numpy()))

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..common.crop_loader import CropRequest, iterate_crops
-from ..common.dataset import build_index
-from ..common.distributed import DistInfo, resolve_device
-from ..common.models import load_teacher
 from ..common.store import LabelStore, StoreError
-from ..common.targets import decode_probs
-from .ensemble import Ensemble
+
+# torch, timm and DALI are imported only by `verify --data`: inspect and verify stay quick.
 
 
 def store_summary(path) -> dict:
@@ -56,6 +51,10 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     problems = store.verify()
     if data is None or problems:
         return problems
+    from ..common.dataset import build_index
+    from ..common.distributed import DistInfo, resolve_device
+    from ..common.models import load_teacher
+
     index = build_index(data)
     a = store.attrs
     if index.fingerprint != a["dataset"]["fingerprint"]:
@@ -73,6 +72,12 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
 
 def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, device) -> list[str]:
     """Re-run the teachers on the stored crops of ``n`` random images of a random round."""
+    import torch
+
+    from ..common.crop_loader import CropRequest, iterate_crops
+    from ..common.targets import decode_probs
+    from .ensemble import Ensemble
+
     a = store.attrs
     c = a["crops_per_image"]
     ensemble = Ensemble(teachers, device, a["temperature"])
@@ -84,7 +89,7 @@ def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, dev
                              ensemble.views, c, len(ids), device=device.type)
     probs = ensemble.probs(batch.views).cpu()
     stored_ids = torch.from_numpy(data.ids[ids].astype(np.int64)).reshape(len(ids) * c, -1)
-    stored = decode_probs(torch.from_numpy(data.probs[ids])).reshape(stored_ids.shape)
+    stored = decode_probs(torch.from_numpy(data.probs[ids][..., :stored_ids.shape[1]])).reshape(stored_ids.shape)
     deviation = (probs.gather(1, stored_ids) - stored).abs().max(dim=1).values
     worst, at = float(deviation.max()), int(deviation.argmax())
     image, crop = int(ids[at // c]), at % c

@@ -1,0 +1,369 @@
+"""`mealv2 bench label`: stage-1 throughput and store size against their targets, in one run.
+
+1. crops/s of the whole labeller (the `mealv2 label` loop: sampling, DALI decode and crop,
+   teachers, top-k, store writes) next to the bare ensemble forward on the same crops,
+   pre-rendered, in batches of the same shape (target: ratio >= 0.9);
+2. bytes per crop of that store next to FKD's encoding at the same k (target: <= half);
+3. the largest KL(fp32 top-k target || target rebuilt from the store) over its crops
+   (target: <= 1e-3);
+4. the same size and KL figures for an ImageNet-like case: 1000 classes, a synthetic
+   two-teacher ensemble softmax whose crops of one image agree the way real ones do,
+   written through the real store code (``LabelStore.write_shard``), because bytes per crop
+   depend strongly on the class count.
+
+FKD's encoding (github.com/szq0214/FKD, FKD_SLG/generate_soft_label.py with --use_fp16):
+per image one ``torch.save([coords, flips, np.float16(stack([ids, values]))])`` file,
+i.e. per crop 4 fp16 box coordinates (8 B), one bool flip (1 B), k class ids and k values
+both as fp16 (4k B): 9 + 4k B, 29 B at k=5. Its fp32-coordinate variant is 17 + 4k B.
+The per-file container overhead is measured separately and not counted in those figures.
+"""
+from __future__ import annotations
+
+import io
+import platform
+import shutil
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..common.cli_options import POSITIVE, device_option
+from ..common.crops import CropParams, sample_crops
+from ..common.store import LabelStore
+
+DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
+    """ImageNet-sized JPEGs (sides 250-500 px, quality 90, textured like photos): what decoding costs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            h, w = int(rng.integers(250, 501)), int(rng.integers(300, 501))
+            yy, xx = np.mgrid[:h, :w] / max(h, w)
+            img = np.empty((h, w, 3))
+            for ch in range(3):
+                a, b, f = rng.uniform(-1, 1, 3)
+                img[..., ch] = 128 + 60 * np.sin(2 * np.pi * (a * yy + b * xx) * (1 + 4 * abs(f)) + ch)
+            img += rng.normal(0, 18, img.shape)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                root / f"class_{c:03d}" / f"img_{j:03d}.jpg", quality=90)
+    return root
+
+
+def _random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str]:
+    """Random-init checkpoints for timm architectures (no downloads): speed, not accuracy."""
+    import timm
+    import torch
+
+    specs = []
+    for i, arch in enumerate(archs):
+        torch.manual_seed(i)
+        path = folder / f"{arch}.pth"
+        torch.save(timm.create_model(arch, num_classes=num_classes).state_dict(), path)
+        specs.append(f"{arch}={path}@{res}")
+    return specs
+
+
+def synthetic_ensemble_probs(num_images: int, crops: int, num_classes: int = 1000, teachers: int = 2,
+                             seed: int = 0):
+    """ImageNet-like averaged ensemble softmax for ``crops`` crops of each image.
+
+    Per image: a true class and 8 confusable classes (drawn anywhere in the id range, no help
+    from ImageNet's neighbouring ids) over Gaussian background logits; per crop: a random
+    informativeness (crops that show less of the object are flatter) and crop noise; per
+    teacher: its own noise. Calibrated to a median top-1 probability of ~0.6 with ~86% of an
+    image's crops sharing their top-1 class.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(num_classes, (num_images,), generator=g)
+    base = torch.randn(num_images, num_classes, generator=g)
+    base[torch.arange(num_images), y] += 6 + 12 * torch.rand(num_images, generator=g)
+    confusers = torch.randint(num_classes, (num_images, 8), generator=g)
+    base.scatter_add_(1, confusers, 10 * torch.rand(num_images, 8, generator=g))
+    informative = 0.5 + 0.5 * torch.rand(num_images, crops, 1, generator=g)
+    z = informative * base[:, None] + 0.5 * torch.randn(num_images, crops, num_classes, generator=g)
+    p = sum(torch.softmax(z + 0.5 * torch.randn(z.shape, generator=g), -1) for _ in range(teachers)) / teachers
+    return p.reshape(num_images * crops, num_classes)
+
+
+# ---- measures ----------------------------------------------------------------------------------
+
+def fkd_bytes_per_crop(k: int, fp16_coords: bool = True) -> int:
+    return (8 if fp16_coords else 16) + 1 + 4 * k
+
+
+def fkd_file_bytes_per_crop(crops: int, k: int) -> float:
+    """Bytes per crop of one FKD per-image file as FKD writes it (torch.save of the list)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    state = [np.float16(rng.random((crops, 4))), rng.random(crops) < 0.5,
+             np.float16(np.stack([rng.integers(0, 1000, (crops, k)), rng.random((crops, k))], axis=1))]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.tell() / crops
+
+
+def kl_to_stored(p, ids, codes):
+    """Per-crop KL(fp32 top-k target || target rebuilt from the stored ids and codes)."""
+    import torch
+
+    from ..common.targets import reconstruct_targets
+
+    p = p.double()
+    k = ids.shape[1]
+    top = p.gather(1, ids)
+    rest = ((1 - top.sum(1, keepdim=True)) / max(p.shape[1] - k, 1)).clamp_min(0)
+    ref = rest.expand(-1, p.shape[1]).clone().scatter_(1, ids, top)
+    q = reconstruct_targets(ids, codes, p.shape[1]).double()
+    return torch.xlogy(ref, ref).sum(1) - (ref * q.log()).sum(1)
+
+
+def _store_attrs(classes, k, crops, shard_size, crop: CropParams, num_images, teachers=()) -> dict:
+    return {"classes": list(classes), "topk": k, "temperature": 1.0, "seed": 0, "crops_per_image": crops,
+            "shard_size": shard_size, "crop": crop.to_attrs(), "teachers": list(teachers),
+            "dataset": {"num_images": num_images, "fingerprint": "synthetic", "skipped": []}}
+
+
+def imagenet_like_case(folder: Path, num_images: int, crops: int, k: int, shard_size: int = 1024) -> dict:
+    """Bytes/crop and KL of a 1000-class synthetic ensemble written through LabelStore."""
+    import torch
+
+    from ..common.targets import encode_topk
+
+    rng = np.random.default_rng(0)
+    sizes = np.stack([rng.integers(250, 501, num_images), rng.integers(300, 501, num_images)], 1)
+    crop = CropParams()
+    boxes, flips = sample_crops(0, 0, np.arange(num_images), sizes, crops, crop)
+    p = synthetic_ensemble_probs(num_images, crops)
+    ids, codes = encode_topk(p, k)
+    attrs = _store_attrs([f"n{i:04d}" for i in range(1000)], k, crops, shard_size, crop, num_images)
+    store = LabelStore.create_or_resume(folder / "imagenet_like", attrs, 1, np.zeros(num_images, np.int32))
+    ids_np = ids.reshape(num_images, crops, k).numpy().astype(np.uint16)
+    codes_np = codes.reshape(num_images, crops, k + 1).numpy()
+    for s in range(store.num_shards):
+        a, b = store.shard_range(s)
+        store.write_shard(0, s, boxes[a:b], flips[a:b], ids_np[a:b], codes_np[a:b])
+    rd = LabelStore.open(store.path).read_round(0)
+    kl = kl_to_stored(p, torch.from_numpy(rd.ids.reshape(-1, k).astype(np.int64)),
+                      torch.from_numpy(rd.probs.reshape(-1, k + 1)))
+    n = num_images * crops
+    per_array = {name: sum(f.stat().st_size for f in (store.path / name / "c").rglob("*") if f.is_file()) / n
+                 for name in ("boxes", "flips", "ids", "probs")}
+    top1 = p.max(1).values
+    return {"crops": n, "bytes_per_crop": store.data_bytes() / n, "per_array": per_array,
+            "kl_max": float(kl.max()), "kl_mean": float(kl.mean()), "top1_median": float(top1.median()),
+            "crops_sharing_top1": float((ids.reshape(num_images, crops, k)[:, :, 0]
+                                         == ids.reshape(num_images, crops, k)[:, :1, 0]).float().mean())}
+
+
+def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int, crops: int, k: int,
+                  images: int, batch_size: int, device: str, workers: int, classes: int, repeats: int) -> dict:
+    """The real labeller over ``images`` images, and the bare ensemble forward on the same crops.
+
+    Passes alternate (bare, labeller, bare, labeller, ..., bare) so that each labeller pass is
+    compared with the bare passes just before and after it: on a shared machine the load
+    drifts. Wall-clock and process CPU time (all threads: torch's and DALI's) are both kept.
+    """
+    import torch
+
+    from ..common.crop_loader import CropRequest, iterate_crops
+    from ..common.dataset import DatasetIndex, build_index
+    from ..common.distributed import DistInfo, resolve_device
+    from ..common.models import load_teacher, split_specs
+    from .ensemble import Ensemble
+    from .labeler import LabelConfig, _label_shards, store_attrs
+
+    if data is None:
+        data = make_photo_dataset(folder / "data", classes, -(-images // classes))
+    full = build_index(data, workers=max(workers, 8))
+    pick = np.sort(np.random.default_rng(0).choice(len(full), size=min(images, len(full)), replace=False))
+    # a subset that keeps the dataset's classes, so teachers with the full head still fit
+    index = DatasetIndex(root=full.root, relpaths=tuple(full.relpaths[i] for i in pick), labels=full.labels[pick],
+                         classes=full.classes, sizes=full.sizes[pick])
+    specs = split_specs(teachers) or _random_teachers(DEFAULT_TEACHERS, len(full.classes), folder, res)
+    dev = resolve_device(device, DistInfo())
+    loaded = [load_teacher(spec, full.classes) for spec in specs]
+    cfg = LabelConfig(data=str(data), teachers=[t.spec for t in loaded], out="", rounds=1,
+                      crops_per_image=crops, crop=CropParams(res=res), topk=k, batch_size=batch_size,
+                      device=dev.type, workers=workers, shard_size=1024, progress=False)
+    attrs = store_attrs(cfg, index, loaded)
+    seen: list = []
+    in_forward = [0.0]
+
+    class RecordingEnsemble(Ensemble):
+        """Keeps each batch's fp32 ensemble probabilities (to compare with what the store keeps)
+        and the time spent in the forward (the rest of the labeller's time is waiting for
+        decoded crops, top-k and writes)."""
+
+        def probs(self, views):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            p = super().probs(views)
+            seen.append(p.detach().to("cpu", copy=True))
+            in_forward[0] += time.perf_counter() - t
+            return p
+
+    ensemble = RecordingEnsemble(loaded, dev, cfg.temperature)
+    images_per_batch = max(1, batch_size // crops)
+
+    # the very crops the labeller will cut, rendered once, in its batch shapes
+    boxes, flips = sample_crops(cfg.seed, 0, np.arange(len(index)), index.sizes, crops, cfg.crop)
+    requests = [CropRequest(np.arange(a, min(a + images_per_batch, len(index))),
+                            boxes[a:a + images_per_batch], flips[a:a + images_per_batch])
+                for a in range(0, len(index), images_per_batch)]
+    rendered = [b.views for b in iterate_crops(index, requests, ensemble.views, crops, images_per_batch,
+                                               device=dev.type, threads=workers)]
+    n = len(index) * crops
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def bare() -> tuple[float, float]:
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for views in rendered:
+            Ensemble.probs(ensemble, views)
+        sync()
+        return n / (time.perf_counter() - wall), (time.process_time() - cpu) / n
+
+    def label(i: int) -> tuple[float, float, LabelStore, float]:
+        seen.clear()
+        in_forward[0] = 0.0
+        store = LabelStore.create_or_resume(folder / f"store{i}", attrs, 1, index.labels)
+        cpu = time.process_time()
+        done, seconds = _label_shards(cfg, store, index, ensemble, DistInfo())
+        assert done == n
+        return n / seconds, (time.process_time() - cpu) / n, store, in_forward[0] / seconds
+
+    for views in {tuple(v.shape[0] for v in views): views for views in rendered}.values():
+        Ensemble.probs(ensemble, views)            # warm-up: kernels and buffers of every batch shape
+    bares = [bare()]
+    labels = []
+    for i in range(repeats):
+        labels.append(label(i))
+        bares.append(bare())
+    ratios = [lab[0] / ((b0[0] + b1[0]) / 2) for lab, b0, b1 in zip(labels, bares, bares[1:])]
+    cpu_ratio = float(np.mean([b[1] for b in bares])) / float(np.mean([lab[1] for lab in labels]))
+
+    store = labels[-1][2]
+    rd = LabelStore.open(store.path).read_round(0)
+    assert np.array_equal(rd.boxes, boxes), "the labeller cut other crops"
+    p = torch.cat(seen)
+    kl = kl_to_stored(p, torch.from_numpy(rd.ids.reshape(-1, k).astype(np.int64)),
+                      torch.from_numpy(rd.probs.reshape(-1, k + 1)))
+    return {"data": str(data), "images": len(index), "crops": n, "classes": len(full.classes),
+            "teachers": [f"{t.arch} {t.res}px" for t in loaded], "device": str(dev),
+            "labeller": [lab[0] for lab in labels], "bare": [b[0] for b in bares], "ratios": ratios,
+            "ratio": float(np.median(ratios)), "cpu_ratio": cpu_ratio,
+            "forward_share": [lab[3] for lab in labels],
+            "cpu_per_crop": (float(np.mean([lab[1] for lab in labels])), float(np.mean([b[1] for b in bares]))),
+            "bytes_per_crop": store.data_bytes() / n, "kl_max": float(kl.max()), "kl_mean": float(kl.mean()),
+            "top1_median": float(p.max(1).values.median())}
+
+
+# ---- command -----------------------------------------------------------------------------------
+
+def _machine(device: str) -> str:
+    import os
+
+    import torch
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu = (f"{os.cpu_count()}-core {platform.machine()} CPU (load average {load} at the end), "
+           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} + {cpu}"
+    return cpu + (", no GPU" if not torch.cuda.is_available() else "")
+
+
+@click.command("label")
+@click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--teachers", "-t", multiple=True,
+              help=f"Teacher specs as for `mealv2 label`; default random-init {' + '.join(DEFAULT_TEACHERS)} at --res.")
+@click.option("--res", type=POSITIVE, default=224, show_default=True, help="Resolution of the default teachers.")
+@click.option("--crops-per-image", "crops", type=POSITIVE, default=4, show_default=True)
+@click.option("--topk", type=POSITIVE, default=5, show_default=True)
+@click.option("--images", type=POSITIVE, default=24, show_default=True,
+              help="Images the labeller and the bare forward go through (a seeded subset of DATA).")
+@click.option("--classes", type=POSITIVE, default=10, show_default=True,
+              help="Classes of the generated dataset when DATA is omitted.")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Crops per teacher forward.")
+@click.option("--workers", type=POSITIVE, default=2, show_default=True, help="DALI threads.")
+@click.option("--repeats", type=POSITIVE, default=2, show_default=True,
+              help="Labeller passes, each between two bare-forward passes.")
+@click.option("--imagenet-images", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="Images of the synthetic 1000-class case (0 skips it).")
+@device_option
+def bench_label(data, teachers, res, crops, topk, images, classes, batch_size, workers, repeats, imagenet_images,
+                device):
+    """Stage-1 crops/s against the bare teacher forward; bytes/crop and KL against FKD's encoding."""
+    folder = Path(tempfile.mkdtemp(prefix="mealv2-bench-label-"))
+    try:
+        real = labeller_case(data, list(teachers), folder, res, crops, topk, images, batch_size, device,
+                             workers, classes, repeats)
+        synth = imagenet_like_case(folder, imagenet_images, crops, topk) if imagenet_images else None
+        fkd_file = fkd_file_bytes_per_crop(crops, topk)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    fkd16, fkd32 = fkd_bytes_per_crop(topk), fkd_bytes_per_crop(topk, fp16_coords=False)
+    ok = lambda cond: "yes" if cond else "**no**"  # noqa: E731
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    lines = [
+        f"`mealv2 bench label` on {_machine(real['device'])}; device {real['device']}",
+        "",
+        f"Labeller: {real['images']} images x {crops} crops = {real['crops']} crops of "
+        f"{'a generated ImageNet-sized JPEG dataset' if data is None else real['data']} ({real['classes']} classes); "
+        f"teachers {', '.join(real['teachers'])}; {batch_size} crops per forward; k={topk}; {workers} DALI threads; "
+        f"median top-1 probability of the ensemble {real['top1_median']:.3f}.",
+        "",
+        "| measure | value | reference | target | met |",
+        "|---|---|---|---|---|",
+        f"| stage-1 labeller crops/s (sampling + DALI decode/crop + teachers + top-k + store writes) | "
+        f"{fmt(real['labeller'])} | bare ensemble forward on the same crops, passes around them: "
+        f"{fmt(real['bare'])} | ratio >= 0.9 | {fmt(real['ratios'])}: median {real['ratio']:.2f} {ok(real['ratio'] >= 0.9)} |",
+        f"| share of the labeller's wall time spent in the teacher forward (the rest: waiting for crops, top-k, "
+        f"writes) | {fmt(real['forward_share'])} | | >= 0.9 | {ok(min(real['forward_share']) >= 0.9)} |",
+        f"| CPU seconds per crop, all threads | labeller {real['cpu_per_crop'][0]:.3f} | bare forward "
+        f"{real['cpu_per_crop'][1]:.3f} | ratio >= 0.9 | {real['cpu_ratio']:.2f} {ok(real['cpu_ratio'] >= 0.9)} |",
+        f"| bytes/crop, this run's store ({real['classes']} classes, k={topk}) | {real['bytes_per_crop']:.2f} B | "
+        f"FKD: {fkd16} B | <= {fkd16 / 2:g} B | {ok(real['bytes_per_crop'] <= fkd16 / 2)} |",
+        f"| max KL(fp32 top-k target \\|\\| rebuilt), this run ({real['crops']} crops) | {real['kl_max']:.2e} "
+        f"(mean {real['kl_mean']:.1e}) | | <= 1e-3 | {ok(real['kl_max'] <= 1e-3)} |",
+    ]
+    if synth:
+        arrays = ", ".join(f"{k} {v:.2f}" for k, v in synth["per_array"].items())
+        lines += [
+            f"| bytes/crop, ImageNet-like synthetic (1000 classes, k={topk}, {synth['crops']} crops) | "
+            f"{synth['bytes_per_crop']:.2f} B ({arrays}) | FKD: {fkd16} B | <= {fkd16 / 2:g} B | "
+            f"{ok(synth['bytes_per_crop'] <= fkd16 / 2)} |",
+            f"| max KL, ImageNet-like synthetic | {synth['kl_max']:.2e} (mean {synth['kl_mean']:.1e}) | | <= 1e-3 | "
+            f"{ok(synth['kl_max'] <= 1e-3)} |",
+        ]
+    lines += [
+        "",
+        f"FKD per crop at k={topk}: fp16 coordinates 8 B + bool flip 1 B + {topk} fp16 ids + {topk} fp16 values "
+        f"{4 * topk} B = {fkd16} B (`--use_fp16`); with fp32 coordinates {fkd32} B. Its per-image file as "
+        f"written (`torch.save`, {crops} crops) measures {fkd_file:.0f} B per crop: container overhead not counted above.",
+        "mealv2 bytes/crop: compressed chunk files of boxes, flips, ids and probs (CRC32C included) over the crops; "
+        "zarr.json metadata, `done` marks and `labels` not counted.",
+    ]
+    if synth:
+        lines.append(f"ImageNet-like synthetic: median top-1 probability {synth['top1_median']:.2f}, "
+                     f"{synth['crops_sharing_top1']:.0%} of an image's crops share its first crop's top-1 class, "
+                     f"boxes from the real sampler on 250-500 px sides, shards of 1024 images.")
+    click.echo("\n".join(lines))

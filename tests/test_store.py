@@ -1,0 +1,253 @@
+"""The label store's schema and rules, through the LabelStore API (no teachers, no images)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from filelock import FileLock
+
+from mealv2.common.store import (DIGEST_KEY, FORMAT, VERSION, LabelStore, StoreError, acquire_writer_lock,
+                                 chunk_key)
+from mealv2.common.targets import PROB_LEVELS
+
+N, C, K, SHARD = 10, 3, 4, 4        # 3 shards: [0, 4), [4, 8), [8, 10)
+
+
+def _attrs(**over) -> dict:
+    a = {"classes": [f"c{i}" for i in range(7)], "topk": K, "temperature": 1.0, "seed": 0,
+         "crops_per_image": C, "shard_size": SHARD,
+         "crop": {"res": 32, "scale": [0.08, 1.0], "ratio": [0.75, 1.333], "flip_prob": 0.5,
+                  "interpolation": "bilinear"},
+         "teachers": [{"spec": "t1", "arch": "a", "sha256": "0" * 64, "res": 32, "mean": [0.5] * 3,
+                       "std": [0.5] * 3, "weight": 1.0}],
+         "dataset": {"num_images": N, "fingerprint": "f" * 64, "skipped": []}}
+    a.update(over)
+    return a
+
+
+def _shard_data(store: LabelStore, r: int, s: int, seed: int = 0):
+    a, b = store.shard_range(s)
+    rng = np.random.default_rng([seed, r, s])
+    n = b - a
+    boxes = rng.integers(0, 512, (n, C, 4)).astype(np.uint16)
+    flips = rng.integers(0, 2, (n, C)).astype(np.uint8)
+    ids = np.stack([rng.permutation(7)[:K] for _ in range(n * C)]).reshape(n, C, K).astype(np.uint16)
+    probs = rng.integers(0, PROB_LEVELS + 1, (n, C, K + 1)).astype(np.uint8)
+    return boxes, flips, ids, probs
+
+
+def _fill(store: LabelStore, rounds=None):
+    for r in range(store.rounds_planned) if rounds is None else rounds:
+        for s in range(store.num_shards):
+            store.write_shard(r, s, *_shard_data(store, r, s))
+
+
+@pytest.fixture
+def store(tmp_path) -> LabelStore:
+    return LabelStore.create_or_resume(tmp_path / "s", _attrs(), 2, np.arange(N) % 7)
+
+
+def test_schema_arrays_chunks_and_codecs(store):
+    g = zarr.open_group(store.path, mode="r")
+    expect = {"boxes": ((2, N, C, 4), "uint16", (1, SHARD, C, 4)),
+              "flips": ((2, N, C), "uint8", (1, SHARD, C)),
+              "ids": ((2, N, C, K), "uint16", (1, SHARD, C, K)),
+              "probs": ((2, N, C, K + 1), "uint8", (1, SHARD, C, K + 1)),
+              "done": ((2, 3), "uint8", (1, 1)),
+              "labels": ((N,), "int32", (N,))}
+    for name, (shape, dtype, chunks) in expect.items():
+        arr = g[name]
+        assert (arr.shape, str(arr.dtype), arr.chunks) == (shape, dtype, chunks), name
+        meta = json.loads((store.path / name / "zarr.json").read_text())
+        assert meta["codecs"][-1]["name"] == "crc32c", name     # every chunk is checksummed
+        assert meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+    a = g.attrs["mealv2"]
+    assert (a["format"], a["version"], a["prob_levels"]) == (FORMAT, VERSION, PROB_LEVELS)
+    assert a["rounds_planned"] == 2
+    np.testing.assert_array_equal(g["labels"][:], np.arange(N) % 7)
+
+
+def test_shards_round_trip_and_are_marked_done(store):
+    assert not store.done_mask().any() and store.rounds_complete() == 0 and not store.complete
+    data = _shard_data(store, 1, 2)
+    store.write_shard(1, 2, *data)
+    assert store.done_mask().tolist() == [[False] * 3, [False, False, True]]
+    assert (store.path / "done/c/1/2").is_file()
+    g = zarr.open_group(store.path, mode="r")
+    for name, values in zip(("boxes", "flips", "ids", "probs"), data):
+        np.testing.assert_array_equal(g[name][1, 8:10], values)
+        assert (store.path / chunk_key(name, g[name].ndim, 1, 2)).is_file()
+    _fill(store)
+    assert store.rounds_complete() == 2 and store.complete
+    r = store.read_round(1)
+    for s in range(3):
+        a, b = store.shard_range(s)
+        for got, want in zip((r.boxes, r.flips, r.ids, r.probs), _shard_data(store, 1, s)):
+            np.testing.assert_array_equal(got[a:b], want)
+    assert r.nbytes == r.boxes.nbytes + r.flips.nbytes + r.ids.nbytes + r.probs.nbytes
+
+
+def test_a_shard_of_fill_values_still_has_all_its_chunk_files(store):
+    # zarr skips writing chunks equal to the fill value; a done shard must not be missing files,
+    # or a deleted file could not be told from an unwritten one.
+    boxes, flips, ids, probs = _shard_data(store, 0, 0)
+    store.write_shard(0, 0, boxes, np.zeros_like(flips), np.zeros_like(ids), probs)
+    assert store.missing_chunks(0) == []
+    assert store.verify() != [] and all("not complete" in p for p in store.verify())
+
+
+def test_rounds_complete_counts_leading_full_rounds(store):
+    _fill(store, rounds=[1])
+    assert store.rounds_complete() == 0
+    with pytest.raises(StoreError, match="round 0 is not complete"):
+        store.read_round(0)
+    _fill(store, rounds=[0])
+    assert store.rounds_complete() == 2
+
+
+def test_resume_with_the_same_settings_keeps_the_data(store):
+    _fill(store, rounds=[0])
+    again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
+    assert again.done_mask()[0].all() and not again.done_mask()[1].any()
+    np.testing.assert_array_equal(again.read_round(0).ids, store.read_round(0).ids)
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("classes", [f"k{i}" for i in range(7)], "classes"),
+    ("topk", 3, "topk: store has 4, this run has 3"),
+    ("temperature", 2.0, "temperature: store has 1.0, this run has 2.0"),
+    ("seed", 5, "seed: store has 0, this run has 5"),
+    ("crops_per_image", 2, "crops_per_image: store has 3, this run has 2"),
+    ("shard_size", 5, "shard_size: store has 4, this run has 5"),
+    ("crop", {**_attrs()["crop"], "res": 64}, "crop.res: store has 32, this run has 64"),
+    ("crop", {**_attrs()["crop"], "scale": [0.5, 1.0]}, "crop.scale: store has [0.08, 1.0], this run has [0.5, 1.0]"),
+    ("teachers", [{**_attrs()["teachers"][0], "spec": "t2", "sha256": "1" * 64}], "teachers[0].sha256"),
+    ("teachers", _attrs()["teachers"] * 2, "teachers: store has 1 teacher(s) [t1], this run has 2 teacher(s) [t1, t1]"),
+    ("dataset", {"num_images": N, "fingerprint": "e" * 64, "skipped": []}, "dataset.fingerprint: store has"),
+])
+def test_other_settings_are_refused_naming_both_values(store, key, value, named):
+    _fill(store, rounds=[0])
+    with pytest.raises(StoreError) as e:
+        LabelStore.create_or_resume(store.path, _attrs(**{key: value}), 2, np.arange(N) % 7)
+    assert named in str(e.value) and str(store.path) in str(e.value)
+    # nothing was changed by the refused attempt
+    assert LabelStore.open(store.path).attrs == store.attrs
+
+
+def test_fewer_rounds_than_planned_are_refused(store):
+    with pytest.raises(StoreError, match="plans 2 rounds, --rounds 1 would drop"):
+        LabelStore.create_or_resume(store.path, _attrs(), 1, np.arange(N) % 7)
+
+
+def test_more_rounds_append_and_keep_the_done_rounds(store):
+    _fill(store)
+    before = store.read_round(1)
+    grown = LabelStore.create_or_resume(store.path, _attrs(), 4, np.arange(N) % 7)
+    assert grown.rounds_planned == 4 and grown.rounds_complete() == 2 and not grown.complete
+    assert zarr.open_group(store.path, mode="r")["ids"].shape == (4, N, C, K)
+    assert grown.done_mask().shape == (4, 3)
+    np.testing.assert_array_equal(grown.read_round(1).probs, before.probs)
+    _fill(grown, rounds=[2, 3])
+    reopened = LabelStore.open(store.path)      # digest updated with rounds_planned
+    assert reopened.complete and reopened.rounds_planned == 4
+
+
+def test_edited_attributes_are_detected(store):
+    meta_path = store.path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["mealv2"]["temperature"] = 0.5
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="edited after the store was made"):
+        LabelStore.open(store.path)
+
+
+def test_other_format_versions_are_refused_naming_both(store):
+    meta_path = store.path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["mealv2"]["version"] = VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=f"v{VERSION + 1}, this mealv2 reads {FORMAT} v{VERSION}"):
+        LabelStore.open(store.path)
+
+
+def test_not_a_store_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="not a label store"):
+        LabelStore.open(tmp_path)
+    zarr.open_group(tmp_path / "plain", mode="w")
+    with pytest.raises(StoreError, match="unreadable label store metadata"):
+        LabelStore.open(tmp_path / "plain")
+
+
+def test_verify_finds_flipped_bytes_missing_files_and_incomplete_shards(store):
+    _fill(store)
+    assert store.verify() == []
+    key = chunk_key("probs", 4, 1, 1)
+    raw = bytearray((store.path / key).read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (store.path / key).write_bytes(raw)
+    (store.path / chunk_key("boxes", 4, 0, 2)).unlink()
+    zarr.open_group(store.path, mode="r+")["done"][1, 0] = 0
+    problems = store.verify()
+    assert any(p.startswith("probs/c/1/1/0/0: unreadable chunk") for p in problems), problems
+    assert any(p.startswith("boxes/c/0/2/0/0: missing chunk file") for p in problems), problems
+    assert any(p.startswith("round 1 shard 0: not complete") for p in problems), problems
+    assert len(problems) == 3
+
+
+def test_remove_partial_writes(store):
+    (store.path / "ids" / "c").mkdir(parents=True, exist_ok=True)
+    stale = store.path / "ids" / "c" / "0.1234.partial"
+    stale.write_bytes(b"x")
+    assert store.remove_partial_writes() == 1 and not stale.exists()
+
+
+def test_data_bytes_counts_chunk_files_only(store):
+    assert store.data_bytes() == 0
+    _fill(store)
+    chunks = sum(f.stat().st_size for n in ("boxes", "flips", "ids", "probs")
+                 for f in (store.path / n / "c").rglob("*") if f.is_file())
+    assert store.data_bytes() == chunks > 0
+    assert store.bytes_on_disk() > chunks
+
+
+def test_a_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
+    path = tmp_path / "s"
+    lock = acquire_writer_lock(path)
+    with pytest.raises(StoreError, match="being written by another"):
+        acquire_writer_lock(path)
+    lock.release()
+    acquire_writer_lock(path).release()
+    # a holder killed with SIGKILL leaves no stale lock
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from filelock import FileLock; "
+                               f"l = FileLock({str(path) + '.lock'!r}); l.acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError):
+            acquire_writer_lock(path)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            acquire_writer_lock(path).release()
+            break
+        except StoreError:
+            assert time.monotonic() < deadline, "lock not released by the killed holder"
+            time.sleep(0.05)
+    assert FileLock(str(path) + ".lock").lock_file.endswith("s.lock")
+
+
+def test_digest_covers_the_mealv2_attributes(store):
+    meta = json.loads((store.path / "zarr.json").read_text())["attributes"]
+    assert set(meta) == {"mealv2", DIGEST_KEY}
+    assert len(meta[DIGEST_KEY]) == 64
