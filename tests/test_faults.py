@@ -1,0 +1,168 @@
+"""Fault injection: SIGKILL at named moments (mealv2/common/faults.py), then resume.
+
+A label store or a training run must come out of any kill exactly as an uninterrupted run
+would have made it, and nothing the user made may be lost or left half written.
+"""
+from __future__ import annotations
+
+import csv
+import signal
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+
+from conftest import make_image_dataset, run_cli
+
+pytestmark = pytest.mark.slow
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=3)
+    teachers = []
+    for i, arch in enumerate(("test_resnet", "test_efficientnet")):
+        torch.manual_seed(i)
+        path = root / f"t{i}.pth"
+        torch.save(timm.create_model(arch, num_classes=3).state_dict(), path)
+        teachers.append(f"{arch}={path}@32")
+    return root, data, ",".join(teachers)
+
+
+def label_args(data, teachers, out, rounds=3):
+    return ["label", str(data), "-t", teachers, "-o", str(out), "--rounds", str(rounds),
+            "--crops-per-image", "2", "--res", "32", "--topk", "2", "--shard-size", "2",
+            "--batch-size", "4", "--workers", "1"]
+
+
+def store_arrays(path) -> dict:
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in ("boxes", "flips", "ids", "probs", "done", "labels")}
+
+
+def assert_same_store(a, b):
+    x, y = store_arrays(a), store_arrays(b)
+    for name in x:
+        assert np.array_equal(x[name], y[name]), f"array {name} differs from the uninterrupted run's"
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    root, data, teachers = setup
+    out = root / "reference.zarr"
+    result = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# Ten moments: while decoding, in the teachers' forward pass, between the arrays of a shard's
+# write, between a shard's data and its done mark, and (below) in the middle of an append.
+KILLS = ["decode:1", "decode:4", "forward:1", "forward:5", "chunk_write:1", "chunk_write:7",
+         "shard_mark:1", "shard_mark:9"]
+
+
+@pytest.mark.parametrize("kill_at", KILLS)
+def test_label_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at):
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    killed = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
+    resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("kill_at", ["append:1", "append:3"])
+def test_append_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at):
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    assert run_cli(*label_args(data, teachers, out, rounds=2), env=ONE_THREAD).returncode == 0
+    killed = run_cli(*label_args(data, teachers, out, rounds=3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
+    resumed = run_cli(*label_args(data, teachers, out, rounds=3), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)
+
+
+def train_args(data, store, run, epochs):
+    return ["train", str(data), "--labels", str(store), "-a", "test_resnet", "--out", str(run),
+            "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.05", "--workers", "1",
+            "--device", "cpu", "--seed", "0"]
+
+
+def losses(run) -> list[float]:
+    with open(run / "metrics.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kill_at", ["train_step:5", "checkpoint_write:2", "checkpoint_write:3"])
+def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, tmp_path, kill_at):
+    _, data, _ = setup
+    full = tmp_path / "full"
+    assert run_cli(*train_args(data, reference, full, 3), env=ONE_THREAD).returncode == 0
+    run = tmp_path / "run"
+    killed = run_cli(*train_args(data, reference, run, 3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
+    for ckpt in run.glob("*.pt"):  # whatever is in place is a whole, loadable checkpoint
+        torch.load(ckpt, map_location="cpu", weights_only=False)
+    resumed = run_cli(*train_args(data, reference, run, 3), "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(run) == pytest.approx(losses(full), abs=1e-6)
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp files left behind"
+
+
+def test_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(setup, tmp_path):
+    from mealv2.common.store import acquire_writer_lock
+
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    lock = acquire_writer_lock(out)
+    try:
+        second = run_cli(*label_args(data, teachers, out, rounds=1))
+        assert second.returncode != 0
+        assert "being written by another" in second.stderr and str(out) in second.stderr
+    finally:
+        lock.release()
+    killed = run_cli(*label_args(data, teachers, out, rounds=1), env={"MEALV2_KILL_AT": "shard_mark:1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli(*label_args(data, teachers, out, rounds=1)).returncode == 0
+
+
+def test_full_disk_is_a_clear_error_and_the_store_resumes_after(setup, tmp_path, monkeypatch, capsys):
+    """Disk full (or the store made read-only) mid-run: one clear line, exit 2, and the same
+    command completes the store once space is back."""
+    import errno
+
+    from mealv2.cli import main
+    from mealv2.common import store as store_module
+
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    args = label_args(data, teachers, out, rounds=2) + ["--device", "cpu"]
+    real_write = store_module.LabelStore.write_shard
+    writes = {"n": 0}
+
+    def write_until_full(self, *a, **kw):
+        writes["n"] += 1
+        if writes["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "ids"))
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(store_module.LabelStore, "write_shard", write_until_full)
+    monkeypatch.setattr("sys.argv", ["mealv2", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(out / "ids") in err
+    assert not store_module.LabelStore.open(out).complete
+
+    monkeypatch.setattr(store_module.LabelStore, "write_shard", real_write)
+    main()
+    assert store_module.LabelStore.open(out).complete
