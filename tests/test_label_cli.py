@@ -35,7 +35,7 @@ from mealv2.stage1_label.report import verify_store
 pytestmark = pytest.mark.slow
 
 ROUNDS, CROPS, TOPK, SHARD, RES = 3, 2, 2, 3, 32
-CROP = CropParams(res=RES, ratio=(0.75, 1.333))     # the CLI's defaults
+CROP = CropParams(res=RES)     # the CLI's defaults
 ARRAYS = ("boxes", "flips", "ids", "probs", "done", "labels")
 # Same CPU math in every process: one OpenMP thread (batches are the same in every run).
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -317,6 +317,16 @@ def test_other_settings_are_refused(tmp_path, data, teachers, reference, change,
     _assert_same_store(out, reference)
     # the refused run released its lock: the right command still works in this process
     run_label(_config(data, teachers[:2], out))
+
+
+def test_a_moved_teacher_checkpoint_is_the_same_teacher(tmp_path, data, teachers, reference):
+    """Teachers are matched by their weights' SHA-256, not by the path they were given by."""
+    out = _copy(reference, tmp_path)
+    path = Path(teachers[0].split("=", 1)[1].split("@")[0])
+    moved = tmp_path / "elsewhere.pth"
+    shutil.copy(path, moved)
+    run_label(_config(data, [f"test_resnet={moved}@32", teachers[1]], out, rounds=3))
+    _assert_same_store(out, reference)
 
 
 @pytest.mark.parametrize("edit", ["add_file", "resize_file", "rename_class"])

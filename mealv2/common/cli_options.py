@@ -1,6 +1,8 @@
 """Click options shared by several commands, so a flag means the same thing everywhere."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import click
 
 from .crops import CropParams
@@ -9,9 +11,10 @@ POSITIVE = click.IntRange(min=1)
 
 
 def _float_pair(ctx, param, value):
+    """'MIN,MAX' with decimals or fractions ('3/4,4/3' is exactly torchvision's ratio range)."""
     try:
-        lo, hi = (float(v) for v in value.split(","))
-    except ValueError:
+        lo, hi = (float(Fraction(v.strip())) for v in value.split(","))
+    except (ValueError, ZeroDivisionError):
         raise click.BadParameter(f"expected two numbers 'MIN,MAX', got '{value}'") from None
     return lo, hi
 
@@ -23,7 +26,7 @@ def crop_options(f):
                      help="Side of the square crop fed to the network."),
         click.option("--scale", default="0.08,1", show_default=True, callback=_float_pair,
                      help="Range of the crop's area relative to the image (RandomResizedCrop)."),
-        click.option("--ratio", default="0.75,1.333", show_default=True, callback=_float_pair,
+        click.option("--ratio", default="3/4,4/3", show_default=True, callback=_float_pair,
                      help="Range of the crop's aspect ratio (RandomResizedCrop)."),
         click.option("--crops-per-image", "crops_per_image", type=POSITIVE, default=4, show_default=True,
                      help="Crops cut from one decoded image (FKD's num_crops)."),

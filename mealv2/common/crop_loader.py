@@ -11,6 +11,7 @@ DALI; both take and yield the same things.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -54,12 +55,14 @@ class _Source:
 
     def __init__(self, index: DatasetIndex, requests: Iterable[CropRequest]):
         self.index, self.requests = index, iter(requests)
+        self.fed: deque = deque()   # ids of the requests handed to DALI and not yet yielded
 
     def __iter__(self):
         return self
 
     def __next__(self):
         req = next(self.requests)  # StopIteration ends the DALI epoch
+        self.fed.append(req.ids)
         rel = boxes_to_relative(req.boxes)                       # (b, C, 4) y, x, h, w
         start = np.ascontiguousarray(rel[..., :2])
         end = np.ascontiguousarray(rel[..., :2] + rel[..., 2:])
@@ -100,15 +103,56 @@ def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: l
     """Yield a :class:`CropBatch` per request, rendered by DALI (decode once per image)."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    pipe = _build_pipeline(_Source(index, requests), views, crops, batch_size, device, threads, prefetch)
+    source = _Source(index, requests)
+    pipe = _build_pipeline(source, views, crops, batch_size, device, threads, prefetch)
     names = ["ids"] + [f"v{v}_c{c}" for v in range(len(views)) for c in range(crops)]
-    loader = DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL,
-                                 auto_reset=False, prepare_first_batch=False)
-    for (out,) in loader:
+    loader = iter(DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                      auto_reset=False, prepare_first_batch=False))
+    while True:
+        try:
+            (out,) = next(loader)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "decoders.image" not in str(e):
+                raise
+            # A file whose header passed the index's check but whose data DALI cannot decode.
+            paths = [index.path(int(i)) for ids in source.fed for i in ids]
+            raise _undecodable(paths) from None
+        source.fed.popleft()
         ids = out["ids"].reshape(-1).cpu().numpy()
         yield CropBatch(ids=ids, views=[
             torch.stack([out[f"v{v}_c{c}"] for c in range(crops)], dim=1).flatten(0, 1)
             for v in range(len(views))])
+
+
+def _undecodable(paths: list) -> Exception:
+    """A DatasetError naming the file(s) among ``paths`` that DALI's CPU decoder rejects."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from .dataset import DatasetError
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                  exec_async=False, exec_pipelined=False)
+    def one():
+        return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8, ndim=1),
+                                 device="cpu", output_type=types.RGB)
+
+    bad, pipe = [], None
+    for path in paths:
+        if pipe is None:   # a failed run leaves the pipeline unusable
+            pipe = one()
+            pipe.build()
+        pipe.feed_input("enc", [np.fromfile(path, dtype=np.uint8)])
+        try:
+            pipe.run()
+        except Exception:   # DALI reports a decode failure as RuntimeError (IndexError after it)
+            bad.append(str(path))
+            pipe = None
+    named = ", ".join(bad) if bad else "one of " + ", ".join(map(str, paths))
+    return DatasetError(f"cannot decode {named}: its header is valid but DALI's image decoder fails on "
+                        f"its data (a corrupt image); expected a decodable image. Replace it with a "
+                        f"readable copy of the same size and re-run the same command")
 
 
 def _pil_rgb(path) -> "Image.Image":
@@ -132,7 +176,12 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
         per_view = [[] for _ in views]
         rel = boxes_to_relative(req.boxes)
         for image_id, boxes, flips in zip(req.ids, rel, req.flips):
-            image = F.pil_to_tensor(_pil_rgb(index.path(int(image_id))))
+            try:
+                image = F.pil_to_tensor(_pil_rgb(index.path(int(image_id))))
+            except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "corrupt data"
+                from .dataset import DatasetError
+                raise DatasetError(f"cannot decode {index.path(int(image_id))}: {e}; expected a "
+                                   f"decodable image") from None
             h, w = image.shape[-2:]
             for (y, x, bh, bw), flip in zip(boxes, flips):
                 top, left = round(float(y) * h), round(float(x) * w)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,14 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _ignore_moved_teachers(problems: list[str]) -> list[str]:
+    """A teacher is its weights (SHA-256), not the path it was given by: drop a teacher's spec
+    line when nothing else about it differs (a moved checkpoint), keep it to name one that does."""
+    fields = [re.match(r"teachers\[(\d+)\]\.(\w+):", p) for p in problems]
+    changed = {m[1] for m in fields if m and m[2] != "spec"}
+    return [p for p, m in zip(problems, fields) if not (m and m[2] == "spec" and m[1] not in changed)]
+
+
 def _dict_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, dict) for x in v)
 
@@ -163,6 +172,7 @@ class LabelStore:
             store = cls.open(path, mode="r+")
             problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
                              {k: attrs.get(k) for k in _IDENTITY_KEYS})
+            problems = _ignore_moved_teachers(problems)
             if problems:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
