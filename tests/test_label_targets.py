@@ -100,13 +100,6 @@ def test_k_equal_to_class_count_has_no_leftover_classes():
     torch.testing.assert_close(q.sum(1), torch.ones(1))
 
 
-def test_topk_codes_without_leftover_code_are_still_accepted():
-    p = _softmax_batch(2.0, n=8, classes=30)
-    ids, codes = encode_topk(p, 3)
-    q = reconstruct_targets(ids, codes[:, :3], 30)
-    torch.testing.assert_close(q.sum(1), torch.ones(8))
-
-
 def test_ensemble_is_a_weighted_mean_of_softmaxes_with_temperature():
     a, b = torch.randn(4, 10), torch.randn(4, 10)
     p = ensemble_probs([a, b], [1.0, 3.0], temperature=2.0)

@@ -54,16 +54,11 @@ def reconstruct_targets(ids: torch.Tensor, codes: torch.Tensor, num_classes: int
     """Dense (n, num_classes) targets: the stored top-k, the leftover mass spread evenly over
     the other classes, normalised so rows sum to 1.
 
-    ``codes`` is (n, k + 1) as stored (top-k codes, then the leftover's). A (n, k) array of
-    top-k codes alone is accepted too; the leftover is then ``1 - sum(decoded top-k)``.
+    ``codes`` is (n, k + 1) as stored: the top-k codes, then the leftover mass's.
     """
     k = ids.shape[1]
     values = decode_probs(codes)
-    top = values[:, :k]
-    if codes.shape[1] == k + 1:
-        rest = values[:, k:]
-    else:
-        rest = (1 - top.sum(dim=1, keepdim=True)).clamp_(min=0)
+    top, rest = values[:, :k], values[:, k:]
     if num_classes == k:
         rest = torch.zeros_like(rest)
     target = (rest / max(num_classes - k, 1)).expand(-1, num_classes).clone()
