@@ -152,7 +152,7 @@ def _undecodable(paths: list) -> Exception:
     named = ", ".join(bad) if bad else "one of " + ", ".join(map(str, paths))
     return DatasetError(f"cannot decode {named}: its header is valid but DALI's image decoder fails on "
                         f"its data (a corrupt image); expected a decodable image. Replace it with a "
-                        f"readable copy of the same size and re-run the same command")
+                        f"readable copy of the same size and run the command again")
 
 
 def _pil_rgb(path) -> "Image.Image":
