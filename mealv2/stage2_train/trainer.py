@@ -106,6 +106,12 @@ def open_store(cfg: TrainConfig) -> LabelStore:
         raise MealV2Error(f"{store.path}: only {store.rounds_complete()}/{store.rounds_planned} label rounds "
                           f"are complete; finish it by re-running the `mealv2 label` command that made it "
                           f"(it resumes where it stopped)")
+    # Every round, not just the first: damage found at epoch 40 would cost the epochs before it.
+    problems = store.verify()
+    if problems:
+        raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
+                          + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
+                          f"`mealv2 label` command")
     stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
     ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
     for name in cfg.crop_given:
