@@ -155,7 +155,7 @@ def _undecodable(paths: list) -> Exception:
                         f"readable copy of the same size and run the command again")
 
 
-def _pil_rgb(path) -> "Image.Image":
+def decode_rgb(path) -> "Image.Image":
     """Decode as DALI does: EXIF orientation applied, 16-bit scaled to 8-bit, RGB."""
     from PIL import Image, ImageOps
 
@@ -177,7 +177,7 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
         rel = boxes_to_relative(req.boxes)
         for image_id, boxes, flips in zip(req.ids, rel, req.flips):
             try:
-                image = F.pil_to_tensor(_pil_rgb(index.path(int(image_id))))
+                image = F.pil_to_tensor(decode_rgb(index.path(int(image_id))))
             except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "corrupt data"
                 from .dataset import DatasetError
                 raise DatasetError(f"cannot decode {index.path(int(image_id))}: {e}; expected a "

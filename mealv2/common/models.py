@@ -58,7 +58,7 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _unwrap_state_dict(obj, where: str) -> dict:
+def unwrap_state_dict(obj, where: str) -> dict:
     """Accept timm files, MEAL V2 releases (DataParallel ``module.`` keys) and wrapper dicts."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -129,7 +129,7 @@ def load_teacher(spec: str, classes: tuple[str, ...] | list[str]) -> Teacher:
         arch, ckpt_path = body.split("=", 1)
         if not Path(ckpt_path).is_file():
             raise ModelSpecError(f"teacher spec '{spec}': checkpoint file {ckpt_path} does not exist")
-        state = _unwrap_state_dict(load_checkpoint_file(ckpt_path), ckpt_path)
+        state = unwrap_state_dict(load_checkpoint_file(ckpt_path), ckpt_path)
         model = create_timm_model(arch, num_classes, where=f"teacher spec '{spec}'")
         load_weights(model, state, f"teacher '{spec}' ({ckpt_path}, dataset has {num_classes} classes)")
         res, mean, std = default_data_config(model)
@@ -140,8 +140,8 @@ def load_teacher(spec: str, classes: tuple[str, ...] | list[str]) -> Teacher:
                                  f"timm or MEAL V2 state dict write ARCH={body}")
         if list(ckpt["classes"]) != list(classes):
             raise ModelSpecError(f"teacher '{spec}': trained on {len(ckpt['classes'])} classes "
-                                 f"{_preview(ckpt['classes'])}, dataset has {num_classes} classes "
-                                 f"{_preview(classes)}")
+                                 f"{preview_classes(ckpt['classes'])}, dataset has {num_classes} classes "
+                                 f"{preview_classes(classes)}")
         arch = ckpt["arch"]
         model = model_from_mealv2_checkpoint(ckpt, f"teacher '{spec}'")
         res, mean, std = int(ckpt["res"]), tuple(ckpt["mean"]), tuple(ckpt["std"])
@@ -156,7 +156,7 @@ def load_teacher(spec: str, classes: tuple[str, ...] | list[str]) -> Teacher:
                    weight=weight, sha256=state_dict_sha256(model))
 
 
-def _preview(classes) -> str:
+def preview_classes(classes) -> str:
     classes = list(classes)
     return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
 

@@ -59,7 +59,7 @@ def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int =
     return root
 
 
-def _random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str]:
+def random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str]:
     """Random-init checkpoints for timm architectures (no downloads): speed, not accuracy."""
     import timm
     import torch
@@ -183,7 +183,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
     from ..common.distributed import DistInfo, resolve_device
     from ..common.models import load_teacher, split_specs
     from .ensemble import Ensemble
-    from .labeler import LabelConfig, _label_shards, store_attrs
+    from .labeler import LabelConfig, label_shards, store_attrs
 
     if data is None:
         data = make_photo_dataset(folder / "data", classes, -(-images // classes))
@@ -192,7 +192,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
     # a subset that keeps the dataset's classes, so teachers with the full head still fit
     index = DatasetIndex(root=full.root, relpaths=tuple(full.relpaths[i] for i in pick), labels=full.labels[pick],
                          classes=full.classes, sizes=full.sizes[pick])
-    specs = split_specs(teachers) or _random_teachers(DEFAULT_TEACHERS, len(full.classes), folder, res)
+    specs = split_specs(teachers) or random_teachers(DEFAULT_TEACHERS, len(full.classes), folder, res)
     dev = resolve_device(device, DistInfo())
     loaded = [load_teacher(spec, full.classes) for spec in specs]
     cfg = LabelConfig(data=str(data), teachers=[t.spec for t in loaded], out="", rounds=1,
@@ -245,7 +245,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
         in_forward[0] = 0.0
         store = LabelStore.create_or_resume(folder / f"store{i}", attrs, 1, index.labels)
         cpu = time.process_time()
-        done, seconds = _label_shards(cfg, store, index, ensemble, DistInfo())
+        done, seconds = label_shards(cfg, store, index, ensemble, DistInfo())
         assert done == n
         return n / seconds, (time.process_time() - cpu) / n, store, in_forward[0] / seconds
 
@@ -277,7 +277,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
 
 # ---- command -----------------------------------------------------------------------------------
 
-def _machine(device: str) -> str:
+def machine_description(device: str) -> str:
     import os
 
     import torch
@@ -324,7 +324,7 @@ def bench_label(data, teachers, res, crops, topk, images, classes, batch_size, w
     ok = lambda cond: "yes" if cond else "**no**"  # noqa: E731
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     lines = [
-        f"`mealv2 bench label` on {_machine(real['device'])}; device {real['device']}",
+        f"`mealv2 bench label` on {machine_description(real['device'])}; device {real['device']}",
         "",
         f"Labeller: {real['images']} images x {crops} crops = {real['crops']} crops of "
         f"{'a generated ImageNet-sized JPEG dataset' if data is None else real['data']} ({real['classes']} classes); "

@@ -95,7 +95,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(out, mode="r+")
-            crops, seconds = _label_shards(cfg, store, index, Ensemble(teachers, device, cfg.temperature), info)
+            crops, seconds = label_shards(cfg, store, index, Ensemble(teachers, device, cfg.temperature), info)
             info.barrier()
         finally:
             if lock is not None:
@@ -109,7 +109,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         return store
 
 
-def _label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
+def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
     """Label this rank's incomplete shards; returns (crops labelled, seconds)."""
     done = store.done_mask()
     work = [(r, s) for r in range(store.rounds_planned) for s in range(store.num_shards)

@@ -27,7 +27,7 @@ from ..common.crops import CropParams
 from ..common.dataset import build_index
 from ..common.distributed import DistInfo, resolve_device
 from ..common.models import create_timm_model, default_data_config, load_teacher, split_specs
-from ..stage1_label.bench import DEFAULT_TEACHERS, _machine, _random_teachers, make_photo_dataset
+from ..stage1_label.bench import DEFAULT_TEACHERS, machine_description, random_teachers, make_photo_dataset
 from ..stage1_label.ensemble import Ensemble
 from ..stage1_label.labeler import LabelConfig, run_label
 from .loader import FreshLabels, TrainLoader
@@ -111,7 +111,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         if data is None:
             data = make_photo_dataset(folder / "data", classes, -(-images // classes))
         index = build_index(data, workers=max(workers, 8))
-        specs = split_specs(teachers) or _random_teachers(DEFAULT_TEACHERS, len(index.classes), folder, res)
+        specs = split_specs(teachers) or random_teachers(DEFAULT_TEACHERS, len(index.classes), folder, res)
         crop = CropParams(res=res)
         store = run_label(LabelConfig(data=str(data), teachers=specs, out=str(folder / "store"), rounds=1,
                                       crops_per_image=crops, crop=crop, topk=topk, batch_size=batch_size,
@@ -139,7 +139,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
     vs_online = med["stored"] / med["online"], med_cpu["online"] / med_cpu["stored"]
     gib = round_bytes * IMAGENET_IMAGES / 2**30
     lines = [
-        f"`mealv2 bench train` on {_machine(dev.type)}; device {dev}",
+        f"`mealv2 bench train` on {machine_description(dev.type)}; device {dev}",
         "",
         f"Student {arch} (random init) at {res} px on {len(index)} images ({len(index.classes)} classes, "
         f"{'generated ImageNet-sized JPEGs' if data == folder / 'data' else data}) x {crops} crops; {batch_size} "

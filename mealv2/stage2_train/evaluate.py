@@ -22,6 +22,7 @@ import click
 
 from ..common.cli_options import POSITIVE, device_option, workers_option
 from ..common.errors import MealV2Error
+from ..common.models import preview_classes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # MEAL V2's test script normalises every model with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,11 +42,6 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     kind: str                      # 'mealv2-checkpoint' | 'state-dict' | 'timm-pretrained'
-
-
-def _preview(classes) -> str:
-    classes = list(classes)
-    return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
 
 
 def _pretrained_cfg(arch: str):
@@ -109,7 +105,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
                             f"leave -a out or make it agree")
         classes = [str(c) for c in obj["classes"]]
         if num_classes is not None and len(classes) != num_classes:
-            raise EvalError(f"{checkpoint}: the checkpoint has {len(classes)} classes {_preview(classes)}, "
+            raise EvalError(f"{checkpoint}: the checkpoint has {len(classes)} classes {preview_classes(classes)}, "
                             f"DATA has {num_classes} classes")
         with config:
             model = M.model_from_mealv2_checkpoint(obj, str(checkpoint))
@@ -119,7 +115,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     if not arch:
         raise EvalError(f"{checkpoint} is not a mealv2 checkpoint; for a timm or MEAL V2 state dict "
                         f"name its architecture with -a ARCH")
-    state = M._unwrap_state_dict(obj, str(checkpoint))
+    state = M.unwrap_state_dict(obj, str(checkpoint))
     n = state_dict_num_classes(arch, state)
     if n is not None and num_classes is not None and n != num_classes:
         raise EvalError(f"{checkpoint}: the state dict's classifier has {n} classes, "
@@ -185,8 +181,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, mean, std, batch_size, dev
     index = build_index(data, workers=workers)
     loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes))
     if loaded.classes is not None and list(loaded.classes) != list(index.classes):
-        raise EvalError(f"{checkpoint}: trained on classes {_preview(loaded.classes)}, DATA {data} has "
-                        f"classes {_preview(index.classes)} (same count, different names or order)")
+        raise EvalError(f"{checkpoint}: trained on classes {preview_classes(loaded.classes)}, DATA {data} has "
+                        f"classes {preview_classes(index.classes)} (same count, different names or order)")
     res = res or loaded.res
     mean, std = mean or loaded.mean, std or loaded.std
     dev = resolve_device(device)

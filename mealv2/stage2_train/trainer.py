@@ -40,7 +40,7 @@ from ..common.dataset import build_index
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
-from ..common.models import (_preview, _unwrap_state_dict, create_timm_model, default_data_config,
+from ..common.models import (preview_classes, unwrap_state_dict, create_timm_model, default_data_config,
                              load_checkpoint_file, load_teacher, load_weights, save_checkpoint)
 from ..common.store import LabelStore
 from ..stage1_label.ensemble import Ensemble
@@ -124,8 +124,8 @@ def open_store(cfg: TrainConfig) -> LabelStore:
 def check_store_matches(store: LabelStore, index, data: str) -> None:
     a = store.attrs
     if list(a["classes"]) != list(index.classes):
-        raise MealV2Error(f"{store.path} has {len(a['classes'])} classes {_preview(a['classes'])}, DATA {data} has "
-                          f"{len(index.classes)} classes {_preview(index.classes)}")
+        raise MealV2Error(f"{store.path} has {len(a['classes'])} classes {preview_classes(a['classes'])}, DATA {data} has "
+                          f"{len(index.classes)} classes {preview_classes(index.classes)}")
     if a["dataset"]["fingerprint"] != index.fingerprint:
         raise MealV2Error(f"{store.path} was labelled from a dataset with fingerprint "
                           f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
@@ -313,8 +313,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
                              index.labels if cfg.mode == "hard" else None)
     val_index = build_index(cfg.val, workers=max(cfg.workers, 8)) if cfg.val else None
     if val_index is not None and list(val_index.classes) != list(classes):
-        raise MealV2Error(f"--val {cfg.val} has {len(val_index.classes)} classes {_preview(val_index.classes)}, "
-                          f"DATA {cfg.data} has {len(classes)} {_preview(classes)}")
+        raise MealV2Error(f"--val {cfg.val} has {len(val_index.classes)} classes {preview_classes(val_index.classes)}, "
+                          f"DATA {cfg.data} has {len(classes)} {preview_classes(classes)}")
     if not cfg.resume and (run / "last.pt").exists():
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     checkpoint = _resume_checkpoint(run, cfg) if cfg.resume else None
@@ -323,7 +323,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     torch.manual_seed(cfg.seed)
     model = create_timm_model(cfg.arch, len(classes), pretrained=cfg.pretrained, where=f"-a {cfg.arch}")
     if cfg.init:
-        load_weights(model, _unwrap_state_dict(load_checkpoint_file(cfg.init), cfg.init), f"--init {cfg.init}")
+        load_weights(model, unwrap_state_dict(load_checkpoint_file(cfg.init), cfg.init), f"--init {cfg.init}")
     _, mean, std = default_data_config(model)
     student_view = View(crop.res, mean, std)
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)

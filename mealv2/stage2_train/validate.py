@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..common.crop_loader import _pil_rgb
+from ..common.crop_loader import decode_rgb
 from ..common.dataset import DatasetIndex, build_index
 
 CROP_PCT = 0.875
@@ -26,7 +26,7 @@ class _EvalImages(Dataset):
         return len(self.index)
 
     def __getitem__(self, i):
-        return self.transform(_pil_rgb(self.index.path(i))), int(self.index.labels[i])
+        return self.transform(decode_rgb(self.index.path(i))), int(self.index.labels[i])
 
 
 def eval_transform(res: int, mean, std):
