@@ -17,14 +17,14 @@ COMMANDS = {  # name: (module, attribute, one-line help)
     "train": ("mealv2.stage2_train.commands", "train", "Stage 2: train a timm student from a label store."),
     "eval": ("mealv2.stage2_train.evaluate", "evaluate", "Top-1/top-5 with MEAL V2's test protocol."),
     "export": ("mealv2.stage2_train.export", "export", "Export a checkpoint to ONNX, TorchScript or safetensors."),
-    "inspect": ("mealv2.stage1_label.commands", "inspect", "Show what a label store holds."),
-    "verify": ("mealv2.stage1_label.commands", "verify", "Check a label store's checksums and completeness."),
+    "inspect": ("mealv2.stage1_label.store_commands", "inspect", "Show what a label store holds."),
+    "verify": ("mealv2.stage1_label.store_commands", "verify", "Check a label store's checksums and completeness."),
     "demo": ("mealv2.demo", "demo", "Whole pipeline on a generated dataset, in minutes on a CPU."),
     "bench": ("mealv2.cli", "bench", "Throughput and size benchmarks of both stages."),
 }
 BENCHMARKS = {
-    "label": ("mealv2.stage1_label.bench", "bench_label", "Stage-1 crops/s against bare teacher forward; bytes/crop against FKD."),
-    "train": ("mealv2.stage2_train.bench", "bench_train", "Student img/s with stored labels, hard labels and online teachers."),
+    "label": ("mealv2.benchmarks.label", "bench_label", "Stage-1 crops/s against bare teacher forward; bytes/crop against FKD."),
+    "train": ("mealv2.benchmarks.train", "bench_train", "Student img/s with stored labels, hard labels and online teachers."),
 }
 
 

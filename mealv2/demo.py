@@ -137,18 +137,18 @@ def ensemble_top1(teacher_ckpts: list[Path], val: Path, res: int, batch_size: in
     import torch
 
     from .common.dataset import build_index
-    from .common.models import load_teacher
-    from .stage2_train.evaluate import resolve_device
+    from .common.runtime import Runtime
+    from .common.teachers import load_teacher
     from .stage2_train.validate import validate
 
     index = build_index(val)
     teachers = [load_teacher(str(p), index.classes) for p in teacher_ckpts]
     if len({t.res for t in teachers}) != 1:
         raise click.UsageError("the demo's ensemble evaluation needs teachers of one resolution")
-    dev = resolve_device(device)
-    model = SoftmaxMean.build(teachers).to(dev)
+    runtime = Runtime.create(device)
+    model = runtime.model(SoftmaxMean.build(teachers))
     with torch.no_grad():
-        return validate(model, index, res, teachers[0].mean, teachers[0].std, batch_size, dev, workers)
+        return validate(model, index, res, teachers[0].mean, teachers[0].std, runtime, batch_size, workers)
 
 
 # ---------------------------------------------------------------------------------- report

@@ -89,3 +89,34 @@ def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mealv2.cli", *map(str, args)],
                           capture_output=True, text=True,
                           env=None if env is None else {**os.environ, **env})
+
+
+def train_outside_mealv2(data: Path, out: Path, class_order: list[str], mean, std, arch: str = "test_resnet",
+                         res: int = 32, epochs: int = 12, seed: int = 0) -> Path:
+    """A teacher as users bring them: trained by a plain PyTorch + timm loop (torchvision's
+    ImageFolder-style files, RandomResizedCrop, its own mean/std), with class ids in ``class_order``
+    (not necessarily the folders' sorted order). Saves and returns a plain state dict."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from torchvision import transforms as T
+
+    torch.manual_seed(seed)
+    tf = T.Compose([T.RandomResizedCrop(res, scale=(0.35, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(mean, std)])
+    files = [(p, class_order.index(p.parent.name)) for p in sorted(Path(data).glob("*/*"))
+             if p.suffix in (".jpg", ".png")]
+    images = [Image.open(p).convert("RGB") for p, _ in files]
+    labels = torch.tensor([y for _, y in files])
+    model = timm.create_model(arch, num_classes=len(class_order))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(files)).split(16):
+            x = torch.stack([tf(images[i]) for i in batch])
+            loss = F.cross_entropy(model(x), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.save(model.state_dict(), out)
+    return out

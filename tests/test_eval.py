@@ -142,6 +142,15 @@ def test_eval_meal_v2_release_style_state_dict(six_class_data, tmp_path):
     res = _invoke(six_class_data, "--checkpoint", bare)
     assert isinstance(res.exception, ev.EvalError) and "-a ARCH" in str(res.exception)
 
+    # the teachers' rule for state dicts: no resolution is recorded, so --res is required ...
+    res = _invoke(six_class_data, "-a", ARCH, "--checkpoint", bare, "--workers", 1)
+    assert isinstance(res.exception, ev.EvalError) and "pass --res" in str(res.exception)
+    # ... and --norm states another normalisation with a spec's %NORM names
+    res = _invoke(six_class_data, "-a", ARCH, "--checkpoint", bare, "--res", 32, "--norm", "0.5", "--json")
+    got = json.loads(res.output)
+    assert got["mean"] == [0.5] * 3 and got["std"] == [0.5] * 3
+    assert got["top1"] == pytest.approx(_independent_eval(model, six_class_data, 32, (0.5,) * 3, (0.5,) * 3)["top1"])
+
 
 def test_eval_class_count_mismatch_names_both(tiny_data, tmp_path):
     ckpt = tmp_path / "five.pt"
@@ -180,7 +189,7 @@ def test_eval_timm_pretrained_path(tiny_data, monkeypatch):
     from mealv2.common import models as M
 
     cfg = timm.models.get_pretrained_cfg(ARCH)
-    monkeypatch.setattr(ev, "_pretrained_cfg", lambda arch: dataclasses.replace(cfg, num_classes=3))
+    monkeypatch.setattr(M, "pretrained_cfg", lambda arch: dataclasses.replace(cfg, num_classes=3))
     asked = []
 
     def fake_create(arch, num_classes, pretrained=False, where=""):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_image_dataset, run_cli
 from mealv2.common.targets import encode_topk
-from mealv2.stage1_label.bench import (fkd_bytes_per_crop, imagenet_like_case, kl_to_stored,
+from mealv2.benchmarks.label import (fkd_bytes_per_crop, imagenet_like_case, kl_to_stored,
                                        synthetic_ensemble_probs)
 
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 import timm
@@ -123,7 +124,10 @@ def test_store_layout_and_attributes(reference, data, teachers):
     np.testing.assert_array_equal(g["labels"][:], index.labels)
 
     a = g.attrs["mealv2"]
-    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 2, ROUNDS)
+    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 3, ROUNDS)
+    assert a["teacher_precision"] == "fp32"
+    # the CRC32C of every image's bytes, as labelled (stage 2 refuses an image changed since)
+    np.testing.assert_array_equal(g["crc32c"][:], [crc32c.crc32c(index.path(i).read_bytes()) for i in range(n)])
     assert a["classes"] == list(index.classes) == ["class_0", "class_1", "class_2"]
     assert (a["topk"], a["temperature"], a["seed"], a["crops_per_image"], a["shard_size"]) == (TOPK, 1.0, 0, CROPS, SHARD)
     assert a["crop"] == CROP.to_attrs()
@@ -152,13 +156,13 @@ def test_store_layout_and_attributes(reference, data, teachers):
 
 def test_stored_labels_are_the_weighted_ensemble_of_the_stored_crops(reference, data, teachers):
     from mealv2.common.crop_loader import CropRequest, iterate_crops
-    from mealv2.common.models import load_teacher
-    from mealv2.stage1_label.ensemble import Ensemble
+    from mealv2.common.runtime import Runtime
+    from mealv2.common.teachers import Ensemble, load_teacher
 
     index = build_index(data)
     store = LabelStore.open(reference)
     ts = [load_teacher(s, index.classes) for s in teachers[:2]]
-    ens = Ensemble(ts, torch.device("cpu"))
+    ens = Ensemble(ts, Runtime(torch.device("cpu")))
     assert len(ens.views) == 2                     # each teacher sees its own resolution
     r = 1
     rd = store.read_round(r)

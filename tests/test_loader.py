@@ -1,18 +1,19 @@
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 import timm
 import torch
 
 from mealv2.common.crop_loader import View
 from mealv2.common.crops import CropParams, sample_crops
-from mealv2.common.dataset import build_index
+from mealv2.common.dataset import DatasetError, build_index
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store import LabelStore
 from mealv2.common.targets import reconstruct_targets
 from mealv2.stage1_label.labeler import LabelConfig, run_label
-from mealv2.stage2_train.loader import FreshLabels, StoredLabels, TrainLoader, epoch_order
+from mealv2.stage2_train.loader import FreshLabels, StoredLabels, TrainLoader, epoch_order, steps_per_epoch
 
 CPU = torch.device("cpu")
 VIEW = View(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -31,33 +32,41 @@ def store(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("n, per_step, world", [(12, 4, 1), (12, 5, 1), (13, 2, 2), (3, 4, 2)])
 def test_epoch_order_gives_every_rank_equal_full_steps(n, per_step, world):
-    ranks = [epoch_order(n, per_step, seed=1, epoch=0, rank=r, world_size=world) for r in range(world)]
+    ranks = [epoch_order(n, per_step, seed=1, pass_=0, rank=r, world_size=world) for r in range(world)]
     assert len({r.shape for r in ranks}) == 1 and ranks[0].shape[1] == per_step
     seen = np.concatenate([r.reshape(-1) for r in ranks])
     assert set(seen) == set(range(n))                  # every image, padding only repeats some
     assert len(seen) - n < per_step * world            # less than one step of padding
-    np.testing.assert_array_equal(ranks[0], epoch_order(n, per_step, seed=1, epoch=0, rank=0, world_size=world))
+    np.testing.assert_array_equal(ranks[0], epoch_order(n, per_step, seed=1, pass_=0, rank=0, world_size=world))
 
 
-def test_epoch_order_changes_with_epoch_and_seed():
-    a = epoch_order(100, 10, seed=0, epoch=0)
-    assert not np.array_equal(a, epoch_order(100, 10, seed=0, epoch=1))
-    assert not np.array_equal(a, epoch_order(100, 10, seed=1, epoch=0))
+def test_epoch_order_changes_with_pass_and_seed():
+    a = epoch_order(100, 10, seed=0, pass_=0)
+    assert not np.array_equal(a, epoch_order(100, 10, seed=0, pass_=1))
+    assert not np.array_equal(a, epoch_order(100, 10, seed=1, pass_=0))
     assert sorted(a.reshape(-1)) == list(range(100))
 
 
-def test_stored_labels_replay_round_e_mod_r(store, tiny_data):
+@pytest.mark.parametrize("n, crops_per_step, steps", [(1_281_167, 512, 2502), (12, 12, 1), (12, 8, 2),
+                                                     (10, 64, 1)])
+def test_an_epoch_is_n_crops_at_any_crops_per_image(n, crops_per_step, steps):
+    """MEAL V2 and FKD count an epoch as N crops: ImageNet at batch 512 is 2502 steps whatever C is."""
+    assert steps_per_epoch(n, crops_per_step) == steps
+
+
+def test_stored_labels_replay_round_p_mod_r(store, tiny_data):
     index = build_index(tiny_data)
     labels = StoredLabels(store)
     rounds = [store.read_round(r) for r in range(2)]
     ids = np.array([5, 0, 7])
-    for epoch in range(4):
-        boxes, flips = labels.for_epoch(epoch).crops(ids)
-        np.testing.assert_array_equal(boxes, rounds[epoch % 2].boxes[ids])
-        np.testing.assert_array_equal(flips, rounds[epoch % 2].flips[ids].astype(bool))
+    for pass_ in range(4):
+        boxes, flips = labels.for_pass(pass_).crops(ids)
+        np.testing.assert_array_equal(boxes, rounds[pass_ % 2].boxes[ids])
+        np.testing.assert_array_equal(flips, rounds[pass_ % 2].flips[ids].astype(bool))
     loader = TrainLoader(index, labels, [VIEW], images_per_step=4, seed=0, device=CPU, workers=2)
-    assert len(loader) == 3
-    batches = list(loader(1))
+    # 12 images x 3 crops: a pass is 3 steps of 12 crops = 3 epochs of 12 crops
+    assert (len(loader), loader.steps_per_pass, loader.passes(6)) == (1, 3, 2.0)
+    batches = list(loader.steps(3, 6))   # pass 1: round 1
     assert len(batches) == 3
     for batch in batches:
         assert batch.images.shape == (12, 3, 32, 32)
@@ -77,7 +86,7 @@ def test_dali_and_torch_loaders_agree(store, tiny_data):
     for backend in ("dali", "torch"):
         loader = TrainLoader(index, StoredLabels(store), views, images_per_step=4, seed=3, device=CPU,
                              backend=backend, workers=2)
-        out[backend] = list(loader(0))
+        out[backend] = list(loader.steps(0, 3))
     assert len(out["dali"]) == len(out["torch"]) == 3
     for dali, tv in zip(out["dali"], out["torch"]):
         torch.testing.assert_close(dali.target, tv.target, rtol=0, atol=0)   # identical targets
@@ -88,23 +97,62 @@ def test_dali_and_torch_loaders_agree(store, tiny_data):
             assert diff < 2 / 255, f"view {view.res}px: mean abs pixel difference {diff * 255:.2f}/255"
 
 
-def test_fresh_labels_draw_new_crops_each_epoch_with_dataset_labels(tiny_data):
+def test_epochs_tile_the_stream_of_passes(store, tiny_data):
+    """An epoch may end mid-pass; the next continues that pass: epochs back to back give exactly
+    the batches of the uninterrupted stream, round p mod R in pass p."""
+    index = build_index(tiny_data)
+    # 12 images, 2 per step: a pass is 6 steps of 6 crops; an epoch is round(12 / 6) = 2 steps
+    loader = TrainLoader(index, StoredLabels(store), [VIEW], images_per_step=2, seed=0, device=CPU, workers=2)
+    assert (len(loader), loader.steps_per_pass) == (2, 6)
+    by_epoch = [b for e in range(5) for b in loader.epoch(e)]      # 10 steps: pass 0 and most of pass 1
+    stream = list(loader.steps(0, 10))
+    assert len(by_epoch) == len(stream) == 10
+    for a, b in zip(by_epoch, stream):
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        torch.testing.assert_close(a.target, b.target, rtol=0, atol=0)
+    step = 7                                                        # pass 1, step 1: round 1
+    ids = loader.order(1)[1]
+    data = store.read_round(1)
+    expected = reconstruct_targets(torch.from_numpy(data.ids[ids].astype(np.int64)).flatten(0, 1),
+                                   torch.from_numpy(data.probs[ids]).flatten(0, 1), 3)
+    torch.testing.assert_close(stream[step].target, expected)
+
+
+def test_fresh_labels_draw_new_crops_each_pass_with_dataset_labels(tiny_data):
     index = build_index(tiny_data)
     params = CropParams(res=32)
     labels = FreshLabels(seed=7, sizes=index.sizes, crops_per_image=2, params=params, labels=index.labels)
     ids = np.array([3, 1])
-    for epoch in (0, 1):
-        boxes, flips = labels.for_epoch(epoch).crops(ids)
-        expected = sample_crops(7, epoch, ids, index.sizes[ids], 2, params)
+    for pass_ in (0, 1):
+        boxes, flips = labels.for_pass(pass_).crops(ids)
+        expected = sample_crops(7, pass_, ids, index.sizes[ids], 2, params)
         np.testing.assert_array_equal(boxes, expected[0])
         np.testing.assert_array_equal(flips, expected[1])
-    assert not np.array_equal(labels.for_epoch(0).crops(ids)[0], labels.for_epoch(1).crops(ids)[0])
-    target = labels.for_epoch(0).targets(ids, CPU)
+    assert not np.array_equal(labels.for_pass(0).crops(ids)[0], labels.for_pass(1).crops(ids)[0])
+    target = labels.for_pass(0).targets(ids).to(CPU)
     assert target.tolist() == np.repeat(index.labels[ids], 2).tolist()
     online = FreshLabels(seed=7, sizes=index.sizes, crops_per_image=2, params=params, labels=None)
-    assert online.for_epoch(0).targets(ids, CPU) is None
-    batch = next(iter(TrainLoader(index, labels, [VIEW], images_per_step=3, seed=0, device=CPU, workers=1)(0)))
+    assert online.for_pass(0).targets(ids) is None
+    batch = next(iter(TrainLoader(index, labels, [VIEW], images_per_step=3, seed=0, device=CPU, workers=1).epoch(0)))
     assert batch.images.shape == (6, 3, 32, 32) and batch.target.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_an_image_changed_since_labelling_is_refused_naming_it(store, tiny_data, tmp_path, backend):
+    """Same name, same size, other pixels: the fingerprint cannot see it, the CRC32C can."""
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    changed = data / "class_1" / "img_03.jpg"
+    with Image.open(changed) as im:
+        im.rotate(180).save(changed, quality=80)
+    index = build_index(data)
+    assert index.fingerprint == build_index(tiny_data).fingerprint
+    loader = TrainLoader(index, StoredLabels(store), [VIEW], images_per_step=12, seed=0, device=CPU,
+                         backend=backend, workers=2, expected_crcs=store.crcs(), store_path=store.path)
+    with pytest.raises(DatasetError, match=f"{changed}: the file changed since {store.path} was labelled"):
+        list(loader.steps(0, 1))
+    unchanged = TrainLoader(build_index(tiny_data), StoredLabels(store), [VIEW], images_per_step=12, seed=0,
+                            device=CPU, backend=backend, workers=2, expected_crcs=store.crcs())
+    assert len(list(unchanged.steps(0, 1))) == 1
 
 
 def test_corrupt_round_is_refused_naming_the_store(store, tmp_path):
@@ -115,6 +163,6 @@ def test_corrupt_round_is_refused_naming_the_store(store, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     labels = StoredLabels(LabelStore.open(bad))
-    labels.for_epoch(0)  # round 0 is intact
+    labels.for_pass(0)  # round 0 is intact
     with pytest.raises(MealV2Error, match=f"{bad}: round 1 cannot be read.*mealv2 verify"):
-        labels.for_epoch(1)
+        labels.for_pass(1)

@@ -4,9 +4,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from mealv2.common.runtime import Runtime
+from mealv2.common.targets import encode_topk, reconstruct_targets
 from mealv2.stage2_train.losses import (Discriminator, Mix, discriminator_loss, draw_mix, mix_images, mix_targets,
-                                        soft_cross_entropy)
-from mealv2.stage2_train.trainer import TrainState, train_step
+                                        soft_cross_entropy, topk_form)
+from mealv2.stage2_train.trainer import Objective, TrainState, train_step
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def soft_targets(n, k, seed=0):
@@ -31,14 +35,60 @@ def test_discriminator_is_three_1x1_convs(classes, widths):
     assert d(torch.randn(4, classes)).shape == (4, 2)
 
 
-def test_discriminator_loss_labels_student_fake_and_target_real():
+def test_temperature_divides_the_students_logits_and_scales_the_loss_by_t_squared():
+    """Against the teachers' softmax(z / T), a student with the teachers' logits z is at the
+    optimum (zero gradient), and at large T the gradient's size does not shrink like 1 / T^2."""
     torch.manual_seed(0)
-    d = Discriminator(8)
-    logits, target = torch.randn(5, 8), soft_targets(5, 8)
-    scores = d(torch.cat([F.log_softmax(logits, 1), target.log()]))
-    labels = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)
-    torch.testing.assert_close(discriminator_loss(d, logits, target),
-                               F.binary_cross_entropy_with_logits(scores, labels))
+    z = torch.randn(8, 10) * 3
+    noise = torch.randn(8, 10)
+    grads = {}
+    for t in (1.0, 2.0, 16.0, 32.0):
+        at_optimum = z.clone().requires_grad_()
+        soft_cross_entropy(at_optimum, torch.softmax(z / t, 1), t).backward()
+        assert at_optimum.grad.abs().max() < 1e-6, t
+        off = (z + noise).requires_grad_()
+        soft_cross_entropy(off, torch.softmax(z / t, 1), t).backward()
+        grads[t] = off.grad.norm().item()
+    assert grads[32.0] == pytest.approx(grads[16.0], rel=0.1)   # unscaled: a quarter
+
+
+def _train_discriminator(student: torch.Tensor, target: torch.Tensor, topk, steps: int = 300) -> float:
+    """Train a discriminator alone on fixed inputs; the loss it ends at."""
+    torch.manual_seed(0)
+    disc = Discriminator(student.shape[1])
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = discriminator_loss(disc, student, target, topk=topk)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return discriminator_loss(disc, student, target, topk=topk).item()
+
+
+def test_discriminator_cannot_tell_a_student_from_its_stored_target_by_the_flat_tail():
+    """A stored target's tail is flat; a student with the same top-k and leftover mass is not.
+    Reduced to the same form the two are one input: the best a discriminator can do is ln 2.
+    Fed the raw distributions, it separates them by the tail alone and its loss falls toward 0."""
+    torch.manual_seed(0)
+    k, classes = 5, 128
+    logits = torch.randn(32, classes) * 4
+    ids, codes = encode_topk(torch.softmax(logits, 1), k)
+    target = reconstruct_targets(ids, codes, classes)       # what a store gives back
+    # a student distribution with exactly the target's top-k, and an uneven tail of the same mass
+    tail = (0.2 + 1.6 * torch.rand(32, classes)).scatter(1, ids, 0.0)
+    tail = tail / tail.sum(1, keepdim=True) * (1 - target.gather(1, ids).sum(1, keepdim=True))
+    student = tail.scatter(1, ids, target.gather(1, ids)).log()   # logits whose softmax is that
+    torch.testing.assert_close(topk_form(torch.softmax(student, 1), k), target)
+    assert _train_discriminator(student, target, topk=k) == pytest.approx(np.log(2), abs=1e-3)
+    assert _train_discriminator(student, target, topk=None) < 0.6          # ln 2 = 0.693
+
+
+def test_topk_form_keeps_the_top_k_and_spreads_the_rest():
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.06, 0.04]], requires_grad=True)
+    q = topk_form(p, 2)
+    torch.testing.assert_close(q, torch.tensor([[0.5, 0.2, 0.075, 0.075, 0.075, 0.075]]))
+    q[0, 2].backward()                                           # the spread mass depends on the top-k
+    torch.testing.assert_close(p.grad, torch.tensor([[-0.25, -0.25, 0, 0, 0, 0]]))
 
 
 @pytest.mark.parametrize("d_lr", [0.1, 0.0])
@@ -50,7 +100,7 @@ def test_discriminator_steps_with_its_own_optimizer(d_lr):
                        disc=disc, d_optimizer=torch.optim.SGD(disc.parameters(), lr=d_lr, momentum=0.9))
     before = {k: v.clone() for k, v in disc.state_dict().items()}
     student_before = [p.clone() for p in model.parameters()]
-    loss, d_loss = train_step(state, torch.randn(8, 3, 32, 32), soft_targets(8, 4))
+    loss, d_loss = train_step(state, torch.randn(8, 3, 32, 32), soft_targets(8, 4), CPU, Objective(topk=2))
     assert torch.isfinite(loss) and torch.isfinite(d_loss)
     changed = [not torch.equal(before[k], v) for k, v in disc.state_dict().items()]
     # the discriminator moves exactly when its own optimizer has a learning rate
@@ -103,3 +153,33 @@ def test_draw_mix_is_a_pure_function_of_the_generator():
     assert kinds == {True, False}   # cutmix-prob 0.5: some steps CutMix, the others mixup
     assert draw_mix(np.random.default_rng(0), 0.0, 1.0, 0.0) is None
     assert Mix(lam=0.5).shift == 1
+
+
+def test_with_stored_targets_the_discriminator_loss_does_not_collapse_in_a_short_run():
+    """A student distilled from a store's top-k targets, discriminator on. Judging the same form,
+    the discriminator's loss stays near ln 2 while the distillation loss falls; fed the raw
+    distributions it tells them apart by the stored targets' flat tail within 50 steps."""
+    classes, k, steps = 64, 5, 75
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 3, 32, 32, generator=g)
+    torch.manual_seed(1)
+    teacher = timm.create_model("test_resnet", num_classes=classes).eval()
+    with torch.no_grad():
+        z = teacher(images)
+    ids, codes = encode_topk(torch.softmax(z / z.std() * 3, 1), k)
+    targets = reconstruct_targets(ids, codes, classes)
+    runs = {}
+    for topk in (None, k):
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=classes)
+        disc = Discriminator(classes)
+        state = TrainState(model=model, forward=model,
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), disc=disc,
+                           d_optimizer=torch.optim.SGD(disc.parameters(), lr=0.05, momentum=0.9))
+        runs[topk] = [tuple(v.item() for v in train_step(state, images[i:i + 16], targets[i:i + 16], CPU,
+                                                          Objective(topk=topk)))
+                      for i in (16 * (s % 4) for s in range(steps))]
+    loss, d_loss = zip(*runs[k])
+    assert np.mean(loss[-10:]) < np.mean(loss[:10]) - 0.5            # the student learns
+    assert min(d_loss[50:]) > 0.6                                     # ln 2 = 0.693
+    assert max(d for _, d in runs[None][50:]) < 0.3                   # the shortcut

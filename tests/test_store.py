@@ -27,7 +27,7 @@ def _attrs(**over) -> dict:
                   "interpolation": "bilinear"},
          "teachers": [{"spec": "t1", "arch": "a", "sha256": "0" * 64, "res": 32, "mean": [0.5] * 3,
                        "std": [0.5] * 3, "weight": 1.0}],
-         "dataset": {"num_images": N, "fingerprint": "f" * 64, "skipped": []}}
+         "teacher_precision": "fp32", "dataset": {"num_images": N, "fingerprint": "f" * 64, "skipped": []}}
     a.update(over)
     return a
 
@@ -40,7 +40,12 @@ def _shard_data(store: LabelStore, r: int, s: int, seed: int = 0):
     flips = rng.integers(0, 2, (n, C)).astype(np.uint8)
     ids = np.stack([rng.permutation(7)[:K] for _ in range(n * C)]).reshape(n, C, K).astype(np.uint16)
     probs = rng.integers(0, PROB_LEVELS + 1, (n, C, K + 1)).astype(np.uint8)
-    return boxes, flips, ids, probs
+    return boxes, flips, ids, probs, image_crcs(a, b)
+
+
+def image_crcs(a: int, b: int) -> np.ndarray:
+    """Stand-ins for the CRC32C of images a..b-1 (the same in every round)."""
+    return (np.arange(a, b, dtype=np.uint32) * 2654435761) & 0xFFFFFFFF
 
 
 def _fill(store: LabelStore, rounds=None):
@@ -89,7 +94,7 @@ def test_shards_round_trip_and_are_marked_done(store):
     r = store.read_round(1)
     for s in range(3):
         a, b = store.shard_range(s)
-        for got, want in zip((r.boxes, r.flips, r.ids, r.probs), _shard_data(store, 1, s)):
+        for got, want in zip((r.boxes, r.flips, r.ids, r.probs), _shard_data(store, 1, s)[:4]):
             np.testing.assert_array_equal(got[a:b], want)
     assert r.nbytes == r.boxes.nbytes + r.flips.nbytes + r.ids.nbytes + r.probs.nbytes
 
@@ -97,9 +102,9 @@ def test_shards_round_trip_and_are_marked_done(store):
 def test_a_shard_of_fill_values_still_has_all_its_chunk_files(store):
     # zarr skips writing chunks equal to the fill value; a done shard must not be missing files,
     # or a deleted file could not be told from an unwritten one.
-    boxes, flips, ids, probs = _shard_data(store, 0, 0)
-    store.write_shard(0, 0, boxes, np.zeros_like(flips), np.zeros_like(ids), probs)
-    assert store.missing_chunks(0) == []
+    boxes, flips, ids, probs, crcs = _shard_data(store, 0, 0)
+    store.write_shard(0, 0, boxes, np.zeros_like(flips), np.zeros_like(ids), probs, np.zeros_like(crcs))
+    assert store.missing_chunks(0, np.array([1, 0, 0])) == []
     assert store.verify() != [] and all("not complete" in p for p in store.verify())
 
 
@@ -199,6 +204,17 @@ def test_verify_finds_flipped_bytes_missing_files_and_incomplete_shards(store):
     assert any(p.startswith("boxes/c/0/2/0/0: missing chunk file") for p in problems), problems
     assert any(p.startswith("round 1 shard 0: not complete") for p in problems), problems
     assert len(problems) == 3
+
+
+def test_image_crcs_are_kept_and_an_image_changed_between_rounds_is_refused(store):
+    _fill(store, rounds=[0])
+    np.testing.assert_array_equal(store.crcs(), image_crcs(0, N))
+    boxes, flips, ids, probs, crcs = _shard_data(store, 1, 1)
+    crcs[2] ^= 1   # image 6 re-encoded after round 0 was labelled
+    with pytest.raises(StoreError, match=r"1 image\(s\) changed since earlier rounds.*image 6"):
+        store.write_shard(1, 1, boxes, flips, ids, probs, crcs)
+    assert not store.done_mask()[1, 1]
+    np.testing.assert_array_equal(store.crcs(), image_crcs(0, N))
 
 
 def test_remove_partial_writes(store):

@@ -79,9 +79,12 @@ def test_stored_labels_with_discriminator_and_cutmix(labelled, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = assert_run_outputs(run, 3, "test_resnet", val=True)
     assert all(float(row["d_loss"]) > 0 and 0 <= float(row["val_top1"]) <= 100 for row in rows)
-    # 3 epochs over 2 rounds: warned once
-    assert (r.stdout + r.stderr).count("epoch e replays round e mod 2") == 1
-    assert "epoch 2/3" in r.stdout and "steps per rank [3]" in r.stdout
+    # 12 images x 2 crops, 8 crops per step: a pass is 3 steps, an epoch (12 crops) round(12 / 8) = 2 steps
+    assert "epoch = 12 crops (one per image, as MEAL V2 and FKD count): 2 steps of 8 crops" in r.stdout
+    assert "3 epochs = 6 steps = 2.00 passes over the images" in r.stdout
+    assert "pass p replays round p mod 2: each round 1.00 times" in r.stdout
+    assert "epoch 2/3" in r.stdout and "steps per rank [2]" in r.stdout
+    assert [int(row["crops_seen"]) for row in rows] == [16, 32, 48]
     ckpt = load_checkpoint_file(run / "last.pt")
     assert tuple(ckpt["mean"]) == timm.create_model("test_resnet").pretrained_cfg["mean"]
     assert ckpt["discriminator"] is not None and ckpt["d_optimizer"]["state"]

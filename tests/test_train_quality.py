@@ -3,7 +3,8 @@
 Set-up, sized to be stable rather than flattering: the teacher is trained (with --hard-labels)
 on a clean split; the students train on a *different* split whose dataset labels are 5/12 wrong
 (pair flips: some images of class c are filed under class c + 1, so the true class still holds
-the majority); both students are validated on a third, clean split. The stored-label student
+the majority); both students are validated on a third, clean split. 24 epochs of N crops at 4
+crops per image are 6 passes over the images. The stored-label student
 never sees the dataset labels, only the teacher's soft labels of its crops; the hard-label
 student fits the noisy labels. Same architecture, seed, crops, epochs, batch and schedule.
 """
@@ -35,7 +36,7 @@ def test_stored_labels_beat_hard_labels_on_noisy_data(tmp_path):
     noisy = make_image_dataset(tmp_path / "noisy", per_class=PER_CLASS, seed=102, **split)
     val = make_image_dataset(tmp_path / "val", per_class=8, seed=103, **split)
     flip_labels(noisy)
-    common = dict(arch="test_resnet", batch_size=32, epochs=6, lr=0.05, cos=True, val=str(val), seed=0,
+    common = dict(arch="test_resnet", batch_size=32, epochs=24, lr=0.05, cos=True, val=str(val), seed=0,
                   workers=2, device="cpu", progress=False)
 
     teacher = train(TrainConfig(data=str(clean), out=str(tmp_path / "teacher"), hard_labels=True, crop=CROP,

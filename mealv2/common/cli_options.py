@@ -8,6 +8,7 @@ import click
 from .crops import CropParams
 
 POSITIVE = click.IntRange(min=1)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")   # forward precisions (common/runtime.py applies them)
 
 
 def _float_pair(ctx, param, value):
@@ -19,20 +20,26 @@ def _float_pair(ctx, param, value):
     return lo, hi
 
 
-def crop_options(f):
-    """--res, --scale, --ratio, --crops-per-image: the random-resized-crop distribution."""
-    for option in reversed([
-        click.option("--res", type=POSITIVE, default=224, show_default=True,
-                     help="Side of the square crop fed to the network."),
-        click.option("--scale", default="0.08,1", show_default=True, callback=_float_pair,
-                     help="Range of the crop's area relative to the image (RandomResizedCrop)."),
-        click.option("--ratio", default="3/4,4/3", show_default=True, callback=_float_pair,
-                     help="Range of the crop's aspect ratio (RandomResizedCrop)."),
-        click.option("--crops-per-image", "crops_per_image", type=POSITIVE, default=4, show_default=True,
-                     help="Crops cut from one decoded image (FKD's num_crops)."),
-    ]):
-        f = option(f)
-    return f
+def _stack(options: list):
+    """One decorator applying ``options`` in the order listed (as --help shows them)."""
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+crop_options = _stack([
+    click.option("--res", type=POSITIVE, default=224, show_default=True,
+                 help="Side of the square crop fed to the network."),
+    click.option("--scale", default="0.08,1", show_default=True, callback=_float_pair,
+                 help="Range of the crop's area relative to the image (RandomResizedCrop)."),
+    click.option("--ratio", default="3/4,4/3", show_default=True, callback=_float_pair,
+                 help="Range of the crop's aspect ratio (RandomResizedCrop)."),
+    click.option("--crops-per-image", "crops_per_image", type=POSITIVE, default=4, show_default=True,
+                 help="Crops cut from one decoded image (FKD's num_crops)."),
+])
+"""--res, --scale, --ratio, --crops-per-image: the random-resized-crop distribution."""
 
 
 def crop_params(res: int, scale, ratio) -> CropParams:
@@ -40,6 +47,26 @@ def crop_params(res: int, scale, ratio) -> CropParams:
         return CropParams(res=res, scale=tuple(scale), ratio=tuple(ratio))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def teacher_options(required: bool = False):
+    """--teachers, --classes, --no-teacher-check, --teacher-precision: who teaches and how they see
+    their input (common/teachers.py has the rule)."""
+    return _stack([
+        click.option("--teachers", "-t", multiple=True, required=required,
+                     help="ARCH (timm pretrained) | ARCH=CKPT (state dict, runs at --res, imagenet mean/std) | "
+                          "CKPT (mealv2 checkpoint); suffixes @RES, %NORM (imagenet, 0.5, clip, none, timm, "
+                          "M:M:M/S:S:S), *WEIGHT; repeatable or comma separated."),
+        click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+                     help="State-dict teachers' class names in their output order, one per line "
+                          "(mapped by name onto the dataset's classes)."),
+        click.option("--teacher-check/--no-teacher-check", default=True, show_default=True,
+                     help="On labelled data, stop when a teacher agrees clearly better with the labels under "
+                          "another normalisation or class order than configured."),
+        click.option("--teacher-precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="Teachers' forward precision; fp32 keeps their rounding below the store's encoding "
+                          "error (bf16 does not: BENCHMARKS.md)."),
+    ])
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",

@@ -11,10 +11,12 @@ DALI; both take and yield the same things.
 """
 from __future__ import annotations
 
+import io
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+import crc32c
 import numpy as np
 import torch
 
@@ -44,10 +46,16 @@ class CropRequest:
 class CropBatch:
     ids: np.ndarray                 # (b,) image ids
     views: list[torch.Tensor]       # per view: (b * C, 3, res, res) float32, on the pipeline's device
+    crcs: np.ndarray                # (b,) uint32 CRC32C of each image file's bytes as read
 
 
 def _read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
     return np.fromfile(index.path(int(image_id)), dtype=np.uint8)
+
+
+def _meta(image_id: int, data: np.ndarray) -> np.ndarray:
+    """(id, CRC32C of the bytes): the image's identity travels through DALI with its pixels."""
+    return np.array([image_id, crc32c.crc32c(data)], dtype=np.int64)
 
 
 class _Source:
@@ -66,8 +74,9 @@ class _Source:
         rel = boxes_to_relative(req.boxes)                       # (b, C, 4) y, x, h, w
         start = np.ascontiguousarray(rel[..., :2])
         end = np.ascontiguousarray(rel[..., :2] + rel[..., 2:])
-        return ([_read_bytes(self.index, i) for i in req.ids], list(start), list(end),
-                list(req.flips.astype(np.int32)), list(req.ids.astype(np.int64).reshape(-1, 1)))
+        encoded = [_read_bytes(self.index, i) for i in req.ids]
+        return (encoded, list(start), list(end), list(req.flips.astype(np.int32)),
+                [_meta(int(i), data) for i, data in zip(req.ids, encoded)])
 
 
 def _build_pipeline(source: _Source, views: list[View], crops: int, batch_size: int, device: str,
@@ -80,7 +89,7 @@ def _build_pipeline(source: _Source, views: list[View], crops: int, batch_size: 
                   device_id=torch.cuda.current_device() if gpu else None,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)
     def pipe():
-        encoded, start, end, flips, ids = fn.external_source(source=source, num_outputs=5, batch=True,
+        encoded, start, end, flips, meta = fn.external_source(source=source, num_outputs=5, batch=True,
                                                              dtype=[types.UINT8, types.FLOAT, types.FLOAT,
                                                                     types.INT32, types.INT64])
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -92,7 +101,7 @@ def _build_pipeline(source: _Source, views: list[View], crops: int, batch_size: 
                 outs.append(fn.crop_mirror_normalize(
                     crop, mirror=flips[c], dtype=types.FLOAT, output_layout="CHW",
                     mean=[255 * m for m in view.mean], std=[255 * s for s in view.std]))
-        return (ids, *outs)
+        return (meta, *outs)
 
     return pipe()
 
@@ -105,7 +114,7 @@ def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: l
 
     source = _Source(index, requests)
     pipe = _build_pipeline(source, views, crops, batch_size, device, threads, prefetch)
-    names = ["ids"] + [f"v{v}_c{c}" for v in range(len(views)) for c in range(crops)]
+    names = ["meta"] + [f"v{v}_c{c}" for v in range(len(views)) for c in range(crops)]
     loader = iter(DALIGenericIterator(pipe, names, last_batch_policy=LastBatchPolicy.PARTIAL,
                                       auto_reset=False, prepare_first_batch=False))
     while True:
@@ -120,8 +129,8 @@ def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: l
             paths = [index.path(int(i)) for ids in source.fed for i in ids]
             raise _undecodable(paths) from None
         source.fed.popleft()
-        ids = out["ids"].reshape(-1).cpu().numpy()
-        yield CropBatch(ids=ids, views=[
+        meta = out["meta"].reshape(-1, 2).cpu().numpy()
+        yield CropBatch(ids=meta[:, 0], crcs=meta[:, 1].astype(np.uint32), views=[
             torch.stack([out[f"v{v}_c{c}"] for c in range(crops)], dim=1).flatten(0, 1)
             for v in range(len(views))])
 
@@ -155,11 +164,11 @@ def _undecodable(paths: list) -> Exception:
                         f"readable copy of the same size and run the command again")
 
 
-def decode_rgb(path) -> "Image.Image":
+def decode_rgb(path_or_file) -> "Image.Image":
     """Decode as DALI does: EXIF orientation applied, 16-bit scaled to 8-bit, RGB."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with Image.open(path_or_file) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.uint32) >> 8
@@ -174,10 +183,13 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
 
     for req in requests:
         per_view = [[] for _ in views]
+        crcs = []
         rel = boxes_to_relative(req.boxes)
         for image_id, boxes, flips in zip(req.ids, rel, req.flips):
+            data = _read_bytes(index, image_id)
+            crcs.append(crc32c.crc32c(data))
             try:
-                image = F.pil_to_tensor(decode_rgb(index.path(int(image_id))))
+                image = F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
             except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "corrupt data"
                 from .dataset import DatasetError
                 raise DatasetError(f"cannot decode {index.path(int(image_id))}: {e}; expected a "
@@ -192,4 +204,5 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
                                           antialias=True)
                     crop = F.horizontal_flip(crop) if flip else crop
                     out.append(F.normalize(crop.float() / 255, view.mean, view.std))
-        yield CropBatch(ids=np.asarray(req.ids), views=[torch.stack(v).to(device) for v in per_view])
+        yield CropBatch(ids=np.asarray(req.ids), crcs=np.asarray(crcs, np.uint32),
+                        views=[torch.stack(v).to(device) for v in per_view])

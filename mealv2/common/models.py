@@ -1,16 +1,12 @@
-"""Models by name: teacher specs, timm students, and mealv2 checkpoints.
+"""Models by name: timm models, state dicts in timm and MEAL V2 styles, mealv2 checkpoints.
 
-A teacher spec is ``ARCH`` (timm pretrained weights), ``ARCH=CHECKPOINT`` (timm
-architecture, local state dict in timm or MEAL V2 style) or ``CHECKPOINT`` (written by
-``mealv2 train``), each optionally followed by ``@RES`` (its own input resolution) and
-``*W`` (its ensemble weight), e.g. ``tf_efficientnet_b4_ns@380*2``.
+What a teacher spec means is decided in common/teachers.py; this module only builds and
+loads models and reads and writes their files.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -21,32 +17,10 @@ from .errors import MealV2Error
 from .faults import fault_point
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
-_SPEC = re.compile(r"^(?P<body>.+?)(?:@(?P<res>\d+))?(?:\*(?P<weight>[0-9]*\.?[0-9]+))?$")
 
 
 class ModelSpecError(MealV2Error, ValueError):
     """A teacher/student spec or checkpoint that cannot be used; names the spec and the value."""
-
-
-@dataclass
-class Teacher:
-    spec: str
-    arch: str
-    model: nn.Module
-    res: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weight: float
-    sha256: str
-
-    def to_attrs(self) -> dict:
-        return {"spec": self.spec, "arch": self.arch, "sha256": self.sha256, "res": self.res,
-                "mean": list(self.mean), "std": list(self.std), "weight": self.weight}
-
-
-def split_specs(specs: tuple[str, ...] | list[str]) -> list[str]:
-    """``--teachers`` is repeatable and comma separated."""
-    return [s.strip() for group in specs for s in group.split(",") if s.strip()]
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -98,6 +72,15 @@ def default_data_config(model: nn.Module) -> tuple[int, tuple, tuple]:
     return int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def pretrained_cfg(arch: str):
+    """timm's pretrained config of ``arch`` (classes, input size, mean/std), without downloading
+    anything; None when timm has none."""
+    try:
+        return timm.models.get_pretrained_cfg(arch)
+    except Exception:   # an unknown name or tag
+        return None
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -113,47 +96,6 @@ def model_from_mealv2_checkpoint(ckpt: dict, where: str) -> nn.Module:
     model = create_timm_model(ckpt["arch"], len(ckpt["classes"]), where=where)
     load_weights(model, ckpt["model"], where)
     return model
-
-
-def load_teacher(spec: str, classes: tuple[str, ...] | list[str]) -> Teacher:
-    """Build one teacher for a dataset with ``classes``; refuses class-count or name mismatches."""
-    m = _SPEC.match(spec)
-    if not m:
-        raise ModelSpecError(f"teacher spec '{spec}': expected ARCH, ARCH=CHECKPOINT or CHECKPOINT, "
-                             f"optionally with @RES and *WEIGHT")
-    body, weight = m["body"], float(m["weight"] or 1.0)
-    if weight <= 0:
-        raise ModelSpecError(f"teacher spec '{spec}': weight must be positive, got {weight}")
-    num_classes = len(classes)
-    if "=" in body:
-        arch, ckpt_path = body.split("=", 1)
-        if not Path(ckpt_path).is_file():
-            raise ModelSpecError(f"teacher spec '{spec}': checkpoint file {ckpt_path} does not exist")
-        state = unwrap_state_dict(load_checkpoint_file(ckpt_path), ckpt_path)
-        model = create_timm_model(arch, num_classes, where=f"teacher spec '{spec}'")
-        load_weights(model, state, f"teacher '{spec}' ({ckpt_path}, dataset has {num_classes} classes)")
-        res, mean, std = default_data_config(model)
-    elif Path(body).is_file():
-        ckpt = load_checkpoint_file(body)
-        if not is_mealv2_checkpoint(ckpt):
-            raise ModelSpecError(f"teacher spec '{spec}': {body} is not a mealv2 checkpoint; for a "
-                                 f"timm or MEAL V2 state dict write ARCH={body}")
-        if list(ckpt["classes"]) != list(classes):
-            raise ModelSpecError(f"teacher '{spec}': trained on {len(ckpt['classes'])} classes "
-                                 f"{preview_classes(ckpt['classes'])}, dataset has {num_classes} classes "
-                                 f"{preview_classes(classes)}")
-        arch = ckpt["arch"]
-        model = model_from_mealv2_checkpoint(ckpt, f"teacher '{spec}'")
-        res, mean, std = int(ckpt["res"]), tuple(ckpt["mean"]), tuple(ckpt["std"])
-    else:
-        arch = body
-        if os.sep in body or body.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise ModelSpecError(f"teacher spec '{spec}': file {body} does not exist")
-        model = create_timm_model(arch, num_classes, pretrained=True, where=f"teacher spec '{spec}'")
-        res, mean, std = default_data_config(model)
-    res = int(m["res"]) if m["res"] else res
-    return Teacher(spec=spec, arch=arch, model=model.eval(), res=res, mean=mean, std=std,
-                   weight=weight, sha256=state_dict_sha256(model))
 
 
 def preview_classes(classes) -> str:

@@ -3,6 +3,7 @@
 A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
 
     labels      (N,)           int32   dataset class ids, for inspect's agreement figure
+    crc32c      (N,)           uint32  CRC32C of each image file's bytes as labelled
     boxes       (R, N, C, 4)   uint16  crop (y, x, h, w) on a 1023-step relative grid
     flips       (R, N, C)      uint8   1 = mirrored
     ids         (R, N, C, k)   uint16  top-k class ids, descending probability
@@ -34,16 +35,18 @@ from .errors import MealV2Error
 from .faults import fault_point
 
 FORMAT = "mealv2-labels"
-# v2: 7-bit square-root codes plus a code for the leftover mass, per-array codecs. v1 (the
-# first commit: 8-bit codes, no leftover code) was never released; its stores are refused.
-VERSION = 2
+# v3: CRC32C of every image's bytes (stage 2 refuses an image changed since labelling) and the
+# teachers' precision. v2: 7-bit square-root codes plus a code for the leftover mass, per-array
+# codecs. v1 (8-bit codes, no leftover code) was never released. Older stores are refused.
+VERSION = 3
 PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/targets.py encodes and decodes
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
 
 # Keys that must agree between a store and a new labelling command for it to resume or append.
 _IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temperature", "seed", "crops_per_image",
-                  "shard_size", "crop", "teachers", "dataset")
+                  "shard_size", "crop", "teachers", "teacher_precision", "dataset")
+SHARD_ARRAYS = ("boxes", "flips", "ids", "probs", "crc32c")   # written per (round, shard); crc32c per shard
 
 
 class StoreError(MealV2Error):
@@ -203,6 +206,8 @@ class LabelStore:
                            fill_value=0, compressors=_codecs())
         _writable(group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0,
                                      compressors=_codecs()))[:] = labels
+        group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()])
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -218,6 +223,11 @@ class LabelStore:
             fault_point("append")
         self.attrs["rounds_planned"] = rounds
         self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the store's attributes: what it was made from and how."""
+        return self.group.attrs[DIGEST_KEY]
 
     # ---- geometry ----------------------------------------------------------------------
     @property
@@ -245,9 +255,21 @@ class LabelStore:
         """(R, S) bool: which shards are complete."""
         return self.group["done"][:].astype(bool)
 
-    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs) -> None:
-        """Write one shard's data, then mark it complete (never the other way round)."""
+    @property
+    def id_dtype(self) -> np.dtype:
+        return self.group["ids"].dtype
+
+    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs) -> None:
+        """Write one shard's data, then mark it complete (never the other way round).
+
+        ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
+        another round already completed must have read the same bytes."""
         a, b = self.shard_range(shard)
+        crcs = np.asarray(crcs, dtype=np.uint32)
+        if self.group["done"][:, shard].any():     # R marks, not the whole array
+            self._check_same_images(a, crcs)
+        else:
+            _writable(self.group["crc32c"])[a:b] = crcs
         for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
             if i:
                 fault_point("chunk_write")     # some of the shard's arrays written, not all
@@ -267,10 +289,11 @@ class LabelStore:
 
     def read_round(self, round_: int) -> RoundData:
         """Load one complete round into RAM in one read per array."""
-        if not self.done_mask()[round_].all():
+        done = self.group["done"][round_].astype(bool)
+        if not done.all():
             raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
                              f"the same `mealv2 label` command")
-        missing = self.missing_chunks(round_)
+        missing = self.missing_chunks(round_, done)
         if missing:
             raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
         g = self.group
@@ -280,11 +303,25 @@ class LabelStore:
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
 
-    def missing_chunks(self, round_: int) -> list[str]:
-        """Data chunk files of completed shards that are absent (zarr would read them as zeros)."""
-        done = self.done_mask()[round_]
+    def crcs(self) -> np.ndarray:
+        """(N,) uint32: CRC32C of each image's bytes when it was labelled."""
+        return self.group["crc32c"][:]
+
+    def _check_same_images(self, start: int, crcs: np.ndarray) -> None:
+        stored = self.group["crc32c"][start:start + len(crcs)]
+        changed = np.flatnonzero(stored != crcs)
+        if len(changed):
+            i = int(changed[0])
+            raise StoreError(f"{self.path}: {len(changed)} image(s) changed since earlier rounds were labelled "
+                             f"(first: image {start + i}, CRC32C {crcs[i]:08x}, the store has {stored[i]:08x}); "
+                             f"labels of one image must describe one set of pixels. Restore the images, or "
+                             f"label into a new --out")
+
+    def missing_chunks(self, round_: int, done: np.ndarray) -> list[str]:
+        """Data chunk files of round ``round_``'s completed shards (``done``: its row of marks)
+        that are absent (zarr would read them as zeros)."""
         out = []
-        for name in ("boxes", "flips", "ids", "probs"):
+        for name in SHARD_ARRAYS:
             for s in np.flatnonzero(done):
                 key = chunk_key(name, self.group[name].ndim, round_, int(s))
                 if not (self.path / key).is_file():
@@ -307,8 +344,8 @@ class LabelStore:
         for r, s in zip(*np.nonzero(~done)):
             problems.append(f"round {r} shard {s}: not complete (done/c/{r}/{s} unset)")
         for r in range(done.shape[0]):
-            problems += [f"{key}: missing chunk file of a completed shard" for key in self.missing_chunks(r)]
-        for name in ("boxes", "flips", "ids", "probs", "labels"):
+            problems += [f"{key}: missing chunk file of a completed shard" for key in self.missing_chunks(r, done[r])]
+        for name in (*SHARD_ARRAYS, "labels"):
             arr = self.group[name]
             for idx in np.ndindex(*arr.cdata_shape):
                 sel = tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))
@@ -347,5 +384,8 @@ def num_shards(num_images: int, shard_size: int) -> int:
 
 
 def chunk_key(array: str, ndim: int, round_: int, shard: int) -> str:
-    """Relative path of the chunk holding (round, shard) under zarr v3's default key encoding."""
+    """Relative path of the chunk holding (round, shard) under zarr v3's default key encoding
+    (a 1-D per-image array has one chunk per shard, whatever the round)."""
+    if ndim == 1:
+        return f"{array}/c/{shard}"
     return "/".join([array, "c", str(round_), str(shard)] + ["0"] * (ndim - 2))

@@ -1,20 +1,17 @@
-"""`mealv2 label`, `inspect` and `verify`."""
+"""`mealv2 label`."""
 from __future__ import annotations
-
-import json
 
 import click
 
-from ..common.cli_options import POSITIVE, crop_options, crop_params, device_option, workers_option
-from .report import store_summary, verify_store
+from ..common.cli_options import (POSITIVE, crop_options, crop_params, device_option, teacher_options,
+                                  workers_option)
 
-# The labeller (torch, timm, DALI) is imported by `label` only: inspect and verify start quickly.
+# The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
 
 @click.command()
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--teachers", "-t", multiple=True, required=True,
-              help="ARCH | ARCH=CKPT | CKPT, optional @RES and *WEIGHT; repeatable or comma separated.")
+@teacher_options(required=True)
 @click.option("--out", "-o", required=True, type=click.Path(), help="Label store to create or resume.")
 @click.option("--rounds", type=POSITIVE, default=4, show_default=True,
               help="Label rounds; training epoch e replays round e mod R. More than the store has appends.")
@@ -29,49 +26,17 @@ from .report import store_summary, verify_store
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @device_option
 @workers_option
-def label(data, teachers, out, rounds, res, scale, ratio, crops_per_image, topk, temperature, batch_size,
-          seed, shard_size, skip_bad, device, workers):
-    """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store."""
-    from ..common.models import split_specs
+def label(data, teachers, classes_file, teacher_check, teacher_precision, out, rounds, res, scale, ratio,
+          crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
+    """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.
+
+    Before the first crop it prints each teacher's input (resolution, mean/std, class order)
+    and, on labelled data, checks it against the labels (see --no-teacher-check)."""
+    from ..common.teachers import split_specs
     from .labeler import LabelConfig, run_label
 
     run_label(LabelConfig(data=data, teachers=split_specs(teachers), out=out, rounds=rounds,
                           crops_per_image=crops_per_image, crop=crop_params(res, scale, ratio), topk=topk,
                           temperature=temperature, batch_size=batch_size, seed=seed, device=device,
-                          workers=workers, shard_size=shard_size, skip_bad=skip_bad))
-
-
-@click.command()
-@click.argument("store", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(store, as_json):
-    """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels."""
-    summary = store_summary(store)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        if key == "teachers":
-            click.echo("teachers:")
-            for t in value:
-                click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, weight {t['weight']}, "
-                           f"sha256 {t['sha256'][:12]})")
-        else:
-            click.echo(f"{key}: {value}")
-
-
-@click.command()
-@click.argument("store", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True), help="Dataset the store was made from: re-run the teachers.")
-@click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
-@click.option("--tolerance", type=float, default=0.02, show_default=True,
-              help="Largest allowed |stored - recomputed| probability.")
-@device_option
-def verify(store, data, recompute, tolerance, device):
-    """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
-    problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
-    if problems:
-        for p in problems:
-            click.echo(f"PROBLEM {p}", err=True)
-        raise SystemExit(1)
-    click.echo(f"{store}: OK")
+                          workers=workers, shard_size=shard_size, skip_bad=skip_bad, classes_file=classes_file,
+                          teacher_check=teacher_check, teacher_precision=teacher_precision))

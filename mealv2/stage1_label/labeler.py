@@ -6,6 +6,7 @@ store comes out the same. A rank takes the shards ``s % world_size == rank``.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from ..common.dataset import build_index
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
-from ..common.models import load_teacher
+from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
-from .ensemble import Ensemble
+from ..common.teacher_check import check_teachers
+from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
 
 
 @dataclass
@@ -45,6 +47,9 @@ class LabelConfig:
     workers: int = 4
     shard_size: int = 1024
     skip_bad: bool = False
+    classes_file: str | None = None     # a state-dict teacher's class names in output order
+    teacher_check: bool = True
+    teacher_precision: str = "fp32"
     progress: bool = True
 
 
@@ -59,6 +64,7 @@ def store_attrs(cfg: LabelConfig, index, teachers) -> dict:
         "shard_size": cfg.shard_size,
         "crop": cfg.crop.to_attrs(),
         "teachers": [t.to_attrs() for t in teachers],
+        "teacher_precision": cfg.teacher_precision,
         "dataset": {"num_images": len(index), "fingerprint": index.fingerprint,
                     "skipped": [list(s) for s in index.skipped]},
         "mealv2_version": __version__,
@@ -79,14 +85,26 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
 
 def run_label(cfg: LabelConfig) -> LabelStore:
     with distributed(cfg.device) as (info, device):
+        say = print if info.is_main else (lambda *a, **k: None)
         index = build_index(cfg.data, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8))
         if cfg.topk > len(index.classes):
             raise MealV2Error(f"--topk {cfg.topk} is larger than the dataset's {len(index.classes)} classes")
-        teachers = [load_teacher(spec, index.classes) for spec in cfg.teachers]
-        if not teachers:
+        if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
-        attrs = store_attrs(cfg, index, teachers)
+        names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
+        teachers = [load_teacher(spec, index.classes, cfg.crop.res, names) for spec in cfg.teachers]
+        say(teacher_table(teachers, cfg.crop.res))
+        ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         out = Path(cfg.out)
+        new_store = not (out.exists() and any(out.iterdir()))
+        checks = None
+        if new_store:   # a store being resumed was checked when it was made
+            checks = info.broadcast_object(_check(cfg, ensemble, index, out) if info.is_main else None)
+            if isinstance(checks, MealV2Error):
+                raise checks
+        attrs = store_attrs(cfg, index, teachers)
+        if checks is not None:
+            attrs["teacher_check"] = checks
         lock = acquire_writer_lock(out) if info.is_main else None
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
@@ -95,7 +113,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(out, mode="r+")
-            crops, seconds = label_shards(cfg, store, index, Ensemble(teachers, device, cfg.temperature), info)
+            crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
         finally:
             if lock is not None:
@@ -107,6 +125,21 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                   f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict] | MealV2Error:
+    """The teacher check's records, or the error to raise on every rank."""
+    if not cfg.teacher_check:
+        print("teacher check: skipped (--no-teacher-check)")
+        return [{"teacher": t.spec, "skipped": True} for t in ensemble.teachers]
+    try:
+        checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
+                                cfg.workers, suggest_dir=out.parent)
+    except MealV2Error as e:
+        return e
+    for c in checks:
+        print(f"teacher check: {c.line()}")
+    return [dataclasses.asdict(c) for c in checks]
 
 
 def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
@@ -132,8 +165,8 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
         ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
         shape = (len(batch.ids), cfg.crops_per_image, -1)
         part = pending.setdefault((r, s), [])
-        part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(np.uint16),
-                     codes.reshape(shape).cpu().numpy()))
+        part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
+                     codes.reshape(shape).cpu().numpy(), batch.crcs))
         a, b = store.shard_range(s)
         if sum(len(p[0]) for p in part) == b - a:
             store.write_shard(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))

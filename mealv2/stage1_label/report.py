@@ -28,6 +28,8 @@ def store_summary(path) -> dict:
         "seed": a["seed"],
         "crop": a["crop"],
         "teachers": a["teachers"],
+        "teacher_precision": a["teacher_precision"],
+        "teacher_check": a.get("teacher_check"),
         "dataset_fingerprint": a["dataset"]["fingerprint"],
         "skipped_images": len(a["dataset"]["skipped"]),
         "bytes_on_disk": store.bytes_on_disk(),
@@ -35,7 +37,8 @@ def store_summary(path) -> dict:
         "top1_agreement": None,
     }
     if rounds:
-        # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops.
+        # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops; each
+        # teacher's own agreement is the teacher check's (on a sample, before labelling).
         top1 = store.read_round(0).ids[..., 0]
         summary["top1_agreement"] = round(float((top1 == store.labels()[:, None]).mean()), 4)
     return summary
@@ -52,41 +55,43 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     if data is None or problems:
         return problems
     from ..common.dataset import build_index
-    from ..common.distributed import DistInfo, resolve_device
-    from ..common.models import load_teacher
+    from ..common.runtime import Runtime
+    from ..common.teachers import load_teacher
 
     index = build_index(data)
     a = store.attrs
     if index.fingerprint != a["dataset"]["fingerprint"]:
         return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
                            f"store's {a['dataset']['fingerprint'][:16]}"]
-    teachers = [load_teacher(t["spec"], index.classes) for t in a["teachers"]]
+    # The teachers as recorded: their spec, the --res and the class names they were labelled with.
+    teachers = [load_teacher(t["spec"], index.classes, t["res"], t["output_classes"]) for t in a["teachers"]]
     for t, recorded in zip(teachers, a["teachers"]):
-        if t.sha256 != recorded["sha256"]:
-            problems.append(f"teacher {t.spec}: weights SHA-256 {t.sha256[:16]} differ from the store's "
-                            f"{recorded['sha256'][:16]}")
+        for key in ("sha256", "res", "mean", "std"):
+            ours = list(getattr(t, key)) if key in ("mean", "std") else getattr(t, key)
+            if ours != recorded[key]:
+                problems.append(f"teacher {t.spec}: {key} {ours} differs from the store's {recorded[key]}")
     if problems:
         return problems
-    return _recompute(store, index, teachers, recompute, tolerance, resolve_device(device, DistInfo()))
+    return _recompute(store, index, teachers, recompute, tolerance, Runtime.create(device, a["teacher_precision"]))
 
 
-def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, device) -> list[str]:
+def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, runtime) -> list[str]:
     """Re-run the teachers on the stored crops of ``n`` random images of a random round."""
     import torch
 
     from ..common.crop_loader import CropRequest, iterate_crops
     from ..common.targets import decode_probs
-    from .ensemble import Ensemble
+    from ..common.teachers import Ensemble
 
     a = store.attrs
     c = a["crops_per_image"]
-    ensemble = Ensemble(teachers, device, a["temperature"])
+    ensemble = Ensemble(teachers, runtime, a["temperature"])
     rng = np.random.default_rng()
     r = int(rng.integers(store.rounds_complete()))
     data = store.read_round(r)
     ids = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
     (batch,) = iterate_crops(index, [CropRequest(ids, data.boxes[ids], data.flips[ids].astype(bool))],
-                             ensemble.views, c, len(ids), device=device.type)
+                             ensemble.views, c, len(ids), device=runtime.device.type)
     probs = ensemble.probs(batch.views).cpu()
     stored_ids = torch.from_numpy(data.ids[ids].astype(np.int64)).reshape(len(ids) * c, -1)
     stored = decode_probs(torch.from_numpy(data.probs[ids][..., :stored_ids.shape[1]])).reshape(stored_ids.shape)

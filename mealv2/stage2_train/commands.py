@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import POSITIVE, crop_options, crop_params, device_option, workers_option
-from ..common.models import split_specs
+from ..common.cli_options import (POSITIVE, crop_options, crop_params, device_option, teacher_options,
+                                  workers_option)
+from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 
 NON_NEGATIVE = click.FloatRange(min=0)
@@ -19,14 +20,14 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--labels", "-l", type=click.Path(exists=True),
               help="Label store made by `mealv2 label` (stored-label mode).")
 @click.option("--hard-labels", is_flag=True, help="Cross-entropy on the dataset labels (baselines, training teachers).")
-@click.option("--teachers", "-t", multiple=True,
-              help="Online MEAL V2: teachers run on every step (ARCH | ARCH=CKPT | CKPT, @RES, *WEIGHT).")
+@teacher_options()
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Online mode: softmax temperature of the teachers.")
 @crop_options
-@click.option("--epochs", type=POSITIVE, default=180, show_default=True)
+@click.option("--epochs", type=POSITIVE, default=180, show_default=True,
+              help="Epochs of N crops (N images), at any --crops-per-image, as MEAL V2 and FKD count them.")
 @click.option("--batch-size", type=POSITIVE, default=512, show_default=True,
-              help="Crops per step and rank (images per step x crops per image).")
+              help="Crops per step over all ranks (MEAL V2: 512); a multiple of crops per image x ranks.")
 @click.option("--lr", type=NON_NEGATIVE, default=0.01, show_default=True)
 @click.option("--momentum", type=NON_NEGATIVE, default=0.9, show_default=True)
 @click.option("--wd", type=NON_NEGATIVE, default=0.0, show_default=True, help="Weight decay.")
@@ -36,7 +37,8 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True, help="Linear lr warm-up.")
 @click.option("--use-discriminator-loss", is_flag=True, help="Add MEAL V2's discriminator on the final outputs.")
 @click.option("--d-lr", type=NON_NEGATIVE, default=0.01, show_default=True,
-              help="Discriminator lr (its own SGD; the original's schedule overwrote its d_lr with --lr).")
+              help="Discriminator lr: its own SGD, momentum 0.9, constant (the original's schedule overwrote its "
+                   "d_lr with --lr's).")
 @click.option("--w-cutmix", is_flag=True, help="CutMix; the target is the area-weighted mix of the crops' targets.")
 @click.option("--cutmix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--cutmix-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True)
@@ -53,11 +55,13 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to RUN/tensorboard.")
+@click.option("--dry-run", is_flag=True,
+              help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
 @click.pass_context
-def train(ctx, data, out, arch, labels, hard_labels, teachers, temperature, res, scale, ratio, crops_per_image,
-          epochs, batch_size, lr, momentum, wd, opt, lr_step, cos, warmup_epochs, use_discriminator_loss, d_lr,
-          w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained, init, resume, loader, device, workers,
-          seed, compile_, tensorboard):
+def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_check, teacher_precision,
+          temperature, res, scale, ratio, crops_per_image, epochs, batch_size, lr, momentum, wd, opt, lr_step, cos,
+          warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained,
+          init, resume, loader, device, workers, seed, compile_, tensorboard, dry_run):
     """Train a timm student on DATA from a label store (--labels), dataset labels (--hard-labels)
     or teachers run online (--teachers).
 
@@ -71,16 +75,22 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, temperature, res,
     if use_discriminator_loss and hard_labels:
         raise click.UsageError("--use-discriminator-loss needs soft targets (--labels or --teachers)")
     if ctx.get_parameter_source("temperature") is not ParameterSource.DEFAULT and not teachers:
-        raise click.UsageError("--temperature applies to online mode (--teachers) only")
+        raise click.UsageError("--temperature applies to online mode (--teachers) only; a store's temperature "
+                               "is the one it was labelled with")
+    for name in ("classes_file", "teacher_precision"):
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and not teachers:
+            raise click.UsageError(f"--{name.replace('_file', '').replace('_', '-')} applies to online mode "
+                                   f"(--teachers) only")
     if pretrained and init:
         raise click.UsageError("--pretrained and --init both set the starting weights; give one")
     given = tuple(name for name in CROP_FLAGS
                   if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
     run_train(TrainConfig(
         data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
+        classes_file=classes_file, teacher_check=teacher_check, teacher_precision=teacher_precision,
         temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
         crop_given=given, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
         lr_step=lr_step, cos=cos, warmup_epochs=warmup_epochs, use_discriminator_loss=use_discriminator_loss,
         d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup, val=val,
         pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,
-        seed=seed, compile=compile_, tensorboard=tensorboard))
+        seed=seed, compile=compile_, tensorboard=tensorboard, dry_run=dry_run))

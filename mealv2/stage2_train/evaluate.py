@@ -6,8 +6,9 @@ model's mean/std (stage2_train.validate does the pass). Three kinds of model:
 - a mealv2 checkpoint (``--checkpoint run/best.pt``): arch, classes, res and mean/std come
   from the file; ``-a`` may be left out and must agree when given;
 - a plain state dict with ``-a ARCH`` (timm files, MEAL V2's released checkpoints with
-  DataParallel ``module.`` keys, possibly under ``'state_dict'``): normalised with ImageNet
-  mean/std as MEAL V2's test script does (``--mean``/``--std`` override);
+  DataParallel ``module.`` keys, possibly under ``'state_dict'``): the teachers' rule for state
+  dicts (common/teachers.py): ``--res`` must be given, ImageNet mean/std as MEAL V2's test
+  script uses (``--norm`` states another, with the names and syntax of a spec's ``%NORM``);
 - ``-a ARCH --pretrained``: timm's pretrained weights, with the mean/std of timm's
   pretrained config.
 
@@ -19,13 +20,17 @@ import json
 from dataclasses import dataclass
 
 import click
+import timm
 
+from ..common import models as M
 from ..common.cli_options import POSITIVE, device_option, workers_option
+from ..common.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.models import preview_classes
+from ..common.runtime import Runtime
+from ..common.teachers import NORMS, STATE_DICT_NORM, parse_norm
+from .validate import validate
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)   # MEAL V2's test script normalises every model with these
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EvalError(MealV2Error, ValueError):
@@ -38,23 +43,15 @@ class LoadedModel:
     arch: str
     num_classes: int
     classes: list[str] | None      # class names, when the file records them
-    res: int                       # resolution the file records, else timm's default input size
+    res: int | None                # resolution the file records (None: a state dict records none)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     kind: str                      # 'mealv2-checkpoint' | 'state-dict' | 'timm-pretrained'
 
 
-def _pretrained_cfg(arch: str):
-    from timm.models import get_pretrained_cfg
-    try:
-        return get_pretrained_cfg(arch)
-    except Exception:   # unknown tag etc.: no config, callers fall back to defaults
-        return None
-
-
 def state_dict_num_classes(arch: str, state: dict) -> int | None:
     """Class count of a plain state dict: rows of the classifier timm's config names."""
-    cfg = _pretrained_cfg(arch)
+    cfg = M.pretrained_cfg(arch)
     names = getattr(cfg, "classifier", None) if cfg is not None else None
     for name in (names if isinstance(names, (tuple, list)) else (names,)):
         w = state.get(f"{name}.weight") if name else None
@@ -67,10 +64,6 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
                num_classes: int | None = None, exportable: bool = False) -> LoadedModel:
     """Build the model a command names. ``num_classes`` (DATA's) is checked, never imposed
     on a checkpoint: a mismatch raises EvalError naming both counts."""
-    import timm
-
-    from ..common import models as M
-
     config = timm.layers.set_layer_config(exportable=True) if exportable else _Null()
     if checkpoint is not None and pretrained:
         raise EvalError("--pretrained loads timm's weights and --checkpoint loads a file: give one of them")
@@ -81,7 +74,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
         if not pretrained:
             raise EvalError(f"-a {arch} without --checkpoint or --pretrained would be randomly "
                             f"initialised; add --pretrained (timm's weights) or --checkpoint FILE")
-        cfg = _pretrained_cfg(arch)
+        cfg = M.pretrained_cfg(arch)
         n = int(getattr(cfg, "num_classes", 0) or 1000)
         if num_classes is not None and n != num_classes:
             raise EvalError(f"-a {arch} --pretrained: timm's pretrained weights have {n} classes, "
@@ -125,8 +118,8 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
         model = M.create_timm_model(arch, n, where=f"-a {arch}")
     where = f"{checkpoint} (-a {arch}, {n} classes)"
     M.load_weights(model, state, where)
-    res, _, _ = M.default_data_config(model)
-    return LoadedModel(model.eval(), arch, n, None, res, IMAGENET_MEAN, IMAGENET_STD, "state-dict")
+    mean, std = NORMS[STATE_DICT_NORM]
+    return LoadedModel(model.eval(), arch, n, None, None, mean, std, "state-dict")
 
 
 class _Null:
@@ -137,27 +130,6 @@ class _Null:
         return False
 
 
-def _triple(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3:
-        raise click.BadParameter(f"expected three numbers 'R,G,B', got '{value}'")
-    return vals
-
-
-def resolve_device(device: str):
-    import torch
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
 @click.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.option("-a", "--arch", help="timm architecture (optional with a mealv2 checkpoint; must agree).")
@@ -165,18 +137,17 @@ def resolve_device(device: str):
               help="mealv2 checkpoint, or a timm / MEAL V2 state dict (with -a).")
 @click.option("--pretrained", is_flag=True, help="timm's pretrained weights for -a ARCH.")
 @click.option("--res", type=POSITIVE, default=None,
-              help="Test resolution (MEAL V2: 224 or 380). Default: the checkpoint's, else timm's input size.")
-@click.option("--mean", callback=_triple, help="Override the normalisation mean, 'R,G,B'.")
-@click.option("--std", callback=_triple, help="Override the normalisation std, 'R,G,B'.")
+              help="Test resolution (MEAL V2: 224 or 380). Default: the checkpoint's or timm's pretrained config's; "
+                   "required for a state dict.")
+@click.option("--norm", help="Normalisation, as a teacher spec's %NORM: imagenet, 0.5, clip, none, timm or "
+                             "M:M:M/S:S:S. Default: the checkpoint's, timm's, or imagenet for a state dict.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @device_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(data, arch, checkpoint, pretrained, res, mean, std, batch_size, device, workers, as_json):
+def evaluate(data, arch, checkpoint, pretrained, res, norm, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
-    from ..common.dataset import build_index
-    from .validate import validate
 
     index = build_index(data, workers=workers)
     loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes))
@@ -184,9 +155,13 @@ def evaluate(data, arch, checkpoint, pretrained, res, mean, std, batch_size, dev
         raise EvalError(f"{checkpoint}: trained on classes {preview_classes(loaded.classes)}, DATA {data} has "
                         f"classes {preview_classes(index.classes)} (same count, different names or order)")
     res = res or loaded.res
-    mean, std = mean or loaded.mean, std or loaded.std
-    dev = resolve_device(device)
-    stats = validate(loaded.model.to(dev), index, res, mean, std, batch_size, dev, workers)
+    if res is None:
+        raise EvalError(f"{checkpoint} is a state dict, which does not record the resolution it was trained at; "
+                        f"pass --res (MEAL V2: 224 or 380)")
+    mean, std = (parse_norm(norm, M.default_data_config(loaded.model)[1:], "--norm") if norm
+                 else (loaded.mean, loaded.std))
+    runtime = Runtime.create(device)
+    stats = validate(runtime.model(loaded.model), index, res, mean, std, runtime, batch_size, workers)
     result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
               "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
               "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),

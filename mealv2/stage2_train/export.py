@@ -187,7 +187,7 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path, res: int, source: str
               help="Output file. Default: CHECKPOINT with the suffix .onnx, .torchscript.pt or .safetensors.")
 @click.option("-a", "--arch", help="timm architecture of a plain state dict (optional for a mealv2 checkpoint).")
 @click.option("--res", type=POSITIVE, default=None,
-              help="Input resolution of the export and the check. Default: the checkpoint's, else timm's.")
+              help="Input resolution of the export and the check. Default: the checkpoint's (required for a state dict).")
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: torch's).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-3, show_default=True,
               help="Largest allowed |exported - PyTorch| logit difference, relative to max(1, max |logit|).")
@@ -196,6 +196,8 @@ def export(checkpoint, fmt, out, arch, res, opset, tolerance):
     check the exported model's logits against PyTorch's on a random batch."""
     loaded = load_model(checkpoint, arch, exportable=fmt != "safetensors")
     res = res or loaded.res
+    if res is None:
+        raise ExportError(f"{checkpoint} is a state dict, which does not record its resolution; pass --res")
     out = Path(out) if out else default_out(checkpoint, fmt)
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise ExportError(f"--out {out} is the checkpoint itself; choose another path")

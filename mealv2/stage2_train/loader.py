@@ -1,17 +1,28 @@
-"""The training loader: a declared pipeline from an epoch number to batches on the device.
+"""The training loader: a declared pipeline from a range of steps to batches on the device.
 
-    epoch e --> labels.for_epoch(e): which crops each image gets and what their targets are
-            --> epoch_order: this rank's images per step (permutation of (seed, e), padded)
-            --> CropRequest per step --> iterate_crops (DALI: one decode per image, C crops,
-                every view rendered; or iterate_crops_torch) --> Batch(views, target)
+    steps [a, b) --> step t is step t mod P of pass t // P (P steps per pass)
+                 --> labels.for_pass(p): which crops each image gets and their targets
+                 --> epoch_order(p): this rank's images per step (permutation of (seed, p), padded)
+                 --> CropRequest per step --> iterate_crops (DALI: one decode per image, C crops,
+                     every view rendered; or iterate_crops_torch) --> Batch(views, target)
+
+Epochs count N crops (N images), as MEAL V2 and FKD count them: a pass over the images with
+C crops each is C epochs. An epoch is ``round(N / crops per step)`` steps (at least one) of
+the stream of passes, which run back to back: an epoch may end mid-pass, and the next epoch
+continues that pass (same permutation, same label round). Everything is a pure function of
+(seed, pass, step), so any epoch starts exactly where the previous one stopped, in this run or
+after ``--resume``.
 
 Three label sources share the rest of the pipeline: :class:`StoredLabels` replays a label
-round (boxes, flips and top-k from the store), :class:`FreshLabels` draws new boxes each
-epoch with the stage-1 sampler and gives the dataset labels (``--hard-labels``) or no
-target (online mode: the trainer runs the teachers on the rendered teacher views).
+round (boxes, flips and top-k from the store; pass p replays round p mod R), :class:`FreshLabels`
+draws new boxes each pass with the stage-1 sampler and gives the dataset labels
+(``--hard-labels``) or no target (online mode: the trainer runs the teachers on the rendered
+teacher views). A step's targets are cut from its pass's labels when its request is made, so
+only one label round is held in RAM even while DALI prefetches across a pass boundary.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,7 +31,7 @@ import torch
 
 from ..common.crop_loader import CropRequest, View, iterate_crops, iterate_crops_torch
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import DatasetIndex
+from ..common.dataset import DatasetError, DatasetIndex
 from ..common.errors import MealV2Error
 from ..common.store import LabelStore, RoundData, StoreError
 from ..common.targets import reconstruct_targets
@@ -37,8 +48,30 @@ class Batch:
 
 
 @dataclass
+class StoredTargets:
+    """One step's stored top-k, compact until the batch is yielded."""
+
+    top_ids: np.ndarray    # (b, C, k)
+    codes: np.ndarray      # (b, C, k + 1)
+    num_classes: int
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        top_ids = torch.from_numpy(self.top_ids.astype(np.int64)).flatten(0, 1).to(device, non_blocking=True)
+        codes = torch.from_numpy(self.codes).flatten(0, 1).to(device, non_blocking=True)
+        return reconstruct_targets(top_ids, codes, self.num_classes)
+
+
+@dataclass
+class HardTargets:
+    labels: np.ndarray     # (b * C,)
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.labels).to(device, non_blocking=True)
+
+
+@dataclass
 class ReplayedRound:
-    """An epoch of stored labels: the round's arrays, in RAM."""
+    """A pass of stored labels: the round's arrays, in RAM."""
 
     data: RoundData
     num_classes: int
@@ -46,34 +79,32 @@ class ReplayedRound:
     def crops(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.data.boxes[ids], self.data.flips[ids].astype(bool)
 
-    def targets(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
-        top_ids = torch.from_numpy(self.data.ids[ids].astype(np.int64)).to(device, non_blocking=True)
-        codes = torch.from_numpy(self.data.probs[ids]).to(device, non_blocking=True)
-        return reconstruct_targets(top_ids.flatten(0, 1), codes.flatten(0, 1), self.num_classes)
+    def targets(self, ids: np.ndarray) -> StoredTargets:
+        return StoredTargets(self.data.ids[ids], self.data.probs[ids], self.num_classes)
 
 
 @dataclass
 class FreshCrops:
-    """An epoch of new random crops (sampler round = epoch) with dataset labels or no target."""
+    """A pass of new random crops (sampler round = pass) with dataset labels or no target."""
 
     seed: int
-    epoch: int
+    pass_: int
     sizes: np.ndarray
     crops_per_image: int
     params: CropParams
     labels: np.ndarray | None   # None: online mode
 
     def crops(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return sample_crops(self.seed, self.epoch, ids, self.sizes[ids], self.crops_per_image, self.params)
+        return sample_crops(self.seed, self.pass_, ids, self.sizes[ids], self.crops_per_image, self.params)
 
-    def targets(self, ids: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    def targets(self, ids: np.ndarray) -> HardTargets | None:
         if self.labels is None:
             return None
-        return torch.from_numpy(np.repeat(self.labels[ids], self.crops_per_image)).to(device, non_blocking=True)
+        return HardTargets(np.repeat(self.labels[ids], self.crops_per_image))
 
 
 class StoredLabels:
-    """Epoch e replays round e mod R, read into RAM in one slab; one round is held at a time."""
+    """Pass p replays round p mod R, read into RAM in one slab; one round is held at a time."""
 
     def __init__(self, store: LabelStore):
         self.store = store
@@ -82,8 +113,8 @@ class StoredLabels:
         self.num_classes = len(store.attrs["classes"])
         self._current: tuple[int, ReplayedRound] | None = None
 
-    def for_epoch(self, epoch: int) -> ReplayedRound:
-        r = epoch % self.rounds
+    def for_pass(self, pass_: int) -> ReplayedRound:
+        r = pass_ % self.rounds
         if self._current is None or self._current[0] != r:
             self._current = None  # release the previous round before reading the next
             self._current = (r, ReplayedRound(self._read(r), self.num_classes))
@@ -102,7 +133,7 @@ class StoredLabels:
 
 @dataclass
 class FreshLabels:
-    """New boxes every epoch from the stage-1 sampler; ``labels`` None for online mode."""
+    """New boxes every pass from the stage-1 sampler; ``labels`` None for online mode."""
 
     seed: int
     sizes: np.ndarray
@@ -110,47 +141,94 @@ class FreshLabels:
     params: CropParams
     labels: np.ndarray | None
 
-    def for_epoch(self, epoch: int) -> FreshCrops:
-        return FreshCrops(self.seed, epoch, self.sizes, self.crops_per_image, self.params, self.labels)
+    def for_pass(self, pass_: int) -> FreshCrops:
+        return FreshCrops(self.seed, pass_, self.sizes, self.crops_per_image, self.params, self.labels)
 
 
-def epoch_order(num_images: int, images_per_step: int, seed: int, epoch: int, rank: int = 0,
+def epoch_order(num_images: int, images_per_step: int, seed: int, pass_: int, rank: int = 0,
                 world_size: int = 1) -> np.ndarray:
-    """(steps, images_per_step) image ids of one rank for one epoch.
+    """(steps, images_per_step) image ids of one rank for one pass.
 
-    A permutation drawn from (seed, epoch) alone, so a resumed run sees the same order. It is
+    A permutation drawn from (seed, pass) alone, so a resumed run sees the same order. It is
     padded by wrapping around (as torch's DistributedSampler does) to whole steps on every
-    rank: all ranks take the same number of full steps and every image is seen each epoch.
+    rank: all ranks take the same number of full steps and every image is seen each pass.
     """
     per_step = images_per_step * world_size
     steps = -(-num_images // per_step)
-    order = np.resize(np.random.default_rng([seed, epoch]).permutation(num_images), steps * per_step)
+    order = np.resize(np.random.default_rng([seed, pass_]).permutation(num_images), steps * per_step)
     return order.reshape(steps, world_size, images_per_step)[:, rank]
 
 
+def steps_per_epoch(num_images: int, crops_per_step: int) -> int:
+    """Steps of one epoch of N crops at ``crops_per_step`` crops per step over all ranks (>= 1)."""
+    return max(1, round(num_images / crops_per_step))
+
+
 class TrainLoader:
-    """Batches of one epoch: ``for batch in loader(epoch)``; ``len(loader)`` steps per epoch."""
+    """``for batch in loader.epoch(e)``: the steps of epoch e; ``len(loader)`` steps per epoch.
+
+    ``expected_crcs`` (the store's CRC32C of each image): a batch whose image bytes differ from
+    what was labelled is refused, naming the image.
+    """
 
     def __init__(self, index: DatasetIndex, labels: StoredLabels | FreshLabels, views: list[View],
                  images_per_step: int, seed: int, device: torch.device, backend: str = "dali",
-                 workers: int = 4, prefetch: int = 2, rank: int = 0, world_size: int = 1):
+                 workers: int = 4, prefetch: int = 2, rank: int = 0, world_size: int = 1,
+                 expected_crcs: np.ndarray | None = None, store_path=None):
         self.index, self.labels, self.views = index, labels, views
         self.crops_per_image = labels.crops_per_image
         self.images_per_step, self.seed, self.device = images_per_step, seed, device
         self.backend, self.workers, self.prefetch = backend, workers, prefetch
         self.rank, self.world_size = rank, world_size
-
-    def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(len(self.index), self.images_per_step, self.seed, epoch, self.rank, self.world_size)
+        self.expected_crcs, self.store_path = expected_crcs, store_path
+        self.steps_per_pass = -(-len(index) // (images_per_step * world_size))
+        self.crops_per_step = images_per_step * self.crops_per_image * world_size   # all ranks
+        self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
-        return -(-len(self.index) // (self.images_per_step * self.world_size))
+        return steps_per_epoch(len(self.index), self.crops_per_step)
 
-    def __call__(self, epoch: int) -> Iterator[Batch]:
-        source = self.labels.for_epoch(epoch)
-        requests = (CropRequest(ids, *source.crops(ids)) for ids in self.order(epoch))
+    def order(self, pass_: int) -> np.ndarray:
+        if self._order is None or self._order[0] != pass_:
+            self._order = (pass_, epoch_order(len(self.index), self.images_per_step, self.seed, pass_,
+                                              self.rank, self.world_size))
+        return self._order[1]
+
+    def passes(self, epochs: int) -> float:
+        """Passes over the images that ``epochs`` epochs take."""
+        return epochs * len(self) / self.steps_per_pass
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        return self.steps(epoch * len(self), (epoch + 1) * len(self))
+
+    def steps(self, start: int, stop: int) -> Iterator[Batch]:
+        """Batches of the global steps [start, stop)."""
+        targets: deque = deque()
+
+        def requests():
+            for t in range(start, stop):
+                pass_, j = divmod(t, self.steps_per_pass)
+                source = self.labels.for_pass(pass_)
+                ids = self.order(pass_)[j]
+                targets.append(source.targets(ids))
+                yield CropRequest(ids, *source.crops(ids))
+
         render = iterate_crops if self.backend == "dali" else iterate_crops_torch
-        for crops in render(self.index, requests, self.views, self.crops_per_image, batch_size=self.images_per_step,
-                            device=self.device.type, threads=self.workers, prefetch=self.prefetch):
+        for crops in render(self.index, requests(), self.views, self.crops_per_image,
+                            batch_size=self.images_per_step, device=self.device.type, threads=self.workers,
+                            prefetch=self.prefetch):
+            if self.expected_crcs is not None:
+                self._check_unchanged(crops.ids, crops.crcs)
+            target = targets.popleft()
             yield Batch(views=[v.to(self.device, non_blocking=True) for v in crops.views],
-                        target=source.targets(crops.ids, self.device))
+                        target=None if target is None else target.to(self.device))
+
+    def _check_unchanged(self, ids: np.ndarray, crcs: np.ndarray) -> None:
+        expected = self.expected_crcs[ids]
+        changed = np.flatnonzero(expected != crcs)
+        if len(changed):
+            i = int(ids[changed[0]])
+            raise DatasetError(f"{self.index.path(i)}: the file changed since {self.store_path} was labelled "
+                               f"(CRC32C {int(crcs[changed[0]]):08x}, the store has {int(expected[changed[0]]):08x}); "
+                               f"its stored labels describe other pixels. Restore the file, or label this "
+                               f"data again with `mealv2 label`")

@@ -15,10 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-sum(target * log_softmax(logits)), batch mean: MEAL V2's "KLLoss" (KL up to the target's
-    entropy, a constant). Integer targets give plain cross-entropy (``--hard-labels``)."""
-    return F.cross_entropy(logits.float(), target)
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-sum(target * log_softmax(logits / T)) * T^2, batch mean: MEAL V2's "KLLoss" (KL up to the
+    target's entropy, a constant), with Hinton's temperature: the target is the teachers'
+    softmax(z / T), so the student's logits are divided by T too and the loss is scaled by T^2
+    to keep its gradients' size independent of T. Integer targets give plain cross-entropy
+    (``--hard-labels``; T must be 1)."""
+    if temperature == 1.0:
+        return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy(logits.float() / temperature, target) * temperature ** 2
+
+
+def topk_form(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """``probs`` reduced to a stored target's form: its own top-k kept, the rest of the mass
+    spread evenly over the other classes. Differentiable in the kept and the spread mass."""
+    num_classes = probs.shape[1]
+    if k >= num_classes:
+        return probs
+    top, ids = probs.topk(k, dim=1)
+    rest = (1 - top.sum(dim=1, keepdim=True)).clamp_min(0) / (num_classes - k)
+    return rest.expand(-1, num_classes).scatter(1, ids, top)
 
 
 class Discriminator(nn.Module):
@@ -39,18 +55,27 @@ class Discriminator(nn.Module):
         return self.net(x[:, :, None, None]).flatten(1)
 
 
-def discriminator_loss(disc: Discriminator, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(disc: Discriminator, logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                       topk: int | None = None) -> torch.Tensor:
     """BCE-with-logits of ``disc`` telling the student ([1, 0]) from the teachers ([0, 1]).
 
-    Both sides enter as log-probabilities (a store keeps probabilities, and log-probabilities
-    are logits up to a per-row shift): the student's log_softmax and the log of the target.
+    Both sides enter as logits: a store keeps probabilities, and their logs are logits up to a
+    per-row shift, which is removed by centring each row (as raw log-probabilities, around -7 for
+    1000 classes, they leave most of the discriminator's ReLUs dead). The student's is its
+    softmax(logits / T), the teachers' the target. With stored targets (``topk``: the store's k) both are first reduced to the same
+    form, top-k plus the rest spread evenly (:func:`topk_form`): a stored target's tail is
+    exactly flat and a student's is not, so otherwise the discriminator tells them apart from
+    the tail alone, its loss falls to 0 and it teaches nothing.
     As in MEAL V2 this is *added* to the distillation loss and the sum is minimised by student
     and discriminator alike (no min-max game); the trainer steps the discriminator with its own
     optimizer on that sum's gradients.
     """
-    fake = F.log_softmax(logits.float(), dim=1)
-    real = target.clamp_min(1e-8).log()
-    scores = disc(torch.cat([fake, real]))
+    fake = F.softmax(logits.float() / temperature, dim=1)
+    real = target
+    if topk is not None:
+        fake, real = topk_form(fake, topk), topk_form(target, topk)
+    logp = torch.cat([fake, real]).clamp_min(1e-8).log()
+    scores = disc(logp - logp.mean(dim=1, keepdim=True))
     labels = torch.zeros_like(scores)
     labels[: len(fake), 0] = 1
     labels[len(fake):, 1] = 1

@@ -2,24 +2,33 @@
 
 Three modes share one loader and one loop:
   stored labels (--labels STORE)   replay the store's crops; target = stored top-k + residual
-  hard labels   (--hard-labels)    fresh crops each epoch; cross-entropy on dataset labels
+  hard labels   (--hard-labels)    fresh crops each pass; cross-entropy on dataset labels
   online        (--teachers SPEC)  fresh crops; the teachers run on every step's crops
 
-Everything random in the data (epoch order, crop boxes, CutMix/mixup draws) is a pure
-function of (seed, epoch, step, rank), so ``--resume`` only has to restore the model,
-optimizers, torch's RNG (dropout, drop-path), the epoch and the metrics to continue exactly.
-The lr is a function of the update count (timm schedulers stepped per update), so the
-schedule is rebuilt from the flags rather than restored.
+Units: an epoch is N crops (N images), as MEAL V2 and FKD count it, at any crops per image C;
+``--epochs``, ``--lr-step``, ``--warmup-epochs``, checkpoints and metrics.csv use it (the
+loader module says how epochs sit in the passes over the data). ``--batch-size`` is the
+global batch in crops, over all ranks, as in MEAL V2's recipe (512).
+
+Everything random in the data (pass order, crop boxes, CutMix/mixup draws) is a pure function
+of (seed, pass, step, rank), so ``--resume`` only has to restore the model, optimizers,
+torch's RNG (dropout, drop-path), the epoch and the metrics to continue exactly; it refuses a
+command whose training settings differ from the run's. The lr is a function of the update
+count (timm schedulers stepped per update), so the schedule is rebuilt from the flags.
+
+Temperature: a store made with ``--temperature T`` (or online ``--temperature T``) holds the
+teachers' softmax(z / T); the student's logits are divided by T too and the loss is scaled by
+T^2 (Hinton et al.). Evaluation and checkpoints use the plain logits.
 
 Discriminator (--use-discriminator-loss): MEAL V2's objective, distillation + BCE summed and
 minimised by student and discriminator alike, is kept as the default. The original steps both
 with one SGD whose schedule also overwrites the discriminator's lr; here the discriminator has
 its own SGD (momentum 0.9, constant --d-lr, by default the original's starting lr 0.01) that
-applies the discriminator's gradients of that same sum.
+applies the discriminator's gradients of that same sum. With stored labels both of its inputs
+are reduced to the store's top-k form (losses.discriminator_loss says why).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -29,7 +38,6 @@ import numpy as np
 import timm.optim
 import timm.scheduler
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -40,18 +48,23 @@ from ..common.dataset import build_index
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
-from ..common.models import (preview_classes, unwrap_state_dict, create_timm_model, default_data_config,
-                             load_checkpoint_file, load_teacher, load_weights, save_checkpoint)
+from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
+                             preview_classes, save_checkpoint, unwrap_state_dict)
+from ..common.runtime import Runtime
 from ..common.store import LabelStore
-from ..stage1_label.ensemble import Ensemble
+from ..common.teacher_check import check_teachers
+from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
 from .utils import RunLog
 from .validate import validate
 
 CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per_image": "--crops-per-image"}
-# Flags a resumed run must repeat: they decide what the checkpoint's state means.
-RESUME_KEYS = ("arch", "labels", "hard_labels", "teachers", "batch_size", "seed", "crops_per_image")
+# Settings a resumed run may change: where things are and how the run is executed, not what it
+# computes. Every other TrainConfig field must equal the run's (``epochs`` too under --cos).
+RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device", "workers", "loader", "compile",
+                               "tensorboard", "progress", "init", "pretrained", "crop_given", "teacher_check",
+                               "dry_run"})
 
 
 @dataclass
@@ -62,12 +75,15 @@ class TrainConfig:
     labels: str | None = None           # stored-label mode
     hard_labels: bool = False           # hard-label mode
     teachers: list[str] = field(default_factory=list)  # online mode
+    classes_file: str | None = None     # online mode: state-dict teachers' class names in output order
+    teacher_check: bool = True
+    teacher_precision: str = "fp32"
     temperature: float = 1.0
     crop: CropParams = CropParams()     # fresh-crop modes; with --labels the store's apply
     crops_per_image: int = 4
     crop_given: tuple[str, ...] = ()    # crop flags typed by the user: checked against the store
     epochs: int = 180
-    batch_size: int = 512               # crops per step and rank
+    batch_size: int = 512               # crops per step, over all ranks
     lr: float = 0.01
     momentum: float = 0.9
     wd: float = 0.0
@@ -91,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     tensorboard: bool = False
+    dry_run: bool = False
     progress: bool = True
 
     @property
@@ -149,7 +166,7 @@ class TrainState:
 
     def checkpoint_state(self, info: DistInfo) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "metrics": self.metrics,
-                "best_top1": self.best_top1, "rng": _gather(_rng_state(), info),
+                "best_top1": self.best_top1, "rng": info.gather_object(_rng_state()),
                 "discriminator": _bare(self.disc).state_dict() if self.disc else None,
                 "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None}
 
@@ -157,8 +174,6 @@ class TrainState:
         load_weights(self.model, ckpt["model"], "--resume checkpoint")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.disc is not None:
-            if ckpt["discriminator"] is None:
-                raise MealV2Error("--resume: the run was started without --use-discriminator-loss")
             _bare(self.disc).load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
         self.epoch, self.metrics, self.best_top1 = ckpt["epoch"], ckpt["metrics"], ckpt["best_top1"]
@@ -184,36 +199,29 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _gather(obj, info: DistInfo) -> list:
-    """Every rank's ``obj`` (on all ranks), so each rank resumes its own RNG stream."""
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+@dataclass(frozen=True)
+class Objective:
+    """What the student is trained against, beyond the target itself."""
 
-
-def _all_mean(values: list[float], info: DistInfo) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if info.enabled:
-        dist.all_reduce(t)
-        t /= info.world_size
-    return t.tolist()
+    temperature: float = 1.0           # the targets' softmax temperature (the store's, or online --temperature)
+    topk: int | None = None            # stored targets: the store's k (the discriminator's input form)
 
 
 # ---- one step and one epoch -------------------------------------------------------------------------
-def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor,
-               autocast=contextlib.nullcontext()) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, runtime: Runtime,
+               objective: Objective = Objective()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, loss, backward and both optimizers' steps; returns the detached
     (distillation loss, discriminator loss or None).
 
     With the discriminator the objective is MEAL V2's sum (distillation + BCE); one backward
     pass gives the student its gradients and the discriminator its own, which its optimizer applies.
     """
-    with autocast:
+    with runtime.autocast():
         logits = state.forward(images)
-    loss = soft_cross_entropy(logits, target)
-    d_loss = discriminator_loss(state.disc, logits, target) if state.disc is not None else None
+    t = objective.temperature if target.is_floating_point() else 1.0
+    loss = soft_cross_entropy(logits, target, t)
+    d_loss = (discriminator_loss(state.disc, logits, target, t, objective.topk)
+              if state.disc is not None else None)
     state.optimizer.zero_grad(set_to_none=True)
     if d_loss is not None:
         state.d_optimizer.zero_grad(set_to_none=True)
@@ -227,26 +235,26 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor,
 
 def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: int, cfg: TrainConfig,
                     num_classes: int, ensemble: Ensemble | None, teacher_views: list[int], info: DistInfo,
-                    device: torch.device) -> dict:
-    """One pass over the epoch's batches; returns this epoch's row of metrics (rank-averaged)."""
+                    runtime: Runtime, objective: Objective) -> dict:
+    """One epoch's steps; returns this epoch's row of metrics (rank-averaged)."""
     state.forward.train()
     if state.disc is not None:
         state.disc.train()
     steps = len(loader)
-    crops_per_step = loader.images_per_step * loader.crops_per_image
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    bar = tqdm(total=steps * crops_per_step * info.world_size, unit="img", unit_scale=True, dynamic_ncols=True,
+    crops_per_rank = loader.images_per_step * loader.crops_per_image
+    bar = tqdm(total=steps * loader.crops_per_step, unit="img", unit_scale=True, dynamic_ncols=True,
                desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and info.is_main), leave=False)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     d_loss_sum = torch.zeros_like(loss_sum)
     done = 0
     started, started_cpu = time.perf_counter(), time.process_time()
-    for step, batch in enumerate(loader(epoch)):
-        scheduler.step_update(num_updates=epoch * steps + step)  # the lr is a function of the update count
+    for step, batch in enumerate(loader.epoch(epoch)):
+        update = epoch * steps + step
+        scheduler.step_update(num_updates=update)  # the lr is a function of the update count
         if step == 0:
             lr = state.optimizer.param_groups[0]["lr"]
         views, target = batch.views, batch.target
-        mix = draw_mix(np.random.default_rng([cfg.seed, epoch, step, info.rank]), cfg.cutmix_alpha if cfg.w_cutmix
+        mix = draw_mix(np.random.default_rng([cfg.seed, update, info.rank]), cfg.cutmix_alpha if cfg.w_cutmix
                        else 0.0, cfg.cutmix_prob, cfg.mixup, shift=loader.crops_per_image)
         if mix is not None:
             # Online, every view is mixed and the teachers label the mixed crops (MEAL V2's --w-cutmix);
@@ -257,8 +265,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: in
                 target = mix_targets(mix, lam, target, num_classes)
         if ensemble is not None:
             target = ensemble.probs([views[i] for i in teacher_views])
-        images = views[0].contiguous(memory_format=torch.channels_last) if device.type == "cuda" else views[0]
-        loss, d_loss = train_step(state, images, target, autocast)
+        loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
         fault_point("train_step")
         loss_sum += loss
         if d_loss is not None:
@@ -266,22 +273,22 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: in
         done += 1
         if done == 1:  # throughput is timed from the end of the first step: warm-up left out
             first_done, first_cpu = time.perf_counter(), time.process_time()
-        bar.update(crops_per_step * info.world_size)
+        bar.update(loader.crops_per_step)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     seconds = time.perf_counter() - (first_done if done > 1 else started)
     cpu_seconds = time.process_time() - (first_cpu if done > 1 else started_cpu)
     timed_steps = done - 1 if done > 1 else done
-    loss_mean, d_loss_mean = (float(v) / max(done, 1) for v in (loss_sum, d_loss_sum))
-    loss_mean, d_loss_mean = _all_mean([loss_mean, d_loss_mean], info)
+    loss_mean, d_loss_mean = info.all_mean([float(v) / max(done, 1) for v in (loss_sum, d_loss_sum)])
     return {"epoch": epoch, "lr": lr, "loss": loss_mean,
             "d_loss": d_loss_mean if state.disc is not None else None,
-            "img_per_s": round(timed_steps * crops_per_step * info.world_size / max(seconds, 1e-9), 1),
+            "img_per_s": round(timed_steps * loader.crops_per_step / max(seconds, 1e-9), 1),
+            "crops_seen": (epoch + 1) * steps * loader.crops_per_step,
             # CPU seconds of this process (all its threads: torch's and DALI's) per crop, for `bench train`:
             # unlike img/s it barely moves when other processes share the CPU. Not in metrics.csv.
-            "cpu_s_per_img": cpu_seconds / (timed_steps * crops_per_step),
-            "steps_per_rank": _gather(done, info)}
+            "cpu_s_per_img": cpu_seconds / (timed_steps * crops_per_rank),
+            "steps_per_rank": info.gather_object(done)}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -289,6 +296,18 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
     with distributed(cfg.device) as (info, device):
         return _train(cfg, info, device)
+
+
+def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> int:
+    """Images per step and rank for a global batch of ``cfg_batch`` crops; refuses a batch that
+    does not split into whole images on every rank."""
+    unit = crops_per_image * world_size
+    if cfg_batch % unit:
+        lo, hi = max(unit, cfg_batch // unit * unit), (cfg_batch // unit + 1) * unit
+        raise MealV2Error(f"--batch-size {cfg_batch} (crops per step over all ranks) is not a multiple of "
+                          f"{crops_per_image} crops per image x {world_size} rank(s) = {unit}; use "
+                          f"{lo if lo == hi else f'{lo} or {hi}'}")
+    return cfg_batch // unit
 
 
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]:
@@ -300,13 +319,12 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     skip_bad = bool(store and store.attrs["dataset"]["skipped"])
     index = build_index(cfg.data, skip_bad=skip_bad, workers=max(cfg.workers, 8))
     classes = index.classes
+    objective = Objective(temperature=cfg.temperature if cfg.mode == "online" else 1.0)
     if store is not None:
         check_store_matches(store, index, cfg.data)
         crop = CropParams.from_attrs(store.attrs["crop"])
         labels = StoredLabels(store)
-        if cfg.epochs > labels.rounds:
-            say(f"mealv2 train: warning: {cfg.epochs} epochs but {store.path} has {labels.rounds} label rounds; "
-                f"epoch e replays round e mod {labels.rounds} (label more with `mealv2 label ... --rounds N`)")
+        objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"])
     else:
         crop = cfg.crop
         labels = FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, crop,
@@ -315,28 +333,37 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     if val_index is not None and list(val_index.classes) != list(classes):
         raise MealV2Error(f"--val {cfg.val} has {len(val_index.classes)} classes {preview_classes(val_index.classes)}, "
                           f"DATA {cfg.data} has {len(classes)} {preview_classes(classes)}")
-    if not cfg.resume and (run / "last.pt").exists():
+    if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    checkpoint = _resume_checkpoint(run, cfg) if cfg.resume else None
+    checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
+    per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
 
     # Student: timm model, its own normalisation, the crop resolution of the labels.
     torch.manual_seed(cfg.seed)
+    runtime = Runtime(device)
     model = create_timm_model(cfg.arch, len(classes), pretrained=cfg.pretrained, where=f"-a {cfg.arch}")
     if cfg.init:
         load_weights(model, unwrap_state_dict(load_checkpoint_file(cfg.init), cfg.init), f"--init {cfg.init}")
     _, mean, std = default_data_config(model)
     student_view = View(crop.res, mean, std)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    runtime.model(model)
 
     ensemble = None
     views = [student_view]
     if cfg.mode == "online":
-        ensemble = Ensemble([load_teacher(spec, classes) for spec in cfg.teachers], device, cfg.temperature)
+        names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
+        teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
+        say(teacher_table(teachers, crop.res))
+        ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
+        if checkpoint is None:
+            _check_online_teachers(cfg, ensemble, index, crop, run, info, say)
         views += [v for v in ensemble.views if v != student_view]  # one pipeline call renders all views
     teacher_views = [views.index(v) for v in ensemble.views] if ensemble else []
 
-    loader = TrainLoader(index, labels, views, max(1, cfg.batch_size // labels.crops_per_image), cfg.seed, device,
-                         backend=cfg.loader, workers=cfg.workers, rank=info.rank, world_size=info.world_size)
+    loader = TrainLoader(index, labels, views, per_step, cfg.seed, device, backend=cfg.loader, workers=cfg.workers,
+                         rank=info.rank, world_size=info.world_size,
+                         expected_crcs=store.crcs() if store is not None else None,
+                         store_path=store.path if store is not None else None)
 
     try:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.wd,
@@ -346,6 +373,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     scheduler, _ = timm.scheduler.create_scheduler_v2(
         optimizer, sched="cosine" if cfg.cos else "step", num_epochs=cfg.epochs, decay_epochs=cfg.lr_step,
         decay_rate=0.1, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(loader))
+
+    say(plan_text(cfg, index, loader, labels, crop, info, scheduler, objective))
+    if cfg.dry_run:
+        return []
 
     forward = _ddp(model, info, device)
     forward = torch.compile(forward) if cfg.compile else forward
@@ -362,17 +393,15 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         log = RunLog(run, cfg.tensorboard)
-    say(f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {crop.res}px, {len(index)} images x "
-        f"{labels.crops_per_image} crops, {loader.images_per_step * labels.crops_per_image} crops/step x "
-        f"{info.world_size} rank(s), {len(loader)} steps/epoch, device {device.type}, loader {cfg.loader}")
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
         row = train_one_epoch(state, loader, scheduler, epoch, cfg, len(classes), ensemble, teacher_views,
-                              info, device)
+                              info, runtime, objective)
         steps_per_rank = row.pop("steps_per_rank")
         row["val_top1"] = row["val_top5"] = None
-        if val_index is not None and info.is_main:
-            acc = validate(model, val_index, crop.res, mean, std, cfg.batch_size, device, cfg.workers)
+        if val_index is not None:
+            acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
+                           cfg.workers, info)
             row["val_top1"], row["val_top5"] = acc["top1"], acc["top5"]
         improved = row["val_top1"] is not None and row["val_top1"] > state.best_top1
         state.epoch, state.metrics = epoch + 1, state.metrics + [row]
@@ -380,7 +409,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         extra = state.checkpoint_state(info)  # collective (RNG gather): every rank takes part
         if info.is_main:
             meta = dict(arch=cfg.arch, classes=classes, res=crop.res, mean=mean, std=std,
-                        train_config=dataclasses.asdict(cfg))
+                        train_config=dataclasses.asdict(cfg), store_digest=store.digest if store else None)
             save_checkpoint(run / "last.pt", model=model, **meta, **extra)
             if improved:
                 save_checkpoint(run / "best.pt", model=model, **meta, **extra)
@@ -388,6 +417,56 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         say(_summary(row, cfg.epochs, steps_per_rank, time.perf_counter() - started))
         info.barrier()
     return state.metrics
+
+
+def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: CropParams, run: Path,
+                           info: DistInfo, say) -> None:
+    """The teacher check of `mealv2 label` (common/teacher_check.py), before the first step."""
+    if not cfg.teacher_check:
+        say("teacher check: skipped (--no-teacher-check)")
+        return
+    outcome = None
+    if info.is_main:
+        try:
+            for check in check_teachers(ensemble, index, crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
+                                        cfg.workers, suggest_dir=run):
+                say(f"teacher check: {check.line()}")
+        except MealV2Error as e:
+            outcome = e
+    outcome = info.broadcast_object(outcome)
+    if outcome is not None:
+        raise outcome
+
+
+def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropParams, info: DistInfo, scheduler,
+              objective: Objective) -> str:
+    """What the run will do, in the units users plan in (printed at start; all of --dry-run)."""
+    n, steps = len(index), len(loader)
+    passes = loader.passes(cfg.epochs)
+    lines = [f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {crop.res} px, {n} images x {labels.crops_per_image} "
+             f"crops per image; device {loader.device.type}, loader {cfg.loader}",
+             f"  batch: {loader.crops_per_step} crops per step globally (--batch-size) = {info.world_size} rank(s) x "
+             f"{loader.images_per_step} images x {labels.crops_per_image} crops",
+             f"  epoch = {n} crops (one per image, as MEAL V2 and FKD count): {steps} steps of "
+             f"{loader.crops_per_step} crops = {steps * loader.crops_per_step} crops; {cfg.epochs} epochs = "
+             f"{cfg.epochs * steps} steps = {passes:.2f} passes over the images (a pass: each image with its "
+             f"{labels.crops_per_image} crops)"]
+    turns = sorted({0, cfg.warmup_epochs, cfg.epochs - 1, *([] if cfg.cos else range(cfg.lr_step, cfg.epochs,
+                                                                                     cfg.lr_step))} - {cfg.epochs})
+    lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
+    lines.append(f"  lr ({'cosine' if cfg.cos else f'x0.1 every {cfg.lr_step} epochs'}"
+                 f"{f', {cfg.warmup_epochs} warm-up epochs' if cfg.warmup_epochs else ''}): {lrs}")
+    if isinstance(labels, StoredLabels):
+        a = labels.store.attrs
+        round_bytes = n * labels.crops_per_image * (4 * 2 + 1 + a["topk"] * labels.store.id_dtype.itemsize
+                                                   + a["topk"] + 1)
+        lines.append(f"  labels: {labels.store.path}, {labels.rounds} rounds (pass p replays round p mod "
+                     f"{labels.rounds}: each round {passes / labels.rounds:.2f} times), top-{a['topk']}, "
+                     f"T = {objective.temperature:g}; one round in RAM per rank: {round_bytes / 2**20:.1f} MiB")
+        if passes > labels.rounds:
+            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay each round "
+                         f"{passes / labels.rounds:.2f} times; `mealv2 label ... --rounds N` appends rounds")
+    return "\n".join(lines)
 
 
 def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) -> str:
@@ -400,16 +479,22 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
     return "  ".join(parts)
 
 
-def _resume_checkpoint(run: Path, cfg: TrainConfig) -> dict:
+def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) -> dict:
+    """RUN/last.pt, refused when this command would train differently from the run it continues."""
     path = run / "last.pt"
     if not path.is_file():
         raise MealV2Error(f"--resume: {path} does not exist; start the run without --resume")
     ckpt = load_checkpoint_file(path)
     saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
-    diff = [f"{k}: {path} has {saved.get(k)!r}, this command {ours[k]!r}" for k in RESUME_KEYS
-            if saved.get(k) != ours[k]]
+    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set())
+    diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}" for k in ours
+            if k not in may_change and saved.get(k) != ours[k]]
+    if store is not None and ckpt.get("store_digest") != store.digest:
+        diff.append(f"labels: the run was trained on another label store than {store.path} (store digests differ)")
     if diff:
-        raise MealV2Error("--resume with other settings than the run was started with:\n  " + "\n  ".join(diff))
+        raise MealV2Error(f"--resume {path}: this command differs from the run's settings, so it would not "
+                          f"continue the run exactly:\n  " + "\n  ".join(diff)
+                          + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
+                            "a new run with another --out")
     return ckpt
-

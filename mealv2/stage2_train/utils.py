@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..common.errors import MealV2Error
 
-METRICS = ("epoch", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s")
+METRICS = ("epoch", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s", "crops_seen")
 
 
 class RunLog:

@@ -6,14 +6,13 @@ Resize the shorter side to res / 0.875, center crop res, normalise with the mode
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..common.crop_loader import decode_rgb
-from ..common.dataset import DatasetIndex, build_index
+from ..common.dataset import DatasetIndex
+from ..common.distributed import DistInfo
+from ..common.runtime import Runtime
 
 CROP_PCT = 0.875
 
@@ -36,32 +35,29 @@ def eval_transform(res: int, mean, std):
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, data_dir_or_index: str | Path | DatasetIndex, res: int, mean, std,
-             batch_size: int = 64, device: str | torch.device = "cpu", workers: int = 4) -> dict:
-    """{"top1", "top5" (percent), "num_images"} of ``model`` on an ImageFolder/CSV or a built index.
+def validate(model: torch.nn.Module, index: DatasetIndex, res: int, mean, std, runtime: Runtime,
+             batch_size: int = 64, workers: int = 4, info: DistInfo = DistInfo()) -> dict:
+    """{"top1", "top5" (percent), "num_images"} of ``model`` on ``index``.
 
-    The model is left in eval mode; callers that go on training switch it back.
+    Under torchrun every rank scores the images ``rank::world_size`` and the counts are summed,
+    so the result equals a single process's exactly. The model is left in eval mode; callers
+    that go on training switch it back.
     """
-    index = (data_dir_or_index if isinstance(data_dir_or_index, DatasetIndex)
-             else build_index(data_dir_or_index, workers=max(workers, 8)))
-    device = torch.device(device)
+    mine = list(range(info.rank, len(index), info.world_size))
     # Worker processes cost more to start than a few batches cost to decode in-process.
-    workers = workers if len(index) > 4 * batch_size else 0
-    loader = DataLoader(_EvalImages(index, eval_transform(res, mean, std)), batch_size=batch_size,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    workers = workers if len(mine) > 4 * batch_size else 0
+    loader = DataLoader(Subset(_EvalImages(index, eval_transform(res, mean, std)), mine), batch_size=batch_size,
+                        num_workers=workers, pin_memory=runtime.cuda)
     model.eval()
     k = min(5, len(index.classes))
     correct1 = correct5 = 0
     for images, labels in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
+        labels = labels.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
+            logits = model(runtime.input(images))
         hits = logits.float().topk(k, dim=1).indices == labels[:, None]
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
+    correct1, correct5 = info.all_sum([correct1, correct5])
     n = len(index)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "num_images": n}

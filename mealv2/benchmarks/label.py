@@ -20,58 +20,28 @@ The per-file container overhead is measured separately and not counted in those 
 from __future__ import annotations
 
 import io
-import platform
 import shutil
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from ..common.cli_options import POSITIVE, device_option
+from ..common.crop_loader import CropRequest, iterate_crops
 from ..common.crops import CropParams, sample_crops
+from ..common.dataset import DatasetIndex, build_index
+from ..common.distributed import DistInfo
+from ..common.runtime import Runtime
 from ..common.store import LabelStore
-
-DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
-
+from ..common.targets import encode_topk, reconstruct_targets
+from ..common.teachers import Ensemble, load_teacher, split_specs
+from ..stage1_label.labeler import LabelConfig, label_shards, store_attrs
+from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, random_teachers
 
 # ---- inputs ------------------------------------------------------------------------------------
-
-def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
-    """ImageNet-sized JPEGs (sides 250-500 px, quality 90, textured like photos): what decoding costs."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
-        for j in range(per_class):
-            h, w = int(rng.integers(250, 501)), int(rng.integers(300, 501))
-            yy, xx = np.mgrid[:h, :w] / max(h, w)
-            img = np.empty((h, w, 3))
-            for ch in range(3):
-                a, b, f = rng.uniform(-1, 1, 3)
-                img[..., ch] = 128 + 60 * np.sin(2 * np.pi * (a * yy + b * xx) * (1 + 4 * abs(f)) + ch)
-            img += rng.normal(0, 18, img.shape)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-                root / f"class_{c:03d}" / f"img_{j:03d}.jpg", quality=90)
-    return root
-
-
-def random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str]:
-    """Random-init checkpoints for timm architectures (no downloads): speed, not accuracy."""
-    import timm
-    import torch
-
-    specs = []
-    for i, arch in enumerate(archs):
-        torch.manual_seed(i)
-        path = folder / f"{arch}.pth"
-        torch.save(timm.create_model(arch, num_classes=num_classes).state_dict(), path)
-        specs.append(f"{arch}={path}@{res}")
-    return specs
-
 
 def synthetic_ensemble_probs(num_images: int, crops: int, num_classes: int = 1000, teachers: int = 2,
                              seed: int = 0):
@@ -83,8 +53,6 @@ def synthetic_ensemble_probs(num_images: int, crops: int, num_classes: int = 100
     teacher: its own noise. Calibrated to a median top-1 probability of ~0.6 with ~86% of an
     image's crops sharing their top-1 class.
     """
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(num_classes, (num_images,), generator=g)
     base = torch.randn(num_images, num_classes, generator=g)
@@ -105,8 +73,6 @@ def fkd_bytes_per_crop(k: int, fp16_coords: bool = True) -> int:
 
 def fkd_file_bytes_per_crop(crops: int, k: int) -> float:
     """Bytes per crop of one FKD per-image file as FKD writes it (torch.save of the list)."""
-    import torch
-
     rng = np.random.default_rng(0)
     state = [np.float16(rng.random((crops, 4))), rng.random(crops) < 0.5,
              np.float16(np.stack([rng.integers(0, 1000, (crops, k)), rng.random((crops, k))], axis=1))]
@@ -117,9 +83,6 @@ def fkd_file_bytes_per_crop(crops: int, k: int) -> float:
 
 def kl_to_stored(p, ids, codes):
     """Per-crop KL(fp32 top-k target || target rebuilt from the stored ids and codes)."""
-    import torch
-
-    from ..common.targets import reconstruct_targets
 
     p = p.double()
     k = ids.shape[1]
@@ -133,14 +96,11 @@ def kl_to_stored(p, ids, codes):
 def _store_attrs(classes, k, crops, shard_size, crop: CropParams, num_images, teachers=()) -> dict:
     return {"classes": list(classes), "topk": k, "temperature": 1.0, "seed": 0, "crops_per_image": crops,
             "shard_size": shard_size, "crop": crop.to_attrs(), "teachers": list(teachers),
-            "dataset": {"num_images": num_images, "fingerprint": "synthetic", "skipped": []}}
+            "teacher_precision": "fp32", "dataset": {"num_images": num_images, "fingerprint": "synthetic", "skipped": []}}
 
 
 def imagenet_like_case(folder: Path, num_images: int, crops: int, k: int, shard_size: int = 1024) -> dict:
     """Bytes/crop and KL of a 1000-class synthetic ensemble written through LabelStore."""
-    import torch
-
-    from ..common.targets import encode_topk
 
     rng = np.random.default_rng(0)
     sizes = np.stack([rng.integers(250, 501, num_images), rng.integers(300, 501, num_images)], 1)
@@ -154,7 +114,7 @@ def imagenet_like_case(folder: Path, num_images: int, crops: int, k: int, shard_
     codes_np = codes.reshape(num_images, crops, k + 1).numpy()
     for s in range(store.num_shards):
         a, b = store.shard_range(s)
-        store.write_shard(0, s, boxes[a:b], flips[a:b], ids_np[a:b], codes_np[a:b])
+        store.write_shard(0, s, boxes[a:b], flips[a:b], ids_np[a:b], codes_np[a:b], np.zeros(b - a, np.uint32))
     rd = LabelStore.open(store.path).read_round(0)
     kl = kl_to_stored(p, torch.from_numpy(rd.ids.reshape(-1, k).astype(np.int64)),
                       torch.from_numpy(rd.probs.reshape(-1, k + 1)))
@@ -176,14 +136,6 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
     compared with the bare passes just before and after it: on a shared machine the load
     drifts. Wall-clock and process CPU time (all threads: torch's and DALI's) are both kept.
     """
-    import torch
-
-    from ..common.crop_loader import CropRequest, iterate_crops
-    from ..common.dataset import DatasetIndex, build_index
-    from ..common.distributed import DistInfo, resolve_device
-    from ..common.models import load_teacher, split_specs
-    from .ensemble import Ensemble
-    from .labeler import LabelConfig, label_shards, store_attrs
 
     if data is None:
         data = make_photo_dataset(folder / "data", classes, -(-images // classes))
@@ -193,8 +145,9 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
     index = DatasetIndex(root=full.root, relpaths=tuple(full.relpaths[i] for i in pick), labels=full.labels[pick],
                          classes=full.classes, sizes=full.sizes[pick])
     specs = split_specs(teachers) or random_teachers(DEFAULT_TEACHERS, len(full.classes), folder, res)
-    dev = resolve_device(device, DistInfo())
-    loaded = [load_teacher(spec, full.classes) for spec in specs]
+    runtime = Runtime.create(device, "fp32")
+    dev = runtime.device
+    loaded = [load_teacher(spec, full.classes, res) for spec in specs]
     cfg = LabelConfig(data=str(data), teachers=[t.spec for t in loaded], out="", rounds=1,
                       crops_per_image=crops, crop=CropParams(res=res), topk=k, batch_size=batch_size,
                       device=dev.type, workers=workers, shard_size=1024, progress=False)
@@ -208,15 +161,14 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
         decoded crops, top-k and writes)."""
 
         def probs(self, views):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            runtime.synchronize()
             t = time.perf_counter()
             p = super().probs(views)
             seen.append(p.detach().to("cpu", copy=True))
             in_forward[0] += time.perf_counter() - t
             return p
 
-    ensemble = RecordingEnsemble(loaded, dev, cfg.temperature)
+    ensemble = RecordingEnsemble(loaded, runtime, cfg.temperature)
     images_per_batch = max(1, batch_size // crops)
 
     # the very crops the labeller will cut, rendered once, in its batch shapes
@@ -228,16 +180,12 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
                                                device=dev.type, threads=workers)]
     n = len(index) * crops
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def bare() -> tuple[float, float]:
-        sync()
+        runtime.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         for views in rendered:
             Ensemble.probs(ensemble, views)
-        sync()
+        runtime.synchronize()
         return n / (time.perf_counter() - wall), (time.process_time() - cpu) / n
 
     def label(i: int) -> tuple[float, float, LabelStore, float]:
@@ -276,19 +224,6 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
 
 
 # ---- command -----------------------------------------------------------------------------------
-
-def machine_description(device: str) -> str:
-    import os
-
-    import torch
-
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    cpu = (f"{os.cpu_count()}-core {platform.machine()} CPU (load average {load} at the end), "
-           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} + {cpu}"
-    return cpu + (", no GPU" if not torch.cuda.is_available() else "")
-
 
 @click.command("label")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))

@@ -25,14 +25,14 @@ from ..common.cli_options import POSITIVE, device_option
 from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index
-from ..common.distributed import DistInfo, resolve_device
-from ..common.models import create_timm_model, default_data_config, load_teacher, split_specs
-from ..stage1_label.bench import DEFAULT_TEACHERS, machine_description, random_teachers, make_photo_dataset
-from ..stage1_label.ensemble import Ensemble
+from ..common.models import create_timm_model, default_data_config
+from ..common.runtime import Runtime
+from ..common.teachers import Ensemble, load_teacher, split_specs
 from ..stage1_label.labeler import LabelConfig, run_label
-from .loader import FreshLabels, TrainLoader
-from .losses import soft_cross_entropy
-from .trainer import TrainConfig, train
+from ..stage2_train.loader import FreshLabels, TrainLoader
+from ..stage2_train.losses import soft_cross_entropy
+from ..stage2_train.trainer import TrainConfig, train
+from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, random_teachers
 
 IMAGENET_IMAGES = 1_281_167
 MODES = ("stored", "hard", "online")
@@ -41,7 +41,8 @@ MODES = ("stored", "hard", "online")
 def mode_speed(mode: str, data: Path, store: Path, teachers: list[str], folder: Path, run: int,
                **common) -> tuple[float, float]:
     """(img/s, CPU ms per img) of one `mealv2 train` run: medians over its epochs after the first."""
-    kw = {"stored": dict(labels=str(store)), "hard": dict(hard_labels=True), "online": dict(teachers=teachers)}
+    kw = {"stored": dict(labels=str(store)), "hard": dict(hard_labels=True),
+          "online": dict(teachers=teachers, teacher_check=False)}   # random-init teachers: speed only
     rows = train(TrainConfig(data=str(data), out=str(folder / f"{mode}{run}"), progress=False, **kw[mode], **common))
     rows = rows[1:]
     return (statistics.median(r["img_per_s"] for r in rows),
@@ -49,17 +50,17 @@ def mode_speed(mode: str, data: Path, store: Path, teachers: list[str], folder: 
 
 
 def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, crops: int, batch_size: int,
-               device: torch.device, workers: int, repeats: int = 3) -> dict:
+               runtime: Runtime, workers: int, repeats: int = 3) -> dict:
     """Seconds per step on one pre-rendered batch, wall and process CPU: the student's training
     step and the teachers' forward; their (teachers + student) / student ratios."""
     index = build_index(data, workers=max(workers, 8))
-    ensemble = Ensemble([load_teacher(s, index.classes) for s in teachers], device)
-    student = create_timm_model(arch, len(index.classes)).to(device).train()
+    ensemble = Ensemble([load_teacher(s, index.classes, crop.res) for s in teachers], runtime)
+    student = runtime.model(create_timm_model(arch, len(index.classes))).train()
     _, mean, std = default_data_config(student)
     views = [View(crop.res, mean, std)] + [v for v in ensemble.views if v != View(crop.res, mean, std)]
     labels = FreshLabels(0, index.sizes, crops, crop, index.labels)
-    loader = TrainLoader(index, labels, views, max(1, batch_size // crops), 0, device, workers=workers)
-    batch = next(iter(loader(0)))
+    loader = TrainLoader(index, labels, views, max(1, batch_size // crops), 0, runtime.device, workers=workers)
+    batch = next(iter(loader.epoch(0)))
     teacher_views = [batch.views[views.index(v)] for v in ensemble.views]
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 
@@ -73,12 +74,10 @@ def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, cro
         fn()  # warm-up
         walls, cpus = [], []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            runtime.synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            runtime.synchronize()
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
         return statistics.median(walls), statistics.median(cpus)
@@ -96,9 +95,9 @@ def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, cro
 @click.option("--res", type=POSITIVE, default=64, show_default=True, help="Crop resolution of student and teachers.")
 @click.option("--crops-per-image", "crops", type=POSITIVE, default=4, show_default=True)
 @click.option("--topk", type=POSITIVE, default=10, show_default=True)
-@click.option("--images", type=POSITIVE, default=40, show_default=True, help="Images of the generated dataset.")
+@click.option("--images", type=POSITIVE, default=192, show_default=True, help="Images of the generated dataset.")
 @click.option("--classes", type=POSITIVE, default=10, show_default=True, help="Classes of the generated dataset.")
-@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Crops per step.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Crops per step (global).")
 @click.option("--epochs", type=click.IntRange(min=2), default=3, show_default=True,
               help="Epochs per run; the first is warm-up.")
 @click.option("--repeats", type=POSITIVE, default=2, show_default=True, help="Runs of each mode, in turn.")
@@ -115,7 +114,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         crop = CropParams(res=res)
         store = run_label(LabelConfig(data=str(data), teachers=specs, out=str(folder / "store"), rounds=1,
                                       crops_per_image=crops, crop=crop, topk=topk, batch_size=batch_size,
-                                      device=device, workers=workers, progress=False))
+                                      device=device, workers=workers, teacher_check=False, progress=False))
         round_bytes = store.read_round(0).nbytes / store.num_images
         common = dict(arch=arch, crop=crop, crops_per_image=crops, batch_size=batch_size, epochs=epochs,
                       workers=workers, device=device)
@@ -123,8 +122,9 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         for run in range(repeats):
             for mode in MODES:
                 speed[mode].append(mode_speed(mode, data, store.path, specs, folder, run, **common))
-        dev = resolve_device(device, DistInfo())
-        cost = cost_ratio(data, arch, specs, crop, crops, batch_size, dev, workers)
+        runtime = Runtime.create(device)
+        dev = runtime.device
+        cost = cost_ratio(data, arch, specs, crop, crops, batch_size, runtime, workers)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -1,0 +1,281 @@
+"""Teachers: what a spec means, how each sees its input, and their ensemble.
+
+A teacher's input is its resolution, its mean/std and its class order, and none of them can
+be read from a plain state dict. One rule decides them, the same in `label`, online `train`,
+`verify` and for state dicts in `eval`:
+
+=====================  ==========================  ==========================  ==================
+spec                   resolution                  mean/std                    class order
+=====================  ==========================  ==========================  ==================
+``ARCH=CKPT``          the command's ``--res``     imagenet                    ``--classes FILE``, else
+                                                                               the dataset's
+``CKPT`` (mealv2)      recorded in the checkpoint  recorded                    recorded (by name)
+``ARCH`` (timm)        timm's pretrained config    timm's pretrained config    timm's (1000 ImageNet)
+=====================  ==========================  ==========================  ==================
+
+Suffixes override: ``@RES`` the resolution, ``%NORM`` the mean/std (``imagenet``,
+``inception`` or ``0.5``, ``clip``, ``none`` for raw [0, 1] pixels, ``timm`` for timm's
+config of the architecture, or explicit ``M:M:M/S:S:S``), ``*W`` the ensemble weight, e.g.
+``convnext_tiny=ckpt.pth@288%0.5*2``. Each teacher's outputs are re-indexed into the
+dataset's class order before they are averaged.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
+                       IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from torch import nn
+
+from .crop_loader import View
+from .faults import fault_point
+from .models import (ModelSpecError, create_timm_model, default_data_config, is_mealv2_checkpoint,
+                     load_checkpoint_file, load_weights, model_from_mealv2_checkpoint, pretrained_cfg,
+                     preview_classes, state_dict_sha256, unwrap_state_dict)
+from .runtime import Runtime
+from .targets import ensemble_probs
+
+NORMS = {  # named normalisations a spec can state with %NAME
+    "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
+    "0.5": (tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)),
+    "inception": (tuple(IMAGENET_INCEPTION_MEAN), tuple(IMAGENET_INCEPTION_STD)),
+    "clip": (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+STATE_DICT_NORM = "imagenet"   # torchvision's and MEAL V2's convention, and most training loops'
+_SUFFIX = re.compile(r"(?:@(?P<res>\d+)|\*(?P<weight>[0-9]*\.?[0-9]+)|%(?P<norm>[A-Za-z0-9_.:/-]+))$")
+
+
+def split_specs(specs: tuple[str, ...] | list[str]) -> list[str]:
+    """``--teachers`` is repeatable and comma separated."""
+    return [s.strip() for group in specs for s in group.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class Spec:
+    text: str
+    body: str
+    res: int | None = None
+    norm: str | None = None
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        body, found = text, {}
+        while (m := _SUFFIX.search(body)) and m.start() > 0:
+            key = next(k for k, v in m.groupdict().items() if v is not None)
+            if key in found:
+                raise ModelSpecError(f"teacher spec '{text}': {key} given twice")
+            found[key] = m[key]
+            body = body[:m.start()]
+        weight = float(found.get("weight", 1.0))
+        if weight <= 0:
+            raise ModelSpecError(f"teacher spec '{text}': weight must be positive, got {weight}")
+        if "norm" in found:
+            parse_norm(found["norm"], where=f"teacher spec '{text}'")
+        return cls(text, body, int(found["res"]) if "res" in found else None, found.get("norm"), weight)
+
+
+def parse_norm(norm: str, arch_config: tuple | None = None, where: str = "") -> tuple[tuple, tuple]:
+    """A named normalisation, ``timm`` (``arch_config``: timm's (mean, std) of the architecture),
+    or explicit ``M:M:M/S:S:S`` (or ``M/S`` for all three channels)."""
+    if norm in NORMS:
+        return NORMS[norm]
+    if norm == "timm":
+        return arch_config if arch_config is not None else ((0.0,) * 3, (1.0,) * 3)
+    try:
+        mean, std = ([float(v) for v in part.split(":")] for part in norm.split("/"))
+        mean, std = (tuple(v * 3 if len(v) == 1 else v) for v in (mean, std))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ModelSpecError(f"{where}: normalisation '%{norm}': expected one of {', '.join(NORMS)}, timm, "
+                             f"or explicit mean/std as M:M:M/S:S:S (std > 0)") from None
+    return mean, std
+
+
+def norm_name(mean, std) -> str:
+    """The preset a mean/std is, or its values."""
+    for name, (m, s) in NORMS.items():
+        if all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip((*mean, *std), (*m, *s))):
+            return name
+    return "/".join(":".join(f"{v:.4g}" for v in part) for part in (mean, std))
+
+
+def read_classes_file(path: str | Path) -> list[str]:
+    """One class name per line, in a model's output order (blank lines and surrounding spaces ignored)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise ModelSpecError(f"--classes {path}: cannot read ({e.strerror or e})") from None
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if not names or duplicates:
+        raise ModelSpecError(f"--classes {path}: expected one distinct class name per line"
+                             + (f"; repeated: {duplicates[:5]}" if duplicates else "; the file is empty"))
+    return names
+
+
+@dataclass
+class Teacher:
+    spec: str
+    arch: str
+    model: nn.Module
+    res: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weight: float
+    sha256: str
+    kind: str = "state dict"            # 'state dict' | 'mealv2 checkpoint' | 'timm pretrained'
+    res_from: str = ""                  # where res came from, for the teacher table
+    norm_from: str = ""
+    output_classes: list[str] | None = None   # names of its outputs, in output order, when known
+    index: torch.Tensor | None = field(default=None, repr=False)  # dataset class j = output index[j]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def view(self) -> View:
+        return View(self.res, tuple(self.mean), tuple(self.std))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in the dataset's class order."""
+        out = self.model(x)
+        return out if self.index is None else out.index_select(1, self.index.to(out.device))
+
+    def to_attrs(self) -> dict:
+        return {"spec": self.spec, "arch": self.arch, "sha256": self.sha256, "res": self.res,
+                "mean": list(self.mean), "std": list(self.std), "weight": self.weight,
+                "output_classes": self.output_classes}
+
+
+def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None) -> Teacher:
+    """One teacher for a dataset with ``classes``, by the rule in this module's docstring.
+
+    ``res`` is the command's ``--res`` (state dicts without ``@RES`` run at it);
+    ``state_dict_classes`` names a state dict's outputs in order (``--classes``). Refuses what
+    cannot fit the dataset.
+    """
+    s = Spec.parse(spec)
+    classes = list(classes)
+    if "=" in s.body:
+        arch, ckpt_path = s.body.split("=", 1)
+        if not Path(ckpt_path).is_file():
+            raise ModelSpecError(f"teacher spec '{spec}': checkpoint file {ckpt_path} does not exist")
+        output_classes = state_dict_classes
+        n = len(output_classes or classes)
+        state = unwrap_state_dict(load_checkpoint_file(ckpt_path), ckpt_path)
+        model = create_timm_model(arch, n, where=f"teacher spec '{spec}'")
+        counted = f"--classes names {n}" if output_classes else f"dataset has {n}"
+        load_weights(model, state, f"teacher '{spec}' ({ckpt_path}, {counted} classes)")
+        kind, base_res = "state dict", (res, "--res")
+        base_norm = (NORMS[STATE_DICT_NORM], f"state-dict default {STATE_DICT_NORM}; state it with %NORM")
+        arch_config = default_data_config(model)[1:]
+    elif Path(s.body).is_file():
+        ckpt = load_checkpoint_file(s.body)
+        if not is_mealv2_checkpoint(ckpt):
+            raise ModelSpecError(f"teacher spec '{spec}': {s.body} is not a mealv2 checkpoint; for a "
+                                 f"timm or MEAL V2 state dict write ARCH={s.body}")
+        arch, kind, output_classes = ckpt["arch"], "mealv2 checkpoint", [str(c) for c in ckpt["classes"]]
+        model = model_from_mealv2_checkpoint(ckpt, f"teacher '{spec}'")
+        base_res = (int(ckpt["res"]), "checkpoint")
+        base_norm = ((tuple(ckpt["mean"]), tuple(ckpt["std"])), "checkpoint")
+        arch_config = default_data_config(model)[1:]
+    else:
+        arch, kind = s.body, "timm pretrained"
+        if "/" in arch or arch.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise ModelSpecError(f"teacher spec '{spec}': file {arch} does not exist")
+        cfg = pretrained_cfg(arch)
+        n = int(getattr(cfg, "num_classes", 0) or 0) if cfg is not None else 0
+        if cfg is not None and n and n != len(classes):
+            raise ModelSpecError(f"teacher '{spec}': timm's pretrained weights have {n} classes, the dataset has "
+                                 f"{len(classes)} {preview_classes(classes)}; timm would replace the head with a "
+                                 f"random one. Use a checkpoint trained on these classes (ARCH=CKPT), or a "
+                                 f"dataset of the teacher's {n} classes")
+        model = create_timm_model(arch, len(classes), pretrained=True, where=f"teacher spec '{spec}'")
+        timm_res, mean, std = default_data_config(model)
+        base_res, base_norm, output_classes = (timm_res, "timm pretrained config"), ((mean, std), "timm pretrained config"), None
+        arch_config = (mean, std)
+    final_res, res_from = (s.res, "@RES") if s.res else base_res
+    if final_res is None:
+        raise ModelSpecError(f"teacher spec '{spec}': a state dict does not record its resolution; "
+                             f"append @RES (the side it was trained at) or pass --res")
+    (mean, std), norm_from = ((parse_norm(s.norm, arch_config, f"teacher spec '{spec}'"), f"%{s.norm}")
+                              if s.norm else base_norm)
+    teacher = Teacher(spec=spec, arch=arch, model=model.eval(), res=int(final_res), mean=tuple(mean),
+                      std=tuple(std), weight=s.weight, sha256=state_dict_sha256(model), kind=kind,
+                      res_from=res_from, norm_from=norm_from, output_classes=output_classes)
+    teacher.index = class_index(teacher, classes)
+    return teacher
+
+
+def class_index(teacher: Teacher, classes: list[str]) -> torch.Tensor | None:
+    """Output index of each dataset class, matched by name; None when the outputs are already in
+    the dataset's order. Refuses a teacher that lacks a dataset class or knows others."""
+    names = teacher.output_classes
+    if names is None or names == classes:
+        return None
+    missing = [c for c in classes if c not in names]
+    extra = [c for c in names if c not in classes]
+    if missing or extra:
+        raise ModelSpecError(
+            f"teacher '{teacher.spec}' has {len(names)} classes {preview_classes(names)}, the dataset has "
+            f"{len(classes)} {preview_classes(classes)}"
+            + (f"; the teacher lacks {preview_classes(missing)}" if missing else "")
+            + (f"; the dataset lacks {preview_classes(extra)}" if extra else ""))
+    position = {name: i for i, name in enumerate(names)}
+    return torch.tensor([position[c] for c in classes], dtype=torch.long)
+
+
+def teacher_table(teachers: list[Teacher], res: int | None) -> str:
+    """One line per teacher (what `label` and online `train` print before the first crop)."""
+    lines = [f"teachers ({len(teachers)}):"]
+    for i, t in enumerate(teachers, 1):
+        order = ("dataset order" if t.index is None else "mapped by name to the dataset's order")
+        lines.append(f"  {i}. {t.spec}: {t.arch} ({t.kind}, {t.num_params / 1e6:.2f}M params), {t.res} px "
+                     f"({t.res_from}), mean/std {norm_name(t.mean, t.std)} "
+                     f"{tuple(round(v, 4) for v in t.mean)}/{tuple(round(v, 4) for v in t.std)} ({t.norm_from}), "
+                     f"weight {t.weight:g}, classes: {order}")
+    if res is not None:
+        other = [f"{i} ({t.arch}) at {t.res} px" for i, t in enumerate(teachers, 1) if t.res != res]
+        if other:
+            lines.append(f"  not at --res {res}: teacher {', '.join(other)}")
+    return "\n".join(lines)
+
+
+class Ensemble:
+    """Teachers in eval mode on one device; views are deduplicated across teachers."""
+
+    def __init__(self, teachers: list[Teacher], runtime: Runtime, temperature: float = 1.0):
+        self.teachers, self.runtime, self.temperature = teachers, runtime, temperature
+        self.views: list[View] = []
+        self.view_of: list[int] = []
+        for t in teachers:
+            if t.view not in self.views:
+                self.views.append(t.view)
+            self.view_of.append(self.views.index(t.view))
+            runtime.model(t.model).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @torch.no_grad()
+    def logits(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each teacher's logits on its view, fp32, in the dataset's class order."""
+        out = []
+        with self.runtime.autocast():
+            for t, v in zip(self.teachers, self.view_of):
+                out.append(t.logits(self.runtime.input(views[v])).float())
+                fault_point("forward")   # between one teacher's forward and the next's
+        return out
+
+    @torch.no_grad()
+    def probs(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Weighted mean of the teachers' softmax(logits / T)."""
+        return ensemble_probs(self.logits(views), [t.weight for t in self.teachers], self.temperature)

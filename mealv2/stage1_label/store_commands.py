@@ -1,0 +1,50 @@
+"""`mealv2 inspect` and `verify`: they import neither torch nor DALI unless `verify --data` re-runs teachers."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..common.cli_options import POSITIVE, device_option
+from .report import store_summary, verify_store
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(store, as_json):
+    """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels."""
+    summary = store_summary(store)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    checks = {c["teacher"]: c for c in summary.pop("teacher_check") or []}
+    for key, value in summary.items():
+        if key == "teachers":
+            click.echo("teachers:")
+            for t in value:
+                check = checks.get(t["spec"], {})
+                agreement = ("teacher check skipped" if check.get("skipped") else
+                             f"top-1 agrees with the labels on {100 * check['agreement']:.1f}% of "
+                             f"{check['crops']} sampled crops" if check else "not checked")
+                click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
+                           f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True), help="Dataset the store was made from: re-run the teachers.")
+@click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
+@click.option("--tolerance", type=float, default=0.02, show_default=True,
+              help="Largest allowed |stored - recomputed| probability.")
+@device_option
+def verify(store, data, recompute, tolerance, device):
+    """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
+    problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
+    if problems:
+        for p in problems:
+            click.echo(f"PROBLEM {p}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{store}: OK")
