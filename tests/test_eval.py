@@ -169,6 +169,25 @@ def test_eval_class_count_mismatch_names_both(tiny_data, tmp_path):
     assert "1000 classes" in str(res.exception) and "3 classes" in str(res.exception)
 
 
+def test_eval_maps_a_checkpoints_classes_by_name(six_class_data, tmp_path):
+    """A mealv2 checkpoint of the same classes in another order is scored by name, as a teacher is."""
+    model = _model(6, data=six_class_data)
+    classes = [str(c) for c in build_index(six_class_data).classes]
+    shuffled = [classes[i] for i in (3, 0, 5, 1, 4, 2)]
+    # the same network with its output rows permuted to the shuffled order
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in ("fc.weight", "fc.bias"):
+        state[key] = state[key][[classes.index(c) for c in shuffled]]
+    permuted = _model(6)
+    permuted.load_state_dict(state)
+    for name, m, order in (("ordered.pt", model, classes), ("shuffled.pt", permuted, shuffled)):
+        save_checkpoint(tmp_path / name, model=m, arch=ARCH, classes=order, res=32, mean=IMAGENET[0],
+                        std=IMAGENET[1])
+    got = [json.loads(_invoke(six_class_data, "--checkpoint", tmp_path / n, "--json").output)["top1"]
+           for n in ("ordered.pt", "shuffled.pt")]
+    assert got[0] == got[1] == pytest.approx(_independent_eval(model, six_class_data, 32, *IMAGENET)["top1"])
+
+
 def test_eval_refuses_disagreeing_arch_and_class_names(tiny_data, tmp_path):
     ckpt = tmp_path / "ck.pt"
     save_checkpoint(ckpt, model=_model(3), arch=ARCH, classes=["a", "b", "c"], res=32,
@@ -177,7 +196,7 @@ def test_eval_refuses_disagreeing_arch_and_class_names(tiny_data, tmp_path):
     assert isinstance(res.exception, ev.EvalError)
     assert ARCH in str(res.exception) and "test_efficientnet" in str(res.exception)
     res = _invoke(tiny_data, "--checkpoint", ckpt)
-    assert isinstance(res.exception, ev.EvalError)
+    assert isinstance(res.exception, MealV2Error)
     assert "'a'" in str(res.exception) and "class_0" in str(res.exception)
     res = _invoke(tiny_data, "-a", ARCH)
     assert isinstance(res.exception, ev.EvalError) and "--pretrained" in str(res.exception)

@@ -46,7 +46,7 @@ def test_a_state_dict_runs_at_the_commands_res_with_imagenet_normalisation(tmp_p
         t = load_teacher(f"{arch}={path}", CLASSES, res=32)
         assert (t.res, t.res_from, t.weight) == (32, "--res", 1.0)
         assert (t.mean, t.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        assert t.norm_from.startswith("state-dict default imagenet")
+        assert t.norm_from == "default for state dicts; %NORM states another"
     with pytest.raises(ModelSpecError, match="does not record its resolution; append @RES"):
         load_teacher(f"test_resnet={tmp_path / 'test_resnet.pth'}", CLASSES)
 
@@ -102,7 +102,7 @@ def test_state_dict_classes_map_outputs_by_name(tmp_path, resnet_state):
         raw, mapped = t.model(x), t.logits(x)
     for j, name in enumerate(CLASSES):
         torch.testing.assert_close(mapped[:, j], raw[:, own_order.index(name)])
-    with pytest.raises(ModelSpecError, match=r"the teacher lacks \['class_2'\].*the dataset lacks \['zebra'\]"):
+    with pytest.raises(ModelSpecError, match=r"the model lacks \['class_2'\].*the dataset lacks \['zebra'\]"):
         load_teacher(f"test_resnet={path}", CLASSES, res=32, state_dict_classes=["class_0", "class_1", "zebra"])
 
 
@@ -159,7 +159,7 @@ def test_mealv2_checkpoint_records_arch_classes_res_and_normalisation(tmp_path):
     # the same classes in another folder order are mapped by name
     assert load_teacher(str(path), ("class_1", "class_2", "class_0")).index.tolist() == [1, 2, 0]
     # a checkpoint of other classes is refused, naming both
-    with pytest.raises(ModelSpecError, match=r"has 3 classes.*the dataset has 4.*the teacher lacks \['class_3'\]"):
+    with pytest.raises(ModelSpecError, match=r"has 3 classes.*the dataset has 4.*the model lacks \['class_3'\]"):
         load_teacher(str(path), CLASSES + ("class_3",))
     with pytest.raises(ModelSpecError, match="class_x"):
         load_teacher(str(path), ("class_0", "class_1", "class_x"))

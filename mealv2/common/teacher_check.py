@@ -152,7 +152,8 @@ def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, cr
         verdict = ("ok" if not better else " and ".join(
             (["normalisation"] if wrong_norm else []) + (["class order"] if remap else [])) or "ok")
         by_norm = {norm_name(t.mean, t.std) + " (configured)": float(configured.mean()),
-                   **{n: float(correct[n].mean()) for n in CANDIDATE_NORMS}}
+                   **{n: float(correct[n].mean()) for n in CANDIDATE_NORMS
+                      if NORMS[n] != (tuple(t.mean), tuple(t.std))}}
         best_text = "as configured" if verdict == "ok" else (
             (f"%{norm}" if wrong_norm else "") + (" with its classes re-mapped" if remap else ""))
         check = TeacherCheck(teacher=t.spec, crops=len(y), agreement=float(configured.mean()), by_norm=by_norm,
@@ -181,7 +182,7 @@ def _problem(t: Teacher, i: int, check: TeacherCheck, best: float, norm: str | N
             where = f" (the mapping found is in {path}: check it against how the teacher was trained)"
         fixes.append(f"its outputs are in another class order than the dataset's folders: pass --classes FILE "
                      f"with its class names in output order, one per line{where}")
-    return (f"teacher {i + 1} '{t.spec}' ({t.arch}, mean/std {norm_name(t.mean, t.std)} from {t.norm_from}): "
+    return (f"teacher {i + 1} '{t.spec}' ({t.arch}, mean/std {norm_name(t.mean, t.std)}: {t.norm_from}): "
             f"{100 * check.agreement:.1f}% of {check.crops} crops agree with the dataset labels as configured, "
             f"{100 * best:.1f}% {check.best}. Fix: " + "; ".join(fixes) + ".")
 

@@ -174,7 +174,7 @@ def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes:
         counted = f"--classes names {n}" if output_classes else f"dataset has {n}"
         load_weights(model, state, f"teacher '{spec}' ({ckpt_path}, {counted} classes)")
         kind, base_res = "state dict", (res, "--res")
-        base_norm = (NORMS[STATE_DICT_NORM], f"state-dict default {STATE_DICT_NORM}; state it with %NORM")
+        base_norm = (NORMS[STATE_DICT_NORM], "default for state dicts; %NORM states another")
         arch_config = default_data_config(model)[1:]
     elif Path(s.body).is_file():
         ckpt = load_checkpoint_file(s.body)
@@ -215,21 +215,40 @@ def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes:
 
 
 def class_index(teacher: Teacher, classes: list[str]) -> torch.Tensor | None:
-    """Output index of each dataset class, matched by name; None when the outputs are already in
-    the dataset's order. Refuses a teacher that lacks a dataset class or knows others."""
-    names = teacher.output_classes
-    if names is None or names == classes:
+    """Output index of each dataset class, matched by name (see :func:`output_index`)."""
+    if teacher.output_classes is None:
+        return None
+    return output_index(teacher.output_classes, classes, f"teacher '{teacher.spec}'")
+
+
+def output_index(names: list[str], classes, who: str) -> torch.Tensor | None:
+    """Index of each of ``classes`` among a model's output ``names``; None when they are in the
+    same order. Refuses a model that lacks one of ``classes`` or knows others."""
+    names, classes = [str(n) for n in names], [str(c) for c in classes]
+    if names == classes:
         return None
     missing = [c for c in classes if c not in names]
     extra = [c for c in names if c not in classes]
     if missing or extra:
         raise ModelSpecError(
-            f"teacher '{teacher.spec}' has {len(names)} classes {preview_classes(names)}, the dataset has "
+            f"{who} has {len(names)} classes {preview_classes(names)}, the dataset has "
             f"{len(classes)} {preview_classes(classes)}"
-            + (f"; the teacher lacks {preview_classes(missing)}" if missing else "")
+            + (f"; the model lacks {preview_classes(missing)}" if missing else "")
             + (f"; the dataset lacks {preview_classes(extra)}" if extra else ""))
     position = {name: i for i, name in enumerate(names)}
     return torch.tensor([position[c] for c in classes], dtype=torch.long)
+
+
+class InClassOrder(nn.Module):
+    """A model whose outputs come re-indexed into a dataset's class order."""
+
+    def __init__(self, model: nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).index_select(1, self.index)
 
 
 def teacher_table(teachers: list[Teacher], res: int | None) -> str:

@@ -28,7 +28,7 @@ from ..common.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.models import preview_classes
 from ..common.runtime import Runtime
-from ..common.teachers import NORMS, STATE_DICT_NORM, parse_norm
+from ..common.teachers import NORMS, STATE_DICT_NORM, InClassOrder, output_index, parse_norm, read_classes_file
 from .validate import validate
 
 
@@ -61,9 +61,11 @@ def state_dict_num_classes(arch: str, state: dict) -> int | None:
 
 
 def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = False,
-               num_classes: int | None = None, exportable: bool = False) -> LoadedModel:
+               num_classes: int | None = None, exportable: bool = False,
+               state_dict_classes: list[str] | None = None) -> LoadedModel:
     """Build the model a command names. ``num_classes`` (DATA's) is checked, never imposed
-    on a checkpoint: a mismatch raises EvalError naming both counts."""
+    on a checkpoint: a mismatch raises EvalError naming both counts. ``state_dict_classes``
+    names a state dict's outputs in order (``--classes``)."""
     config = timm.layers.set_layer_config(exportable=True) if exportable else _Null()
     if checkpoint is not None and pretrained:
         raise EvalError("--pretrained loads timm's weights and --checkpoint loads a file: give one of them")
@@ -109,7 +111,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
         raise EvalError(f"{checkpoint} is not a mealv2 checkpoint; for a timm or MEAL V2 state dict "
                         f"name its architecture with -a ARCH")
     state = M.unwrap_state_dict(obj, str(checkpoint))
-    n = state_dict_num_classes(arch, state)
+    n = state_dict_num_classes(arch, state) or (len(state_dict_classes) if state_dict_classes else None)
     if n is not None and num_classes is not None and n != num_classes:
         raise EvalError(f"{checkpoint}: the state dict's classifier has {n} classes, "
                         f"DATA has {num_classes} classes")
@@ -119,7 +121,9 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     where = f"{checkpoint} (-a {arch}, {n} classes)"
     M.load_weights(model, state, where)
     mean, std = NORMS[STATE_DICT_NORM]
-    return LoadedModel(model.eval(), arch, n, None, None, mean, std, "state-dict")
+    if state_dict_classes is not None and len(state_dict_classes) != n:
+        raise EvalError(f"--classes names {len(state_dict_classes)} classes, {checkpoint} has {n} outputs")
+    return LoadedModel(model.eval(), arch, n, state_dict_classes, None, mean, std, "state-dict")
 
 
 class _Null:
@@ -139,21 +143,25 @@ class _Null:
 @click.option("--res", type=POSITIVE, default=None,
               help="Test resolution (MEAL V2: 224 or 380). Default: the checkpoint's or timm's pretrained config's; "
                    "required for a state dict.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+              help="A state dict's class names in output order, one per line (mapped by name onto DATA's).")
 @click.option("--norm", help="Normalisation, as a teacher spec's %NORM: imagenet, 0.5, clip, none, timm or "
                              "M:M:M/S:S:S. Default: the checkpoint's, timm's, or imagenet for a state dict.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @device_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(data, arch, checkpoint, pretrained, res, norm, batch_size, device, workers, as_json):
+def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
 
     index = build_index(data, workers=workers)
-    loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes))
-    if loaded.classes is not None and list(loaded.classes) != list(index.classes):
-        raise EvalError(f"{checkpoint}: trained on classes {preview_classes(loaded.classes)}, DATA {data} has "
-                        f"classes {preview_classes(index.classes)} (same count, different names or order)")
+    names = read_classes_file(classes_file) if classes_file else None
+    loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names)
+    model = loaded.model
+    if loaded.classes is not None:   # outputs mapped by name onto DATA's classes, as for teachers
+        order = output_index(loaded.classes, index.classes, str(checkpoint))
+        model = model if order is None else InClassOrder(model, order)
     res = res or loaded.res
     if res is None:
         raise EvalError(f"{checkpoint} is a state dict, which does not record the resolution it was trained at; "
@@ -161,7 +169,7 @@ def evaluate(data, arch, checkpoint, pretrained, res, norm, batch_size, device, 
     mean, std = (parse_norm(norm, M.default_data_config(loaded.model)[1:], "--norm") if norm
                  else (loaded.mean, loaded.std))
     runtime = Runtime.create(device)
-    stats = validate(runtime.model(loaded.model), index, res, mean, std, runtime, batch_size, workers)
+    stats = validate(runtime.model(model), index, res, mean, std, runtime, batch_size, workers)
     result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
               "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
               "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),
