@@ -139,7 +139,7 @@ def test_csv_integer_labels_sort_numerically_and_absolute_paths(tmp_path, tiny_d
 
 
 @pytest.mark.parametrize("body, expected", [
-    ("file,class\nx.jpg,a\n", ["'path' and 'label'", "['file', 'class']"]),
+    ("file,class\nx.jpg,a\n", ["column 'path'", "['file', 'class']"]),
     ("path,label\nx.jpg,a\nx.jpg,\n", ["line 3", "empty label", "x.jpg"]),
     ("path,label\nx.jpg,a\nsub/missing.jpg,b\n", ["line 3", "sub/missing.jpg", "does not exist"]),
 ])
@@ -155,9 +155,10 @@ def test_layout_errors_name_the_folder(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="nope.*does not exist"):
         build_index(tmp_path / "nope")
 
-    save(tmp_path / "flat" / "a.jpg")
-    with pytest.raises(DatasetError, match="no class subfolders.*1 image file"):
-        build_index(tmp_path / "flat")
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("")
+    with pytest.raises(DatasetError, match="empty has no image files.*and no class subfolders"):
+        build_index(tmp_path / "empty")
 
     save(tmp_path / "d" / "cat" / "a.jpg")
     (tmp_path / "d" / "dog").mkdir()
@@ -238,3 +239,17 @@ def test_class_emptied_by_skipping_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="'dog'.*no usable image") as err:
         build_index(tmp_path, skip_bad=True)
     assert not isinstance(err.value, BadImagesError)
+
+
+def test_csv_paths_are_normalised_as_pathlib_does():
+    """The CSV reader's fast path gives PurePath's posix form for every spelling of a path."""
+    from itertools import product
+    from pathlib import PurePath
+
+    from mealv2.common.dataset import _posix
+
+    parts = ["a", ".", "", "..", "b.jpg"]
+    for n in range(1, 5):
+        for combo in product(parts, repeat=n):
+            for path in ("/".join(combo), "/" + "/".join(combo)):
+                assert _posix(path) == PurePath(path).as_posix(), path

@@ -267,3 +267,48 @@ def test_digest_covers_the_mealv2_attributes(store):
     meta = json.loads((store.path / "zarr.json").read_text())["attributes"]
     assert set(meta) == {"mealv2", DIGEST_KEY}
     assert len(meta[DIGEST_KEY]) == 64
+
+
+def test_verify_checks_only_the_shards_asked_and_shares_cover_the_store(store):
+    _fill(store)
+    (store.path / chunk_key("ids", 4, 1, 2)).unlink()
+    assert store.verify([0, 1]) == []
+    assert store.verify([2]) == ["ids/c/1/2/0/0: missing chunk file of a completed shard"]
+    shares = [store.verify(range(rank, store.num_shards, 2)) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(store.verify())
+    np.testing.assert_array_equal(store.done_mask([2, 0]), store.done_mask()[:, [2, 0]])
+
+
+def test_every_chunk_file_and_folder_of_a_shard_is_fsynced_before_its_done_mark(store, monkeypatch):
+    """Durability: after a power loss a shard marked done must have its data (a commit record)."""
+    synced = []   # (path, was the shard's done mark already written?)
+    real_fsync = os.fsync
+    mark = store.path / chunk_key("done", 2, 1, 2)
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), mark.exists()))
+        real_fsync(fd)
+
+    _fill(store, rounds=[0])
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    keys = [chunk_key(name, ndim, 1, 2) for name, ndim in
+            (("boxes", 4), ("flips", 3), ("ids", 4), ("probs", 4), ("crc32c", 1))]
+    existed = {str(p) for p in store.path.rglob("*") if p.is_dir()}
+    store.write_shard(1, 2, *_shard_data(store, 1, 2))
+    before = {path for path, marked in synced if not marked}
+    for key in keys:
+        assert str(store.path / key) in before, key   # the file
+        folder = (store.path / key).parent
+        assert str(folder) in before, key             # the entry zarr renamed it to
+        while str(folder) not in existed:             # and the entries of folders made for it
+            assert str(folder.parent) in before, folder
+            folder = folder.parent
+    assert "boxes/c/1/2" in " ".join(before) and mark.exists()   # round 1 shard 2's folders were new
+
+
+def test_fsync_can_be_turned_off_for_measuring(store, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    store.fsync = False
+    _fill(store, rounds=[0])
+    assert calls == [] and store.done_mask()[0].all()
