@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import timm
@@ -158,7 +159,7 @@ def test_eval_class_count_mismatch_names_both(tiny_data, tmp_path):
                     mean=IMAGENET[0], std=IMAGENET[1])
     res = _invoke(tiny_data, "--checkpoint", ckpt, "--json")
     assert isinstance(res.exception, MealV2Error)   # `mealv2` prints it as 'mealv2: error: ...', exit 2
-    assert "5 classes" in str(res.exception) and "3 classes" in str(res.exception)
+    assert "5 classes" in str(res.exception) and "'class_0'" in str(res.exception)
     assert res.output == ""
 
     # same for a MEAL V2-style state dict (1000-class head on a 3-class DATA)
@@ -186,6 +187,26 @@ def test_eval_maps_a_checkpoints_classes_by_name(six_class_data, tmp_path):
     got = [json.loads(_invoke(six_class_data, "--checkpoint", tmp_path / n, "--json").output)["top1"]
            for n in ("ordered.pt", "shuffled.pt")]
     assert got[0] == got[1] == pytest.approx(_independent_eval(model, six_class_data, 32, *IMAGENET)["top1"])
+
+
+def test_eval_scores_a_set_of_fewer_classes_among_its_own(six_class_data, tmp_path):
+    """A student of the teachers' label space (more classes than the val set, e.g. ImageNet teachers on a
+    10-class folder) is scored on the val set's classes only, found by name."""
+    model = _model(6, data=six_class_data)
+    names = [f"class_{c}" for c in range(6)]
+    val = tmp_path / "val"
+    for c in (4, 1, 3):   # a 3-class set whose sorted order is class_1, class_3, class_4
+        shutil.copytree(six_class_data / f"class_{c}", val / f"class_{c}")
+    save_checkpoint(tmp_path / "six.pt", model=model, arch=ARCH, classes=names, res=32, mean=IMAGENET[0],
+                    std=IMAGENET[1])
+    got = json.loads(_invoke(val, "--checkpoint", tmp_path / "six.pt", "--json").output)
+    restricted = _model(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in ("fc.weight", "fc.bias"):
+        state[key] = state[key][[1, 3, 4]]
+    restricted.load_state_dict(state)
+    expected = _independent_eval(restricted, val, 32, *IMAGENET)
+    assert (got["top1"], got["top5"]) == pytest.approx((expected["top1"], expected["top5"]))
 
 
 def test_eval_refuses_disagreeing_arch_and_class_names(tiny_data, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import pytest
 
 from mealv2.common.models import ModelSpecError, save_checkpoint, state_dict_sha256
-from mealv2.common.teachers import NORMS, Spec, load_teacher, split_specs, teacher_table
+from mealv2.common.teachers import Spec, load_teacher, split_specs, teacher_table
 
 CLASSES = ("class_0", "class_1", "class_2")
 

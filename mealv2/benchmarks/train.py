@@ -8,7 +8,9 @@ load drifts. Targets: stored >= 0.95 x hard; stored / online as close as possibl
 (teachers + student) / student cost, measured here on one pre-rendered batch.
 
 Also: the RAM a label round takes in the loader for ImageNet (1,281,167 images), from the
-bytes per image of the round read here (RoundData), since the loader holds one round.
+bytes per image of the round read here (RoundData), since the loader holds one round; and, for
+one store made at --res, stored-label img/s of students at other resolutions (``--student-res``)
+and the wall time of a progressive-resizing run against the fixed-res stored run, in the same turns.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import time
 from pathlib import Path
 
 import click
+import crc32c
 import torch
 
-from ..common.cli_options import POSITIVE, device_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option
 from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index
@@ -31,22 +34,31 @@ from ..common.teachers import Ensemble, load_teacher, split_specs
 from ..stage1_label.labeler import LabelConfig, run_label
 from ..stage2_train.loader import FreshLabels, TrainLoader
 from ..stage2_train.losses import soft_cross_entropy
+from ..stage2_train.res_schedule import ResSchedule, res_schedule
 from ..stage2_train.trainer import TrainConfig, train
-from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, random_teachers
+from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, met, random_teachers
 
 IMAGENET_IMAGES = 1_281_167
 MODES = ("stored", "hard", "online")
 
 
-def mode_speed(mode: str, data: Path, store: Path, teachers: list[str], folder: Path, run: int,
-               **common) -> tuple[float, float]:
-    """(img/s, CPU ms per img) of one `mealv2 train` run: medians over its epochs after the first."""
+def mode_speed(mode: str, data: Path, store: Path, teachers: list[str], out: Path,
+               **common) -> tuple[float, float, float]:
+    """(img/s, CPU ms per img, wall s) of one `mealv2 train` run: img/s and CPU ms are medians over
+    its epochs after the first; wall s is the whole run's (start-up and every epoch)."""
     kw = {"stored": dict(labels=str(store)), "hard": dict(hard_labels=True),
           "online": dict(teachers=teachers, teacher_check=False)}   # random-init teachers: speed only
-    rows = train(TrainConfig(data=str(data), out=str(folder / f"{mode}{run}"), progress=False, **kw[mode], **common))
+    started = time.perf_counter()
+    rows = train(TrainConfig(data=str(data), out=str(out), progress=False, **kw[mode], **common))
+    wall = time.perf_counter() - started
     rows = rows[1:]
     return (statistics.median(r["img_per_s"] for r in rows),
-            1000 * statistics.median(r["cpu_s_per_img"] for r in rows))
+            1000 * statistics.median(r["cpu_s_per_img"] for r in rows), wall)
+
+
+def student_res(res: int) -> tuple[int, ...]:
+    """Default student resolutions served by a store made at ``res``: 1/2, 3/4 and 1 of it (multiples of 8)."""
+    return tuple(sorted({max(8, res * f // 4 // 8 * 8) for f in (2, 3)} | {res}))
 
 
 def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, crops: int, batch_size: int,
@@ -87,8 +99,19 @@ def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, cro
             "ratio": [(t + s) / s for s, t in zip(student, teachers)]}
 
 
+def crc_seconds_per_image(index, repeats: int = 20) -> float:
+    """CPU seconds per image of the changed-image check (CRC32C of the file's bytes, which the loader
+    reads anyway), over the bench's own files."""
+    blobs = [index.path(i).read_bytes() for i in range(len(index))]
+    started = time.process_time()
+    for _ in range(repeats):
+        for blob in blobs:
+            crc32c.crc32c(blob)
+    return (time.process_time() - started) / (repeats * len(blobs))
+
+
 @click.command("train")
-@click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
+@click.argument("data", required=False, type=LocalPath(exists=True, path_type=Path))
 @click.option("--teachers", "-t", multiple=True,
               help=f"Teacher specs as for `mealv2 label`; default random-init {' + '.join(DEFAULT_TEACHERS)} at --res.")
 @click.option("--arch", "-a", default="resnet18", show_default=True, help="Student (random init).")
@@ -102,9 +125,17 @@ def cost_ratio(data: Path, arch: str, teachers: list[str], crop: CropParams, cro
               help="Epochs per run; the first is warm-up.")
 @click.option("--repeats", type=POSITIVE, default=2, show_default=True, help="Runs of each mode, in turn.")
 @click.option("--workers", type=POSITIVE, default=2, show_default=True, help="DALI threads.")
+@click.option("--student-res", "students", type=POSITIVE, multiple=True,
+              help="Stored-label student resolutions (repeatable); default 1/2, 3/4 and 1 of --res. The "
+                   "progressive run ramps from the smallest to --res.")
 @device_option
-def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_size, epochs, repeats, workers, device):
-    """Student img/s with stored labels, hard labels and online teachers; RAM per label round."""
+def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_size, epochs, repeats, workers,
+                students, device):
+    """Student img/s with stored labels, hard labels and online teachers; stored-label img/s at
+    several student resolutions; a progressive-resizing run against a fixed-res one; RAM per label round."""
+    students = tuple(sorted(set(students))) or student_res(res)
+    # Progressive: from the smallest student res (epoch 0) up to --res at the last epoch, in multiples of 8.
+    ramp = res_schedule(res, epochs, min(*students, res), 0, epochs - 1, 8)
     folder = Path(tempfile.mkdtemp(prefix="mealv2-bench-train-"))
     try:
         if data is None:
@@ -119,9 +150,19 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         common = dict(arch=arch, crop=crop, crops_per_image=crops, batch_size=batch_size, epochs=epochs,
                       workers=workers, device=device)
         speed = {mode: [] for mode in MODES}
-        for run in range(repeats):
+        at_res = {r: [] for r in students}
+        progressive = []
+        for run in range(repeats):   # everything in turn, so that load drift hits every figure alike
             for mode in MODES:
-                speed[mode].append(mode_speed(mode, data, store.path, specs, folder, run, **common))
+                speed[mode].append(mode_speed(mode, data, store.path, specs, folder / f"{mode}{run}", **common))
+            for r in students:
+                at_res[r].append(speed["stored"][-1] if r == res else mode_speed(
+                    "stored", data, store.path, specs, folder / f"stored-{r}px-{run}",
+                    **{**common, "crop": CropParams(res=r), "crop_given": ("res",)}))
+            progressive.append(mode_speed("stored", data, store.path, specs, folder / f"progressive{run}",
+                                          min_res=ramp.min_res, ramp_start=ramp.ramp_start,
+                                          ramp_end=ramp.ramp_end, res_step=ramp.step, **common))
+        crc_s = crc_seconds_per_image(index)
         runtime = Runtime.create(device)
         dev = runtime.device
         cost = cost_ratio(data, arch, specs, crop, crops, batch_size, runtime, workers)
@@ -133,7 +174,6 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
     med = {mode: statistics.median(v) for mode, v in wall.items()}
     med_cpu = {mode: statistics.median(v) for mode, v in cpu.items()}
     fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
-    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
     # CPU-time ratios are inverted (cost per image) so that every ratio reads as a speed ratio
     vs_hard = med["stored"] / med["hard"], med_cpu["hard"] / med_cpu["stored"]
     vs_online = med["stored"] / med["online"], med_cpu["online"] / med_cpu["stored"]
@@ -162,6 +202,11 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         f"{cost['student'][1] * 1000:.0f} ms CPU, teachers' forward {cost['teachers'][0] * 1000:.0f} ms / "
         f"{cost['teachers'][1] * 1000:.0f} ms.",
         "",
+        f"Changed-image check (the store's CRC32C of each image, compared as the loader reads the bytes): "
+        f"{crc_s * 1e6:.1f} us CPU per image = **{crc_s / (med_cpu['stored'] / 1000 * crops):.2%}** of the "
+        f"stored-label run's CPU time per image ({crops} crops x {med_cpu['stored']:.1f} ms); target <= 1 %: "
+        f"{met(crc_s <= 0.01 * med_cpu['stored'] / 1000 * crops)}.",
+        "",
         "| label round in RAM (RoundData: boxes, flips, ids, probs) | per image | ImageNet, 1,281,167 images |",
         "|---|---|---|",
         f"| C={crops} crops, k={topk}, {len(index.classes)} classes (uint16 ids) | {round_bytes:.0f} B | "
@@ -169,5 +214,31 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         "",
         "The loader holds one round per process (the previous one is released before the next is read): "
         "that is its peak label RAM, per rank under DDP.",
+        *resolution_lines(at_res, progressive, speed["stored"], ramp, res, epochs),
     ]
     click.echo("\n".join(lines))
+
+
+def resolution_lines(at_res: dict, progressive: list, fixed: list, ramp: ResSchedule, res: int,
+                     epochs: int) -> list[str]:
+    """The student-resolution tables: stored-label speed per res, progressive against fixed wall time."""
+    fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    med = {r: [statistics.median(v[i] for v in runs) for i in range(2)] for r, runs in at_res.items()}
+    lines = ["", f"Stored labels (made at {res} px) serving students at other resolutions (`--res R`):", "",
+             f"| student res | img/s (runs) | CPU ms/img (runs) | speed relative to {res} px: wall, CPU | "
+             f"pixels relative |", "|---|---|---|---|---|"]
+    for r, runs in sorted(at_res.items()):
+        rel = (f"{med[r][0] / med[res][0]:.2f}, {med[res][1] / med[r][1]:.2f}" if res in med else "")
+        lines.append(f"| {r} px | {fmt(v[0] for v in runs)} | {fmt(v[1] for v in runs)} | {rel} | "
+                     f"{(r / res) ** 2:.2f} |")
+    wall_fixed, wall_prog = (statistics.median(v[2] for v in runs) for runs in (fixed, progressive))
+    lines += ["", f"Progressive resizing against a fixed {res} px run, stored labels, {epochs} epochs each, "
+              f"in turn: `--min-res {ramp.min_res} --ramp-start {ramp.ramp_start} --ramp-end {ramp.ramp_end} "
+              f"--res-step {ramp.step}` ({ramp.describe(epochs)}).", "",
+              "| run | wall s (runs) | wall ratio | pixels rendered |", "|---|---|---|---|",
+              f"| fixed {res} px | {fmt(v[2] for v in fixed)} | 1.00 | 1.00 |",
+              f"| progressive | {fmt(v[2] for v in progressive)} | **{wall_prog / wall_fixed:.2f}** | "
+              f"{ramp.pixel_fraction(epochs):.2f} |", "",
+              "Wall s: the whole `mealv2 train` run, start-up (index, store check, model) and every epoch "
+              "included; start-up costs both runs the same, so on short runs it pulls the wall ratio towards 1."]
+    return lines

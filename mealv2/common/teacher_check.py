@@ -58,11 +58,13 @@ class TeacherCheck:
                 f"{100 * self.mapped:.1f}%: {self.verdict}")
 
 
-def sample_ids(labels: np.ndarray, num_classes: int, target: int = SAMPLE_IMAGES, seed: int = 0) -> np.ndarray:
-    """Sorted image ids: ``ceil(target / K)`` (at least 2) random images of every class."""
-    per_class = max(2, math.ceil(target / num_classes))
+def sample_ids(labels: np.ndarray, target: int = SAMPLE_IMAGES, seed: int = 0) -> np.ndarray:
+    """Sorted image ids: ``ceil(target / K)`` (at least 2) random images of each of the K classes
+    the labels hold (fewer than the label space's when the teachers know more classes)."""
+    present = np.unique(labels)
+    per_class = max(2, math.ceil(target / len(present)))
     rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in present]
     return np.sort(np.concatenate(picked))
 
 
@@ -130,7 +132,7 @@ def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, cr
                    batch_size: int = 256, workers: int = 2, suggest_dir: Path | None = None) -> list[TeacherCheck]:
     """Check every teacher (see the module docstring); raises TeacherInputError naming the fix."""
     k = len(index.classes)
-    ids = sample_ids(index.labels, k, seed=seed)
+    ids = sample_ids(index.labels, seed=seed)
     y = np.repeat(index.labels[ids], crops)
     # Two halves of the images, alternating within each class, for the held-out mapping.
     rank_in_class = np.zeros(len(ids), np.int64)

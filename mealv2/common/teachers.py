@@ -10,14 +10,22 @@ spec                   resolution                  mean/std                    c
 ``ARCH=CKPT``          the command's ``--res``     imagenet                    ``--classes FILE``, else
                                                                                the dataset's
 ``CKPT`` (mealv2)      recorded in the checkpoint  recorded                    recorded (by name)
-``ARCH`` (timm)        timm's pretrained config    timm's pretrained config    timm's (1000 ImageNet)
+``ARCH`` (timm)        timm's pretrained config    timm's pretrained config    timm's names (ImageNet
+                                                                               WordNet ids); the
+                                                                               dataset's order when
+                                                                               its names are others
 =====================  ==========================  ==========================  ==================
 
 Suffixes override: ``@RES`` the resolution, ``%NORM`` the mean/std (``imagenet``,
 ``inception`` or ``0.5``, ``clip``, ``none`` for raw [0, 1] pixels, ``timm`` for timm's
 config of the architecture, or explicit ``M:M:M/S:S:S``), ``*W`` the ensemble weight, e.g.
 ``convnext_tiny=ckpt.pth@288%0.5*2``. Each teacher's outputs are re-indexed into the
-dataset's class order before they are averaged.
+label space's class order before they are averaged.
+
+The label space (:func:`load_teachers`) is the dataset's classes when the teachers have the
+same; the teachers' classes when the dataset has no labels, or when its classes are a subset
+of the teachers' (ImageNet teachers on a 10-class folder): the dataset's labels are then mapped
+by name into it. All teachers must have the same classes (in any order).
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ from pathlib import Path
 
 import torch
 from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                       IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+                       IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageNetInfo,
+                       infer_imagenet_subset)
 from torch import nn
 
 from .crop_loader import View
@@ -132,8 +141,8 @@ class Teacher:
     kind: str = "state dict"            # 'state dict' | 'mealv2 checkpoint' | 'timm pretrained'
     res_from: str = ""                  # where res came from, for the teacher table
     norm_from: str = ""
-    output_classes: list[str] | None = None   # names of its outputs, in output order, when known
-    index: torch.Tensor | None = field(default=None, repr=False)  # dataset class j = output index[j]
+    output_classes: list[str] | None = None   # names of its outputs, in output order (None: the dataset's)
+    index: torch.Tensor | None = field(default=None, repr=False)  # label-space class j = output index[j]
 
     @property
     def num_params(self) -> int:
@@ -144,7 +153,7 @@ class Teacher:
         return View(self.res, tuple(self.mean), tuple(self.std))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits in the dataset's class order."""
+        """Logits in the label space's class order."""
         out = self.model(x)
         return out if self.index is None else out.index_select(1, self.index.to(out.device))
 
@@ -155,7 +164,67 @@ class Teacher:
 
 
 def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None) -> Teacher:
-    """One teacher for a dataset with ``classes``, by the rule in this module's docstring.
+    """One teacher whose outputs are mapped by name onto ``classes`` (see :func:`build_teacher`)."""
+    teacher = build_teacher(spec, classes, res, state_dict_classes)
+    teacher.index = class_index(teacher, classes)
+    return teacher
+
+
+def load_teachers(specs: list[str], dataset_classes, res: int | None = None,
+                  state_dict_classes: list[str] | None = None) -> tuple[list[Teacher], list[str], str | None]:
+    """The teachers, the label space's classes (module docstring) with each teacher's outputs
+    mapped onto them, and a line to print when those are not the dataset's classes."""
+    teachers = [build_teacher(spec, dataset_classes, res, state_dict_classes) for spec in specs]
+    classes, note = label_space(teachers, dataset_classes)
+    for t in teachers:
+        t.index = class_index(t, classes)
+    return teachers, classes, note
+
+
+def label_space(teachers: list[Teacher], dataset_classes) -> tuple[list[str], str | None]:
+    """The classes a store labels in: the dataset's, or the teachers' where the dataset has no
+    labels or fewer classes. Refuses teachers whose classes differ, and dataset classes no teacher knows."""
+    data = [str(c) for c in dataset_classes]
+    names = [t.output_classes if t.output_classes is not None else data for t in teachers]
+    for i, t in enumerate(teachers[1:], 2):
+        only_first, only_this = sorted(set(names[0]) - set(names[i - 1])), sorted(set(names[i - 1]) - set(names[0]))
+        if only_first or only_this:
+            raise ModelSpecError(
+                f"the teachers disagree on their classes: teacher 1 '{teachers[0].spec}' has {len(names[0])} classes "
+                f"{preview_classes(names[0])}, teacher {i} '{t.spec}' has {len(names[i - 1])} "
+                f"{preview_classes(names[i - 1])}; only teacher 1 has {preview_classes(only_first)}, only teacher "
+                f"{i} has {preview_classes(only_this)}. All teachers must label the same classes")
+    space = names[0]
+    if not data:
+        return space, (f"classes: DATA has no labels; the teachers' {len(space)} classes {preview_classes(space)} "
+                       f"(in teacher 1's output order)")
+    unknown = [c for c in data if c not in set(space)]
+    if unknown:
+        raise ModelSpecError(
+            f"DATA has {len(unknown)} class(es) the teachers do not know: {preview_classes(unknown)}; the teachers' "
+            f"{len(space)} classes are {preview_classes(space)}. Pass --classes FILE with the teachers' class names "
+            f"(state dicts), or, if DATA's subfolders are not classes, list its images in a CSV with only a 'path' "
+            f"column")
+    if len(space) == len(data):
+        return data, None       # the same classes: the dataset's order, as without teachers' names
+    return space, (f"classes: the teachers' {len(space)} classes {preview_classes(space)}; DATA's {len(data)} are "
+                   f"among them (its labels mapped by name), and students are trained on all {len(space)}")
+
+
+def timm_class_names(cfg) -> list[str] | None:
+    """The class names timm ships for a pretrained config (ImageNet WordNet ids such as
+    'n01440764', the folder names of ImageNet's train set); None when timm has none."""
+    n = int(getattr(cfg, "num_classes", 0) or 0)
+    subset = infer_imagenet_subset(cfg) if n else None
+    if subset is None or getattr(cfg, "label_offset", None):
+        return None
+    names = list(ImageNetInfo(subset).label_names())
+    return names if len(names) == n else None
+
+
+def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None) -> Teacher:
+    """One teacher for a dataset with ``classes`` (empty: unlabelled), by the rule in this module's
+    docstring; its outputs are not yet mapped onto a label space (``index`` None).
 
     ``res`` is the command's ``--res`` (state dicts without ``@RES`` run at it);
     ``state_dict_classes`` names a state dict's outputs in order (``--classes``). Refuses what
@@ -168,6 +237,9 @@ def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes:
         if not Path(ckpt_path).is_file():
             raise ModelSpecError(f"teacher spec '{spec}': checkpoint file {ckpt_path} does not exist")
         output_classes = state_dict_classes
+        if output_classes is None and not classes:
+            raise ModelSpecError(f"teacher '{spec}': a state dict does not record its classes and DATA has no "
+                                 f"labels; pass --classes FILE with its class names in output order, one per line")
         n = len(output_classes or classes)
         state = unwrap_state_dict(load_checkpoint_file(ckpt_path), ckpt_path)
         model = create_timm_model(arch, n, where=f"teacher spec '{spec}'")
@@ -192,14 +264,21 @@ def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes:
             raise ModelSpecError(f"teacher spec '{spec}': file {arch} does not exist")
         cfg = pretrained_cfg(arch)
         n = int(getattr(cfg, "num_classes", 0) or 0) if cfg is not None else 0
-        if cfg is not None and n and n != len(classes):
-            raise ModelSpecError(f"teacher '{spec}': timm's pretrained weights have {n} classes, the dataset has "
-                                 f"{len(classes)} {preview_classes(classes)}; timm would replace the head with a "
-                                 f"random one. Use a checkpoint trained on these classes (ARCH=CKPT), or a "
-                                 f"dataset of the teacher's {n} classes")
-        model = create_timm_model(arch, len(classes), pretrained=True, where=f"teacher spec '{spec}'")
+        timm_names = timm_class_names(cfg) if cfg is not None else None
+        unknown = [c for c in map(str, classes) if c not in set(timm_names or ())]
+        # Labelled data under other names than timm's: its classes are taken to be the teacher's, in its order.
+        output_classes = timm_names if not (classes and unknown) else None
+        if output_classes is None and (not classes or (n and n != len(classes))):
+            why = ("timm ships no class names for them" if timm_names is None else
+                   f"its class(es) {preview_classes(unknown)} are not among timm's names for them "
+                   f"{preview_classes(timm_names)}")
+            raise ModelSpecError(f"teacher '{spec}': timm's pretrained weights have {n or 'unknown'} classes, the "
+                                 f"dataset has {len(classes)} {preview_classes(classes)}; {why}. Use a checkpoint "
+                                 f"trained on these classes (ARCH=CKPT), or a dataset of the teacher's classes")
+        model = create_timm_model(arch, len(output_classes or classes), pretrained=True,
+                                  where=f"teacher spec '{spec}'")
         timm_res, mean, std = default_data_config(model)
-        base_res, base_norm, output_classes = (timm_res, "timm pretrained config"), ((mean, std), "timm pretrained config"), None
+        base_res, base_norm = (timm_res, "timm pretrained config"), ((mean, std), "timm pretrained config")
         arch_config = (mean, std)
     final_res, res_from = (s.res, "@RES") if s.res else base_res
     if final_res is None:
@@ -207,28 +286,26 @@ def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes:
                              f"append @RES (the side it was trained at) or pass --res")
     (mean, std), norm_from = ((parse_norm(s.norm, arch_config, f"teacher spec '{spec}'"), f"%{s.norm}")
                               if s.norm else base_norm)
-    teacher = Teacher(spec=spec, arch=arch, model=model.eval(), res=int(final_res), mean=tuple(mean),
-                      std=tuple(std), weight=s.weight, sha256=state_dict_sha256(model), kind=kind,
-                      res_from=res_from, norm_from=norm_from, output_classes=output_classes)
-    teacher.index = class_index(teacher, classes)
-    return teacher
+    return Teacher(spec=spec, arch=arch, model=model.eval(), res=int(final_res), mean=tuple(mean),
+                   std=tuple(std), weight=s.weight, sha256=state_dict_sha256(model), kind=kind,
+                   res_from=res_from, norm_from=norm_from, output_classes=output_classes)
 
 
 def class_index(teacher: Teacher, classes: list[str]) -> torch.Tensor | None:
-    """Output index of each dataset class, matched by name (see :func:`output_index`)."""
+    """Output index of each label-space class, matched by name (see :func:`output_index`)."""
     if teacher.output_classes is None:
         return None
     return output_index(teacher.output_classes, classes, f"teacher '{teacher.spec}'")
 
 
-def output_index(names: list[str], classes, who: str) -> torch.Tensor | None:
+def output_index(names: list[str], classes, who: str, extra_ok: bool = False) -> torch.Tensor | None:
     """Index of each of ``classes`` among a model's output ``names``; None when they are in the
-    same order. Refuses a model that lacks one of ``classes`` or knows others."""
+    same order. Refuses a model that lacks one of ``classes`` or (unless ``extra_ok``) knows others."""
     names, classes = [str(n) for n in names], [str(c) for c in classes]
     if names == classes:
         return None
     missing = [c for c in classes if c not in names]
-    extra = [c for c in names if c not in classes]
+    extra = [] if extra_ok else [c for c in names if c not in classes]
     if missing or extra:
         raise ModelSpecError(
             f"{who} has {len(names)} classes {preview_classes(names)}, the dataset has "
@@ -239,23 +316,12 @@ def output_index(names: list[str], classes, who: str) -> torch.Tensor | None:
     return torch.tensor([position[c] for c in classes], dtype=torch.long)
 
 
-class InClassOrder(nn.Module):
-    """A model whose outputs come re-indexed into a dataset's class order."""
-
-    def __init__(self, model: nn.Module, index: torch.Tensor):
-        super().__init__()
-        self.model = model
-        self.register_buffer("index", index)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).index_select(1, self.index)
-
-
-def teacher_table(teachers: list[Teacher], res: int | None) -> str:
-    """One line per teacher (what `label` and online `train` print before the first crop)."""
+def teacher_table(teachers: list[Teacher], res: int | None, space: str = "dataset") -> str:
+    """One line per teacher (what `label` and online `train` print before the first crop);
+    ``space`` names whose class order the outputs are mapped to."""
     lines = [f"teachers ({len(teachers)}):"]
     for i, t in enumerate(teachers, 1):
-        order = ("dataset order" if t.index is None else "mapped by name to the dataset's order")
+        order = (f"{space} order" if t.index is None else f"mapped by name to the {space}'s order")
         lines.append(f"  {i}. {t.spec}: {t.arch} ({t.kind}, {t.num_params / 1e6:.2f}M params), {t.res} px "
                      f"({t.res_from}), mean/std {norm_name(t.mean, t.std)} "
                      f"{tuple(round(v, 4) for v in t.mean)}/{tuple(round(v, 4) for v in t.std)} ({t.norm_from}), "

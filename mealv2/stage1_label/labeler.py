@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .. import __version__
 from ..common.crop_loader import CropRequest, iterate_crops
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index
+from ..common.dataset import build_index_shared, in_classes
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
@@ -28,7 +27,7 @@ from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teachers, read_classes_file, teacher_table
 
 
 @dataclass
@@ -53,10 +52,11 @@ class LabelConfig:
     progress: bool = True
 
 
-def store_attrs(cfg: LabelConfig, index, teachers) -> dict:
-    """Everything that identifies a store's labels (see common/store.py)."""
+def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
+    """Everything that identifies a store's labels (see common/store.py); ``classes`` are the
+    label space's (default the dataset's; the teachers' for unlabelled data or fewer dataset classes)."""
     return {
-        "classes": list(index.classes),
+        "classes": list(index.classes if classes is None else classes),
         "topk": cfg.topk,
         "temperature": cfg.temperature,
         "seed": cfg.seed,
@@ -86,29 +86,35 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
 def run_label(cfg: LabelConfig) -> LabelStore:
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
-        index = build_index(cfg.data, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8))
-        if cfg.topk > len(index.classes):
-            raise MealV2Error(f"--topk {cfg.topk} is larger than the dataset's {len(index.classes)} classes")
+        index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
+                                   progress=cfg.progress and info.is_main)
         if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers = [load_teacher(spec, index.classes, cfg.crop.res, names) for spec in cfg.teachers]
-        say(teacher_table(teachers, cfg.crop.res))
+        teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names)
+        if cfg.topk > len(classes):
+            whose = "dataset's" if note is None else "teachers'"
+            raise MealV2Error(f"--topk {cfg.topk} is larger than the {whose} {len(classes)} classes")
+        say(teacher_table(teachers, cfg.crop.res, "dataset" if note is None else "label space"))
+        if note:
+            say(note)
+        # The dataset's labels in the label space: the teacher check's and the store's `labels` (-1: none).
+        in_space = in_classes(index, classes) if index.labelled else index
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         out = Path(cfg.out)
         new_store = not (out.exists() and any(out.iterdir()))
         checks = None
         if new_store:   # a store being resumed was checked when it was made
-            checks = info.broadcast_object(_check(cfg, ensemble, index, out) if info.is_main else None)
+            checks = info.broadcast_object(_check(cfg, ensemble, in_space, out) if info.is_main else None)
             if isinstance(checks, MealV2Error):
                 raise checks
-        attrs = store_attrs(cfg, index, teachers)
+        attrs = store_attrs(cfg, index, teachers, classes)
         if checks is not None:
             attrs["teacher_check"] = checks
         lock = acquire_writer_lock(out) if info.is_main else None
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
-                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, index.labels)
+                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels)
                 store.remove_partial_writes()
             info.barrier()
             if not info.is_main:
@@ -132,6 +138,9 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict]
     if not cfg.teacher_check:
         print("teacher check: skipped (--no-teacher-check)")
         return [{"teacher": t.spec, "skipped": True} for t in ensemble.teachers]
+    if not index.labelled:
+        print("teacher check: not run: DATA has no labels to check the teachers' inputs against")
+        return [{"teacher": t.spec, "skipped": True, "why": "no labels"} for t in ensemble.teachers]
     try:
         checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
                                 cfg.workers, suggest_dir=out.parent)

@@ -7,6 +7,8 @@ from ..common.store import LabelStore, StoreError
 
 # torch, timm and DALI are imported only by `verify --data`: inspect and verify stay quick.
 
+HISTOGRAM_CLASSES = 10   # classes `inspect` lists for an unlabelled store
+
 
 def store_summary(path) -> dict:
     store = LabelStore.open(path)
@@ -35,13 +37,26 @@ def store_summary(path) -> dict:
         "bytes_on_disk": store.bytes_on_disk(),
         "bytes_per_crop": round(data_bytes / crops, 2) if crops else None,
         "top1_agreement": None,
+        "top1_histogram": None,
     }
     if rounds:
         # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops; each
-        # teacher's own agreement is the teacher check's (on a sample, before labelling).
+        # teacher's own agreement is the teacher check's (on a sample, before labelling). Without
+        # labels (all -1), the share of round 0's crops whose top-1 is each class, top ones first.
         top1 = store.read_round(0).ids[..., 0]
-        summary["top1_agreement"] = round(float((top1 == store.labels()[:, None]).mean()), 4)
+        labels = store.labels()
+        if (labels >= 0).any():
+            summary["top1_agreement"] = round(float((top1 == labels[:, None]).mean()), 4)
+        else:
+            summary["top1_histogram"] = top1_histogram(top1, a["classes"])
     return summary
+
+
+def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CLASSES) -> dict[str, float]:
+    """{class name: share of crops whose top-1 it is} for the ``top`` most predicted classes."""
+    counts = np.bincount(top1.ravel().astype(np.int64), minlength=len(classes))
+    order = np.argsort(-counts, kind="stable")[:top]
+    return {classes[c]: round(float(counts[c] / counts.sum()), 4) for c in order if counts[c]}
 
 
 def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
@@ -63,8 +78,9 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     if index.fingerprint != a["dataset"]["fingerprint"]:
         return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
                            f"store's {a['dataset']['fingerprint'][:16]}"]
-    # The teachers as recorded: their spec, the --res and the class names they were labelled with.
-    teachers = [load_teacher(t["spec"], index.classes, t["res"], t["output_classes"]) for t in a["teachers"]]
+    # The teachers as recorded: their spec, the --res and the class names they were labelled with, mapped
+    # onto the store's classes (the dataset's, which the fingerprint covers, or the teachers').
+    teachers = [load_teacher(t["spec"], a["classes"], t["res"], t["output_classes"]) for t in a["teachers"]]
     for t, recorded in zip(teachers, a["teachers"]):
         for key in ("sha256", "res", "mean", "std"):
             ours = list(getattr(t, key)) if key in ("mean", "std") else getattr(t, key)

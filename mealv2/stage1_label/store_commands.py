@@ -5,15 +5,16 @@ import json
 
 import click
 
-from ..common.cli_options import POSITIVE, device_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option
 from .report import store_summary, verify_store
 
 
 @click.command()
-@click.argument("store", type=click.Path(exists=True))
+@click.argument("store", type=LocalPath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(store, as_json):
-    """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels."""
+    """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels
+    (on unlabelled data: the classes most often predicted top-1)."""
     summary = store_summary(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -24,18 +25,24 @@ def inspect(store, as_json):
             click.echo("teachers:")
             for t in value:
                 check = checks.get(t["spec"], {})
-                agreement = ("teacher check skipped" if check.get("skipped") else
+                why = f" ({check['why']})" if check.get("why") else ""
+                agreement = (f"teacher check skipped{why}" if check.get("skipped") else
                              f"top-1 agrees with the labels on {100 * check['agreement']:.1f}% of "
                              f"{check['crops']} sampled crops" if check else "not checked")
                 click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
                            f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
-        else:
+        elif key in ("top1_agreement", "top1_histogram") and summary["top1_histogram"] is not None:
+            if key == "top1_histogram":   # in place of the agreement: there are no labels to agree with
+                shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in value.items())
+                click.echo(f"top1_histogram (no labels; round 0's crops by predicted top-1 class, most "
+                           f"predicted first): {shares}")
+        elif key != "top1_histogram":
             click.echo(f"{key}: {value}")
 
 
 @click.command()
-@click.argument("store", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True), help="Dataset the store was made from: re-run the teachers.")
+@click.argument("store", type=LocalPath(exists=True))
+@click.option("--data", type=LocalPath(exists=True), help="Dataset the store was made from: re-run the teachers.")
 @click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="Largest allowed |stored - recomputed| probability.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import (POSITIVE, crop_options, crop_params, device_option, teacher_options,
+from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
                                   workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
@@ -13,17 +13,26 @@ NON_NEGATIVE = click.FloatRange(min=0)
 
 
 @click.command()
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--out", "-o", required=True, type=click.Path(),
+@click.argument("data", type=LocalPath(exists=True))
+@click.option("--out", "-o", required=True, type=LocalPath(),
               help="Run folder: last.pt, best.pt, metrics.csv, curves.png.")
 @click.option("--arch", "-a", required=True, help="Student: any timm model name.")
-@click.option("--labels", "-l", type=click.Path(exists=True),
+@click.option("--labels", "-l", type=LocalPath(exists=True),
               help="Label store made by `mealv2 label` (stored-label mode).")
 @click.option("--hard-labels", is_flag=True, help="Cross-entropy on the dataset labels (baselines, training teachers).")
 @teacher_options()
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Online mode: softmax temperature of the teachers.")
 @crop_options
+@click.option("--min-res", type=POSITIVE, default=None,
+              help="Progressive resizing (FFCV): the student's res up to --ramp-start, then a linear ramp to "
+                   "--res at --ramp-end. Off by default.")
+@click.option("--ramp-start", type=click.IntRange(min=0), default=None,
+              help="With --min-res: the last epoch (from 0) at --min-res.")
+@click.option("--ramp-end", type=click.IntRange(min=0), default=None,
+              help="With --min-res: the first epoch at the final --res (<= --epochs).")
+@click.option("--res-step", type=POSITIVE, default=None,
+              help="With --min-res: the ramp's resolutions are multiples of this  [default: 32]")
 @click.option("--epochs", type=POSITIVE, default=180, show_default=True,
               help="Epochs of N crops (N images), at any --crops-per-image, as MEAL V2 and FKD count them.")
 @click.option("--batch-size", type=POSITIVE, default=512, show_default=True,
@@ -44,9 +53,9 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--cutmix-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True)
 @click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True,
               help="Mixup Beta alpha (0 = off); on steps without CutMix.")
-@click.option("--val", type=click.Path(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
+@click.option("--val", type=LocalPath(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
-@click.option("--init", type=click.Path(exists=True), help="Start from a checkpoint or state dict.")
+@click.option("--init", type=LocalPath(exists=True), help="Start from a checkpoint or state dict.")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly (repeat the run's flags).")
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
               help="torch = PIL/torchvision fallback rendering the same crops.")
@@ -59,15 +68,18 @@ NON_NEGATIVE = click.FloatRange(min=0)
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
 @click.pass_context
 def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_check, teacher_precision,
-          temperature, res, scale, ratio, crops_per_image, epochs, batch_size, lr, momentum, wd, opt, lr_step, cos,
+          temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,
+          batch_size, lr, momentum, wd, opt, lr_step, cos,
           warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained,
           init, resume, loader, device, workers, seed, compile_, tensorboard, dry_run):
     """Train a timm student on DATA from a label store (--labels), dataset labels (--hard-labels)
     or teachers run online (--teachers).
 
     The crop flags (--res, --scale, --ratio, --crops-per-image) shape the fresh crops of
-    --hard-labels and --teachers; with --labels the store's crops are replayed, and a crop
-    flag that differs from the store's is refused.
+    --hard-labels and --teachers; with --labels the store's crops are replayed, and --scale,
+    --ratio or --crops-per-image differing from the store's is refused. --res is the student's
+    resolution in every mode; with --labels it defaults to the store's and may differ from it
+    (the stored boxes are relative). Validation and checkpoints use the final --res.
     """
     teachers = split_specs(teachers)
     if sum([bool(labels), hard_labels, bool(teachers)]) != 1:
@@ -89,7 +101,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
         data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
         classes_file=classes_file, teacher_check=teacher_check, teacher_precision=teacher_precision,
         temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
-        crop_given=given, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
+        crop_given=given, min_res=min_res, ramp_start=ramp_start, ramp_end=ramp_end, res_step=res_step,
+        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
         lr_step=lr_step, cos=cos, warmup_epochs=warmup_epochs, use_discriminator_loss=use_discriminator_loss,
         d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup, val=val,
         pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,

@@ -23,13 +23,12 @@ import click
 import timm
 
 from ..common import models as M
-from ..common.cli_options import POSITIVE, device_option, workers_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option, workers_option
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
-from ..common.models import preview_classes
 from ..common.runtime import Runtime
-from ..common.teachers import NORMS, STATE_DICT_NORM, InClassOrder, output_index, parse_norm, read_classes_file
-from .validate import validate
+from ..common.teachers import NORMS, STATE_DICT_NORM, parse_norm, read_classes_file
+from .validate import class_order, validate
 
 
 
@@ -98,10 +97,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
         if arch and arch != obj["arch"]:
             raise EvalError(f"{checkpoint} is a mealv2 checkpoint of {obj['arch']}, but -a says {arch}; "
                             f"leave -a out or make it agree")
-        classes = [str(c) for c in obj["classes"]]
-        if num_classes is not None and len(classes) != num_classes:
-            raise EvalError(f"{checkpoint}: the checkpoint has {len(classes)} classes {preview_classes(classes)}, "
-                            f"DATA has {num_classes} classes")
+        classes = [str(c) for c in obj["classes"]]   # DATA's classes are matched to them by name
         with config:
             model = M.model_from_mealv2_checkpoint(obj, str(checkpoint))
         return LoadedModel(model.eval(), obj["arch"], len(classes), classes, int(obj["res"]),
@@ -112,7 +108,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
                         f"name its architecture with -a ARCH")
     state = M.unwrap_state_dict(obj, str(checkpoint))
     n = state_dict_num_classes(arch, state) or (len(state_dict_classes) if state_dict_classes else None)
-    if n is not None and num_classes is not None and n != num_classes:
+    if n is not None and num_classes is not None and n != num_classes and state_dict_classes is None:
         raise EvalError(f"{checkpoint}: the state dict's classifier has {n} classes, "
                         f"DATA has {num_classes} classes")
     n = n or num_classes or 1000
@@ -135,15 +131,15 @@ class _Null:
 
 
 @click.command()
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", type=LocalPath(exists=True))
 @click.option("-a", "--arch", help="timm architecture (optional with a mealv2 checkpoint; must agree).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+@click.option("--checkpoint", type=LocalPath(exists=True, dir_okay=False),
               help="mealv2 checkpoint, or a timm / MEAL V2 state dict (with -a).")
 @click.option("--pretrained", is_flag=True, help="timm's pretrained weights for -a ARCH.")
 @click.option("--res", type=POSITIVE, default=None,
               help="Test resolution (MEAL V2: 224 or 380). Default: the checkpoint's or timm's pretrained config's; "
                    "required for a state dict.")
-@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--classes", "classes_file", type=LocalPath(exists=True, dir_okay=False),
               help="A state dict's class names in output order, one per line (mapped by name onto DATA's).")
 @click.option("--norm", help="Normalisation, as a teacher spec's %NORM: imagenet, 0.5, clip, none, timm or "
                              "M:M:M/S:S:S. Default: the checkpoint's, timm's, or imagenet for a state dict.")
@@ -156,12 +152,13 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
     resize to res/0.875, center crop res, the model's mean/std."""
 
     index = build_index(data, workers=workers)
+    if not index.labelled:
+        raise EvalError(f"DATA {data} has no labels (a folder of loose images or a CSV without a 'label' column); "
+                        f"eval needs a labelled set")
     names = read_classes_file(classes_file) if classes_file else None
     loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names)
-    model = loaded.model
-    if loaded.classes is not None:   # outputs mapped by name onto DATA's classes, as for teachers
-        order = output_index(loaded.classes, index.classes, str(checkpoint))
-        model = model if order is None else InClassOrder(model, order)
+    # Outputs mapped by name onto DATA's classes, as for teachers; DATA may hold fewer (scored among its own).
+    order = class_order(loaded.classes, index, str(checkpoint)) if loaded.classes is not None else None
     res = res or loaded.res
     if res is None:
         raise EvalError(f"{checkpoint} is a state dict, which does not record the resolution it was trained at; "
@@ -169,7 +166,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
     mean, std = (parse_norm(norm, M.default_data_config(loaded.model)[1:], "--norm") if norm
                  else (loaded.mean, loaded.std))
     runtime = Runtime.create(device)
-    stats = validate(runtime.model(model), index, res, mean, std, runtime, batch_size, workers)
+    stats = validate(runtime.model(loaded.model), index, res, mean, std, runtime, batch_size, workers,
+                     order=order)
     result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
               "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
               "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),

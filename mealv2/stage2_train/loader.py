@@ -198,11 +198,16 @@ class TrainLoader:
         """Passes over the images that ``epochs`` epochs take."""
         return epochs * len(self) / self.steps_per_pass
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        return self.steps(epoch * len(self), (epoch + 1) * len(self))
+    def epoch(self, epoch: int, views: list[View] | None = None) -> Iterator[Batch]:
+        return self.steps(epoch * len(self), (epoch + 1) * len(self), views)
 
-    def steps(self, start: int, stop: int) -> Iterator[Batch]:
-        """Batches of the global steps [start, stop)."""
+    def steps(self, start: int, stop: int, views: list[View] | None = None) -> Iterator[Batch]:
+        """Batches of the global steps [start, stop), rendered in ``views`` (default: the loader's).
+
+        Each call builds its own pipeline, so views may change from call to call: progressive
+        resizing renders each epoch's student view at that epoch's res, the boxes unchanged.
+        """
+        views = views or self.views
         targets: deque = deque()
 
         def requests():
@@ -214,7 +219,7 @@ class TrainLoader:
                 yield CropRequest(ids, *source.crops(ids))
 
         render = iterate_crops if self.backend == "dali" else iterate_crops_torch
-        for crops in render(self.index, requests(), self.views, self.crops_per_image,
+        for crops in render(self.index, requests(), views, self.crops_per_image,
                             batch_size=self.images_per_step, device=self.device.type, threads=self.workers,
                             prefetch=self.prefetch):
             if self.expected_crcs is not None:

@@ -10,6 +10,13 @@ Units: an epoch is N crops (N images), as MEAL V2 and FKD count it, at any crops
 loader module says how epochs sit in the passes over the data). ``--batch-size`` is the
 global batch in crops, over all ranks, as in MEAL V2's recipe (512).
 
+Resolution: ``--res`` is the student's in every mode; with --labels it defaults to the store's and
+may differ from it (the stored boxes are relative and a soft label describes a box's content, so
+the student renders them at any size). Progressive resizing (res_schedule.py) sets it per epoch.
+Validation runs at the final res in every epoch, as FFCV's recipe does, and checkpoints record
+the final res (not the epoch's): the res their val top-1 was measured at, which `mealv2 eval` and
+`mealv2 label -t CKPT` then use by default (``eval --res`` may test at another, as FixRes does).
+
 Everything random in the data (pass order, crop boxes, CutMix/mixup draws) is a pure function
 of (seed, pass, step, rank), so ``--resume`` only has to restore the model, optimizers,
 torch's RNG (dropout, drop-path), the epoch and the metrics to continue exactly; it refuses a
@@ -44,7 +51,7 @@ from tqdm import tqdm
 
 from ..common.crop_loader import View
 from ..common.crops import CropParams
-from ..common.dataset import build_index
+from ..common.dataset import build_index_shared
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
@@ -56,8 +63,9 @@ from ..common.teacher_check import check_teachers
 from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
+from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog
-from .validate import validate
+from .validate import class_order, validate
 
 CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per_image": "--crops-per-image"}
 # Settings a resumed run may change: where things are and how the run is executed, not what it
@@ -82,6 +90,10 @@ class TrainConfig:
     crop: CropParams = CropParams()     # fresh-crop modes; with --labels the store's apply
     crops_per_image: int = 4
     crop_given: tuple[str, ...] = ()    # crop flags typed by the user: checked against the store
+    min_res: int | None = None          # progressive resizing (res_schedule.py): None = every epoch at --res
+    ramp_start: int | None = None
+    ramp_end: int | None = None
+    res_step: int | None = None
     epochs: int = 180
     batch_size: int = 512               # crops per step, over all ranks
     lr: float = 0.01
@@ -116,31 +128,61 @@ class TrainConfig:
 
 
 # ---- label sources ----------------------------------------------------------------------------
-def open_store(cfg: TrainConfig) -> LabelStore:
-    """The store, refused unless complete and made with the crop flags given (if any)."""
+def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
+    """The store, refused unless complete and made with the crop flags given (if any).
+
+    Every round is verified, not just the first (damage found at epoch 40 would cost the epochs
+    before it), at every start, a resume too (it follows a crash, when damage is likeliest), and
+    cheaply: each rank checks the shards s with s % world == rank, each done mark is read once, and
+    all ranks refuse together, naming the chunks."""
     store = LabelStore.open(cfg.labels)  # refuses other format versions, naming both
-    if not store.complete:
-        raise MealV2Error(f"{store.path}: only {store.rounds_complete()}/{store.rounds_planned} label rounds "
+    shards = range(info.rank, store.num_shards, info.world_size)
+    done = store.done_mask(shards)
+    found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done)))
+    full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
+    if not full.all():
+        raise MealV2Error(f"{store.path}: only {int(np.argmin(full))}/{store.rounds_planned} label rounds "
                           f"are complete; finish it by re-running the `mealv2 label` command that made it "
                           f"(it resumes where it stopped)")
-    # Every round, not just the first: damage found at epoch 40 would cost the epochs before it.
-    problems = store.verify()
+    problems = [p for _, rank_problems in found for p in rank_problems]
     if problems:
         raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
                           + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
                           f"`mealv2 label` command")
     stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
     ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
+    # --res is let through: it is the student's, and the stored boxes are relative, so they render at any res.
     for name in cfg.crop_given:
-        if stored[name] != ours[name]:
+        if name != "res" and stored[name] != ours[name]:
             raise MealV2Error(f"{CROP_FLAGS[name]} {ours[name]} differs from the {stored[name]} that {store.path} "
-                              f"was labelled with; with --labels the crops come from the store (leave the flag out)")
+                              f"was labelled with; with --labels the crops and their soft labels come from the "
+                              f"store, so they cannot change (leave the flag out; only --res, the student's "
+                              f"resolution, may differ)")
     return store
 
 
-def check_store_matches(store: LabelStore, index, data: str) -> None:
+def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
+    """The student's resolution per epoch. Its final res is --res; with --labels the store's unless
+    --res is given: the stored boxes are relative and a soft label describes the box's content, so a
+    student renders them at any res (the store's labelling res stays in its attrs)."""
+    if store is None or "res" in cfg.crop_given:
+        final, where = cfg.crop.res, "--res"
+    else:
+        final, where = int(store.attrs["crop"]["res"]), f"the res {store.path} was labelled at; --res sets another"
+    return res_schedule(final, cfg.epochs, cfg.min_res, cfg.ramp_start, cfg.ramp_end, cfg.res_step, where)
+
+
+def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str, ...], str | None]:
+    """The classes to train on, the store's, and a line saying so where they are not DATA's: the
+    teachers' when DATA has no labels or fewer classes (the fingerprint ties the store to DATA)."""
     a = store.attrs
-    if list(a["classes"]) != list(index.classes):
+    classes, note = tuple(a["classes"]), None
+    if not index.labelled:
+        note = f"classes: DATA has no labels; the student learns the store's {len(classes)} (the teachers')"
+    elif set(index.classes) < set(classes):
+        note = (f"classes: the student learns the store's {len(classes)} (the teachers'); DATA's "
+                f"{len(index.classes)} are among them")
+    elif list(classes) != list(index.classes):
         raise MealV2Error(f"{store.path} has {len(a['classes'])} classes {preview_classes(a['classes'])}, DATA {data} has "
                           f"{len(index.classes)} classes {preview_classes(index.classes)}")
     if a["dataset"]["fingerprint"] != index.fingerprint:
@@ -148,6 +190,7 @@ def check_store_matches(store: LabelStore, index, data: str) -> None:
                           f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
                           f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
                           f"the store was made from, or label this data with `mealv2 label`")
+    return classes, note
 
 
 # ---- training state -----------------------------------------------------------------------------
@@ -233,10 +276,37 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     return loss.detach(), d_loss
 
 
-def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: int, cfg: TrainConfig,
-                    num_classes: int, ensemble: Ensemble | None, teacher_views: list[int], info: DistInfo,
+def epoch_views(student: View, ensemble: Ensemble | None) -> tuple[list[View], list[int]]:
+    """The views one pipeline call renders, the student's first, and the index of each teacher's:
+    a teacher that sees what the student sees shares its rendering."""
+    views = [student] + ([v for v in ensemble.views if v != student] if ensemble else [])
+    return views, [views.index(v) for v in ensemble.views] if ensemble else []
+
+
+def check_student_res(model: nn.Module, schedule: ResSchedule, epochs: int, arch: str, runtime: Runtime) -> None:
+    """Refuse a resolution the student cannot take (a model built for one input size, like timm's
+    ViTs without dynamic_img_size) before any step, naming it, rather than failing mid-run."""
+    was_training = model.training
+    model.eval()
+    try:
+        for res in sorted({schedule.at(e) for e in range(epochs)}):
+            try:
+                with torch.no_grad():
+                    model(runtime.input(torch.zeros(1, 3, res, res)))
+            except Exception as e:   # timm says it with an AssertionError or a shape RuntimeError
+                raise MealV2Error(f"-a {arch} cannot take the student's {res} px input ({type(e).__name__}: "
+                                  f"{e}); train it at the {default_data_config(model)[0]} px it was built for "
+                                  f"(--res, --min-res), or pick a student that takes any input size") from e
+    finally:
+        model.train(was_training)
+
+
+def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[View], list[int]], scheduler,
+                    epoch: int, cfg: TrainConfig, num_classes: int, ensemble: Ensemble | None, info: DistInfo,
                     runtime: Runtime, objective: Objective) -> dict:
-    """One epoch's steps; returns this epoch's row of metrics (rank-averaged)."""
+    """One epoch's steps with ``views`` from :func:`epoch_views` (the student's at this epoch's
+    res); returns this epoch's row of metrics (rank-averaged)."""
+    rendered, teacher_views = views
     state.forward.train()
     if state.disc is not None:
         state.disc.train()
@@ -248,7 +318,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: in
     d_loss_sum = torch.zeros_like(loss_sum)
     done = 0
     started, started_cpu = time.perf_counter(), time.process_time()
-    for step, batch in enumerate(loader.epoch(epoch)):
+    for step, batch in enumerate(loader.epoch(epoch, rendered)):
         update = epoch * steps + step
         scheduler.step_update(num_updates=update)  # the lr is a function of the update count
         if step == 0:
@@ -281,7 +351,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, scheduler, epoch: in
     cpu_seconds = time.process_time() - (first_cpu if done > 1 else started_cpu)
     timed_steps = done - 1 if done > 1 else done
     loss_mean, d_loss_mean = info.all_mean([float(v) / max(done, 1) for v in (loss_sum, d_loss_sum)])
-    return {"epoch": epoch, "lr": lr, "loss": loss_mean,
+    return {"epoch": epoch, "res": rendered[0].res, "lr": lr, "loss": loss_mean,
             "d_loss": d_loss_mean if state.disc is not None else None,
             "img_per_s": round(timed_steps * loader.crops_per_step / max(seconds, 1e-9), 1),
             "crops_seen": (epoch + 1) * steps * loader.crops_per_step,
@@ -315,24 +385,34 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     say = print if info.is_main else (lambda *a, **k: None)
 
     # Data and labels: refuse mismatches before anything is trained.
-    store = open_store(cfg) if cfg.mode == "stored" else None
+    store = open_store(cfg, info) if cfg.mode == "stored" else None
+    schedule = student_schedule(cfg, store)
     skip_bad = bool(store and store.attrs["dataset"]["skipped"])
-    index = build_index(cfg.data, skip_bad=skip_bad, workers=max(cfg.workers, 8))
+    index = build_index_shared(cfg.data, info, skip_bad=skip_bad, workers=max(cfg.workers, 8),
+                               progress=cfg.progress and info.is_main)
+    if not index.labelled and store is None:
+        raise MealV2Error(f"{'--hard-labels' if cfg.mode == 'hard' else 'online training (--teachers)'}: DATA "
+                          f"{cfg.data} has no labels (a folder of loose images or a CSV without a 'label' column), "
+                          f"and its classes would come from teachers; label a store with `mealv2 label` and train "
+                          f"with --labels STORE")
     classes = index.classes
     objective = Objective(temperature=cfg.temperature if cfg.mode == "online" else 1.0)
     if store is not None:
-        check_store_matches(store, index, cfg.data)
-        crop = CropParams.from_attrs(store.attrs["crop"])
+        classes, note = check_store_matches(store, index, cfg.data)
+        if note:
+            say(note)
+        crop = dataclasses.replace(CropParams.from_attrs(store.attrs["crop"]), res=schedule.final)
         labels = StoredLabels(store)
         objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"])
     else:
         crop = cfg.crop
         labels = FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, crop,
                              index.labels if cfg.mode == "hard" else None)
-    val_index = build_index(cfg.val, workers=max(cfg.workers, 8)) if cfg.val else None
-    if val_index is not None and list(val_index.classes) != list(classes):
-        raise MealV2Error(f"--val {cfg.val} has {len(val_index.classes)} classes {preview_classes(val_index.classes)}, "
-                          f"DATA {cfg.data} has {len(classes)} {preview_classes(classes)}")
+    val_index = build_index_shared(cfg.val, info, workers=max(cfg.workers, 8)) if cfg.val else None
+    val_order = class_order(classes, val_index, f"--val {cfg.val}") if val_index is not None else None
+    if val_order is not None:
+        say(f"--val {cfg.val}: its {len(val_index.classes)} classes are mapped by name onto the student's "
+            f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
@@ -347,9 +427,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     _, mean, std = default_data_config(model)
     student_view = View(crop.res, mean, std)
     runtime.model(model)
+    check_student_res(model, schedule, cfg.epochs, cfg.arch, runtime)
 
     ensemble = None
-    views = [student_view]
     if cfg.mode == "online":
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
@@ -357,8 +437,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         if checkpoint is None:
             _check_online_teachers(cfg, ensemble, index, crop, run, info, say)
-        views += [v for v in ensemble.views if v != student_view]  # one pipeline call renders all views
-    teacher_views = [views.index(v) for v in ensemble.views] if ensemble else []
+    views, _ = epoch_views(student_view, ensemble)
 
     loader = TrainLoader(index, labels, views, per_step, cfg.seed, device, backend=cfg.loader, workers=cfg.workers,
                          rank=info.rank, world_size=info.world_size,
@@ -374,7 +453,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         optimizer, sched="cosine" if cfg.cos else "step", num_epochs=cfg.epochs, decay_epochs=cfg.lr_step,
         decay_rate=0.1, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(loader))
 
-    say(plan_text(cfg, index, loader, labels, crop, info, scheduler, objective))
+    say(plan_text(cfg, index, loader, labels, crop, info, scheduler, objective, schedule))
     if cfg.dry_run:
         return []
 
@@ -395,13 +474,13 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         log = RunLog(run, cfg.tensorboard)
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
-        row = train_one_epoch(state, loader, scheduler, epoch, cfg, len(classes), ensemble, teacher_views,
-                              info, runtime, objective)
+        row = train_one_epoch(state, loader, epoch_views(View(schedule.at(epoch), mean, std), ensemble), scheduler,
+                              epoch, cfg, len(classes), ensemble, info, runtime, objective)
         steps_per_rank = row.pop("steps_per_rank")
         row["val_top1"] = row["val_top5"] = None
         if val_index is not None:
             acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
-                           cfg.workers, info)
+                           cfg.workers, info, val_order)
             row["val_top1"], row["val_top5"] = acc["top1"], acc["top5"]
         improved = row["val_top1"] is not None and row["val_top1"] > state.best_top1
         state.epoch, state.metrics = epoch + 1, state.metrics + [row]
@@ -439,11 +518,12 @@ def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: Cr
 
 
 def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropParams, info: DistInfo, scheduler,
-              objective: Objective) -> str:
+              objective: Objective, schedule: ResSchedule) -> str:
     """What the run will do, in the units users plan in (printed at start; all of --dry-run)."""
     n, steps = len(index), len(loader)
     passes = loader.passes(cfg.epochs)
-    lines = [f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {crop.res} px, {n} images x {labels.crops_per_image} "
+    res = f"{schedule.min_res}-{crop.res}" if schedule.progressive else crop.res
+    lines = [f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {res} px, {n} images x {labels.crops_per_image} "
              f"crops per image; device {loader.device.type}, loader {cfg.loader}",
              f"  batch: {loader.crops_per_step} crops per step globally (--batch-size) = {info.world_size} rank(s) x "
              f"{loader.images_per_step} images x {labels.crops_per_image} crops",
@@ -456,7 +536,14 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
     lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
     lines.append(f"  lr ({'cosine' if cfg.cos else f'x0.1 every {cfg.lr_step} epochs'}"
                  f"{f', {cfg.warmup_epochs} warm-up epochs' if cfg.warmup_epochs else ''}): {lrs}")
-    if isinstance(labels, StoredLabels):
+    stored = isinstance(labels, StoredLabels)
+    if stored or schedule.progressive:
+        ramp = (f" (progressive, multiples of {schedule.step}: {schedule.describe(cfg.epochs)}; "
+                f"{100 * schedule.pixel_fraction(cfg.epochs):.0f}% of the pixels of {crop.res} px throughout)"
+                if schedule.progressive else "")
+        made = f", labels made at {labels.store.attrs['crop']['res']} px" if stored else ""
+        lines.append(f"  resolution: student at {res} px{ramp}{made}; validation and checkpoints at {crop.res} px")
+    if stored:
         a = labels.store.attrs
         round_bytes = n * labels.crops_per_image * (4 * 2 + 1 + a["topk"] * labels.store.id_dtype.itemsize
                                                    + a["topk"] + 1)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..common.errors import MealV2Error
 
-METRICS = ("epoch", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s", "crops_seen")
+# res: the student's input resolution that epoch (progressive resizing changes it).
+METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s", "crops_seen")
 
 
 class RunLog:
@@ -29,13 +30,14 @@ class RunLog:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, METRICS)
             writer.writeheader()
-            writer.writerows({k: ("" if row[k] is None else row[k]) for k in METRICS} for row in rows)
+            # .get: rows resumed from a checkpoint written before a column existed leave it empty
+            writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in METRICS} for row in rows)
         os.replace(tmp, self.run / "metrics.csv")
         plot_curves(rows, self.run / "curves.png")
         if self.tb is not None:
             row = rows[-1]
             for key in METRICS[1:]:
-                if row[key] is not None:
+                if row.get(key) is not None:
                     self.tb.add_scalar(key, row[key], row["epoch"])
             self.tb.flush()
 

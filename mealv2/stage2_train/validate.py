@@ -12,7 +12,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..common.crop_loader import decode_rgb
 from ..common.dataset import DatasetIndex
 from ..common.distributed import DistInfo
+from ..common.errors import MealV2Error
+from ..common.models import preview_classes
 from ..common.runtime import Runtime
+from ..common.teachers import output_index
 
 CROP_PCT = 0.875
 
@@ -28,6 +31,20 @@ class _EvalImages(Dataset):
         return self.transform(decode_rgb(self.index.path(i))), int(self.index.labels[i])
 
 
+def class_order(model_classes, index: DatasetIndex, where: str) -> torch.Tensor | None:
+    """The model's output for each of ``index``'s classes, by name (None: the same order). The
+    set may hold fewer classes than the model (a student of ImageNet teachers scored on 10 of
+    them); refused when it has no labels or a class the model does not know."""
+    if not index.labelled:
+        raise MealV2Error(f"{where} has no labels (a folder of loose images or a CSV without a 'label' "
+                          f"column); scoring needs a labelled set")
+    unknown = [c for c in index.classes if c not in set(model_classes)]
+    if unknown:
+        raise MealV2Error(f"{where} has class(es) {preview_classes(unknown)} that the model does not know; its "
+                          f"{len(model_classes)} classes are {preview_classes(model_classes)}")
+    return output_index(model_classes, index.classes, where, extra_ok=True)
+
+
 def eval_transform(res: int, mean, std):
     from torchvision import transforms as T
 
@@ -36,13 +53,19 @@ def eval_transform(res: int, mean, std):
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, index: DatasetIndex, res: int, mean, std, runtime: Runtime,
-             batch_size: int = 64, workers: int = 4, info: DistInfo = DistInfo()) -> dict:
+             batch_size: int = 64, workers: int = 4, info: DistInfo = DistInfo(),
+             order: torch.Tensor | None = None) -> dict:
     """{"top1", "top5" (percent), "num_images"} of ``model`` on ``index``.
+
+    ``order`` (:func:`class_order`) maps the model's outputs onto ``index``'s classes: a set of
+    fewer classes is scored among its own classes only, as ImageNet-A/R's 200-class subsets are.
 
     Under torchrun every rank scores the images ``rank::world_size`` and the counts are summed,
     so the result equals a single process's exactly. The model is left in eval mode; callers
     that go on training switch it back.
     """
+    if not index.labelled:
+        raise MealV2Error(f"{index.root}: images without labels cannot be scored; give a labelled set")
     mine = list(range(info.rank, len(index), info.world_size))
     # Worker processes cost more to start than a few batches cost to decode in-process.
     workers = workers if len(mine) > 4 * batch_size else 0
@@ -55,6 +78,8 @@ def validate(model: torch.nn.Module, index: DatasetIndex, res: int, mean, std, r
         labels = labels.to(runtime.device, non_blocking=True)
         with runtime.autocast():
             logits = model(runtime.input(images))
+        if order is not None:
+            logits = logits.index_select(1, order.to(logits.device))
         hits = logits.float().topk(k, dim=1).indices == labels[:, None]
         correct1 += int(hits[:, 0].sum())
         correct5 += int(hits.any(dim=1).sum())
