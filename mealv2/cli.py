@@ -25,6 +25,11 @@ COMMANDS = {  # name: (module, attribute, one-line help)
 BENCHMARKS = {
     "label": ("mealv2.benchmarks.label", "bench_label", "Stage-1 crops/s against bare teacher forward; bytes/crop against FKD."),
     "train": ("mealv2.benchmarks.train", "bench_train", "Student img/s with stored labels, hard labels and online teachers."),
+    "startup": ("mealv2.benchmarks.startup", "bench_startup", "Seconds from `train` start to its first step at ImageNet size."),
+    "gpu": ("mealv2.benchmarks.gpu", "bench_gpu", "GPU smoke run: label, train bf16 + compile (+ torchrun), eval, export."),
+    "precision": ("mealv2.benchmarks.precision", "bench_precision",
+                  "KL of teachers' bf16/fp16 softmax from fp32, beside the store encoding's."),
+    "demo": ("mealv2.benchmarks.demo", "bench_demo", "`mealv2 demo` over seeds: mean and spread of each gap."),
 }
 
 

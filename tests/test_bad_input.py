@@ -391,6 +391,39 @@ def test_zero_or_negative_counts_are_refused(work, labelled, tmp_path, mealv2, c
     assert not out.exists()
 
 
+# ---- where things run and live ------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,named", [
+    (["label", "{data}", "-t", "{spec}", "-o", "s3://bucket/labels.zarr"], "'--out' / '-o': s3://bucket/labels.zarr"),
+    (["label", "gs://bucket/train", "-t", "{spec}", "-o", "{out}"], "'DATA': gs://bucket/train"),
+    (["train", "{data}", "--labels", "s3://bucket/labels.zarr", "-o", "{out}"], "'--labels' / '-l': s3://bucket"),
+    (["train", "{data}", "--hard-labels", "-o", "https://host/run"], "'--out' / '-o': https://host/run"),
+    (["eval", "s3://bucket/val", "--checkpoint", "{spec_file}"], "'DATA': s3://bucket/val"),
+    (["inspect", "s3://bucket/labels.zarr"], "'STORE': s3://bucket/labels.zarr"),
+])
+def test_urls_are_refused_not_taken_as_local_folders(work, tmp_path, mealv2, args, named):
+    _, data, spec = work
+    out = tmp_path / "out"
+    values = {"data": data, "spec": spec, "out": out, "spec_file": spec.split("=")[1].split("@")[0]}
+    r = mealv2(*(a.format(**values) for a in args), *(TRAIN_FLAGS if args[0] == "train" else []))
+    refused(r, named, "is a URL; mealv2 reads and writes local paths only")
+    assert not out.exists() and not Path("s3:").exists() and not Path("https:").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["label", "train", "eval"])
+def test_device_cuda_without_a_gpu_is_a_clear_error(work, tmp_path, mealv2, command):
+    _, data, spec = work
+    out = tmp_path / "out"
+    args = {"label": ["label", data, "-t", spec, "-o", out, *LABEL_FLAGS],
+            "train": ["train", data, "--hard-labels", "-o", out, *TRAIN_FLAGS],
+            "eval": ["eval", data, "--checkpoint", spec.split("=")[1].split("@")[0], "-a", "test_resnet",
+                     "--res", 32]}[command]
+    r = mealv2(*args, "--device", "cuda")
+    refused(r, "--device cuda: torch sees no CUDA device", "use --device cpu")
+    assert not out.exists()
+
+
 # ---- a damaged store ----------------------------------------------------------------------------
 
 def _flip_byte(path: Path) -> None:

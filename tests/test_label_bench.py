@@ -8,13 +8,23 @@ import torch
 
 from conftest import make_image_dataset, run_cli
 from mealv2.common.targets import encode_topk
-from mealv2.benchmarks.label import (fkd_bytes_per_crop, imagenet_like_case, kl_to_stored,
+from mealv2.benchmarks.label import (fkd_bytes_per_crop, fkd_file_bytes_per_crop, imagenet_like_case, kl_to_stored,
                                        synthetic_ensemble_probs)
 
 
-def test_fkd_reference_is_29_bytes_at_k5():
-    assert fkd_bytes_per_crop(5) == 29 and fkd_bytes_per_crop(10) == 49
-    assert fkd_bytes_per_crop(5, fp16_coords=False) == 37
+@pytest.mark.parametrize("k", [2, 5, 10])
+def test_fkd_reference_counts_the_arrays_fkd_writes(k):
+    """FKD_SLG/generate_soft_label.py --use_fp16 saves, per image of C crops, fp16 box coordinates (C, 4),
+    bool flips (C,) and np.float16(stack([ids, values])) (C, 2, k): their payload per crop is the reference."""
+    crops, rng = 4, np.random.default_rng(0)
+    coords = np.float16(rng.random((crops, 4)))
+    flips = rng.random(crops) < 0.5
+    ids = rng.integers(0, 1000, (crops, k))
+    values = np.sort(rng.random((crops, k)))[:, ::-1]
+    soft = np.float16(np.stack([ids, values], axis=1))
+    assert fkd_bytes_per_crop(k) == (coords.nbytes + flips.nbytes + soft.nbytes) / crops
+    assert fkd_bytes_per_crop(k, fp16_coords=False) == (np.float32(coords).nbytes + flips.nbytes + soft.nbytes) / crops
+    assert fkd_file_bytes_per_crop(crops, k) > fkd_bytes_per_crop(k)   # torch.save's container adds to it
 
 
 def test_kl_to_stored_is_zero_for_exact_codes_and_grows_with_error():
@@ -53,6 +63,6 @@ def test_bench_label_prints_its_table(tmp_path):
     out = result.stdout
     assert "| measure | value | reference | target | met |" in out
     for row in ("stage-1 labeller crops/s", "CPU seconds per crop", "bytes/crop, this run's store (3 classes, k=2)",
-                "max KL", "ImageNet-like synthetic (1000 classes, k=2, 512 crops)"):
+                "max KL", "ImageNet-like synthetic (1000 classes, k=2, 512 crops)", "durability: fsync of a shard's"):
         assert row in out, out
     assert "FKD per crop at k=2" in out and "= 17 B" in out

@@ -1,5 +1,6 @@
 """`mealv2 train` end to end on fixture data: every mode, checkpoints, resume, refusals, DDP."""
 import csv
+import json
 import importlib.util
 import os
 import shutil
@@ -15,7 +16,6 @@ import timm
 import torch
 
 from conftest import make_image_dataset, run_cli
-from mealv2.common.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models import load_checkpoint_file
 from mealv2.common.store import LabelStore
@@ -145,6 +145,41 @@ def test_resume_continues_exactly(labelled, tmp_path):
         [r["loss"] for r in straight], abs=1e-6)
 
 
+def test_resume_names_every_setting_that_would_change_the_run(labelled, tmp_path):
+    run = tmp_path / "run"
+    kw = dict(cos=True, use_discriminator_loss=True, lr=0.05, wd=1e-4)
+    train(config(labelled, run, epochs=2, **kw))
+    changed = dict(kw, lr=0.1, wd=0.0, w_cutmix=True, mixup=0.2, use_discriminator_loss=False)
+    with pytest.raises(MealV2Error) as refused:
+        train(config(labelled, run, epochs=4, resume=True, dry_run=True, **changed))
+    message = str(refused.value)
+    for name, was, now in [("lr", 0.05, 0.1), ("wd", 0.0001, 0.0), ("w_cutmix", False, True), ("mixup", 0.0, 0.2),
+                           ("use_discriminator_loss", True, False), ("epochs", 2, 4)]:
+        assert f"{name}: the run has {was!r}, this command {now!r}" in message, message
+    # Where things run may change; so may --epochs when the schedule does not depend on it (no --cos).
+    assert train(config(labelled, run, epochs=2, resume=True, dry_run=True, workers=1, loader="torch", **kw)) == []
+    step_run = tmp_path / "step"
+    train(config(labelled, step_run, epochs=1, lr_step=5))
+    assert train(config(labelled, step_run, epochs=3, lr_step=5, resume=True, dry_run=True)) == []
+
+
+def test_compile_trains_the_same_and_checkpoints_the_bare_model(labelled, tmp_path, monkeypatch):
+    """--compile goes through torch.compile (dynamo's graph capture of the student, with DDP when distributed).
+    Inductor's code generation takes minutes per tiny model on these 2 cores, so dynamo runs here with its
+    eager backend; `mealv2 bench gpu` runs the real inductor path on a GPU."""
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or
+                        real_compile(module, backend="eager"))
+    plain = train(config(labelled, tmp_path / "plain", epochs=1))
+    with_compile = train(config(labelled, tmp_path / "compiled", epochs=1, compile=True))
+    assert len(compiled) == 1
+    assert with_compile[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-5)
+    saved = load_checkpoint_file(tmp_path / "compiled" / "last.pt")["model"]
+    assert not any(k.startswith("_orig_mod.") for k in saved)
+    assert saved.keys() == load_checkpoint_file(tmp_path / "plain" / "last.pt")["model"].keys()
+
+
 def test_store_mismatches_are_refused(labelled, tmp_path):
     other = shutil.copytree(labelled.data, tmp_path / "other")
     shutil.copy(other / "class_0" / "img_03.jpg", other / "class_0" / "img_99.jpg")
@@ -158,8 +193,9 @@ def test_store_mismatches_are_refused(labelled, tmp_path):
     with pytest.raises(MealV2Error, match=both):
         train(config(labelled, tmp_path / "r2", epochs=1, data=str(renamed)))
 
-    with pytest.raises(MealV2Error, match=r"--res 64 differs from the 32"):
-        train(config(labelled, tmp_path / "r3", epochs=1, crop=CropParams(res=64), crop_given=("res",)))
+    # --res is the student's and may differ from the store's (test_student_res.py); the stored crops may not
+    with pytest.raises(MealV2Error, match=r"--crops-per-image 4 differs from the 2"):
+        train(config(labelled, tmp_path / "r3", epochs=1, crops_per_image=4, crop_given=("crops_per_image",)))
 
     incomplete = shutil.copytree(labelled.store, tmp_path / "incomplete")
     (incomplete / "done" / "c" / "1" / "0").unlink()
@@ -213,15 +249,22 @@ def test_init_from_a_state_dict_and_tensorboard(labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_take_equal_steps(labelled, tmp_path):
+def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_path):
     run = tmp_path / "run"
-    # 12 images, 4 per step and rank on 2 ranks: 2 steps each, the second padded by wrapping around
+    val = make_image_dataset(tmp_path / "val", num_classes=3, per_class=3, seed=5)   # 9: ranks score 5 and 4
+    # 12 images, 4 per step and rank on 2 ranks: 2 steps each, the second padded by wrapping around.
+    # MEALV2_CHECK_COLLECTIVES=cuda: every collective's tensor must have a backend in a CUDA run's group.
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
             "-m", "mealv2.cli", "train", labelled.data, "--labels", labelled.store, "-a", "test_resnet",
-            "-o", run, "--epochs", 2, "--use-discriminator-loss", *FAST]
-    r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300)
+            "-o", run, "--epochs", 2, "--use-discriminator-loss", "--val", val, *FAST]
+    r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **ONE_THREAD, "MEALV2_CHECK_COLLECTIVES": "cuda"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("steps per rank [2, 2]") == 2
     assert "2 rank(s)" in r.stdout
-    assert_run_outputs(run, 2, "test_resnet", val=False)
+    rows = assert_run_outputs(run, 2, "test_resnet", val=True)
     assert len(load_checkpoint_file(run / "last.pt")["rng"]) == 2
+    single = cli("eval", val, "--checkpoint", run / "last.pt", "--json", "--device", "cpu", "--workers", 1)
+    assert single.returncode == 0, single.stderr
+    stats = json.loads(single.stdout)
+    assert (float(rows[-1]["val_top1"]), float(rows[-1]["val_top5"])) == (stats["top1"], stats["top5"])

@@ -42,6 +42,11 @@ def random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str
     return specs
 
 
+def met(condition: bool) -> str:
+    """A benchmark table's "met" cell."""
+    return "yes" if condition else "**no**"
+
+
 def machine_description(device: str) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     cpu = (f"{os.cpu_count()}-core {platform.machine()} CPU (load average {load} at the end), "

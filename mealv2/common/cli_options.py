@@ -1,6 +1,7 @@
 """Click options shared by several commands, so a flag means the same thing everywhere."""
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 import click
@@ -8,6 +9,7 @@ import click
 from .crops import CropParams
 
 POSITIVE = click.IntRange(min=1)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")   # forward precisions (common/runtime.py applies them)
 
 
@@ -18,6 +20,18 @@ def _float_pair(ctx, param, value):
     except (ValueError, ZeroDivisionError):
         raise click.BadParameter(f"expected two numbers 'MIN,MAX', got '{value}'") from None
     return lo, hi
+
+
+class LocalPath(click.Path):
+    """click.Path that refuses URLs: ``--out s3://b/x.zarr`` would otherwise become the local
+    folder ``s3:/b/x.zarr`` without a word. Stores and data are local or mounted paths."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and _URL.match(value):
+            self.fail(f"{value} is a URL; mealv2 reads and writes local paths only (remote stores and data are "
+                      f"not supported yet): mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path",
+                      param, ctx)
+        return super().convert(value, param, ctx)
 
 
 def _stack(options: list):
@@ -57,9 +71,9 @@ def teacher_options(required: bool = False):
                      help="ARCH (timm pretrained) | ARCH=CKPT (state dict, runs at --res, imagenet mean/std) | "
                           "CKPT (mealv2 checkpoint); suffixes @RES, %NORM (imagenet, 0.5, clip, none, timm, "
                           "M:M:M/S:S:S), *WEIGHT; repeatable or comma separated."),
-        click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
-                     help="State-dict teachers' class names in their output order, one per line "
-                          "(mapped by name onto the dataset's classes)."),
+        click.option("--classes", "classes_file", type=LocalPath(exists=True, dir_okay=False),
+                     help="State-dict teachers' class names in their output order, one per line: mapped by "
+                          "name onto the dataset's classes, or the store's classes for unlabelled images."),
         click.option("--teacher-check/--no-teacher-check", default=True, show_default=True,
                      help="On labelled data, stop when a teacher agrees clearly better with the labels under "
                           "another normalisation or class order than configured."),

@@ -80,13 +80,18 @@ class DistInfo:
 
 def _check(t: torch.Tensor) -> None:
     simulated = os.environ.get("MEALV2_CHECK_COLLECTIVES")
-    if not simulated:
-        return
-    spec = backend_for(simulated)
-    backends = dict(pair.split(":") for pair in spec.split(",")) if ":" in spec else {simulated: spec}
-    if t.device.type not in backends:
-        raise RuntimeError(f"collective on a {t.device.type} tensor, but a {simulated} run's process group "
-                           f"({backend_for(simulated)}) has no backend for {t.device.type} tensors")
+    if simulated:
+        check_backend_has(t, backend_for(simulated))
+
+
+def check_backend_has(t: torch.Tensor, backend: str) -> None:
+    """Refuse ``t`` when a process group of ``backend`` (``gloo``, or ``cpu:gloo,cuda:nccl`` pairs;
+    a plain ``nccl`` serves CUDA tensors only) has no backend for the device ``t`` lives on."""
+    pairs = dict(pair.split(":") for pair in backend.split(",")) if ":" in backend else None
+    serves = set(pairs) if pairs else {"cuda"} if backend == "nccl" else {"cpu", "cuda"}
+    if t.device.type not in serves:
+        raise RuntimeError(f"collective on a {t.device.type} tensor, but a process group of backend {backend!r} "
+                           f"has no backend for {t.device.type} tensors")
 
 
 @contextmanager

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from ..common.cli_options import (POSITIVE, crop_options, crop_params, device_option, teacher_options,
+from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
                                   workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
 
 @click.command()
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", type=LocalPath(exists=True))
 @teacher_options(required=True)
-@click.option("--out", "-o", required=True, type=click.Path(), help="Label store to create or resume.")
+@click.option("--out", "-o", required=True, type=LocalPath(), help="Label store to create or resume.")
 @click.option("--rounds", type=POSITIVE, default=4, show_default=True,
               help="Label rounds; training epoch e replays round e mod R. More than the store has appends.")
 @crop_options

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from ..common.cli_options import POSITIVE
+from ..common.cli_options import POSITIVE, LocalPath
 from ..common.errors import MealV2Error
 from .evaluate import EvalError, LoadedModel, load_model
 
@@ -181,9 +181,9 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path, res: int, source: str
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoint", type=LocalPath(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True, help="Output format.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False),
+@click.option("--out", "-o", type=LocalPath(dir_okay=False),
               help="Output file. Default: CHECKPOINT with the suffix .onnx, .torchscript.pt or .safetensors.")
 @click.option("-a", "--arch", help="timm architecture of a plain state dict (optional for a mealv2 checkpoint).")
 @click.option("--res", type=POSITIVE, default=None,
