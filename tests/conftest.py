@@ -5,15 +5,19 @@ import colorsys
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Tiny models on 2 shared cores: extra OpenMP threads only contend (measured ~100x slower per
 # step under load). Set before torch is imported, so in-process and CLI subprocesses agree.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Dataset index caches of the test runs go to a folder of their own, not the user's ~/.cache.
+os.environ.setdefault("MEALV2_CACHE", tempfile.mkdtemp(prefix="mealv2-test-cache-"))
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -68,6 +72,15 @@ def make_image_dataset(root: Path, num_classes: int = 3, per_class: int = 4, see
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one intra-op thread, and two collapse (10-100x) on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """3 classes x 4 images, shared by the whole session: copy it before changing it."""
@@ -97,7 +110,6 @@ def train_outside_mealv2(data: Path, out: Path, class_order: list[str], mean, st
     ImageFolder-style files, RandomResizedCrop, its own mean/std), with class ids in ``class_order``
     (not necessarily the folders' sorted order). Saves and returns a plain state dict."""
     import timm
-    import torch
     import torch.nn.functional as F
     from torchvision import transforms as T
 

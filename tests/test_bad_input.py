@@ -462,6 +462,15 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
     assert not (run / "last.pt").exists()
 
 
+def test_a_damaged_done_mark_is_named_with_the_fix(work, store_copy, tmp_path, mealv2):
+    _, data, _ = work
+    _flip_byte(store_copy / "done/c/0/1")
+    for r in (mealv2("verify", store_copy),
+              mealv2("train", data, "--labels", store_copy, "--out", tmp_path / "run", *TRAIN_FLAGS)):
+        refused(r, str(store_copy), "done marks (array `done`) cannot be read", "re-run the store's `mealv2 label`")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_damage_in_a_later_round_is_refused_before_the_first_step(work, tmp_path, mealv2):
     _, data, spec = work
     store = tmp_path / "store.zarr"

@@ -26,13 +26,7 @@ FAST = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run as fast on one intra-op thread, and two collapse (10-100x) on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*args):
@@ -143,6 +137,23 @@ def test_resume_continues_exactly(labelled, tmp_path):
         torch.testing.assert_close(b["discriminator"][k], v, rtol=0, atol=1e-6)
     assert [float(r["loss"]) for r in read_metrics(tmp_path / "resumed")] == pytest.approx(
         [r["loss"] for r in straight], abs=1e-6)
+
+
+def test_dry_run_checks_everything_prints_the_plan_and_trains_nothing(labelled, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(config(labelled, run, epochs=10, lr_step=4, batch_size=8, dry_run=True)) == []
+    plan = capsys.readouterr().out
+    # 12 images x 2 crops, 8 crops per step: an epoch of 12 crops is round(12 / 8) = 2 steps; a pass is 3 steps
+    for line in ("8 crops per step globally (--batch-size) = 1 rank(s) x 4 images x 2 crops",
+                 "epoch = 12 crops (one per image, as MEAL V2 and FKD count): 2 steps of 8 crops = 16 crops; "
+                 "10 epochs = 20 steps = 6.67 passes over the images",
+                 "lr (x0.1 every 4 epochs): epoch 0: 0.01, epoch 4: 0.001, epoch 8: 0.0001, epoch 9: 0.0001",
+                 "2 rounds (pass p replays round p mod 2: each round 3.33 times), top-2",
+                 "one round in RAM per rank"):
+        assert line in plan, plan
+    assert not run.exists()
+    with pytest.raises(MealV2Error, match="--batch-size 9 .* use 8 or 10"):   # checks still run
+        train(config(labelled, run, epochs=10, batch_size=9, dry_run=True))
 
 
 def test_resume_names_every_setting_that_would_change_the_run(labelled, tmp_path):

@@ -16,7 +16,8 @@ from conftest import make_image_dataset
 from mealv2.common.crops import CropParams
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage2_train.trainer import TrainConfig, train
-from test_train import one_torch_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CLASSES, PER_CLASS, FLIPPED = 4, 12, 5
 CROP = CropParams(res=32, scale=(0.35, 1.0))

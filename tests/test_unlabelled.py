@@ -33,19 +33,11 @@ from mealv2.stage2_train.evaluate import evaluate
 from mealv2.stage2_train.trainer import TrainConfig, train
 from mealv2.stage2_train.validate import class_order, validate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ORDER = ["class_2", "class_0", "class_1"]                  # the teachers' output order, not the folders'
 WIDE = ["bird", "class_2", "class_0", "cat", "class_1"]    # a teacher of 5 classes that include the 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -258,10 +258,16 @@ class LabelStore:
     # ---- writing -----------------------------------------------------------------------
     def done_mask(self, shards: Sequence[int] | None = None) -> np.ndarray:
         """(R, S) bool: which shards are complete; (R, len(shards)) for ``shards`` only."""
-        if shards is None:
-            return self.group["done"][:].astype(bool)
-        return self.group["done"].get_orthogonal_selection(
-            (slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
+        done = self.group["done"]
+        try:
+            if shards is None:
+                return done[:].astype(bool)
+            return done.get_orthogonal_selection((slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
+        except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
+            raise StoreError(f"{self.path}: the shards' done marks (array `done`) cannot be read ({type(e).__name__}: "
+                             f"{e}); the store is damaged. Delete the damaged files under {self.path / 'done'} "
+                             f"and re-run the store's `mealv2 label` command: their shards are labelled "
+                             f"again") from e
 
     @property
     def id_dtype(self) -> np.dtype:
