@@ -6,9 +6,11 @@ square, triangle, cross, star, horizontal stripes, vertical stripes, checkerboar
 drawn in a random colour over a random two-colour gradient background, at a random place,
 size and angle, among distractor blobs and lines of random colours, with pixel noise and
 JPEG compression. Colour carries no information about the class: every colour is drawn
-from the same distribution for every class. Random-resized crops of these images often
-miss the object or cut it, which is where a teacher ensemble's soft labels beat one-hot
-labels.
+from the same distribution for every class. By default half of the images also hold a
+smaller object of another class, and the label names the larger one, as a photo's label
+names its main subject. Random-resized crops often miss the object, cut it or show only
+the other one: the one-hot label is then wrong for what the crop shows, and a teacher
+ensemble's soft label for that crop is not (FKD's region-level labels).
 
 Everything is a pure function of the seed: image ``j`` of class ``c`` in split ``s`` is
 drawn from ``numpy.random.default_rng([seed, s, c, j])``, so the same seed gives the same
@@ -47,7 +49,7 @@ class SyntheticConfig:
     noise: tuple[float, float] = (3.0, 12.0)   # range of the Gaussian pixel-noise sigma
     clutter: tuple[int, int] = (2, 6)          # range of the number of distractors
     quality: tuple[int, int] = (70, 95)        # range of the JPEG quality
-    second: float = 0.0                        # probability of a smaller object of another class
+    second: float = 0.5                        # probability of a smaller object of another class
 
     def __post_init__(self):
         if not 2 <= self.num_classes <= len(CLASSES):

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import shlex
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def _digests(root: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- synthetic
 def test_synthetic_is_deterministic_balanced_varied_and_decodable(tmp_path):
     a = generate(tmp_path / "a", SMALL)
-    b = generate(tmp_path / "b", SMALL)
+    generate(tmp_path / "b", SMALL)
     da, db = _digests(tmp_path / "a"), _digests(tmp_path / "b")
     assert da == db, "same seed must give the same files byte for byte"
     assert len(da) == len(CLASSES) * (SMALL.train_per_class + SMALL.val_per_class)
@@ -115,88 +114,125 @@ def _run(args: list[str]) -> str:
     return buffer.getvalue()
 
 
-@pytest.mark.slow
-def test_demo_reduced_size(tmp_path):
+def _parse(command: str) -> tuple[str, dict]:
+    """A report line as click parses it (unknown flags, bad values, missing paths raise)."""
     from mealv2.cli import cli
 
+    args = shlex.split(command)
+    assert args[0] == "mealv2", command
+    cmd = cli.get_command(None, args[1])
+    assert cmd is not None, command
+    return args[1], cmd.make_context(args[1], args[2:]).params
+
+
+@pytest.mark.slow
+def test_demo_reduced_size(tmp_path, monkeypatch):
+    from mealv2.cli import cli
+    from mealv2.demo import TABLE_HEADER, shipped_teachers
+
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--classes", "4", "--images-per-class", "10", "--val-per-class", "6",
-            "--teachers", "test_resnet,test_byobnet", "--teacher-epochs", "2", "--epochs", "2",
-            "--res", "32", "--batch-size", "32", "--device", "cpu"]
+    args = ["demo", "--out", str(out), "--images-per-class", "6", "--val-per-class", "4", "--epochs", "2",
+            "--rounds", "2", "--batch-size", "32", "--device", "cpu"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     printed = result.output
-
-    # the table is printed, the report and the plot are written
-    for row in ("teacher 1", "teacher 2", "ensemble", "student (stored)", "student (hard)"):
-        assert re.search(rf"^\| {re.escape(row)} ", printed, re.M), f"row {row!r} missing from the printed table"
+    results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the table: printed and in the report alike, one row per model, the columns the user reads
+    names = ["teacher 1", "teacher 2", "ensemble", "student A (stored)", "student A (online)",
+             "student A (hard)", "student B (stored)", "student B (hard)"]
     rows = _table(report, "model")
-    assert rows == _table(printed, "model"), "report.md and the printed table differ"
+    assert list(rows) == names and rows == _table(printed, "model")
+    assert list(rows["ensemble"]) == TABLE_HEADER
+    assert [r["row"] for r in results["rows"]] == names
 
-    # the printed commands are mealv2 command lines, the same as the report's
-    # (lines like "mealv2 train: ..." are the commands' own progress output, not command lines)
-    commands = [l for l in printed.splitlines() if re.match(r"mealv2 [a-z]+ ", l)]
-    commands = list(dict.fromkeys(commands))   # printed once as run ("$ ...") and once in the summary
-    assert commands and all(c in report for c in commands)
-    parsed = [shlex.split(c)[1:] for c in commands]
-    from mealv2.cli import COMMANDS
-    assert all(p[0] in COMMANDS for p in parsed)
-    assert sum(p[0] == "train" for p in parsed) == 4 and sum(p[0] == "eval" for p in parsed) == 4
-    assert sum(p[0] == "label" for p in parsed) == 1
-
-    # every top-1 in the report comes from the runs: re-run the printed eval lines
-    evals = {Path(p[p.index("--checkpoint") + 1]): p for p in parsed if p[0] == "eval"}
-    teacher_ckpts = sorted(c for c in evals if c.parent.parent.name == "teachers")
-    by_row = {"teacher 1": teacher_ckpts[0], "teacher 2": teacher_ckpts[1],
-              "student (stored)": next(c for c in evals if "stored" in c.parent.name),
-              "student (hard)": next(c for c in evals if "hard" in c.parent.name)}
-    for row, ckpt in by_row.items():
-        again = json.loads(_run(evals[ckpt]).strip().splitlines()[-1])
-        assert rows[row]["val top-1 (%)"] == f"{again['top1']:.2f}", row
-        assert rows[row]["val top-5 (%)"] == f"{again['top5']:.2f}", row
-
-    # ... and the students' numbers equal the last row of their runs' metrics.csv (same validate())
-    for row in ("student (stored)", "student (hard)"):
-        with open(by_row[row].parent / "metrics.csv", newline="") as f:
+    # every number comes from the runs: eval JSON, metrics.csv, the command's own time
+    by_row = {r["row"]: r for r in results["rows"]}
+    for name in names:
+        r = by_row[name]
+        assert rows[name]["top-1 (%)"] == f"{r['eval']['top1']:.2f}" and r["top1"] == r["eval"]["top1"], name
+        assert rows[name]["top-5 (%)"] == f"{r['eval']['top5']:.2f}", name
+        assert r["eval"]["num_images"] == 40, name
+        for command in r["commands"]:
+            assert command in report, (name, command)
+    for name in names[3:]:
+        r = by_row[name]
+        assert r["train_s"] > 0 and r["train_cpu_s"] > 0 and r["img_per_s"] > 0, name
+        assert rows[name]["train time (s)"] == f"{r['train_s']:.1f}", name
+        train = next(c for c in r["commands"] if c.startswith("mealv2 train "))
+        run = Path(_parse(train)[1]["out"])
+        with open(run / "metrics.csv", newline="") as f:
             metrics = list(csv.DictReader(f))
-        assert len(metrics) == 2
-        assert rows[row]["val top-1 (%)"] == f"{float(metrics[-1]['val_top1']):.2f}", row
+        assert len(metrics) == 2 == len(r["metrics"]), name
+        assert float(metrics[-1]["val_top1"]) == pytest.approx(r["top1"], abs=1e-6), name   # same validate()
+        # ... and `mealv2 eval` run again on the checkpoint gives the row's numbers
+        again = json.loads(_run(shlex.split(r["commands"][-1])[1:]).strip().splitlines()[-1])
+        assert (again["top1"], again["top5"]) == (r["top1"], r["top5"]), name
+    # the same student and budget in each mode; only the targets differ
+    a_train = [_parse(next(c for c in by_row[n]["commands"] if c.startswith("mealv2 train ")))[1] for n in names[3:6]]
+    for key in ("arch", "epochs", "batch_size", "lr", "opt", "cos", "warmup_epochs", "seed"):
+        assert len({str(p[key]) for p in a_train}) == 1, key
+    assert [bool(p["labels"]) for p in a_train] == [True, False, False]
+    assert [bool(p["teachers"]) for p in a_train] == [False, True, False]
+    assert [p["hard_labels"] for p in a_train] == [False, False, True]
+
+    # the gaps are the rows' differences, printed and in the report
+    g = results["gaps"]
+    assert g["stored_minus_hard"] == pytest.approx(by_row["student A (stored)"]["top1"] - by_row["student A (hard)"]["top1"])
+    assert g["stored_minus_online"] == pytest.approx(by_row["student A (stored)"]["top1"] - by_row["student A (online)"]["top1"])
+    assert g["time_ratio_stored_online"] == pytest.approx(by_row["student A (stored)"]["train_s"] / by_row["student A (online)"]["train_s"])
+    assert g["cpu_ratio_stored_online"] == pytest.approx(by_row["student A (stored)"]["train_cpu_s"] / by_row["student A (online)"]["train_cpu_s"])
+    line = f"stored labels - hard labels: {g['stored_minus_hard']:+.2f} top-1 points"
+    assert line in printed and line in report
 
     # the ensemble: the mean of the teachers' softmax, computed here independently
-    assert rows["ensemble"]["val top-1 (%)"] == f"{_ensemble_top1(teacher_ckpts, out / 'data' / 'val', 32):.2f}"
+    assert rows["ensemble"]["top-1 (%)"] == f"{_ensemble_top1(shipped_teachers(), out / 'data' / 'val'):.2f}"
 
-    # the store figures are those `mealv2 inspect` reports
-    inspect_line = next(p for p in parsed if p[0] == "inspect")
-    summary = json.loads(_run(inspect_line))
-    assert f"{summary['bytes_per_crop']} bytes per crop" in report
-    assert f"{summary['bytes_on_disk'] / 1024:.1f} KiB on disk" in report
-    assert summary["crops"] == 2 * 40 * 2   # rounds (= epochs) x images x crops per image
-
-    # the stage times and the settings are in the report
+    # the store figures are those `mealv2 inspect` reports; times are positive and add up
+    summary = json.loads(_run(shlex.split(next(c for c in results["commands"] if c.startswith("mealv2 inspect ")))[1:]))
+    assert summary == results["store"] and f"{summary['bytes_per_crop']} bytes per crop" in report
+    assert summary["crops"] == 2 * 60 * 2   # rounds (= epochs) x images x crops per image
     stages = _table(report, "stage")
-    assert {"generate dataset", "train teachers", "label", "evaluate", "total"} <= set(stages)
-    assert all(float(v["time (s)"]) >= 0 for v in stages.values())
-    results = json.loads((out / "results.json").read_text())
-    assert results["students"]["stored"]["top1"] == pytest.approx(float(rows["student (stored)"]["val top-1 (%)"]),
-                                                                   abs=0.005)
+    assert {"generate dataset", "label", "train student (stored)", "train student (online)", "evaluate",
+            "total"} <= set(stages)
+    assert all(float(v["wall (s)"]) > 0 for v in stages.values())
+    assert sum(v["wall_s"] for v in results["stages"].values()) <= results["total"]["wall_s"]
+    assert f"mealv2 demo: {results['total']['wall_s']:.0f} s in all" in printed
+
+    # every command in the report is a real `mealv2` command line (parsed by click, paths exist);
+    # the shipped teachers' commands ran in their own folder: make their paths there
+    block = report.split("## Commands to reproduce every row")[1].split("```sh")[1].split("```")[0]
+    commands = [c for c in block.splitlines() if c and not c.startswith("#")]
+    assert sum(c.startswith("mealv2 train ") for c in commands) >= 5
+    monkeypatch.chdir(tmp_path)
+    for c in commands:
+        if c in by_row["teacher 1"]["commands"] + by_row["teacher 2"]["commands"] and c.startswith("mealv2 train "):
+            a = shlex.split(c)
+            build = shlex.split(by_row["teacher 1"]["commands"][0])   # mealv2 demo --build-teachers DIR
+            for p in (a[2], a[a.index("--out") + 1], a[a.index("--val") + 1]):
+                assert Path(p).parts[0] == build[-1], (c, "a path the build command does not create")
+            for p in (a[2], a[a.index("--val") + 1]):
+                (tmp_path / p).mkdir(parents=True, exist_ok=True)
+        _parse(c)
 
 
-def _ensemble_top1(ckpts: list[Path], val: Path, res: int) -> float:
+def _ensemble_top1(specs: list[str], val: Path) -> float:
     import torch
 
-    from mealv2.common.dataset import build_index
     from mealv2.common.crop_loader import decode_rgb
+    from mealv2.common.dataset import build_index
     from mealv2.stage2_train.evaluate import load_model
     from mealv2.stage2_train.validate import eval_transform
 
     index = build_index(val)
-    models = [load_model(str(c), None) for c in ckpts]
+    models = [load_model(s, None) for s in specs]
     correct = 0
     with torch.no_grad():
         for i in range(len(index)):
             image = decode_rgb(index.path(i))
-            p = sum(torch.softmax(m.model(eval_transform(res, m.mean, m.std)(image)[None]), 1) for m in models)
+            p = sum(torch.softmax(m.model.float()(eval_transform(m.res, m.mean, m.std)(image)[None]), 1)
+                    for m in models)
             correct += int(p.argmax(1).item() == index.labels[i])
     return 100.0 * correct / len(index)
