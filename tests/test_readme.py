@@ -56,3 +56,36 @@ def test_readme_flags_exist_on_their_commands():
                 continue
             for flag in re.findall(r"(--[a-z][a-z0-9-]*)", m.group(2)):
                 assert flag in helps[m.group(1)], f"README: `mealv2 {m.group(1)} {flag}` is not an option"
+
+
+def test_meal_v2_table_commands_spend_the_published_budget(tmp_path, monkeypatch):
+    """Each `mealv2 train` of README's MEAL V2 table: 180 epochs of N crops at a global batch of 512, lr 0.01
+    x0.1 at epoch 100, pretrained; and the replay figures README states follow from its label commands."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The MEAL V2 table, as mealv2 commands", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    env = dict(re.findall(r'^(\w+)="?(.*?)"?$', block, re.M))
+    env["IN"] = str(tmp_path)   # the paths must exist for click: an empty stand-in for ImageNet and the stores
+    for folder in ("train", "val", *re.findall(r"([\w-]+\.zarr)", block)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    train = cli.get_command(None, "train")
+    label = cli.get_command(None, "label")
+    trained = labelled = 0
+    for line in block.splitlines():
+        for _ in range(2):   # COMMON holds $IN
+            line = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), line.strip())
+        if line.startswith("mealv2 train"):
+            p = train.make_context("train", shlex.split(line)[2:]).params
+            assert (p["epochs"], p["batch_size"], p["lr"], p["lr_step"], p["pretrained"], p["cos"]) == (
+                180, 512, 0.01, 100, True, False), line
+            trained += 1
+        elif line.startswith("mealv2 label"):
+            p = label.make_context("label", shlex.split(line)[2:]).params
+            passes = 180 / p["crops_per_image"]          # epochs of N crops, C crops per image and pass
+            assert f"{passes:g} passes" in section and f"each of the {p['rounds']} rounds is replayed " \
+                   f"{passes / p['rounds']:g} times" in section.replace("\n", " ")
+            labelled += 1
+    assert (trained, labelled) == (8, 2)
