@@ -32,24 +32,17 @@ from pathlib import Path
 import click
 import torch
 
-import numpy as np
-
 from ..common.cli_options import POSITIVE
-from ..common.crop_loader import CropRequest, View, iterate_crops, iterate_crops_torch
-from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.models import create_timm_model
 from ..common.runtime import Runtime
-from ..common.teachers import NORMS
 from ..stage2_train.losses import soft_cross_entropy
 from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, met, random_teachers
 from .label import labeller_case
-from .precision import ARCHS as PRECISION_ARCHS
-from .precision import MODES, precision_case
+from . import precision
 from .startup import make_case
 
-PRECISION_MODES = (*MODES, "store encoding")
 PRECISION_NOTE = ("random-init timm teachers with a calibrated head (`bench precision`), one crop of each of the "
                   "first 64 val images")
 
@@ -113,17 +106,6 @@ def has_dali() -> bool:
     return True
 
 
-def precision_on(device: str, index, loader: str, res: int, images: int = 64, k: int = 5) -> dict:
-    """`bench precision`'s measure on ``device``: KL of bf16/fp16 teacher softmax from fp32 over
-    real crops of ``index`` (what `--teacher-precision` trades on a GPU)."""
-    ids = np.arange(min(images, len(index)))
-    boxes, flips = sample_crops(0, 0, ids, index.sizes[ids], 1, CropParams(res=res))
-    render = iterate_crops if loader == "dali" else iterate_crops_torch
-    (batch,) = render(index, [CropRequest(ids, boxes, flips)], [View(res, *NORMS["imagenet"])], 1,
-                      batch_size=len(ids), device=device)
-    return {arch: precision_case(arch, batch.views[0], k, device) for arch in PRECISION_ARCHS}
-
-
 def smoke_run(folder: Path, device: str, per_class: int, res: int, batch: int, epochs: int, compile: bool,
               gpus: int, workers: int, teachers=DEFAULT_TEACHERS, student: str = STUDENT,
               dali: bool = True) -> dict:
@@ -170,12 +152,13 @@ def smoke_run(folder: Path, device: str, per_class: int, res: int, batch: int, e
     evaluated = json.loads(run_step("eval", mealv2_command("eval", val, "--checkpoint", folder / "run1" / "best.pt",
                                                            "--json", *common), log))
     run_step("export onnx", mealv2_command("export", folder / "run1" / "best.pt", "--format", "onnx"), log)
-    precision = precision_on(device, build_index(val), loader, res) if device == "cuda" else None
+    precision_kl = (precision.measure(build_index(val), precision.ARCHS, res, 1, 5, device, loader, images=64)
+                    if device == "cuda" else None)
     return {"device": str(runtime.device), "gpus": gpus, "loader": loader,
             "stage1_ratio": stage1["ratio"] if stage1 else None,
             "stage1_crops_per_s": stage1["labeller"][0] if stage1 else None,
             "stored_img_per_s": stored, "synthetic_img_per_s": synthetic, "stage2_ratio": stored / synthetic,
-            "eval_top1": evaluated["top1"], "precision": precision, "steps": log}
+            "eval_top1": evaluated["top1"], "precision": precision_kl, "steps": log}
 
 
 def report(r: dict, seconds: float) -> str:
@@ -190,12 +173,7 @@ def report(r: dict, seconds: float) -> str:
              f"{r['synthetic_img_per_s']:.0f}) | {r['stage2_ratio']:.2f} | >= 0.95 | {met(r['stage2_ratio'] >= 0.95)} |",
              "", "| step | seconds |", "|---|---|", *(f"| {s['step']} | {s['seconds']} |" for s in r["steps"]),
              "", f"Teacher precision on the GPU (KL per crop vs true fp32, max (mean)); {PRECISION_NOTE}:", "",
-             "| teacher | " + " | ".join(PRECISION_MODES) + " |", "|---|" + "---|" * len(PRECISION_MODES)]
-    for arch, p in (r["precision"] or {}).items():
-        lines.append(f"| {arch} (median top-1 {p['top1_median']:.2f}) | "
-                     + " | ".join(f"{p['kl'][m][0]:.1e} ({p['kl'][m][1]:.1e})" + (f", {p['overflow'][m]} non-finite"
-                                                                              if p['overflow'].get(m) else "")
-                                  for m in PRECISION_MODES) + " |")
+             *(precision.table(r["precision"], 5) if r["precision"] else [])]
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ import timm
 import torch
 
 from ..common.cli_options import POSITIVE
-from ..common.crop_loader import CropRequest, View, iterate_crops
+from ..common.crop_loader import CropRequest, View, iterate_crops, iterate_crops_torch
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index
 from ..common.targets import encode_topk
@@ -114,23 +114,37 @@ def bench_precision(archs, res, images, crops, topk):
     try:
         data = make_photo_dataset(folder / "data", 10, -(-images // 10))
         index = build_index(data)
-        ids = np.arange(len(index))
-        boxes, flips = sample_crops(0, 0, ids, index.sizes, crops, CropParams(res=res))
-        (batch,) = iterate_crops(index, [CropRequest(ids, boxes, flips)], [View(res, *NORMS["imagenet"])],
-                                 crops, len(ids))
-        results = {arch: precision_case(arch, batch.views[0], topk) for arch in archs}
+        results = measure(index, archs, res, crops, topk)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    modes = (*MODES, "store encoding")
     lines = [f"`mealv2 bench precision` on {machine_description('cpu')}", "",
-             f"{len(ids) * crops} crops ({len(ids)} generated JPEGs x {crops}) at {res} px, 1000-class random-init "
+             f"{len(index) * crops} crops ({len(index)} generated JPEGs x {crops}) at {res} px, 1000-class random-init "
              f"teachers whose head is a random projection of their centred features, scaled to a median "
              f"top-1 probability of 0.6 (calibrate_head says why this is pessimistic); KL per crop, max (mean).", "",
-             "| teacher | " + " | ".join(f"KL {m} vs fp32" if m != "store encoding" else "KL store encoding (k="
-                                         f"{topk})" for m in modes) + " |",
+             *table(results, topk)]
+    click.echo("\n".join(lines))
+
+
+def measure(index, archs, res: int, crops: int, k: int, device: str = "cpu", loader: str = "dali",
+            images: int | None = None) -> dict:
+    """:func:`precision_case` per architecture over round-0 crops of the first ``images`` images of
+    ``index`` (all by default), rendered by the DALI or the torch loader, on ``device``."""
+    ids = np.arange(len(index) if images is None else min(images, len(index)))
+    boxes, flips = sample_crops(0, 0, ids, index.sizes[ids], crops, CropParams(res=res))
+    render = iterate_crops if loader == "dali" else iterate_crops_torch
+    (batch,) = render(index, [CropRequest(ids, boxes, flips)], [View(res, *NORMS["imagenet"])], crops,
+                      batch_size=len(ids), device=device)
+    return {arch: precision_case(arch, batch.views[0], k, device) for arch in archs}
+
+
+def table(results: dict, k: int) -> list[str]:
+    """The markdown table of :func:`measure`'s results (BENCHMARKS.md keeps it)."""
+    modes = (*MODES, "store encoding")
+    lines = ["| teacher | " + " | ".join(f"KL {m} vs fp32" if m != "store encoding" else f"KL store encoding (k={k})"
+                                        for m in modes) + " |",
              "|---|" + "---|" * len(modes)]
     for arch, r in results.items():
         cells = [f"{r['kl'][m][0]:.1e} ({r['kl'][m][1]:.1e})" + (f", {r['overflow'][m]} crops non-finite"
                                                                   if r["overflow"].get(m) else "") for m in modes]
         lines.append(f"| {arch} (median top-1 {r['top1_median']:.2f}) | " + " | ".join(cells) + " |")
-    click.echo("\n".join(lines))
+    return lines

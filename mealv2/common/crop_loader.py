@@ -178,7 +178,8 @@ def decode_rgb(path_or_file) -> "Image.Image":
 
 
 def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], views: list[View],
-                        crops: int, device: str = "cpu", threads: int = 4, prefetch: int = 2, **_) -> Iterator[CropBatch]:
+                        crops: int, device: str = "cpu", threads: int = 4, prefetch: int = 2,
+                        **_) -> Iterator[CropBatch]:
     """The same crops as :func:`iterate_crops`, rendered with PIL and torchvision: each image on one
     of ``threads`` threads (PIL's decode and torch's resize release the GIL), up to ``prefetch``
     requests ahead of the one being yielded."""

@@ -31,12 +31,12 @@ def inspect(store, as_json):
                              f"{check['crops']} sampled crops" if check else "not checked")
                 click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
                            f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
-        elif key in ("top1_agreement", "top1_histogram") and summary["top1_histogram"] is not None:
-            if key == "top1_histogram":   # in place of the agreement: there are no labels to agree with
+        elif key == "top1_histogram":   # set only for unlabelled data, in place of the agreement
+            if value is not None:
                 shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in value.items())
                 click.echo(f"top1_histogram (no labels; round 0's crops by predicted top-1 class, most "
                            f"predicted first): {shares}")
-        elif key != "top1_histogram":
+        elif not (key == "top1_agreement" and summary["top1_histogram"] is not None):
             click.echo(f"{key}: {value}")
 
 
