@@ -23,8 +23,6 @@ import contextlib
 import csv
 import io
 import json
-import os
-import platform
 import shlex
 import shutil
 import time
@@ -341,7 +339,7 @@ def run_demo(s: Settings) -> dict:
     gaps = gaps_of(rows)
     results = {"settings": asdict(s), "command": s.command(), "rows": rows, "gaps": gaps,
                "label_s": label_step.seconds, "store": inspect, "stages": run.stages, "total": total,
-               "machine": machine(), "commands": [st.shell for st in run.steps]}
+               "machine": machine(s.device), "commands": [st.shell for st in run.steps]}
     plot_students(metrics, out / "curves.png", f"val top-1, {s.epochs} epochs of {n_train} crops")
     (out / "report.md").write_text(report_text(results))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -384,12 +382,13 @@ def _teacher_commands(spec: str) -> list[str]:
     return [] if info is None else [info["build_command"], *info["commands"]]
 
 
-def machine() -> str:
+def machine(device: str = "auto") -> str:
+    """The machine, as the benchmarks describe it (with the GPU's name when one is used)."""
     import torch
 
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores visible (load average {load} at the end), "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    from .benchmarks.common import machine_description
+
+    return machine_description("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def store_line(st: dict) -> str:
