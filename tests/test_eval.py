@@ -251,3 +251,37 @@ def test_eval_timm_pretrained_path(tiny_data, monkeypatch):
     res = _invoke(tiny_data, "-a", ARCH, "--pretrained")
     assert isinstance(res.exception, ev.EvalError)
     assert "pretrained weights" in str(res.exception) and "--checkpoint" in str(res.exception)
+
+
+def test_a_trainers_later_validations_read_the_decoded_images_and_score_the_same(six_class_data, monkeypatch):
+    from mealv2.common.runtime import Runtime
+    from mealv2.stage2_train import validate as val
+
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    model = _model(6, data=six_class_data, norm=(mean, std))
+    index, runtime = build_index(six_class_data), Runtime(torch.device("cpu"))
+    want = _independent_eval(model, six_class_data, 32, mean, std)
+
+    decoded = val.DecodedVal()
+    first = val.validate(model, index, 32, mean, std, runtime, batch_size=4, workers=0, decoded=decoded)
+    assert decoded.batches is not None and sum(len(labels) for _, labels in decoded.batches) == 18
+    monkeypatch.setattr(val, "decode_rgb", lambda path: pytest.fail(f"{path} decoded again"))
+    again = val.validate(model, index, 32, mean, std, runtime, batch_size=4, workers=0, decoded=decoded)
+    assert first == again
+    assert (first["top1"], first["top5"]) == pytest.approx((want["top1"], want["top5"]))
+
+    # a share too big for the cache is streamed every time
+    monkeypatch.undo()
+    monkeypatch.setattr(val, "CACHE_BYTES", 18 * 3 * 32 * 32 - 1)
+    streamed = val.DecodedVal()
+    assert val.validate(model, index, 32, mean, std, runtime, batch_size=4, workers=0, decoded=streamed) == first
+    assert streamed.batches is None
+
+
+def test_normalise_is_torchvisions_to_tensor_and_normalize():
+    from mealv2.stage2_train.validate import normalise
+
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    want = torch.stack([T.Normalize(mean, std)(T.ToTensor()(T.ToPILImage()(p))) for p in pixels])
+    assert torch.equal(normalise(pixels, mean, std), want)

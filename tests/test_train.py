@@ -279,3 +279,19 @@ def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_pa
     assert single.returncode == 0, single.stderr
     stats = json.loads(single.stdout)
     assert (float(rows[-1]["val_top1"]), float(rows[-1]["val_top5"])) == (stats["top1"], stats["top5"])
+
+
+def test_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch(tmp_path, monkeypatch):
+    from mealv2.stage2_train import utils
+
+    clock, drawn = [100.0], []
+    monkeypatch.setattr(utils.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(utils, "plot_curves", lambda rows, path: drawn.append(len(rows)))
+    log = utils.RunLog(tmp_path)
+    rows = []
+    for epoch, (seconds, final) in enumerate([(1, False), (10, False), (25, False), (1, False), (1, True)]):
+        clock[0] += seconds
+        rows.append({"epoch": epoch, "loss": 1.0})
+        log.write(rows, final=final)
+        assert len(read_metrics(tmp_path)) == epoch + 1, "metrics.csv is rewritten every epoch"
+    assert drawn == [1, 3, 5], "the first epoch, once 30 s have passed, and the last"

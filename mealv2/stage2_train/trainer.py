@@ -65,7 +65,7 @@ from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
 from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog
-from .validate import class_order, validate
+from .validate import DecodedVal, class_order, validate
 
 CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per_image": "--crops-per-image"}
 # Settings a resumed run may change: where things are and how the run is executed, not what it
@@ -410,6 +410,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
                              index.labels if cfg.mode == "hard" else None)
     val_index = build_index_shared(cfg.val, info, workers=max(cfg.workers, 8)) if cfg.val else None
     val_order = class_order(classes, val_index, f"--val {cfg.val}") if val_index is not None else None
+    val_decoded = DecodedVal()   # decoded at the first validation, reused at every later one
     if val_order is not None:
         say(f"--val {cfg.val}: its {len(val_index.classes)} classes are mapped by name onto the student's "
             f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
@@ -480,7 +481,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         row["val_top1"] = row["val_top5"] = None
         if val_index is not None:
             acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
-                           cfg.workers, info, val_order)
+                           cfg.workers, info, val_order, val_decoded)
             row["val_top1"], row["val_top5"] = acc["top1"], acc["top5"]
         improved = row["val_top1"] is not None and row["val_top1"] > state.best_top1
         state.epoch, state.metrics = epoch + 1, state.metrics + [row]
@@ -492,7 +493,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
             save_checkpoint(run / "last.pt", model=model, **meta, **extra)
             if improved:
                 save_checkpoint(run / "best.pt", model=model, **meta, **extra)
-            log.write(state.metrics)
+            log.write(state.metrics, final=state.epoch == cfg.epochs)
         say(_summary(row, cfg.epochs, steps_per_rank, time.perf_counter() - started))
         info.barrier()
     return state.metrics

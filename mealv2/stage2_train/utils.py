@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 from ..common.errors import MealV2Error
 
 # res: the student's input resolution that epoch (progressive resizing changes it).
 METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s", "crops_seen")
+# curves.png is redrawn at most this often (and after the last epoch): drawing costs 0.1-0.7 s,
+# more than a whole epoch of a small run; metrics.csv is rewritten every epoch.
+PLOT_EVERY_S = 30.0
 
 
 class RunLog:
@@ -16,6 +20,7 @@ class RunLog:
 
     def __init__(self, run: Path, tensorboard: bool = False):
         self.run = run
+        self.plotted = float("-inf")
         self.tb = None
         if tensorboard:
             try:
@@ -25,7 +30,7 @@ class RunLog:
                                   f"pip install tensorboard") from e
             self.tb = SummaryWriter(run / "tensorboard")
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict], final: bool = False) -> None:
         tmp = self.run / ".metrics.csv.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, METRICS)
@@ -33,7 +38,9 @@ class RunLog:
             # .get: rows resumed from a checkpoint written before a column existed leave it empty
             writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in METRICS} for row in rows)
         os.replace(tmp, self.run / "metrics.csv")
-        plot_curves(rows, self.run / "curves.png")
+        if final or time.monotonic() - self.plotted >= PLOT_EVERY_S:
+            plot_curves(rows, self.run / "curves.png")
+            self.plotted = time.monotonic()
         if self.tb is not None:
             row = rows[-1]
             for key in METRICS[1:]:
