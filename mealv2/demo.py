@@ -3,13 +3,16 @@
 1. generate an ImageFolder dataset (mealv2/synthetic.py: shapes and textures in clutter, half
    of the images with a smaller object of another class)
 2. teachers: two small networks shipped in the package (mealv2/demo_teachers/), trained once,
-   longer and on 2x more images of a disjoint seed, by ``mealv2 demo --build-teachers DIR``
-   (the commands are in DIR/teachers.json); or any mealv2 checkpoints given with --teachers
-3. store their ensemble's soft labels for random crops: `mealv2 label`, `mealv2 inspect`
+   longer, at 64 px (4x the student's pixels and FLOPs) and on 4x more images of a disjoint
+   seed, by ``mealv2 demo --build-teachers DIR`` (the commands are in DIR/teachers.json); or any
+   mealv2 checkpoints given with --teachers
+3. store their ensemble's soft labels for random crops, one round per pass the students take:
+   `mealv2 label`, `mealv2 inspect`
 4. student A three ways on the same budget (epochs, crops, batch, lr, schedule, seed): from the
    store (`train --labels`), distilled online from the same teachers (`train --teachers`, MEAL V2
-   as published), and on the dataset's labels (`train --hard-labels`); student B, another
-   architecture, from the same store and on hard labels (no teacher runs)
+   as published), and on the dataset's labels (`train --hard-labels`), all three on the same
+   crops in the same order; student B, another architecture, from the same store and on hard
+   labels (no teacher runs)
 5. evaluate every model with `mealv2 eval`; the ensemble with the same validate() on the mean
    of the teachers' softmax
 
@@ -34,22 +37,48 @@ import click
 from .common.cli_options import POSITIVE
 
 SHIPPED_TEACHERS = Path(__file__).parent / "demo_teachers"
-# (file name, arch, optimizer, lr, seed) of the shipped teachers: two ResNets of different
-# initialisations and crop orders (an ensemble of strong, diverse members), and the data they were
-# trained on: a seed no demo run uses (demo seeds are < 1000), twice the demo's images per class.
-TEACHER_RECIPES = (("test_resnet_s0", "test_resnet", "sgd", 0.1, 0),
-                   ("test_resnet_s1", "test_resnet", "sgd", 0.1, 1))
-TEACHER_DATA = dict(seed=1000, train_per_class=200, val_per_class=50)
-TEACHER_EPOCHS = 30
+# (file name, arch, optimizer, lr, seed, res) of the shipped teachers: two ResNets of different
+# initialisations and crop orders (an ensemble of diverse members) that see each crop at 64 px, 4x
+# the student's pixels and 4x its forward FLOPs (MEAL V2's teachers cost 3-5x a ResNet-50), and the
+# data they were trained on: a seed no demo run uses (demo seeds are < 1000), 4x the demo's images.
+TEACHER_RECIPES = (("test_resnet_s0", "test_resnet", "sgd", 0.1, 0, 64),
+                   ("test_resnet_s1", "test_resnet", "sgd", 0.1, 1, 64))
+TEACHER_DATA = dict(seed=1000, train_per_class=400, val_per_class=50)
+TEACHER_EPOCHS = 40
 # Optimiser and lr per student architecture (SGD for ResNets, AdamW otherwise); every mode of one
-# architecture gets the same. test_resnet's 0.2 and test_byobnet's 0.004 are the best lr of the
+# architecture gets the same. test_resnet's 0.2 and test_byobnet's 0.008 are the best lr of the
 # hard-label baseline in a grid at the default size (BENCHMARKS.md, "mealv2 demo"): the baseline
 # is tuned, the distilled students take its lr.
-RECIPES = {"test_resnet": ("sgd", 0.2), "resnet10t": ("sgd", 0.1)}
+RECIPES = {"test_resnet": ("sgd", 0.2), "test_byobnet": ("adamw", 0.008), "resnet10t": ("sgd", 0.1)}
 DEFAULT_RECIPE = ("adamw", 0.004)
 TRAIN_ORDER = ("hard", "online", "stored")
 RUN_DIRS = ("labels", "students")   # what a demo run (re)creates under --out
 OUTPUTS = ("report.md", "curves.png", "results.json")
+
+
+def rounds_for(epochs: int, num_images: int, batch_size: int, crops_per_image: int) -> int:
+    """Label rounds that give every training step crops of their own: the passes over the images
+    that ``epochs`` epochs of N crops take, rounded up. Round r's crops are the sampler's round r,
+    which is also what an online or hard-label run of the same seed draws in pass r, so the three
+    students of one architecture see the same crops in the same order: only the targets differ."""
+    from .stage2_train.loader import steps_per_epoch
+
+    steps = epochs * steps_per_epoch(num_images, batch_size)
+    steps_per_pass = -(-num_images // (batch_size // crops_per_image))
+    return -(-steps // steps_per_pass)
+
+
+def curve_subset(val: Path, per_class: int) -> Path:
+    """VAL/../val-curve.csv: the first ``per_class`` images of each class of VAL, the split the
+    trainers score every epoch for curves.png (the table scores the whole of VAL once, at the end)."""
+    path = val.parent / "val-curve.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for folder in sorted(p for p in val.iterdir() if p.is_dir()):
+            for image in sorted(folder.iterdir())[:per_class]:
+                writer.writerow([image.relative_to(path.parent).as_posix(), folder.name])
+    return path
 
 
 def recipe(arch: str) -> tuple[str, float]:
@@ -227,11 +256,12 @@ class Settings:
     teachers: str | None = None
     student: str = "test_resnet"
     student_b: str = "test_byobnet"
-    epochs: int = 12
-    rounds: int = 4
+    epochs: int = 32
+    rounds: int | None = None    # None: one per pass the students take (rounds_for)
+    curve_per_class: int = 30
     crops_per_image: int = 2
     res: int = 32
-    scale: str = "0.2,1"
+    scale: str = "0.08,1"
     batch_size: int = 64
     topk: int = 5
     device: str = "auto"
@@ -260,7 +290,6 @@ def run_demo(s: Settings) -> dict:
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     run = Runner()
-    rounds = s.rounds
     teachers = [t.strip() for t in (s.teachers or ",".join(shipped_teachers())).split(",") if t.strip()]
 
     with run.timed("generate dataset"):
@@ -268,6 +297,9 @@ def run_demo(s: Settings) -> dict:
         paths = generate(out / "data", cfg)
     train_dir, val_dir = paths["train"], paths["val"]
     n_train = s.images_per_class * cfg.num_classes
+    curve_val = curve_subset(val_dir, s.curve_per_class)
+    passes = rounds_for(s.epochs, n_train, s.batch_size, s.crops_per_image)
+    rounds = s.rounds or passes
     click.secho(f"dataset: {train_dir} ({n_train} images), {val_dir} ({s.val_per_class * cfg.num_classes} "
                 f"images), {cfg.num_classes} classes: {', '.join(cfg.classes)}", bold=True)
 
@@ -297,7 +329,7 @@ def run_demo(s: Settings) -> dict:
             train_steps[name] = run(f"train student ({mode})", [
                 "train", train_dir, "--out", runs[name], "-a", arch, *modes[mode], "--epochs", s.epochs,
                 "--batch-size", s.batch_size, "--lr", f"{lr:g}", "--opt", opt, "--cos", "--warmup-epochs", 1,
-                "--val", val_dir, "--seed", s.seed, *device])
+                "--val", curve_val, "--seed", s.seed, *device])
 
     def evaluate(ckpt) -> tuple[dict, Step]:
         step = run("evaluate", ["eval", val_dir, "--checkpoint", ckpt, "--batch-size", 256, *device, "--json"],
@@ -337,10 +369,15 @@ def run_demo(s: Settings) -> dict:
 
     total = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
     gaps = gaps_of(rows)
+    teacher_res = sorted({r["eval"]["res"] for r in rows if r["row"].startswith("teacher")})
     results = {"settings": asdict(s), "command": s.command(), "rows": rows, "gaps": gaps,
-               "label_s": label_step.seconds, "store": inspect, "stages": run.stages, "total": total,
+               "passes": passes,
+               "teacher_res": "/".join(map(str, teacher_res)), "label_s": label_step.seconds, "store": inspect,
+               "stages": run.stages, "total": total,
                "machine": machine(s.device), "commands": [st.shell for st in run.steps]}
-    plot_students(metrics, out / "curves.png", f"val top-1, {s.epochs} epochs of {n_train} crops")
+    curve_n = min(s.curve_per_class, s.val_per_class)
+    plot_students(metrics, out / "curves.png",
+                  f"val top-1 on {curve_n} images per class, {s.epochs} epochs of {n_train} crops")
     (out / "report.md").write_text(report_text(results))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
@@ -398,6 +435,17 @@ def store_line(st: dict) -> str:
             f"{100 * st['top1_agreement']:.1f}% of round 0's crops")
 
 
+def replay_text(r: dict) -> str:
+    rounds, passes = r["store"]["rounds_complete"], r["passes"]
+    if rounds >= passes:
+        return (f"The store holds a round of crops for each of the {passes} passes over the images that the "
+                f"students take, and round p is what the sampler draws for pass p in every mode: the students "
+                f"of one architecture see the same crops in the same order, and only the targets differ.")
+    return (f"The stored-label students replay the store's {rounds} rounds of crops (pass p replays round "
+            f"p mod {rounds}) over their {passes} passes; the online and hard-label students draw new crops "
+            f"every pass.")
+
+
 def report_text(r: dict) -> str:
     s = r["settings"]
     reproduce = []
@@ -415,17 +463,20 @@ other object. {s['images_per_class']} train and {s['val_per_class']} val images 
 
 ## Results
 
-Top-1/top-5 on the val split with MEAL V2's test protocol (`mealv2 eval`: resize to res/0.875,
-center crop res). Every model is scored at its last epoch (`last.pt`): the val split selects
-nothing. The ensemble row is the same validate() on the mean of the teachers' softmax. The
-teachers were trained once, longer and on more images of another seed (their "saw" column), and
-ship with the package. Each student of one architecture gets the same epochs ({s['epochs']} epochs
-of N crops), crops ({s['crops_per_image']} per image, scale {s['scale']}, {s['res']} px), batch
-({s['batch_size']} crops), optimiser and lr, cosine schedule with one warm-up epoch and seed; only
-the targets differ. The stored-label students replay the store's {s['rounds']} rounds of crops (epoch e
-replays round e mod {s['rounds']}); the online and hard-label students draw fresh crops every epoch.
-Train time is the wall time of the `mealv2 train` command (its per-epoch validation and
-checkpoints included, the same in every mode); img/s is the trainer's median training throughput.
+Top-1/top-5 on the val split ({s['val_per_class']} images per class) with MEAL V2's test protocol
+(`mealv2 eval`: resize to res/0.875, center crop res). Every model is scored at its last epoch
+(`last.pt`): the val split selects nothing. The ensemble row is the same validate() on the mean of
+the teachers' softmax. The teachers were trained once, longer, on more images of another seed and
+at {r['teacher_res']} px (their "saw" column), and ship with the package; they see every crop at
+{r['teacher_res']} px, the students at {s['res']} px. Each student of one architecture gets the same
+epochs ({s['epochs']} epochs of N crops), crops ({s['crops_per_image']} per image, scale {s['scale']}),
+batch ({s['batch_size']} crops), optimiser and lr, cosine schedule with one warm-up epoch and seed.
+{replay_text(r)} Small crops are where a one-hot label is most often wrong for what a crop shows
+(the ensemble's top-1 is the image's label on {100 * r['store']['top1_agreement']:.1f}% of round 0's
+crops): with milder crops (`--scale`) the hard-label baseline gains more than the distilled
+students (BENCHMARKS.md, "Crop scale"). Train time is the wall time of the `mealv2 train` command (its per-epoch
+validation on {s['curve_per_class']} val images per class, for curves.png, and its checkpoints
+included, the same in every mode); img/s is the trainer's median training throughput.
 So that the stored / online comparison is like for like, the hard-label runs are trained first
 (the one-off costs of the first training in the process, imports and kernel set-up, fall on
 them), and the online run skips the teacher check (`--no-teacher-check`) that `mealv2 label`
@@ -468,12 +519,12 @@ def train_teachers(dest: Path, device: str, workers: int) -> None:
     paths = generate(dest / "data", SyntheticConfig(**TEACHER_DATA))
     run = Runner()
     done = []
-    for name, arch, opt, lr, seed in TEACHER_RECIPES:
+    for name, arch, opt, lr, seed, res in TEACHER_RECIPES:
         folder = dest / "runs" / name
         shutil.rmtree(folder, ignore_errors=True)
         step = run("train teachers", [
             "train", paths["train"], "--out", folder, "-a", arch, "--hard-labels", "--epochs", TEACHER_EPOCHS,
-            "--res", DEFAULTS.res, "--scale", DEFAULTS.scale, "--crops-per-image", DEFAULTS.crops_per_image,
+            "--res", res, "--scale", DEFAULTS.scale, "--crops-per-image", DEFAULTS.crops_per_image,
             "--batch-size", DEFAULTS.batch_size, "--lr", f"{lr:g}", "--opt", opt, "--cos", "--warmup-epochs", 1,
             "--val", paths["val"], "--seed", seed, "--device", device, "--workers", workers])
         done.append((name, arch, folder, step.shell, step.seconds))
@@ -497,7 +548,8 @@ def write_teachers(dest: Path, runs: list[tuple[str, str, Path, str, float]]) ->
         save_checkpoint(dest / f"{name}.pt", model=model, arch=arch, classes=ckpt["classes"], res=ckpt["res"],
                         mean=ckpt["mean"], std=ckpt["std"])
         info["teachers"][name] = {
-            "arch": arch, "saw": f"{n} other images, labels, {TEACHER_EPOCHS} ep", "commands": [command],
+            "arch": arch, "saw": f"{n} other images, labels, {TEACHER_EPOCHS} ep, {ckpt['res']} px",
+            "commands": [command],
             "train_s": round(seconds, 1),
             "own_val_top1": read_metrics(folder / "metrics.csv")[-1]["val_top1"]}
     (dest / "teachers.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -514,7 +566,9 @@ def write_teachers(dest: Path, runs: list[tuple[str, str, Path, str, float]]) ->
 @click.option("--images-per-class", type=POSITIVE, default=DEFAULTS.images_per_class, show_default=True,
               help="Train images per class.")
 @click.option("--val-per-class", type=POSITIVE, default=DEFAULTS.val_per_class, show_default=True,
-              help="Val images per class.")
+              help="Val images per class: the table's top-1/top-5.")
+@click.option("--curve-per-class", type=POSITIVE, default=DEFAULTS.curve_per_class, show_default=True,
+              help="Val images per class that the students score every epoch (curves.png).")
 @click.option("--teachers", default=None,
               help="Comma-separated mealv2 checkpoints of one resolution [default: the two shipped in "
                    "mealv2/demo_teachers, made by --build-teachers].")
@@ -523,11 +577,13 @@ def write_teachers(dest: Path, runs: list[tuple[str, str, Path, str, float]]) ->
               help="Student B: another timm architecture, trained from the same store.")
 @click.option("--epochs", type=POSITIVE, default=DEFAULTS.epochs, show_default=True,
               help="Epochs of N crops of every student.")
-@click.option("--rounds", type=POSITIVE, default=DEFAULTS.rounds, show_default=True,
-              help="Label rounds; epoch e replays round e mod R (--epochs: no stored crop repeats).")
+@click.option("--rounds", type=POSITIVE, default=DEFAULTS.rounds,
+              help="Label rounds; pass p over the images replays round p mod R [default: the passes the "
+                   "students take, so that no stored crop repeats and every mode sees the same crops].")
 @click.option("--crops-per-image", type=POSITIVE, default=DEFAULTS.crops_per_image, show_default=True)
 @click.option("--res", type=POSITIVE, default=DEFAULTS.res, show_default=True,
-              help="Crop side of the store and the students (the shipped teachers run at 32).")
+              help="Crop side of the store and the students (each teacher sees the crop at its own res: "
+                   "64 px for the shipped ones).")
 @click.option("--scale", default=DEFAULTS.scale, show_default=True, help="Random-resized-crop area range.")
 @click.option("--batch-size", type=POSITIVE, default=DEFAULTS.batch_size, show_default=True,
               help="Crops per step; a multiple of --crops-per-image.")
@@ -539,7 +595,7 @@ def write_teachers(dest: Path, runs: list[tuple[str, str, Path, str, float]]) ->
                    "this folder (their .pt files and teachers.json are what mealv2/demo_teachers ships).")
 def demo(build_teachers, **flags):
     """Label once, train many students: stored labels against online MEAL V2 and hard labels,
-    on a generated dataset, on a CPU in about 5 minutes.
+    on a generated dataset, on a CPU in about 4 minutes.
 
     Stores the soft labels of two shipped teachers for random crops, trains student A from the
     store, online from the teachers and on hard labels, student B from the same store and on

@@ -131,8 +131,8 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
     from mealv2.demo import TABLE_HEADER, shipped_teachers
 
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--images-per-class", "6", "--val-per-class", "4", "--epochs", "2",
-            "--rounds", "2", "--batch-size", "32", "--device", "cpu"]
+    args = ["demo", "--out", str(out), "--images-per-class", "6", "--val-per-class", "4", "--curve-per-class", "2",
+            "--epochs", "4", "--batch-size", "32", "--device", "cpu"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     printed = result.output
@@ -165,8 +165,11 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
         run = Path(_parse(train)[1]["out"])
         with open(run / "metrics.csv", newline="") as f:
             metrics = list(csv.DictReader(f))
-        assert len(metrics) == 2 == len(r["metrics"]), name
-        assert float(metrics[-1]["val_top1"]) == pytest.approx(r["top1"], abs=1e-6), name   # same validate()
+        assert len(metrics) == 4 == len(r["metrics"]), name
+        # the curve scores the val-curve subset every epoch; `mealv2 eval` of last.pt on it agrees
+        curve = json.loads(_run(["eval", str(out / "data" / "val-curve.csv"), "--checkpoint", str(run / "last.pt"),
+                                 "--json"]).strip().splitlines()[-1])
+        assert curve["num_images"] == 20 and float(metrics[-1]["val_top1"]) == pytest.approx(curve["top1"]), name
         # ... and `mealv2 eval` run again on the checkpoint gives the row's numbers
         again = json.loads(_run(shlex.split(r["commands"][-1])[1:]).strip().splitlines()[-1])
         assert (again["top1"], again["top5"]) == (r["top1"], r["top5"]), name
@@ -193,7 +196,23 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
     # the store figures are those `mealv2 inspect` reports; times are positive and add up
     summary = json.loads(_run(shlex.split(next(c for c in results["commands"] if c.startswith("mealv2 inspect ")))[1:]))
     assert summary == results["store"] and f"{summary['bytes_per_crop']} bytes per crop" in report
-    assert summary["crops"] == 2 * 60 * 2   # rounds (= epochs) x images x crops per image
+    # one round per pass: 4 epochs of 60 crops in steps of 32 crops = 8 steps = 2 passes of 4 steps
+    assert results["passes"] == summary["rounds_complete"] == 2 and summary["crops"] == 2 * 60 * 2
+    # ... and round p holds the crops that the online and hard-label runs of the seed draw in pass p
+    # (the report's "same crops in the same order"; the order is the loader's, drawn from the seed alike)
+    from mealv2.common.crops import CropParams
+    from mealv2.common.dataset import build_index
+    from mealv2.common.store import LabelStore
+    from mealv2.stage2_train.loader import FreshLabels
+
+    store = LabelStore.open(out / "labels" / "store.zarr")
+    sizes = build_index(out / "data" / "train").sizes
+    fresh = FreshLabels(0, sizes, 2, CropParams.from_attrs(store.attrs["crop"]), None)
+    ids = np.arange(len(sizes))
+    for r in range(2):
+        stored, drawn = store.read_round(r), fresh.for_pass(r).crops(ids)
+        assert np.array_equal(stored.boxes, drawn[0]) and np.array_equal(stored.flips.astype(bool), drawn[1]), r
+    assert "see the same crops in the same order" in report
     stages = _table(report, "stage")
     assert {"generate dataset", "label", "train student (stored)", "train student (online)", "evaluate",
             "total"} <= set(stages)
@@ -224,7 +243,7 @@ def _ensemble_top1(specs: list[str], val: Path) -> float:
     from mealv2.common.crop_loader import decode_rgb
     from mealv2.common.dataset import build_index
     from mealv2.stage2_train.evaluate import load_model
-    from mealv2.stage2_train.validate import eval_transform
+    from mealv2.stage2_train.validate import eval_crop, normalise
 
     index = build_index(val)
     models = [load_model(s, None) for s in specs]
@@ -232,7 +251,7 @@ def _ensemble_top1(specs: list[str], val: Path) -> float:
     with torch.no_grad():
         for i in range(len(index)):
             image = decode_rgb(index.path(i))
-            p = sum(torch.softmax(m.model.float()(eval_transform(m.res, m.mean, m.std)(image)[None]), 1)
+            p = sum(torch.softmax(m.model.float()(normalise(eval_crop(m.res)(image)[None], m.mean, m.std)), 1)
                     for m in models)
             correct += int(p.argmax(1).item() == index.labels[i])
     return 100.0 * correct / len(index)

@@ -4,7 +4,7 @@ Runs `mealv2 demo` (its default size) once per seed: dataset, label crops and st
 change with the seed; the shipped teachers stay. Prints each run's gaps and, per gap, the
 mean, the sample standard deviation and the range: stored - hard-label top-1 (target >= +2
 points), stored - online top-1 (target >= -1), stored / online training time (target <= 0.6),
-and student B's stored - hard. Not part of CI: a default run takes about 5 minutes a seed on
+and student B's stored - hard. Not part of CI: a default run takes about 4 minutes a seed on
 2 CPU cores.
 """
 from __future__ import annotations
