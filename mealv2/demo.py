@@ -474,9 +474,10 @@ batch ({s['batch_size']} crops), optimiser and lr, cosine schedule with one warm
 {replay_text(r)} Small crops are where a one-hot label is most often wrong for what a crop shows
 (the ensemble's top-1 is the image's label on {100 * r['store']['top1_agreement']:.1f}% of round 0's
 crops): with milder crops (`--scale`) the hard-label baseline gains more than the distilled
-students (BENCHMARKS.md, "Crop scale"). Train time is the wall time of the `mealv2 train` command (its per-epoch
-validation on {s['curve_per_class']} val images per class, for curves.png, and its checkpoints
-included, the same in every mode); img/s is the trainer's median training throughput.
+students (BENCHMARKS.md, "Crop scale"). Train time is the wall time of the `mealv2 train`
+command (its per-epoch validation on {min(s['curve_per_class'], s['val_per_class'])} val images per
+class, for curves.png, and its checkpoints included, the same in every mode); img/s is the
+trainer's median training throughput.
 So that the stored / online comparison is like for like, the hard-label runs are trained first
 (the one-off costs of the first training in the process, imports and kernel set-up, fall on
 them), and the online run skips the teacher check (`--no-teacher-check`) that `mealv2 label`
