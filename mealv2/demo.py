@@ -61,11 +61,10 @@ def rounds_for(epochs: int, num_images: int, batch_size: int, crops_per_image: i
     that ``epochs`` epochs of N crops take, rounded up. Round r's crops are the sampler's round r,
     which is also what an online or hard-label run of the same seed draws in pass r, so the three
     students of one architecture see the same crops in the same order: only the targets differ."""
-    from .stage2_train.loader import steps_per_epoch
+    from .stage2_train.loader import steps_per_epoch, steps_per_pass
 
     steps = epochs * steps_per_epoch(num_images, batch_size)
-    steps_per_pass = -(-num_images // (batch_size // crops_per_image))
-    return -(-steps // steps_per_pass)
+    return -(-steps // steps_per_pass(num_images, batch_size // crops_per_image))
 
 
 def curve_subset(val: Path, per_class: int) -> Path:

@@ -164,6 +164,12 @@ def steps_per_epoch(num_images: int, crops_per_step: int) -> int:
     return max(1, round(num_images / crops_per_step))
 
 
+def steps_per_pass(num_images: int, images_per_step: int) -> int:
+    """Steps of one pass over the images at ``images_per_step`` images per step over all ranks
+    (the last step wraps around, as :func:`epoch_order` pads it)."""
+    return -(-num_images // images_per_step)
+
+
 class TrainLoader:
     """``for batch in loader.epoch(e)``: the steps of epoch e; ``len(loader)`` steps per epoch.
 
@@ -181,7 +187,7 @@ class TrainLoader:
         self.backend, self.workers, self.prefetch = backend, workers, prefetch
         self.rank, self.world_size = rank, world_size
         self.expected_crcs, self.store_path = expected_crcs, store_path
-        self.steps_per_pass = -(-len(index) // (images_per_step * world_size))
+        self.steps_per_pass = steps_per_pass(len(index), images_per_step * world_size)
         self.crops_per_step = images_per_step * self.crops_per_image * world_size   # all ranks
         self._order: tuple[int, np.ndarray] | None = None
 
