@@ -40,7 +40,9 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--lr", type=NON_NEGATIVE, default=0.01, show_default=True)
 @click.option("--momentum", type=NON_NEGATIVE, default=0.9, show_default=True)
 @click.option("--wd", type=NON_NEGATIVE, default=0.0, show_default=True, help="Weight decay.")
-@click.option("--opt", default="sgd", show_default=True, help="Any timm optimizer name (timm.optim.list_optimizers()).")
+@click.option("--opt", default="momentum", show_default=True,
+              help="Any timm optimizer name (timm.optim.list_optimizers()); momentum is SGD with momentum, not "
+                   "Nesterov, as MEAL V2's torch.optim.SGD (timm's sgd is Nesterov).")
 @click.option("--lr-step", type=POSITIVE, default=100, show_default=True, help="lr x0.1 every this many epochs.")
 @click.option("--cos", is_flag=True, help="Cosine lr schedule instead of steps.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True, help="Linear lr warm-up.")

@@ -99,7 +99,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     wd: float = 0.0
-    opt: str = "sgd"
+    opt: str = "momentum"               # timm's plain SGD with momentum (its "sgd" is Nesterov)
     lr_step: int = 100
     cos: bool = False
     warmup_epochs: int = 0
