@@ -60,7 +60,7 @@ from ..common.models import (create_timm_model, default_data_config, load_checkp
 from ..common.runtime import Runtime
 from ..common.store import LabelStore
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teacher, read_classes_file, read_teacher_classes, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
 from .res_schedule import ResSchedule, res_schedule
@@ -84,6 +84,7 @@ class TrainConfig:
     hard_labels: bool = False           # hard-label mode
     teachers: list[str] = field(default_factory=list)  # online mode
     classes_file: str | None = None     # online mode: state-dict teachers' class names in output order
+    teacher_classes: dict[int, str] = field(default_factory=dict)  # online mode: teacher N's (--teacher-classes)
     teacher_check: bool = True
     teacher_precision: str = "fp32"
     temperature: float = 1.0
@@ -433,7 +434,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     ensemble = None
     if cfg.mode == "online":
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
+        stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
+        teachers = [load_teacher(spec, classes, crop.res, names, stated_classes=stated.get(i))
+                    for i, spec in enumerate(cfg.teachers, 1)]
         say(teacher_table(teachers, crop.res))
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         if checkpoint is None:
@@ -575,6 +578,8 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
     ckpt = load_checkpoint_file(path)
     saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
+    # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
+    saved = {**dataclasses.asdict(TrainConfig(data="", out="", arch="")), **saved}
     may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set())
     diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}" for k in ours
             if k not in may_change and saved.get(k) != ours[k]]
