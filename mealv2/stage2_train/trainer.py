@@ -37,6 +37,7 @@ are reduced to the store's top-k form (losses.discriminator_loss says why).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,12 +553,31 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
         round_bytes = n * labels.crops_per_image * (4 * 2 + 1 + a["topk"] * labels.store.id_dtype.itemsize
                                                    + a["topk"] + 1)
         lines.append(f"  labels: {labels.store.path}, {labels.rounds} rounds (pass p replays round p mod "
-                     f"{labels.rounds}: each round {passes / labels.rounds:.2f} times), top-{a['topk']}, "
+                     f"{labels.rounds}: {replays(passes, labels.rounds)}), top-{a['topk']}, "
                      f"T = {objective.temperature:g}; one round in RAM per rank: {round_bytes / 2**20:.1f} MiB")
         if passes > labels.rounds:
-            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay each round "
-                         f"{passes / labels.rounds:.2f} times; `mealv2 label ... --rounds N` appends rounds")
+            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay a round "
+                         f"{passes / labels.rounds:.2f} times on average; `mealv2 label ... --rounds N` appends "
+                         f"rounds")
     return "\n".join(lines)
+
+
+def replays(passes: float, rounds: int) -> str:
+    """How often each round is replayed when pass p replays round p mod ``rounds`` (the last pass
+    may be partial): the first rounds get one pass more than the others when the passes do not
+    divide evenly."""
+    times = [sum(min(1.0, passes - p) for p in range(r, math.ceil(passes), rounds)) for r in range(rounds)]
+    shown = [f"{t:.1f}" for t in times]
+    if len(set(shown)) == 1:
+        return f"each round {passes / rounds:.2f} times"
+    groups: list[list] = []      # [first round, last round, times shown]
+    for r, text in enumerate(shown):
+        if groups and groups[-1][2] == text:
+            groups[-1][1] = r
+        else:
+            groups.append([r, r, text])
+    parts = ", ".join(f"{f'round {a}' if a == b else f'rounds {a}-{b}'} {t} times" for a, b, t in groups)
+    return f"{parts}; {passes / rounds:.2f} on average"
 
 
 def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) -> str:
