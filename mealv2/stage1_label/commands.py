@@ -27,8 +27,8 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @device_option
 @workers_option
-def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale, ratio,
-          crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
+def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale,
+          ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.
 
     Before the first crop it prints each teacher's input (resolution, mean/std, class order)

@@ -69,7 +69,8 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--dry-run", is_flag=True,
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
 @click.pass_context
-def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_classes, teacher_check, teacher_precision,
+def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_classes, teacher_check,
+          teacher_precision,
           temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,
           batch_size, lr, momentum, wd, opt, lr_step, cos,
           warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained,
@@ -101,7 +102,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
                   if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
     run_train(TrainConfig(
         data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
-        classes_file=classes_file, teacher_classes=teacher_classes, teacher_check=teacher_check, teacher_precision=teacher_precision,
+        classes_file=classes_file, teacher_classes=teacher_classes, teacher_check=teacher_check,
+        teacher_precision=teacher_precision,
         temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
         crop_given=given, min_res=min_res, ramp_start=ramp_start, ramp_end=ramp_end, res_step=res_step,
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,

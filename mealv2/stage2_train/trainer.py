@@ -382,6 +382,20 @@ def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> in
     return cfg_batch // unit
 
 
+def check_mix_pairs(cfg: TrainConfig, per_step: int, crops_per_image: int, world_size: int) -> None:
+    """CutMix and mixup pair each crop with the same crop of another image of the rank's step
+    (losses.mix_images); with one image per rank and step every crop would be mixed with itself,
+    changing neither images nor targets while the run reports mixing. Refused, naming the sizes that pair."""
+    if per_step >= 2 or not (cfg.w_cutmix or cfg.mixup > 0):
+        return
+    flag = "--w-cutmix" if cfg.w_cutmix else f"--mixup {cfg.mixup:g}"
+    unit = crops_per_image * world_size
+    raise MealV2Error(f"{flag} mixes each crop with the same crop of another image in its rank's step, but "
+                      f"--batch-size {cfg.batch_size} over {world_size} rank(s) x {crops_per_image} crops per image "
+                      f"gives each rank {per_step} image per step: every crop would be mixed with itself. Use "
+                      f"--batch-size {2 * unit} or more (a multiple of {unit}: 2 images per rank and step)")
+
+
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]:
     run = Path(cfg.out)
     say = print if info.is_main else (lambda *a, **k: None)
@@ -420,6 +434,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
     per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
+    check_mix_pairs(cfg, per_step, labels.crops_per_image, info.world_size)
 
     # Student: timm model, its own normalisation, the crop resolution of the labels.
     torch.manual_seed(cfg.seed)
