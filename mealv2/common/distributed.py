@@ -65,6 +65,14 @@ class DistInfo:
     def all_mean(self, values: list[float]) -> list[float]:
         return [v / self.world_size for v in self.all_sum(values)]
 
+    def broadcast_buffers(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, in place."""
+        if not self.enabled:
+            return
+        for t in module.buffers():
+            _check(t)
+            dist.broadcast(t, src=src)
+
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, on every rank."""
         if not self.enabled:
