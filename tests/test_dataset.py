@@ -132,7 +132,8 @@ def test_csv_integer_labels_sort_numerically_and_absolute_paths(tmp_path, tiny_d
     csv = tmp_path / "list.csv"
     absolute = tiny_data / "class_1" / "img_03.jpg"
     shutil.copy(tiny_data / "class_0" / "img_03.jpg", tmp_path / "x.jpg")
-    csv.write_text(f"label,path\n10,x.jpg\n2,{absolute}\n1,x.jpg\n")
+    shutil.copy(tiny_data / "class_2" / "img_03.jpg", tmp_path / "y.jpg")
+    csv.write_text(f"label,path\n10,x.jpg\n2,{absolute}\n1,y.jpg\n")
     idx = build_index(csv)
     assert idx.classes == ("1", "2", "10") and idx.labels.tolist() == [2, 1, 0]
     assert idx.path(0) == tmp_path / "x.jpg" and idx.path(1) == absolute

@@ -41,3 +41,29 @@ def test_every_collective_goes_through_common_distributed():
             if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_simulated_group_sees_every_collective_and_a_plain_nccl_one_refuses_cpu_tensors(monkeypatch):
+    """MEALV2_CHECK_COLLECTIVES checks tensor sums, object collectives and barriers; a simulated plain
+    NCCL group (no CPU backend) refuses the CPU metrics sum that a CUDA run's cpu:gloo,cuda:nccl serves."""
+    import mealv2.common.distributed as d
+
+    for name in ("all_reduce", "barrier", "all_gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(d.dist, name, lambda *a, **k: None)
+    seen = []
+    real = d.check_device_served
+    monkeypatch.setattr(d, "check_device_served", lambda device, group, what: (seen.append((what, device, group)),
+                                                                              real(device, group, what)))
+    info = d.DistInfo(rank=0, world_size=2)
+    monkeypatch.setenv("MEALV2_CHECK_COLLECTIVES", "cuda")
+    info.all_sum([1.0])
+    info.gather_object(1)
+    info.broadcast_object(1)
+    info.barrier()
+    assert [(what.split(" ")[0], device) for what, device, _ in seen] == [
+        ("collective", "cpu"), ("all_gather_object", "cpu"), ("broadcast_object_list", "cpu"), ("barrier", "cpu")]
+    assert {group for _, _, group in seen} == {"cpu:gloo,cuda:nccl"}
+    monkeypatch.setenv("MEALV2_CHECK_COLLECTIVES", "nccl")
+    with pytest.raises(RuntimeError, match=r"collective on a cpu tensor, but a process group of backend 'nccl'"):
+        info.all_sum([1.0])
+    assert d.object_device("nccl") == "cuda" and d.object_device("cuda:nccl,cpu:gloo") == "cpu"

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
+import torch
 
 from conftest import make_image_dataset, run_cli, train_outside_mealv2
+from mealv2.common.models import save_checkpoint
 from mealv2.common.store import LabelStore
 
 pytestmark = pytest.mark.slow
@@ -36,7 +40,8 @@ def ext(tmp_path_factory):
     return SimpleNamespace(
         work=work, data=data, order=order,
         imagenet=train_outside_mealv2(data, work / "imagenet.pth", TEACHER_ORDER, *IMAGENET, seed=0),
-        raw=train_outside_mealv2(data, work / "raw.pth", TEACHER_ORDER, *RAW, seed=1))
+        raw=train_outside_mealv2(data, work / "raw.pth", TEACHER_ORDER, *RAW, seed=1),
+        folders=train_outside_mealv2(data, work / "folders.pth", sorted(TEACHER_ORDER), *IMAGENET, seed=2))
 
 
 def cli(*args):
@@ -54,7 +59,7 @@ def test_folders_in_another_order_than_the_teachers_classes_are_refused(ext, tmp
     err = r.stderr
     assert f"teacher 1 'test_resnet={ext.imagenet}'" in err
     assert "agree with the dataset labels as configured" in err and "with its classes re-mapped" in err
-    assert "pass --classes FILE with its class names in output order" in err
+    assert "give its class names in output order, one per line, with --teacher-classes 1=FILE" in err
     assert "--no-teacher-check" in err
     assert not out.exists()                                    # nothing that looks like a store
     suggested = tmp_path / "teacher1-classes.suggested.txt"
@@ -68,6 +73,7 @@ def test_a_teacher_trained_on_raw_pixels_is_refused_under_imagenet_normalisation
     assert r.returncode == 2, r.stdout
     assert "mean/std imagenet: default for state dicts" in r.stderr
     assert f"Fix: state its normalisation in the spec: test_resnet={ext.raw}%none." in r.stderr
+    assert _fixed_command(r.stderr)[:4] == ["label", str(ext.data), "-t", f"test_resnet={ext.raw}%none"]
     configured, fixed = (float(x) for x in _percentages(r.stderr)[:2])
     assert fixed > configured + 10
 
@@ -96,6 +102,38 @@ def test_stated_inputs_label_a_store_whose_teachers_agree_with_the_labels(ext, t
     assert json.loads(e.stdout)["top1"] > 80
 
 
+def _fixed_command(stderr: str) -> list[str]:
+    """The arguments of the command line the teacher check prints with its fixes."""
+    line = stderr.split("The command with these fixes:\n", 1)[1].splitlines()[0].strip()
+    assert line.startswith("mealv2 label ")
+    return shlex.split(line)[1:]
+
+
+def test_an_ensemble_with_one_permuted_teacher_is_fixed_by_the_printed_command(ext, tmp_path):
+    """Teacher 2, a mealv2 checkpoint whose recorded classes are not its outputs' (another order
+    than the truth and than the folders), is the only one refused; the printed command gives it its
+    own class file and leaves teacher 1, a correct state dict, as it is."""
+    model = timm.create_model("test_resnet", num_classes=4)
+    model.load_state_dict(torch.load(ext.imagenet))
+    ckpt = tmp_path / "permuted.pt"
+    save_checkpoint(ckpt, model=model, arch="test_resnet", classes=sorted(TEACHER_ORDER, reverse=True), res=32,
+                    mean=IMAGENET[0], std=IMAGENET[1])
+    out = tmp_path / "store"
+    r = cli("label", ext.data, "-t", f"test_resnet={ext.folders},{ckpt}", "-o", out, *LABEL)
+    assert r.returncode == 2, r.stdout
+    assert f"teacher 2 '{ckpt}'" in r.stderr and "teacher 1" not in r.stderr
+    suggested = tmp_path / "teacher2-classes.suggested.txt"
+    assert suggested.read_text().split() == TEACHER_ORDER          # in the checkpoint's output order
+    args = _fixed_command(r.stderr)
+    assert args[-2:] == ["--teacher-classes", f"2={suggested}"] and "--classes" not in args
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    a = LabelStore.open(out).attrs
+    assert [t["output_classes"] for t in a["teachers"]] == [None, TEACHER_ORDER]
+    assert [c["verdict"] for c in a["teacher_check"]] == ["ok", "ok"], a["teacher_check"]
+    assert a["teacher_check"][1]["agreement"] > 0.8, a["teacher_check"]
+
+
 def test_no_teacher_check_labels_as_configured_and_says_so(ext, tmp_path):
     out = tmp_path / "store"
     r = cli("label", ext.data, "-t", f"test_resnet={ext.imagenet}", "--no-teacher-check", "-o", out, *LABEL)
@@ -109,7 +147,7 @@ def test_online_training_applies_the_same_rule_and_check(ext, tmp_path):
     args = ["train", ext.data, "-a", "test_resnet", "--epochs", 1, "--batch-size", 8, "--res", 32,
             "--crops-per-image", 2, "--device", "cpu", "--workers", 2]
     r = cli(*args, "-t", f"test_resnet={ext.imagenet}", "-o", tmp_path / "wrong")
-    assert r.returncode == 2 and "pass --classes FILE" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"--teacher-classes 1={tmp_path / 'wrong'}" in r.stderr, r.stderr
     assert not (tmp_path / "wrong" / "last.pt").exists()
     r = cli(*args, "-t", f"test_resnet={ext.imagenet}", "--classes", ext.order, "-o", tmp_path / "right")
     assert r.returncode == 0, r.stderr

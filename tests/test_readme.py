@@ -63,6 +63,8 @@ def test_meal_v2_table_commands_spend_the_published_budget(tmp_path, monkeypatch
     x0.1 at epoch 100, pretrained; and the replay figures README states follow from its label commands."""
     import shlex
 
+    from mealv2.stage2_train.trainer import replays
+
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The MEAL V2 table, as mealv2 commands", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
@@ -85,7 +87,13 @@ def test_meal_v2_table_commands_spend_the_published_budget(tmp_path, monkeypatch
         elif line.startswith("mealv2 label"):
             p = label.make_context("label", shlex.split(line)[2:]).params
             passes = 180 / p["crops_per_image"]          # epochs of N crops, C crops per image and pass
-            assert f"{passes:g} passes" in section and f"each of the {p['rounds']} rounds is replayed " \
-                   f"{passes / p['rounds']:g} times" in section.replace("\n", " ")
+            rounds, words = p["rounds"], {1: "once", 2: "twice", 3: "three times"}
+            extra, most, least = int(passes) % rounds, -(-int(passes) // rounds), int(passes) // rounds
+            # pass p replays round p mod R: the first `extra` rounds once more than the others, as the plan says
+            assert replays(passes, rounds) == (f"rounds 0-{extra - 1} {most}.0 times, rounds {extra}-{rounds - 1} "
+                                               f"{least}.0 times; {passes / rounds:.2f} on average")
+            assert f"{passes:g} passes" in section and (
+                f"pass p replays round p mod {rounds}: rounds 0-{extra - 1} {words[most]}, rounds "
+                f"{extra}-{rounds - 1} {words[least]} ({passes / rounds:g} on average") in section.replace("\n", " ")
             labelled += 1
     assert (trained, labelled) == (8, 2)

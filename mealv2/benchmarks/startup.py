@@ -78,7 +78,8 @@ def make_case(folder: Path, images: int, files: int, rounds: int, crops: int, k:
               threads: int = 2) -> tuple[Path, Path, DatasetIndex]:
     """CSV of ``images`` rows over ``files`` small JPEGs (1000 classes) and its complete store; also
     the index `build_index` makes of it (made here without reading the files: the store needs its
-    fingerprint)."""
+    fingerprint). Each row names its own path (a CSV may not list a file twice): row i is
+    ``v{i // files}/{i % files}.jpg``, through one symlink ``v{n} -> img`` per ``files`` rows."""
     img_dir = folder / "img"
     img_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -92,12 +93,15 @@ def make_case(folder: Path, images: int, files: int, rounds: int, crops: int, k:
         names.append(name)
     classes = tuple(f"n{c:04d}" for c in range(min(1000, images)))   # every class has a row
     which = np.arange(images) % files
+    for v in range(-(-images // files)):
+        (folder / f"v{v:05d}").symlink_to("img", target_is_directory=True)
+    relpaths = tuple(f"v{i // files:05d}/{names[j][len('img/'):]}" for i, j in enumerate(which.tolist()))
     labels = (np.arange(images) * len(classes) // images).astype(np.int64)
     csv = folder / "train.csv"
     with open(csv, "w") as f:
         f.write("path,label\n")
-        f.writelines(f"{names[j]},{classes[c]}\n" for j, c in zip(which.tolist(), labels.tolist()))
-    index = DatasetIndex(root=folder, relpaths=tuple(names[j] for j in which), labels=labels, classes=classes,
+        f.writelines(f"{path},{classes[c]}\n" for path, c in zip(relpaths, labels.tolist()))
+    index = DatasetIndex(root=folder, relpaths=relpaths, labels=labels, classes=classes,
                          sizes=np.asarray(sizes, np.int32)[which])
 
     crop = CropParams()

@@ -22,6 +22,20 @@ def _float_pair(ctx, param, value):
     return lo, hi
 
 
+def _teacher_classes(ctx, param, values) -> dict[int, str]:
+    """Repeated 'N=FILE' -> {N: FILE}: teacher N's class names, one per line, in output order."""
+    out = {}
+    for value in values:
+        n, _, path = value.partition("=")
+        if not n.strip().isdigit() or not path:
+            raise click.BadParameter(f"expected N=FILE (N: the teacher's position in --teachers, from 1), "
+                                     f"got '{value}'")
+        if int(n) in out:
+            raise click.BadParameter(f"teacher {int(n)} is given twice ({out[int(n)]}, {path})")
+        out[int(n)] = LocalPath(exists=True, dir_okay=False).convert(path, param, ctx)
+    return out
+
+
 class LocalPath(click.Path):
     """click.Path that refuses URLs: ``--out s3://b/x.zarr`` would otherwise become the local
     folder ``s3:/b/x.zarr`` without a word. Stores and data are local or mounted paths."""
@@ -74,6 +88,11 @@ def teacher_options(required: bool = False):
         click.option("--classes", "classes_file", type=LocalPath(exists=True, dir_okay=False),
                      help="State-dict teachers' class names in their output order, one per line: mapped by "
                           "name onto the dataset's classes, or the store's classes for unlabelled images."),
+        click.option("--teacher-classes", "teacher_classes", multiple=True, metavar="N=FILE",
+                     callback=_teacher_classes,
+                     help="Teacher N's class names in its output order, one per line (N from 1, in --teachers "
+                          "order; repeatable). Any kind of teacher; for it, overrides --classes and what a "
+                          "checkpoint or timm records. The teacher check writes such files and prints the command."),
         click.option("--teacher-check/--no-teacher-check", default=True, show_default=True,
                      help="On labelled data, stop when a teacher agrees clearly better with the labels under "
                           "another normalisation or class order than configured."),

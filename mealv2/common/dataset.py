@@ -267,6 +267,7 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[str], list[int], list[int
         raise DatasetError(f"CSV {csv_path} is not a readable UTF-8 CSV: {err}") from err
     if not paths:
         raise DatasetError(f"CSV {csv_path} has a header but no rows")
+    _refuse_repeated_rows(csv_path, paths, names, lines)
     if il is None:
         return [], paths, [-1] * len(paths), lines
 
@@ -277,6 +278,23 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[str], list[int], list[int
         classes = sorted(unique)
     class_id = {name: c for c, name in enumerate(classes)}
     return classes, paths, [class_id[n] for n in names], lines
+
+
+def _refuse_repeated_rows(csv_path: Path, paths: list[str], names: list, lines: list[int]) -> None:
+    """A file listed twice is seen twice per pass, or under two labels: refused, naming the lines."""
+    rows: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        rows.setdefault(path, []).append(i)
+    repeated = [(path, at) for path, at in rows.items() if len(at) > 1]
+    if not repeated:
+        return
+    shown = [f"{path}: lines {', '.join(str(lines[i]) for i in at[:5])}"
+             + (f" (labels {', '.join(names[i] for i in at[:5])})" if names[at[0]] is not None else "")
+             + (f" and {len(at) - 5} more rows" if len(at) > 5 else "")
+             for path, at in repeated[:10]]
+    more = f"\n  ... and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+    raise DatasetError(f"CSV {csv_path} lists {len(repeated)} file(s) on more than one row:\n  " + "\n  ".join(shown)
+                       + more + "\nKeep one row per file, with its one label")
 
 
 def _posix(path: str) -> str:
@@ -400,7 +418,9 @@ def build_index_shared(data: str | Path, info, *, skip_bad: bool = False, worker
     Rank 0 builds the index (or loads it from the cache) while the others wait; they then
     load rank 0's cache file, and take it only if its fingerprint is rank 0's. A rank that
     cannot read it (a node-local cache on another node, an unwritable cache folder) builds
-    the index itself. ``info``: a ``distributed.DistInfo``; errors are raised on every rank.
+    the index itself, and the ranks then compare fingerprints: a rank that sees other files
+    (another copy of DATA on its node) would train on other images or hang DDP, so every rank
+    refuses with one message. ``info``: a ``distributed.DistInfo``; errors are raised on every rank.
     """
     index = error = outcome = None
     if info.is_main:
@@ -414,14 +434,25 @@ def build_index_shared(data: str | Path, info, *, skip_bad: bool = False, worker
         raise error
     if failure is not None:
         raise DatasetError(failure)
-    if index is not None:
-        return index
-    data = Path(data)
-    root = data.absolute() if data.is_dir() else data.absolute().parent
-    shared = _load_cache(cache_file(data, skip_bad), root, None)
-    if shared is not None and shared.fingerprint == fingerprint:
-        return shared
-    return build_index(data, skip_bad=skip_bad, workers=workers, cache=True)
+    if index is None:
+        path = Path(data)
+        root = path.absolute() if path.is_dir() else path.absolute().parent
+        index = _load_cache(cache_file(path, skip_bad), root, None)
+        if index is None or index.fingerprint != fingerprint:
+            try:
+                index = build_index(path, skip_bad=skip_bad, workers=workers, cache=True)
+            except MealV2Error as err:
+                index = err
+    seen = info.gather_object(str(index) if isinstance(index, MealV2Error) else (index.fingerprint, len(index)))
+    failed = [(r, s) for r, s in enumerate(seen) if isinstance(s, str)]
+    if failed:
+        raise DatasetError(f"DATA {data}: rank {failed[0][0]} cannot index it: {failed[0][1]}")
+    other = [f"rank {r}: {n} images, fingerprint {fp[:16]}" for r, (fp, n) in enumerate(seen) if fp != fingerprint]
+    if other:
+        raise DatasetError(f"DATA {data} differs between ranks: rank 0 has {seen[0][1]} images, fingerprint "
+                           f"{fingerprint[:16]}; " + "; ".join(other) + ". Every rank must see the same files "
+                           f"(the same DATA on a shared filesystem, or identical copies)")
+    return index
 
 
 def _probe(path: str) -> tuple[int, int, str | None]:

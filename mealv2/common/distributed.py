@@ -5,10 +5,13 @@ live on the GPU and through gloo when they live on the CPU (metrics, counts), an
 collectives work either way. A plain ``nccl`` group refuses CPU tensors, which is how a
 first multi-GPU run dies at the end of its first epoch.
 
-All collectives go through the functions here. ``MEALV2_CHECK_COLLECTIVES=cuda`` makes them
-check, on any machine, that each tensor they get could travel through the group a CUDA run
-would join (its device type has a backend in :func:`backend_for`); tests run the 2-rank CPU
-paths with it.
+All collectives go through the functions here. ``MEALV2_CHECK_COLLECTIVES=GROUP`` makes each
+of them check, on any machine, that it could travel through GROUP: a tensor collective on its
+tensor's device, object collectives and barriers on the device torch picks for them in that
+group (CPU where the group has a CPU backend, as ``_get_object_coll_device`` does). GROUP is
+``cuda`` (the group a CUDA run joins, :func:`backend_for`), or a backend string such as ``nccl``
+(a plain NCCL group, which refuses CPU tensors: the check fails as a first multi-GPU run would).
+Tests run the 2-rank CPU paths with ``cuda``.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class DistInfo:
 
     def barrier(self) -> None:
         if self.enabled:
+            _check_objects("barrier")
             dist.barrier()
 
     def all_sum(self, values: list[float]) -> list[float]:
@@ -61,10 +65,19 @@ class DistInfo:
     def all_mean(self, values: list[float]) -> list[float]:
         return [v / self.world_size for v in self.all_sum(values)]
 
+    def broadcast_buffers(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, in place."""
+        if not self.enabled:
+            return
+        for t in module.buffers():
+            _check(t)
+            dist.broadcast(t, src=src)
+
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, on every rank."""
         if not self.enabled:
             return [obj]
+        _check_objects("all_gather_object")
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -73,25 +86,53 @@ class DistInfo:
         """Rank ``src``'s ``obj`` on every rank."""
         if not self.enabled:
             return obj
+        _check_objects("broadcast_object_list")
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
 
+def simulated_group() -> str | None:
+    """The process group ``MEALV2_CHECK_COLLECTIVES`` stands for (module docstring), or None."""
+    value = os.environ.get("MEALV2_CHECK_COLLECTIVES")
+    return backend_for(value) if value in ("cuda", "cpu") else value or None
+
+
 def _check(t: torch.Tensor) -> None:
-    simulated = os.environ.get("MEALV2_CHECK_COLLECTIVES")
-    if simulated:
-        check_backend_has(t, backend_for(simulated))
+    group = simulated_group()
+    if group:
+        check_backend_has(t, group)
+
+
+def _check_objects(what: str) -> None:
+    """Object collectives and barriers pickle into (or reduce) a tensor on the group's object device."""
+    group = simulated_group()
+    if group:
+        check_device_served(object_device(group), group, what)
+
+
+def object_device(backend: str) -> str:
+    """The device torch uses for object collectives and barriers in a group of ``backend``: CPU
+    where the group has a CPU backend, else its first device (torch's _get_object_coll_device)."""
+    pairs = [pair.split(":")[0] for pair in backend.split(",")] if ":" in backend else None
+    if pairs is None:
+        return "cuda" if backend == "nccl" else "cpu"
+    return "cpu" if "cpu" in pairs else pairs[0]
 
 
 def check_backend_has(t: torch.Tensor, backend: str) -> None:
     """Refuse ``t`` when a process group of ``backend`` (``gloo``, or ``cpu:gloo,cuda:nccl`` pairs;
     a plain ``nccl`` serves CUDA tensors only) has no backend for the device ``t`` lives on."""
+    check_device_served(t.device.type, backend, f"collective on a {t.device.type} tensor")
+
+
+def check_device_served(device_type: str, backend: str, what: str) -> None:
+    """Refuse ``what`` (a collective on ``device_type``) when a group of ``backend`` cannot serve it."""
     pairs = dict(pair.split(":") for pair in backend.split(",")) if ":" in backend else None
     serves = set(pairs) if pairs else {"cuda"} if backend == "nccl" else {"cpu", "cuda"}
-    if t.device.type not in serves:
-        raise RuntimeError(f"collective on a {t.device.type} tensor, but a process group of backend {backend!r} "
-                           f"has no backend for {t.device.type} tensors")
+    if device_type not in serves:
+        raise RuntimeError(f"{what}, but a process group of backend {backend!r} has no backend for "
+                           f"{device_type} tensors")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""The label store: the one module that knows its schema (format ``mealv2-labels`` v2).
+"""The label store: the one module that knows its schema (format ``mealv2-labels`` v3).
 
 A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
 

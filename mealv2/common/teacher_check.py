@@ -10,11 +10,16 @@ dataset's (the assignment that maximises the confusion matrix's matched mass, fi
 half of the images and scored on the other, so a weak teacher's chance matches do not count).
 If another configuration agrees clearly better than the configured one (paired over the same
 crops: at least ``MIN_GAIN`` more agreement and a McNemar z of ``MIN_Z``), the run stops with
-an error naming the teacher, both agreements and the fix.
+an error naming the teacher, both agreements and the fix, and the command line with the fix
+applied (each teacher's own ``--teacher-classes N=FILE``, so a correct teacher of the ensemble
+keeps its classes).
 """
 from __future__ import annotations
 
 import math
+import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +134,11 @@ def predictions(ensemble: Ensemble, index: DatasetIndex, ids: np.ndarray, crop: 
 
 
 def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, crops: int, seed: int = 0,
-                   batch_size: int = 256, workers: int = 2, suggest_dir: Path | None = None) -> list[TeacherCheck]:
-    """Check every teacher (see the module docstring); raises TeacherInputError naming the fix."""
+                   batch_size: int = 256, workers: int = 2, suggest_dir: Path | None = None,
+                   argv: list[str] | None = None) -> list[TeacherCheck]:
+    """Check every teacher (see the module docstring); raises TeacherInputError naming the fix and,
+    where it writes the class files (``suggest_dir``), the corrected command line (``argv``: this
+    command's arguments, default sys.argv's)."""
     k = len(index.classes)
     ids = sample_ids(index.labels, seed=seed)
     y = np.repeat(index.labels[ids], crops)
@@ -141,7 +149,7 @@ def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, cr
         rank_in_class[at] = np.arange(len(at))
     half = np.repeat(rank_in_class % 2, crops)
     preds = predictions(ensemble, index, ids, crop, crops, seed, max(1, batch_size // crops), workers)
-    checks, problems = [], []
+    checks, problems, specs, class_files = [], [], {}, {}
     for i, t in enumerate(ensemble.teachers):
         correct = {name: preds[(i, name)] == y for (j, name) in preds if j == i}
         mapped = {name: _mapped_correct(preds[(i, name)], y, half, k) for name in correct}
@@ -162,28 +170,88 @@ def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, cr
                              mapped=float(mapped["configured"].mean()), best=best_text.strip(), verdict=verdict)
         checks.append(check)
         if verdict != "ok":
-            problems.append(_problem(t, i, check, float(best.mean()), norm if wrong_norm else None,
-                                     best_mapping(preds[(i, norm)], y, k) if remap else None, index, suggest_dir))
+            mapping = best_mapping(preds[(i, norm)], y, k) if remap else None
+            path = _write_classes(t, i, mapping, index, suggest_dir) if remap and suggest_dir is not None else None
+            problems.append(_problem(t, i, check, float(best.mean()), norm if wrong_norm else None, remap, path))
+            if wrong_norm:
+                specs[i + 1] = _with_norm(t.spec, norm)
+            if path is not None:
+                class_files[i + 1] = str(path)
     if problems:
-        raise TeacherInputError("\n".join(problems) + "\nOr pass --no-teacher-check to go on as configured.")
+        command = ""
+        if specs or class_files:
+            argv = sys.argv[1:] if argv is None else argv
+            command = f"\nThe command with these fixes:\n  {corrected_command(argv, specs, class_files)}"
+        raise TeacherInputError("\n".join(problems) + command
+                                + "\nOr pass --no-teacher-check to go on as configured.")
     return checks
 
 
-def _problem(t: Teacher, i: int, check: TeacherCheck, best: float, norm: str | None, mapping, index,
-             suggest_dir: Path | None) -> str:
+def _write_classes(t: Teacher, i: int, mapping: np.ndarray, index, suggest_dir: Path) -> Path:
+    """``teacherN-classes.suggested.txt``: the dataset class the mapping found for each of the
+    teacher's outputs, in output order (``mapping`` is over the label space, which the teacher's
+    ``index`` maps from its outputs)."""
+    outputs = range(len(mapping)) if t.index is None else t.index.tolist()
+    names = [""] * len(mapping)
+    for j, o in enumerate(outputs):
+        names[o] = str(index.classes[mapping[j]])
+    path = Path(suggest_dir) / f"teacher{i + 1}-classes.suggested.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(names) + "\n")
+    return path
+
+
+def corrected_command(argv: list[str], specs: dict[int, str], class_files: dict[int, str]) -> str:
+    """This command's line with teacher N's spec replaced by ``specs[N]`` and ``--teacher-classes
+    N=FILE`` for each of ``class_files`` (replacing any such option given for N)."""
+    out, n, i = [], 0, 0
+    while i < len(argv):
+        a, prefix = argv[i], None
+        if a in ("-t", "--teachers") and i + 1 < len(argv):
+            out.append(a)
+            prefix, value, i = "", argv[i + 1], i + 2
+        elif a.startswith("--teachers="):
+            prefix, value, i = "--teachers=", a[len("--teachers="):], i + 1
+        elif a.startswith("-t") and not a.startswith("--") and len(a) > 2:
+            prefix, value, i = "-t", a[2:], i + 1
+        elif a == "--teacher-classes" and i + 1 < len(argv) and _teacher_number(argv[i + 1]) in class_files:
+            i += 2
+            continue
+        elif a.startswith("--teacher-classes=") and _teacher_number(a.split("=", 1)[1]) in class_files:
+            i += 1
+            continue
+        else:
+            out.append(a)
+            i += 1
+            continue
+        parts = []
+        for part in value.split(","):
+            if part.strip():
+                n += 1
+                part = specs.get(n, part)
+            parts.append(part)
+        out.append(prefix + ",".join(parts))
+    for k, path in sorted(class_files.items()):
+        out += ["--teacher-classes", f"{k}={path}"]
+    prog = "torchrun ... -m mealv2.cli" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "mealv2"
+    return f"{prog} {shlex.join(out)}"
+
+
+def _teacher_number(value: str) -> int | None:
+    n = value.split("=", 1)[0].strip()
+    return int(n) if n.isdigit() else None
+
+
+def _problem(t: Teacher, i: int, check: TeacherCheck, best: float, norm: str | None, remap: bool,
+             path: Path | None) -> str:
     fixes = []
     if norm is not None:
         fixes.append(f"state its normalisation in the spec: {_with_norm(t.spec, norm)}")
-    if mapping is not None:
-        names = [index.classes[c] for c in mapping]
-        where = ""
-        if suggest_dir is not None:
-            path = Path(suggest_dir) / f"teacher{i + 1}-classes.suggested.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(names) + "\n")
-            where = f" (the mapping found is in {path}: check it against how the teacher was trained)"
-        fixes.append(f"its outputs are in another class order than the dataset's folders: pass --classes FILE "
-                     f"with its class names in output order, one per line{where}")
+    if remap:
+        where = (f": the mapping found is in {path} (check it against how the teacher was trained); pass "
+                 f"--teacher-classes {i + 1}={path}" if path is not None else "")
+        fixes.append(f"its outputs are in another class order than the dataset's folders: give its class names "
+                     f"in output order, one per line, with --teacher-classes {i + 1}=FILE{where}")
     return (f"teacher {i + 1} '{t.spec}' ({t.arch}, mean/std {norm_name(t.mean, t.std)}: {t.norm_from}): "
             f"{100 * check.agreement:.1f}% of {check.crops} crops agree with the dataset labels as configured, "
             f"{100 * best:.1f}% {check.best}. Fix: " + "; ".join(fixes) + ".")

@@ -22,6 +22,11 @@ config of the architecture, or explicit ``M:M:M/S:S:S``), ``*W`` the ensemble we
 ``convnext_tiny=ckpt.pth@288%0.5*2``. Each teacher's outputs are re-indexed into the
 label space's class order before they are averaged.
 
+``--teacher-classes N=FILE`` names teacher N's outputs in output order, whatever its kind: it
+overrides ``--classes`` for a state dict, the classes a mealv2 checkpoint records and timm's
+names, so one teacher of an ensemble can be corrected without touching the others (the teacher
+check writes the FILE and prints the command).
+
 The label space (:func:`load_teachers`) is the dataset's classes when the teachers have the
 same; the teachers' classes when the dataset has no labels, or when its classes are a subset
 of the teachers' (ImageNet teachers on a 10-class folder): the dataset's labels are then mapped
@@ -115,17 +120,26 @@ def norm_name(mean, std) -> str:
     return "/".join(":".join(f"{v:.4g}" for v in part) for part in (mean, std))
 
 
-def read_classes_file(path: str | Path) -> list[str]:
+def read_classes_file(path: str | Path, flag: str = "--classes") -> list[str]:
     """One class name per line, in a model's output order (blank lines and surrounding spaces ignored)."""
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
-        raise ModelSpecError(f"--classes {path}: cannot read ({e.strerror or e})") from None
+        raise ModelSpecError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if not names or duplicates:
-        raise ModelSpecError(f"--classes {path}: expected one distinct class name per line"
+        raise ModelSpecError(f"{flag} {path}: expected one distinct class name per line"
                              + (f"; repeated: {duplicates[:5]}" if duplicates else "; the file is empty"))
     return names
+
+
+def read_teacher_classes(teacher_classes: dict[int, str], num_teachers: int) -> dict[int, list[str]]:
+    """``--teacher-classes N=FILE``: teacher N's (1-based) output names, read and checked."""
+    for n in teacher_classes:
+        if not 1 <= n <= num_teachers:
+            raise ModelSpecError(f"--teacher-classes {n}={teacher_classes[n]}: there are {num_teachers} teacher(s); "
+                                 f"N is a teacher's position in --teachers, from 1 to {num_teachers}")
+    return {n: read_classes_file(f, f"--teacher-classes {n}={f}") for n, f in teacher_classes.items()}
 
 
 @dataclass
@@ -163,18 +177,23 @@ class Teacher:
                 "output_classes": self.output_classes}
 
 
-def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None) -> Teacher:
+def load_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None, *,
+                 stated_classes: list[str] | None = None) -> Teacher:
     """One teacher whose outputs are mapped by name onto ``classes`` (see :func:`build_teacher`)."""
-    teacher = build_teacher(spec, classes, res, state_dict_classes)
+    teacher = build_teacher(spec, classes, res, state_dict_classes, stated_classes=stated_classes)
     teacher.index = class_index(teacher, classes)
     return teacher
 
 
 def load_teachers(specs: list[str], dataset_classes, res: int | None = None,
-                  state_dict_classes: list[str] | None = None) -> tuple[list[Teacher], list[str], str | None]:
+                  state_dict_classes: list[str] | None = None, *, stated_classes: dict[int, list[str]] | None = None
+                  ) -> tuple[list[Teacher], list[str], str | None]:
     """The teachers, the label space's classes (module docstring) with each teacher's outputs
-    mapped onto them, and a line to print when those are not the dataset's classes."""
-    teachers = [build_teacher(spec, dataset_classes, res, state_dict_classes) for spec in specs]
+    mapped onto them, and a line to print when those are not the dataset's classes.
+    ``stated_classes``: ``--teacher-classes``, by 1-based teacher number."""
+    stated = stated_classes or {}
+    teachers = [build_teacher(spec, dataset_classes, res, state_dict_classes, stated_classes=stated.get(i))
+                for i, spec in enumerate(specs, 1)]
     classes, note = label_space(teachers, dataset_classes)
     for t in teachers:
         t.index = class_index(t, classes)
@@ -222,13 +241,15 @@ def timm_class_names(cfg) -> list[str] | None:
     return names if len(names) == n else None
 
 
-def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None) -> Teacher:
+def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes: list[str] | None = None, *,
+                  stated_classes: list[str] | None = None) -> Teacher:
     """One teacher for a dataset with ``classes`` (empty: unlabelled), by the rule in this module's
     docstring; its outputs are not yet mapped onto a label space (``index`` None).
 
     ``res`` is the command's ``--res`` (state dicts without ``@RES`` run at it);
-    ``state_dict_classes`` names a state dict's outputs in order (``--classes``). Refuses what
-    cannot fit the dataset.
+    ``state_dict_classes`` names a state dict's outputs in order (``--classes``);
+    ``stated_classes`` names this teacher's outputs whatever its kind (``--teacher-classes``).
+    Refuses what cannot fit the dataset.
     """
     s = Spec.parse(spec)
     classes = list(classes)
@@ -236,7 +257,7 @@ def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes
         arch, ckpt_path = s.body.split("=", 1)
         if not Path(ckpt_path).is_file():
             raise ModelSpecError(f"teacher spec '{spec}': checkpoint file {ckpt_path} does not exist")
-        output_classes = state_dict_classes
+        output_classes = stated_classes or state_dict_classes
         if output_classes is None and not classes:
             raise ModelSpecError(f"teacher '{spec}': a state dict does not record its classes and DATA has no "
                                  f"labels; pass --classes FILE with its class names in output order, one per line")
@@ -254,6 +275,7 @@ def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes
             raise ModelSpecError(f"teacher spec '{spec}': {s.body} is not a mealv2 checkpoint; for a "
                                  f"timm or MEAL V2 state dict write ARCH={s.body}")
         arch, kind, output_classes = ckpt["arch"], "mealv2 checkpoint", [str(c) for c in ckpt["classes"]]
+        output_classes = _stated(stated_classes, len(output_classes), spec) or output_classes
         model = model_from_mealv2_checkpoint(ckpt, f"teacher '{spec}'")
         base_res = (int(ckpt["res"]), "checkpoint")
         base_norm = ((tuple(ckpt["mean"]), tuple(ckpt["std"])), "checkpoint")
@@ -268,6 +290,7 @@ def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes
         unknown = [c for c in map(str, classes) if c not in set(timm_names or ())]
         # Labelled data under other names than timm's: its classes are taken to be the teacher's, in its order.
         output_classes = timm_names if not (classes and unknown) else None
+        output_classes = _stated(stated_classes, n or len(output_classes or classes), spec) or output_classes
         if output_classes is None and (not classes or (n and n != len(classes))):
             why = ("timm ships no class names for them" if timm_names is None else
                    f"its class(es) {preview_classes(unknown)} are not among timm's names for them "
@@ -289,6 +312,14 @@ def build_teacher(spec: str, classes, res: int | None = None, state_dict_classes
     return Teacher(spec=spec, arch=arch, model=model.eval(), res=int(final_res), mean=tuple(mean),
                    std=tuple(std), weight=s.weight, sha256=state_dict_sha256(model), kind=kind,
                    res_from=res_from, norm_from=norm_from, output_classes=output_classes)
+
+
+def _stated(names: list[str] | None, outputs: int, spec: str) -> list[str] | None:
+    """``--teacher-classes`` names for a teacher with ``outputs`` outputs, refused when the counts differ."""
+    if names is not None and len(names) != outputs:
+        raise ModelSpecError(f"teacher '{spec}' has {outputs} outputs, its --teacher-classes file names "
+                             f"{len(names)} classes; name each output once, in output order")
+    return names
 
 
 def class_index(teacher: Teacher, classes: list[str]) -> torch.Tensor | None:

@@ -14,7 +14,8 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @teacher_options(required=True)
 @click.option("--out", "-o", required=True, type=LocalPath(), help="Label store to create or resume.")
 @click.option("--rounds", type=POSITIVE, default=4, show_default=True,
-              help="Label rounds; training epoch e replays round e mod R. More than the store has appends.")
+              help="Label rounds; training pass p (each image with its crops) replays round p mod R. More than "
+                   "the store has appends.")
 @crop_options
 @click.option("--topk", type=POSITIVE, default=10, show_default=True, help="Classes kept per crop.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -26,8 +27,8 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @device_option
 @workers_option
-def label(data, teachers, classes_file, teacher_check, teacher_precision, out, rounds, res, scale, ratio,
-          crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
+def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale,
+          ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.
 
     Before the first crop it prints each teacher's input (resolution, mean/std, class order)
@@ -39,4 +40,5 @@ def label(data, teachers, classes_file, teacher_check, teacher_precision, out, r
                           crops_per_image=crops_per_image, crop=crop_params(res, scale, ratio), topk=topk,
                           temperature=temperature, batch_size=batch_size, seed=seed, device=device,
                           workers=workers, shard_size=shard_size, skip_bad=skip_bad, classes_file=classes_file,
+                          teacher_classes=teacher_classes,
                           teacher_check=teacher_check, teacher_precision=teacher_precision))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +27,7 @@ from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teachers, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teachers, read_classes_file, read_teacher_classes, teacher_table
 
 
 @dataclass
@@ -47,6 +47,7 @@ class LabelConfig:
     shard_size: int = 1024
     skip_bad: bool = False
     classes_file: str | None = None     # a state-dict teacher's class names in output order
+    teacher_classes: dict[int, str] = field(default_factory=dict)  # teacher N's class names (--teacher-classes)
     teacher_check: bool = True
     teacher_precision: str = "fp32"
     progress: bool = True
@@ -91,7 +92,9 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names)
+        stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
+        teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names,
+                                                stated_classes=stated)
         if cfg.topk > len(classes):
             whose = "dataset's" if note is None else "teachers'"
             raise MealV2Error(f"--topk {cfg.topk} is larger than the {whose} {len(classes)} classes")

@@ -80,7 +80,8 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
                            f"store's {a['dataset']['fingerprint'][:16]}"]
     # The teachers as recorded: their spec, the --res and the class names they were labelled with, mapped
     # onto the store's classes (the dataset's, which the fingerprint covers, or the teachers').
-    teachers = [load_teacher(t["spec"], a["classes"], t["res"], t["output_classes"]) for t in a["teachers"]]
+    teachers = [load_teacher(t["spec"], a["classes"], t["res"], stated_classes=t["output_classes"])
+                for t in a["teachers"]]
     for t, recorded in zip(teachers, a["teachers"]):
         for key in ("sha256", "res", "mean", "std"):
             ours = list(getattr(t, key)) if key in ("mean", "std") else getattr(t, key)

@@ -40,7 +40,9 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--lr", type=NON_NEGATIVE, default=0.01, show_default=True)
 @click.option("--momentum", type=NON_NEGATIVE, default=0.9, show_default=True)
 @click.option("--wd", type=NON_NEGATIVE, default=0.0, show_default=True, help="Weight decay.")
-@click.option("--opt", default="sgd", show_default=True, help="Any timm optimizer name (timm.optim.list_optimizers()).")
+@click.option("--opt", default="momentum", show_default=True,
+              help="Any timm optimizer name (timm.optim.list_optimizers()); momentum is SGD with momentum, not "
+                   "Nesterov, as MEAL V2's torch.optim.SGD (timm's sgd is Nesterov).")
 @click.option("--lr-step", type=POSITIVE, default=100, show_default=True, help="lr x0.1 every this many epochs.")
 @click.option("--cos", is_flag=True, help="Cosine lr schedule instead of steps.")
 @click.option("--warmup-epochs", type=click.IntRange(min=0), default=0, show_default=True, help="Linear lr warm-up.")
@@ -67,7 +69,8 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--dry-run", is_flag=True,
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
 @click.pass_context
-def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_check, teacher_precision,
+def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_classes, teacher_check,
+          teacher_precision,
           temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,
           batch_size, lr, momentum, wd, opt, lr_step, cos,
           warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained,
@@ -89,7 +92,7 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
     if ctx.get_parameter_source("temperature") is not ParameterSource.DEFAULT and not teachers:
         raise click.UsageError("--temperature applies to online mode (--teachers) only; a store's temperature "
                                "is the one it was labelled with")
-    for name in ("classes_file", "teacher_precision"):
+    for name in ("classes_file", "teacher_classes", "teacher_precision"):
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and not teachers:
             raise click.UsageError(f"--{name.replace('_file', '').replace('_', '-')} applies to online mode "
                                    f"(--teachers) only")
@@ -99,7 +102,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
                   if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
     run_train(TrainConfig(
         data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
-        classes_file=classes_file, teacher_check=teacher_check, teacher_precision=teacher_precision,
+        classes_file=classes_file, teacher_classes=teacher_classes, teacher_check=teacher_check,
+        teacher_precision=teacher_precision,
         temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
         crop_given=given, min_res=min_res, ramp_start=ramp_start, ramp_end=ramp_end, res_step=res_step,
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,

@@ -37,6 +37,7 @@ are reduced to the store's top-k form (losses.discriminator_loss says why).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ from ..common.models import (create_timm_model, default_data_config, load_checkp
 from ..common.runtime import Runtime
 from ..common.store import LabelStore
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teacher, read_classes_file, read_teacher_classes, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
 from .res_schedule import ResSchedule, res_schedule
@@ -84,6 +85,7 @@ class TrainConfig:
     hard_labels: bool = False           # hard-label mode
     teachers: list[str] = field(default_factory=list)  # online mode
     classes_file: str | None = None     # online mode: state-dict teachers' class names in output order
+    teacher_classes: dict[int, str] = field(default_factory=dict)  # online mode: teacher N's (--teacher-classes)
     teacher_check: bool = True
     teacher_precision: str = "fp32"
     temperature: float = 1.0
@@ -99,7 +101,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     wd: float = 0.0
-    opt: str = "sgd"
+    opt: str = "momentum"               # timm's plain SGD with momentum (its "sgd" is Nesterov)
     lr_step: int = 100
     cos: bool = False
     warmup_epochs: int = 0
@@ -380,6 +382,20 @@ def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> in
     return cfg_batch // unit
 
 
+def check_mix_pairs(cfg: TrainConfig, per_step: int, crops_per_image: int, world_size: int) -> None:
+    """CutMix and mixup pair each crop with the same crop of another image of the rank's step
+    (losses.mix_images); with one image per rank and step every crop would be mixed with itself,
+    changing neither images nor targets while the run reports mixing. Refused, naming the sizes that pair."""
+    if per_step >= 2 or not (cfg.w_cutmix or cfg.mixup > 0):
+        return
+    flag = "--w-cutmix" if cfg.w_cutmix else f"--mixup {cfg.mixup:g}"
+    unit = crops_per_image * world_size
+    raise MealV2Error(f"{flag} mixes each crop with the same crop of another image in its rank's step, but "
+                      f"--batch-size {cfg.batch_size} over {world_size} rank(s) x {crops_per_image} crops per image "
+                      f"gives each rank {per_step} image per step: every crop would be mixed with itself. Use "
+                      f"--batch-size {2 * unit} or more (a multiple of {unit}: 2 images per rank and step)")
+
+
 def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]:
     run = Path(cfg.out)
     say = print if info.is_main else (lambda *a, **k: None)
@@ -418,6 +434,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
     per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
+    check_mix_pairs(cfg, per_step, labels.crops_per_image, info.world_size)
 
     # Student: timm model, its own normalisation, the crop resolution of the labels.
     torch.manual_seed(cfg.seed)
@@ -433,7 +450,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     ensemble = None
     if cfg.mode == "online":
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
+        stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
+        teachers = [load_teacher(spec, classes, crop.res, names, stated_classes=stated.get(i))
+                    for i, spec in enumerate(cfg.teachers, 1)]
         say(teacher_table(teachers, crop.res))
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         if checkpoint is None:
@@ -549,12 +568,31 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
         round_bytes = n * labels.crops_per_image * (4 * 2 + 1 + a["topk"] * labels.store.id_dtype.itemsize
                                                    + a["topk"] + 1)
         lines.append(f"  labels: {labels.store.path}, {labels.rounds} rounds (pass p replays round p mod "
-                     f"{labels.rounds}: each round {passes / labels.rounds:.2f} times), top-{a['topk']}, "
+                     f"{labels.rounds}: {replays(passes, labels.rounds)}), top-{a['topk']}, "
                      f"T = {objective.temperature:g}; one round in RAM per rank: {round_bytes / 2**20:.1f} MiB")
         if passes > labels.rounds:
-            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay each round "
-                         f"{passes / labels.rounds:.2f} times; `mealv2 label ... --rounds N` appends rounds")
+            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay a round "
+                         f"{passes / labels.rounds:.2f} times on average; `mealv2 label ... --rounds N` appends "
+                         f"rounds")
     return "\n".join(lines)
+
+
+def replays(passes: float, rounds: int) -> str:
+    """How often each round is replayed when pass p replays round p mod ``rounds`` (the last pass
+    may be partial): the first rounds get one pass more than the others when the passes do not
+    divide evenly."""
+    times = [sum(min(1.0, passes - p) for p in range(r, math.ceil(passes), rounds)) for r in range(rounds)]
+    shown = [f"{t:.1f}" for t in times]
+    if len(set(shown)) == 1:
+        return f"each round {passes / rounds:.2f} times"
+    groups: list[list] = []      # [first round, last round, times shown]
+    for r, text in enumerate(shown):
+        if groups and groups[-1][2] == text:
+            groups[-1][1] = r
+        else:
+            groups.append([r, r, text])
+    parts = ", ".join(f"{f'round {a}' if a == b else f'rounds {a}-{b}'} {t} times" for a, b, t in groups)
+    return f"{parts}; {passes / rounds:.2f} on average"
 
 
 def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) -> str:
@@ -575,6 +613,8 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
     ckpt = load_checkpoint_file(path)
     saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
+    # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
+    saved = {**dataclasses.asdict(TrainConfig(data="", out="", arch="")), **saved}
     may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set())
     diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}" for k in ours
             if k not in may_change and saved.get(k) != ours[k]]

@@ -82,14 +82,17 @@ def validate(model: torch.nn.Module, index: DatasetIndex, res: int, mean, std, r
     fewer classes is scored among its own classes only, as ImageNet-A/R's 200-class subsets are.
 
     Under torchrun every rank scores the images ``rank::world_size`` and the counts are summed,
-    so the result equals a single process's exactly. The model is left in eval mode; callers
-    that go on training switch it back.
+    so the result equals a single process's exactly. Rank 0's buffers are broadcast first: after
+    DDP's last training forward each rank's BatchNorm running statistics have moved on its own
+    batch, and the checkpoint that keeps this score is rank 0's model. The model is left in eval
+    mode; callers that go on training switch it back.
 
     ``decoded``: a :class:`DecodedVal` the caller passes at every call for one index and res;
     the first call fills it (when the images fit), later calls read it instead of the files.
     """
     if not index.labelled:
         raise MealV2Error(f"{index.root}: images without labels cannot be scored; give a labelled set")
+    info.broadcast_buffers(model)
     mine = list(range(info.rank, len(index), info.world_size))
     keep = decoded is not None and decoded.batches is None and len(mine) * 3 * res * res <= CACHE_BYTES
     if decoded is not None and decoded.batches is not None:
