@@ -57,8 +57,8 @@ def test_bench_label_prints_its_table(tmp_path):
         torch.save(timm.create_model(arch, num_classes=3).state_dict(), tmp_path / f"{arch}.pth")
         specs.append(f"{arch}={tmp_path / arch}.pth@32")
     result = run_cli("bench", "label", data, "-t", ",".join(specs), "--images", 6, "--crops-per-image", 2,
-                     "--topk", 2, "--batch-size", 4, "--imagenet-images", 256, "--repeats", 1, "--device", "cpu", "--shard-size", 2,
-                     env={"OMP_NUM_THREADS": "1"})
+                     "--topk", 2, "--batch-size", 4, "--imagenet-images", 256, "--repeats", 1, "--device", "cpu",
+                     "--shard-size", 2, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "| measure | value | reference | target | met |" in out

@@ -267,14 +267,16 @@ def report(r: dict, seconds: float) -> str:
     if r["stored_over_online"] is not None and r["ideal"] is not None:
         x, ideal = r["stored_over_online"], r["ideal"]
         lines.append(f"| stored / online img/s, teachers {' + '.join(r['online_teachers'])} {PRECISION}, `--loader "
-                     f"{r['best_loader']}` ({r['stored_img_per_s'][r['best_loader']]:.0f} / {r['online_img_per_s']:.0f}) "
+                     f"{r['best_loader']}` ({r['stored_img_per_s'][r['best_loader']]:.0f} / "
+                     f"{r['online_img_per_s']:.0f}) "
                      f"| {x:.2f}, ideal (teachers + student) / student {ideal:.2f}: {x / ideal:.2f} of it | "
                      f">= 0.9 of the ideal | {met(x >= 0.9 * ideal)} |")
     else:
         lines.append(f"| stored / online img/s against (teachers + student) / student | not measured: failed "
                      f"(steps below) | >= 0.9 of the ideal | |")
     lines += ["", "| step | seconds | outcome |", "|---|---|---|",
-              *(f"| {s['step']} | {s['seconds']} | {'ok' if s['ok'] else 'failed: ' + s['error']} |" for s in r["steps"])]
+              *(f"| {s['step']} | {s['seconds']} | {'ok' if s['ok'] else 'failed: ' + s['error']} |"
+                for s in r["steps"])]
     if r["precision"]:
         lines += ["", f"Teacher precision on the GPU (KL per crop vs true fp32, max (mean)); {PRECISION_NOTE}:", "",
                   *precision.table(r["precision"], TOPK)]
@@ -286,7 +288,8 @@ def report(r: dict, seconds: float) -> str:
               help="Generated ImageNet-sized JPEGs stage 1 labels (10 classes).")
 @click.option("--rows", type=POSITIVE, default=10000, show_default=True,
               help="Stage 2's CSV rows (1000 classes), an epoch's crops, over --files generated JPEGs.")
-@click.option("--files", type=POSITIVE, default=256, show_default=True, help="Distinct ImageNet-sized JPEGs of stage 2.")
+@click.option("--files", type=POSITIVE, default=256, show_default=True,
+              help="Distinct ImageNet-sized JPEGs of stage 2.")
 @click.option("--res", type=POSITIVE, default=224, show_default=True)
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="Crops per step (and per teacher forward).")
 @click.option("--epochs", type=POSITIVE, default=2, show_default=True,
@@ -297,7 +300,7 @@ def report(r: dict, seconds: float) -> str:
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the run's files in this folder (default: a temporary folder, removed).")
 def bench_gpu(images, rows, files, res, batch_size, epochs, workers, json_path, keep):
-    """GPU run: labeller vs bare forward, each loader vs synthetic, stored vs online vs ideal, torchrun, eval, export."""
+    """GPU run: labeller vs bare forward, each loader vs synthetic, stored vs online vs ideal, eval, export."""
     if not torch.cuda.is_available():
         raise MealV2Error("bench gpu is the GPU smoke run and torch sees no CUDA device here "
                           "(torch.cuda.is_available() is False); run it on a machine with a GPU")
