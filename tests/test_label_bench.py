@@ -58,11 +58,12 @@ def test_bench_label_prints_its_table(tmp_path):
         specs.append(f"{arch}={tmp_path / arch}.pth@32")
     result = run_cli("bench", "label", data, "-t", ",".join(specs), "--images", 6, "--crops-per-image", 2,
                      "--topk", 2, "--batch-size", 4, "--imagenet-images", 256, "--repeats", 1, "--device", "cpu",
-                     env={"OMP_NUM_THREADS": "1"})
+                     "--shard-size", 2, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "| measure | value | reference | target | met |" in out
     for row in ("stage-1 labeller crops/s", "CPU seconds per crop", "bytes/crop, this run's store (3 classes, k=2)",
-                "max KL", "ImageNet-like synthetic (1000 classes, k=2, 512 crops)", "durability: fsync of a shard's"):
+                "max KL", "ImageNet-like synthetic (1000 classes, k=2, 512 crops)", "durability: fsync of a shard's",
+                "the same labeller writing each shard in its loop (no background writer; 3 shard(s) of 2 images"):
         assert row in out, out
     assert "FKD per crop at k=2" in out and "= 17 B" in out

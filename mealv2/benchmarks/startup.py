@@ -39,7 +39,7 @@ from ..common.crops import CropParams, sample_crops
 from ..common.dataset import DatasetIndex
 from ..common.store import LabelStore
 from ..common.targets import encode_topk
-from .common import machine_description, met
+from .common import machine_description, make_photo_dataset, met
 from .label import synthetic_ensemble_probs, synthetic_store_attrs
 
 IMAGENET_TRAIN = 1_281_167
@@ -75,22 +75,30 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 # ---- the case ------------------------------------------------------------------------------------
 
 def make_case(folder: Path, images: int, files: int, rounds: int, crops: int, k: int, shard_size: int,
-              threads: int = 2) -> tuple[Path, Path, DatasetIndex]:
+              threads: int = 2, photos: bool = False) -> tuple[Path, Path, DatasetIndex]:
     """CSV of ``images`` rows over ``files`` small JPEGs (1000 classes) and its complete store; also
     the index `build_index` makes of it (made here without reading the files: the store needs its
     fingerprint). Each row names its own path (a CSV may not list a file twice): row i is
-    ``v{i // files}/{i % files}.jpg``, through one symlink ``v{n} -> img`` per ``files`` rows."""
-    img_dir = folder / "img"
-    img_dir.mkdir(parents=True)
+    ``v{i // files}/{i % files}.jpg``, through one symlink ``v{n} -> img`` per ``files`` rows.
+    ``photos``: the files are ImageNet-sized (`make_photo_dataset`'s), for measures that decode
+    them (`bench gpu`'s loaders)."""
     rng = np.random.default_rng(0)
-    sizes, crcs, names = [], [], []
-    for j in range(files):
-        h, w = (int(v) for v in rng.integers(48, 97, 2))
-        name = f"img/{j:04d}.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name, quality=85)
-        sizes.append((h, w))
-        crcs.append(crc32c.crc32c((folder / name).read_bytes()))
-        names.append(name)
+    sizes, names = [], []
+    if photos:
+        make_photo_dataset(folder / "img", 1, files)
+        for path in sorted((folder / "img").rglob("*.jpg")):
+            with Image.open(path) as im:
+                sizes.append(im.size[::-1])
+            names.append(path.relative_to(folder).as_posix())
+    else:
+        (folder / "img").mkdir(parents=True)
+        for j in range(files):
+            h, w = (int(v) for v in rng.integers(48, 97, 2))
+            name = f"img/{j:04d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name, quality=85)
+            sizes.append((h, w))
+            names.append(name)
+    crcs = [crc32c.crc32c((folder / name).read_bytes()) for name in names]
     classes = tuple(f"n{c:04d}" for c in range(min(1000, images)))   # every class has a row
     which = np.arange(images) % files
     for v in range(-(-images // files)):

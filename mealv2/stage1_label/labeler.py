@@ -28,6 +28,7 @@ from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
 from ..common.teachers import Ensemble, load_teachers, read_classes_file, read_teacher_classes, teacher_table
+from .writer import DEPTH, ShardWriter
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LabelConfig:
     teacher_check: bool = True
     teacher_precision: str = "fp32"
     progress: bool = True
+    write_depth: int = DEPTH            # shards in flight on the background writer; 0 writes in the loop
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -171,17 +173,18 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
                disable=not cfg.progress or not info.is_main, desc=f"label {store.path.name}")
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
-    for batch in batches:
-        fault_point("decode")      # a batch decoded, not yet labelled
-        r, s, boxes, flips = plan.popleft()
-        ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
-        shape = (len(batch.ids), cfg.crops_per_image, -1)
-        part = pending.setdefault((r, s), [])
-        part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
-                     codes.reshape(shape).cpu().numpy(), batch.crcs))
-        a, b = store.shard_range(s)
-        if sum(len(p[0]) for p in part) == b - a:
-            store.write_shard(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
-        bar.update(batch.views[0].shape[0])
+    with ShardWriter(store, cfg.write_depth) as writer:   # its exit waits for the last shards' writes
+        for batch in batches:
+            fault_point("decode")      # a batch decoded, not yet labelled
+            r, s, boxes, flips = plan.popleft()
+            ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
+            shape = (len(batch.ids), cfg.crops_per_image, -1)
+            part = pending.setdefault((r, s), [])
+            part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
+                         codes.reshape(shape).cpu().numpy(), batch.crcs))
+            a, b = store.shard_range(s)
+            if sum(len(p[0]) for p in part) == b - a:
+                writer.submit(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
+            bar.update(batch.views[0].shape[0])
     bar.close()
     return crops_todo, time.perf_counter() - started
