@@ -69,16 +69,23 @@ def test_a_wrong_flip_or_order_is_caught_by_the_parity_bound(varied):
         assert ((d.views[0] - t.views[0]).abs().flatten(1).mean(1) * 255).max() > 3
 
 
-def test_crops_leave_the_renderer_as_uint8_and_are_normalised_once_on_the_device(varied, monkeypatch):
-    """No per-crop float work on the CPU: the renderer hands uint8 crops to ``finish``, which
-    flips and normalises the whole batch."""
+@pytest.mark.parametrize("decode_on, dtype", [("device", torch.uint8), ("threads", torch.float32)])
+def test_crops_are_normalised_once_on_the_device_or_by_the_cpu_threads(varied, monkeypatch, decode_on, dtype):
+    """Rendered on the device, crops reach it as uint8 and are normalised there once per batch;
+    rendered by the CPU threads for a CPU run, each thread has normalised its image's crops."""
     index, requests = varied
     seen = []
-    finish = torch_loader.finish
-    monkeypatch.setattr(torch_loader, "finish", lambda crops, *a: seen.append(crops.dtype) or finish(crops, *a))
-    (batch,) = iterate_crops_torch(index, requests[:1], VIEWS, CROPS, threads=2)
-    assert seen == [torch.uint8] * len(VIEWS)
-    assert batch.views[0].dtype == torch.float32
+    on_device = torch_loader.on_device
+    monkeypatch.setattr(torch_loader, "on_device", lambda crops, *a: seen.append(crops.dtype) or on_device(crops, *a))
+    (batch,) = iterate_crops_torch(index, requests[:1], VIEWS, CROPS, threads=2, decode_on=decode_on)
+    assert seen == [dtype] * len(VIEWS)
+    assert all(v.dtype == torch.float32 for v in batch.views)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_a_gpu_runs_cpu_rendered_crops_travel_as_pinned_uint8():
+    (buffer,) = torch_loader.batch_buffers(8, VIEWS[:1], torch.device("cuda"))
+    assert buffer.dtype == torch.uint8 and buffer.is_pinned()
 
 
 @pytest.mark.parametrize("decode_on", ["threads", "device"])

@@ -175,7 +175,9 @@ def decode_rgb(path_or_file) -> "Image.Image":
         return im.convert("RGB")
 
 
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, as torchvision's ToTensor + Normalize compute it."""
+def normalise(images: torch.Tensor, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, as torchvision's ToTensor + Normalize compute it (into ``out``
+    when given: a loader thread's slice of its batch)."""
     m, s = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
-    return images.float().div_(255).sub_(m).div_(s)
+    out = images.float() if out is None else out.copy_(images)
+    return out.div_(255).sub_(m).div_(s)

@@ -10,9 +10,11 @@ Where the pixels are decoded is the one choice (``decode_on``):
   ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA), and the boxes are cut and
   resized there. The same code runs on a CPU, which is how the tests check it.
 
-Either way crops leave the renderer as uint8 (a quarter of float32's bytes; pinned and copied
-without blocking when they cross to a GPU), and are flipped and normalised once per batch on
-the device: no per-crop float work on the CPU.
+Crops leave the renderer as uint8. For a GPU run they are normalised there, once per batch, and
+those the CPU threads render travel as uint8 (a quarter of float32's bytes) in pinned memory,
+copied without blocking: no float work on the CPU. For a CPU run the CPU is the device: each
+thread normalises its own image's crops into its slice of the batch, so that work scales with
+the threads too instead of running on the thread that yields.
 
 Decoding matches DALI's (and :func:`~mealv2.common.crop_loader.decode_rgb`'s): EXIF orientation
 applied, grayscale expanded to RGB, 16-bit scaled to 8-bit. JPEGs in RGB or grayscale go through
@@ -44,7 +46,7 @@ _JPEG = b"\xff\xd8\xff"
 _ORIENTATION = 0x0112
 
 
-def _decode_jpeg(data, **kwargs):
+def decode_jpeg_rgb(data, **kwargs):
     # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which is not a dependency;
     # the warning would print on every batch.
     with warnings.catch_warnings():
@@ -71,26 +73,28 @@ def decode_cpu(data: np.ndarray, kind: str, path) -> torch.Tensor:
     try:
         if kind == "other":
             return F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
-        return _decode_jpeg(torch.from_numpy(data), apply_exif_orientation=True)
+        return decode_jpeg_rgb(torch.from_numpy(data), apply_exif_orientation=True)
     except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # PIL's and libjpeg's "corrupt data"
         from .dataset import DatasetError
         raise DatasetError(f"cannot decode {path}: {e}; expected a decodable image") from None
 
 
-def render_crops(image: torch.Tensor, boxes: np.ndarray, views: list[View]) -> list[torch.Tensor]:
+def render_crops(image: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, views: list[View]) -> list[torch.Tensor]:
     """Per view the (C, 3, res, res) uint8 crops of one uint8 (3, H, W) image, on its device.
 
-    ``boxes`` are relative (y, x, h, w); each is cut at the pixels DALI's ROI rounds to and
-    resized with an antialiased bilinear filter (DALI's ``antialias=True, INTERP_LINEAR``).
+    ``boxes`` are relative (y, x, h, w); each is cut at the pixels DALI's ROI rounds to, resized
+    with an antialiased bilinear filter (DALI's ``antialias=True, INTERP_LINEAR``) and mirrored
+    where ``flips``.
     """
     h, w = image.shape[-2:]
     per_view = [[] for _ in views]
-    for y, x, bh, bw in boxes:
+    for (y, x, bh, bw), flip in zip(boxes, flips):
         top, left = round(float(y) * h), round(float(x) * w)
         height = max(1, round(float(y + bh) * h) - top)
         width = max(1, round(float(x + bw) * w) - left)
         for out, view in zip(per_view, views):
-            out.append(F.resized_crop(image, top, left, height, width, [view.res, view.res], antialias=True))
+            crop = F.resized_crop(image, top, left, height, width, [view.res, view.res], antialias=True)
+            out.append(crop.flip(-1) if flip else crop)
     return [torch.stack(v) for v in per_view]
 
 
@@ -99,10 +103,15 @@ def _read(index: DatasetIndex, image_id: int) -> tuple[int, np.ndarray, str]:
     return crc32c.crc32c(data), data, jpeg_kind(data)
 
 
-def _render_on_thread(index: DatasetIndex, image_id: int, boxes: np.ndarray, views: list[View]):
-    """(CRC32C, per-view uint8 crops): a whole image's work on one CPU thread."""
+def _render_on_thread(index: DatasetIndex, image_id: int, boxes: np.ndarray, flips: np.ndarray, views: list[View],
+                      out: list[torch.Tensor]) -> int:
+    """A whole image's work on one CPU thread: its crops written into its slices ``out`` of the
+    batch (normalised there when the batch is float, i.e. for a CPU run); returns its CRC32C."""
     crc, data, kind = _read(index, image_id)
-    return crc, render_crops(decode_cpu(data, kind, index.path(int(image_id))), boxes, views)
+    image = decode_cpu(data, kind, index.path(int(image_id)))
+    for crops, view, slot in zip(render_crops(image, boxes, flips, views), views, out):
+        normalise(crops, view.mean, view.std, out=slot) if slot.is_floating_point() else slot.copy_(crops)
+    return crc
 
 
 def _load_for_device(index: DatasetIndex, image_id: int):
@@ -121,7 +130,7 @@ def decode_on_device(index: DatasetIndex, ids: np.ndarray, loaded: list, device:
     images = [payload.to(device, non_blocking=True) if payload.dim() == 3 else None for payload in loaded]
     if encoded:
         try:
-            decoded = _decode_jpeg([loaded[i] for i in encoded], device=device)
+            decoded = decode_jpeg_rgb([loaded[i] for i in encoded], device=device)
         except RuntimeError:
             decoded = [decode_cpu(loaded[i].numpy(), "plain", index.path(int(ids[i]))).to(device) for i in encoded]
         for i, image in zip(encoded, decoded):
@@ -142,30 +151,41 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
         requests = iter(requests)
         while True:
             while len(pending) <= prefetch and (req := next(requests, None)) is not None:
-                rel = boxes_to_relative(req.boxes)
-                pending.append((req, rel, [
-                    pool.submit(_render_on_thread, index, i, boxes, views) if decode_on == "threads"
-                    else pool.submit(_load_for_device, index, i) for i, boxes in zip(req.ids, rel)]))
+                rel, flips = boxes_to_relative(req.boxes), np.asarray(req.flips, bool)
+                if decode_on == "threads":
+                    out = batch_buffers(len(req.ids) * crops, views, dev)
+                    pending.append((req, out, [
+                        pool.submit(_render_on_thread, index, i, boxes, f, views,
+                                    [v[j * crops:(j + 1) * crops] for v in out])
+                        for j, (i, boxes, f) in enumerate(zip(req.ids, rel, flips))]))
+                else:
+                    pending.append((req, None, [pool.submit(_load_for_device, index, i) for i in req.ids]))
             if not pending:
                 return
-            req, rel, futures = pending.popleft()
+            req, out, futures = pending.popleft()
             done = [f.result() for f in futures]   # a read or decode error surfaces here, naming the file
-            crcs = np.asarray([crc for crc, _ in done], np.uint32)
             if decode_on == "threads":
-                rendered = [per_view for _, per_view in done]
+                crcs = done
             else:
+                crcs = [crc for crc, _ in done]
                 images = decode_on_device(index, req.ids, [payload for _, payload in done], dev)
-                rendered = [render_crops(image, boxes, views) for image, boxes in zip(images, rel)]
-            flips = torch.from_numpy(np.asarray(req.flips, bool).reshape(-1)).to(dev)
-            yield CropBatch(ids=np.asarray(req.ids), crcs=crcs, views=[
-                finish(torch.cat([per_view[v] for per_view in rendered]), flips, view, dev)
-                for v, view in enumerate(views)])
+                rendered = [render_crops(image, boxes, f, views) for image, boxes, f
+                            in zip(images, boxes_to_relative(req.boxes), np.asarray(req.flips, bool))]
+                out = [torch.cat([per_view[v] for per_view in rendered]) for v in range(len(views))]
+            yield CropBatch(ids=np.asarray(req.ids), crcs=np.asarray(crcs, np.uint32),
+                            views=[on_device(x, view, dev) for x, view in zip(out, views)])
 
 
-def finish(crops: torch.Tensor, flips: torch.Tensor, view: View, device: torch.device) -> torch.Tensor:
-    """uint8 crops -> the device (pinned, non-blocking from a CPU to a GPU), mirrored where
-    ``flips``, normalised: the float work happens once per batch, on the device."""
-    if crops.device != device:
-        crops = (crops.pin_memory() if device.type == "cuda" else crops).to(device, non_blocking=True)
-    crops = torch.where(flips.view(-1, 1, 1, 1), crops.flip(-1), crops)
-    return normalise(crops, view.mean, view.std)
+def batch_buffers(n: int, views: list[View], device: torch.device) -> list[torch.Tensor]:
+    """Per view the batch the CPU threads write into: float for a CPU run (normalised there, by
+    the threads), else uint8 in pinned memory (a quarter of the bytes, copied without blocking)."""
+    if device.type == "cpu":
+        return [torch.empty(n, 3, v.res, v.res) for v in views]
+    return [torch.empty(n, 3, v.res, v.res, dtype=torch.uint8, pin_memory=True) for v in views]
+
+
+def on_device(crops: torch.Tensor, view: View, device: torch.device) -> torch.Tensor:
+    """A view's batch on ``device``, normalised: uint8 crops are normalised there, once per batch."""
+    if crops.is_floating_point():
+        return crops
+    return normalise(crops.to(device, non_blocking=True), view.mean, view.std)
