@@ -187,7 +187,7 @@ def table(rows: list[dict], cores: int) -> list[str]:
 
 
 @click.command("loader")
-@click.option("--images", type=POSITIVE, default=256, show_default=True,
+@click.option("--images", type=POSITIVE, default=128, show_default=True,
               help="Generated 500 x 375 JPEGs (quality 90).")
 @click.option("--res", type=POSITIVE, default=224, show_default=True)
 @click.option("--batch", type=POSITIVE, default=32, show_default=True, help="Images per request.")
