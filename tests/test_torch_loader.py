@@ -16,7 +16,7 @@ from mealv2.common.crop_loader import CropRequest, View, iterate_crops
 from mealv2.common.crops import CropParams, sample_crops
 from mealv2.common.dataset import DatasetError, build_index
 from mealv2.common.errors import MealV2Error
-from mealv2.common.loaders import describe, resolve
+from mealv2.common.loaders import describe, iterate, resolve
 from mealv2.common.torch_loader import iterate_crops_torch
 
 RAW = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -101,6 +101,14 @@ def test_a_corrupt_jpeg_is_named_by_the_torch_loader(tmp_path, decode_on):
     boxes, flips = sample_crops(0, 0, ids, index.sizes[ids], 1, CropParams(res=16))
     with pytest.raises(DatasetError, match=f"cannot decode {bad}.*expected a decodable image"):
         list(iterate_crops_torch(index, [CropRequest(ids, boxes, flips)], [View(16, *RAW)], 1, decode_on=decode_on))
+
+
+def test_torch_cpu_is_the_torch_loader_decoding_on_the_threads(varied):
+    index, requests = varied
+    a, b = (list(iterate(name, index, requests, VIEWS, CROPS, batch_size=7, device="cpu", threads=2))
+            for name in ("torch", "torch-cpu"))
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
 
 
 def test_loader_names_resolve_by_what_is_installed(monkeypatch):

@@ -1,11 +1,13 @@
 """`mealv2 bench loader`: crops/s of each crop loader alone (no model), beside a bare loop.
 
-For every installed loader on the device (DALI and torch; on a GPU each decodes there), at
-C = 1 and C = 4 crops per image of ImageNet-sized JPEGs (500 x 375, quality 90) rendered at
-224 px, the loader as the commands run it (reading, CRC32C, the request/batch plumbing, uint8
-to the device, flip and normalise) is timed beside a bare loop that decodes each image once
-with the same decoder and renders its C crops with the same resize on the same threads, and
-nothing else. Target: every loader >= 0.8x its bare loop. The torch loader's bare loop also
+For every installed loader on the device (DALI and torch, which decode on a GPU where there is
+one, and on a GPU also torch-cpu, which decodes on the CPU threads), at C = 1 and C = 4 crops per
+image of ImageNet-sized JPEGs (500 x 375, quality 90) rendered at 224 px, the loader as the
+commands run it (reading, CRC32C, the request/batch plumbing, the batch on the device, flipped
+and normalised) is timed beside a bare loop that decodes each image once with the same decoder
+and renders its C crops with the same resize on the same threads, and makes what the loader
+yields on that device (normalised float for a CPU run, whose student reads it; uint8 on a GPU,
+which normalises). Target: every loader >= 0.8x its bare loop. The torch loader's bare loop also
 runs on worker processes instead of threads: which of the two the CPU path should use.
 
 Each figure is the best of ``--repeats`` timed passes over the images (the loaders' warm-up,
@@ -29,7 +31,7 @@ from ..common.cli_options import POSITIVE, available_cores, device_option
 from ..common.crop_loader import CropRequest, View, normalise
 from ..common.crops import CropParams, boxes_to_relative, sample_crops
 from ..common.dataset import build_index
-from ..common.loaders import AUTO, LOADERS, installed, iterate
+from ..common.loaders import LOADERS, installed, iterate
 from ..common.runtime import resolve_device
 from ..common.teachers import NORMS
 from ..common.torch_loader import decode_jpeg_rgb, decode_cpu, jpeg_kind, render_crops
@@ -138,7 +140,7 @@ def bare_dali(index, requests, view: View, device: torch.device, threads: int, n
 
 
 BARE = {("dali", "cpu"): bare_dali, ("dali", "cuda"): bare_dali,
-        ("torch", "cpu"): bare_threads, ("torch", "cuda"): bare_device}
+        ("torch", "cpu"): bare_threads, ("torch", "cuda"): bare_device, ("torch-cpu", "cuda"): bare_threads}
 
 
 def measure(index, device: torch.device, threads: int, res: int, batch: int, repeats: int,
@@ -149,7 +151,7 @@ def measure(index, device: torch.device, threads: int, res: int, batch: int, rep
     view = View(res, *NORMS["imagenet"])
     cpu = device.type == "cpu"
     rows = []
-    for name in (n for n in AUTO if installed(n)):
+    for name in (n for n in LOADERS if installed(n) and (n, device.type) in BARE):
         bare = BARE[(name, device.type)]
         for crops in crops_options:
             requests = _requests(index, crops, res, batch)

@@ -31,6 +31,11 @@ LOADERS = {
     "torch": Loader("mealv2.common.torch_loader:iterate_crops_torch", None, "",
                     {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
                      "cuda": "torchvision decodes (nvJPEG) and resizes on the GPU; files read on the CPU threads"}),
+    # the torch loader with decoding kept on the CPU on a GPU too: where nvJPEG is missing or slower
+    "torch-cpu": Loader("mealv2.common.torch_loader:iterate_crops_torch_cpu", None, "",
+                        {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
+                         "cuda": "torchvision/PIL decode and resize on the CPU threads; uint8 to the GPU "
+                                 "(pinned), normalised there"}),
 }
 LOADER_CHOICES = ("auto", *LOADERS)
 AUTO = ("dali", "torch")   # the design's pipeline first; torch wherever DALI is missing

@@ -176,6 +176,11 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
                             views=[on_device(x, view, dev) for x, view in zip(out, views)])
 
 
+def iterate_crops_torch_cpu(*args, **kwargs) -> Iterator[CropBatch]:
+    """:func:`iterate_crops_torch` decoding on the CPU threads whatever the device (``--loader torch-cpu``)."""
+    return iterate_crops_torch(*args, decode_on="threads", **kwargs)
+
+
 def batch_buffers(n: int, views: list[View], device: torch.device) -> list[torch.Tensor]:
     """Per view the batch the CPU threads write into: float for a CPU run (normalised there, by
     the threads), else uint8 in pinned memory (a quarter of the bytes, copied without blocking)."""
