@@ -18,8 +18,9 @@ the threads too instead of running on the thread that yields.
 
 Decoding matches DALI's (and :func:`~mealv2.common.crop_loader.decode_rgb`'s): EXIF orientation
 applied, grayscale expanded to RGB, 16-bit scaled to 8-bit. JPEGs in RGB or grayscale go through
-libjpeg-turbo (CPU) or nvJPEG (device), which give PIL's pixels; an EXIF-rotated JPEG is decoded
-on the CPU (torchvision's device decoder does not rotate), and every other file by PIL.
+libjpeg-turbo on the CPU (PIL's pixels exactly) or nvJPEG on a GPU (whose IDCT may round a level
+differently); an EXIF-rotated JPEG is decoded on the CPU (torchvision's device decoder does not
+rotate), and every other file by PIL.
 """
 from __future__ import annotations
 
