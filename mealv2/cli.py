@@ -25,6 +25,8 @@ COMMANDS = {  # name: (module, attribute, one-line help)
 BENCHMARKS = {
     "label": ("mealv2.benchmarks.label", "bench_label", "Stage-1 crops/s against bare teacher forward; bytes/crop against FKD."),
     "train": ("mealv2.benchmarks.train", "bench_train", "Student img/s with stored labels, hard labels and online teachers."),
+    "loader": ("mealv2.benchmarks.loader", "bench_loader",
+               "Crops/s of each crop loader (no model) against a bare decode-and-resize loop."),
     "startup": ("mealv2.benchmarks.startup", "bench_startup", "Seconds from `train` start to its first step at ImageNet size."),
     "gpu": ("mealv2.benchmarks.gpu", "bench_gpu", "GPU smoke run: label, train bf16 + compile (+ torchrun), eval, export."),
     "precision": ("mealv2.benchmarks.precision", "bench_precision",

@@ -13,13 +13,15 @@ from PIL import Image
 DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
 
 
-def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int = 0) -> Path:
-    """ImageNet-sized JPEGs (sides 250-500 px, quality 90, textured like photos): what decoding costs."""
+def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int = 0,
+                       shape: tuple[int, int] | None = None) -> Path:
+    """ImageNet-sized JPEGs (sides 250-500 px, or all ``shape`` (h, w); quality 90, textured like
+    photos): what decoding costs."""
     rng = np.random.default_rng(seed)
     for c in range(num_classes):
         (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
-            h, w = int(rng.integers(250, 501)), int(rng.integers(300, 501))
+            h, w = shape or (int(rng.integers(250, 501)), int(rng.integers(300, 501)))
             yy, xx = np.mgrid[:h, :w] / max(h, w)
             img = np.empty((h, w, 3))
             for ch in range(3):

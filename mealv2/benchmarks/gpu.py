@@ -41,10 +41,10 @@ import torch
 from ..common.cli_options import POSITIVE
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
+from ..common.loaders import LOADERS, installed
 from ..common.models import create_timm_model
 from ..common.runtime import Runtime
 from ..common.teachers import Ensemble, load_teacher
-from ..stage2_train.commands import train as train_command
 from ..stage2_train.losses import soft_cross_entropy
 from .common import machine_description, make_photo_dataset, met, random_teachers
 from .label import labeller_case
@@ -62,9 +62,8 @@ CROPS, TOPK, CLASSES = 4, 5, 1000   # stage 2's store: MEAL V2's 4 crops per ima
 
 
 def loader_backends() -> list[str]:
-    """The loader backends `mealv2 train --loader` offers: a backend added there is measured here."""
-    (option,) = [p for p in train_command.params if p.name == "loader"]
-    return list(option.type.choices)
+    """The installed loader backends of the registry: a backend added there is measured here."""
+    return [name for name in LOADERS if installed(name)]
 
 
 def mealv2_command(*args, torchrun: int = 0) -> list[str]:

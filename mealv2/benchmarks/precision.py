@@ -25,10 +25,11 @@ import numpy as np
 import timm
 import torch
 
-from ..common.cli_options import POSITIVE
-from ..common.crop_loader import CropRequest, View, iterate_crops, iterate_crops_torch
+from ..common.cli_options import POSITIVE, available_cores
+from ..common.crop_loader import CropRequest, View
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index
+from ..common.loaders import iterate
 from ..common.targets import encode_topk
 from ..common.runtime import Runtime
 from ..common.teachers import NORMS
@@ -125,15 +126,14 @@ def bench_precision(archs, res, images, crops, topk):
     click.echo("\n".join(lines))
 
 
-def measure(index, archs, res: int, crops: int, k: int, device: str = "cpu", loader: str = "dali",
+def measure(index, archs, res: int, crops: int, k: int, device: str = "cpu", loader: str = "auto",
             images: int | None = None) -> dict:
     """:func:`precision_case` per architecture over round-0 crops of the first ``images`` images of
     ``index`` (all by default), rendered by the DALI or the torch loader, on ``device``."""
     ids = np.arange(len(index) if images is None else min(images, len(index)))
     boxes, flips = sample_crops(0, 0, ids, index.sizes[ids], crops, CropParams(res=res))
-    render = iterate_crops if loader == "dali" else iterate_crops_torch
-    (batch,) = render(index, [CropRequest(ids, boxes, flips)], [View(res, *NORMS["imagenet"])], crops,
-                      batch_size=len(ids), device=device)
+    (batch,) = iterate(loader, index, [CropRequest(ids, boxes, flips)], [View(res, *NORMS["imagenet"])], crops,
+                       batch_size=len(ids), device=device, threads=available_cores())
     return {arch: precision_case(arch, batch.views[0], k, device) for arch in archs}
 
 

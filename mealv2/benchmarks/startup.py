@@ -34,7 +34,7 @@ import crc32c
 import numpy as np
 from PIL import Image
 
-from ..common.cli_options import POSITIVE
+from ..common.cli_options import POSITIVE, loader_option
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import DatasetIndex
 from ..common.store import LabelStore
@@ -180,7 +180,7 @@ def header_pass(csv: Path, workers: int, folder: Path) -> float:
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="`train --batch-size`.")
 @click.option("--workers", type=POSITIVE, default=4, show_default=True,
               help="`train --workers`; the index reads headers on max(workers, 8) threads.")
-@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@loader_option
 @click.option("--device", default="cpu", show_default=True, help="`train --device`.")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path),
               help="Make the case in this folder and keep it (default: a temporary folder, removed).")

@@ -1,12 +1,14 @@
 """Click options shared by several commands, so a flag means the same thing everywhere."""
 from __future__ import annotations
 
+import os
 import re
 from fractions import Fraction
 
 import click
 
 from .crops import CropParams
+from .loaders import LOADER_CHOICES
 
 POSITIVE = click.IntRange(min=1)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -104,5 +106,18 @@ def teacher_options(required: bool = False):
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="auto = CUDA when present.")
-workers_option = click.option("--workers", type=POSITIVE, default=4, show_default=True,
-                              help="Decoding threads.")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, as a container or taskset limits it): the
+    default number of decoding workers, so a 2-core machine does not start 4 of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+workers_option = click.option("--workers", type=POSITIVE, default=available_cores,
+                              show_default="the cores this process may use", help="Decoding threads.")
+loader_option = click.option("--loader", type=click.Choice(LOADER_CHOICES), default="auto", show_default=True,
+                             help="Crop loader: auto = DALI where installed, else torch (README: which runs where).")

@@ -6,14 +6,12 @@ otherwise), cuts its C boxes, resizes them, mirrors the flipped ones and normali
 once per *view* (resolution, mean, std): the student's, or each distinct teacher's. The
 batch comes back as images x C crops, image-major, like FKD's ``num_crops``.
 
-``iterate_crops_torch`` renders the same boxes with PIL/torchvision for platforms without
-DALI; both take and yield the same things.
+``torch_loader.iterate_crops_torch`` renders the same boxes without DALI; both take and yield
+the same things, and ``loaders.LOADERS`` picks one.
 """
 from __future__ import annotations
 
-import io
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -50,7 +48,7 @@ class CropBatch:
     crcs: np.ndarray                # (b,) uint32 CRC32C of each image file's bytes as read
 
 
-def _read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
+def read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
     return np.fromfile(index.path(int(image_id)), dtype=np.uint8)
 
 
@@ -75,7 +73,7 @@ class _Source:
         rel = boxes_to_relative(req.boxes)                       # (b, C, 4) y, x, h, w
         start = np.ascontiguousarray(rel[..., :2])
         end = np.ascontiguousarray(rel[..., :2] + rel[..., 2:])
-        encoded = [_read_bytes(self.index, i) for i in req.ids]
+        encoded = [read_bytes(self.index, i) for i in req.ids]
         return (encoded, list(start), list(end), list(req.flips.astype(np.int32)),
                 [_meta(int(i), data) for i, data in zip(req.ids, encoded)])
 
@@ -177,48 +175,9 @@ def decode_rgb(path_or_file) -> "Image.Image":
         return im.convert("RGB")
 
 
-def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], views: list[View],
-                        crops: int, device: str = "cpu", threads: int = 4, prefetch: int = 2,
-                        **_) -> Iterator[CropBatch]:
-    """The same crops as :func:`iterate_crops`, rendered with PIL and torchvision: each image on one
-    of ``threads`` threads (PIL's decode and torch's resize release the GIL), up to ``prefetch``
-    requests ahead of the one being yielded."""
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        requests = iter(requests)
-        while True:
-            while len(pending) <= prefetch and (req := next(requests, None)) is not None:
-                rel = boxes_to_relative(req.boxes)
-                pending.append((req, [pool.submit(_render_image, index, image_id, boxes, flips, views)
-                                      for image_id, boxes, flips in zip(req.ids, rel, req.flips)]))
-            if not pending:
-                return
-            req, futures = pending.popleft()
-            rendered = [f.result() for f in futures]   # a decode error surfaces here, naming the file
-            yield CropBatch(ids=np.asarray(req.ids), crcs=np.asarray([crc for crc, _ in rendered], np.uint32),
-                            views=[torch.cat([views_of[v] for _, views_of in rendered]).to(device)
-                                   for v in range(len(views))])
-
-
-def _render_image(index: DatasetIndex, image_id: int, boxes: np.ndarray, flips: np.ndarray,
-                  views: list[View]) -> tuple[int, list[torch.Tensor]]:
-    """(CRC32C of the file's bytes, per view the (C, 3, res, res) crops of one image)."""
-    from torchvision.transforms.v2 import functional as F
-
-    data = _read_bytes(index, image_id)
-    try:
-        image = F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
-    except (OSError, SyntaxError, ValueError) as e:   # PIL's ways of saying "corrupt data"
-        from .dataset import DatasetError
-        raise DatasetError(f"cannot decode {index.path(int(image_id))}: {e}; expected a decodable image") from None
-    h, w = image.shape[-2:]
-    per_view = [[] for _ in views]
-    for (y, x, bh, bw), flip in zip(boxes, flips):
-        top, left = round(float(y) * h), round(float(x) * w)
-        height = max(1, round(float(y + bh) * h) - top)
-        width = max(1, round(float(x + bw) * w) - left)
-        for out, view in zip(per_view, views):
-            crop = F.resized_crop(image, top, left, height, width, [view.res, view.res], antialias=True)
-            crop = F.horizontal_flip(crop) if flip else crop
-            out.append(F.normalize(crop.float() / 255, view.mean, view.std))
-    return crc32c.crc32c(data), [torch.stack(v) for v in per_view]
+def normalise(images: torch.Tensor, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, as torchvision's ToTensor + Normalize compute it (into ``out``
+    when given: a loader thread's slice of its batch)."""
+    m, s = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
+    out = images.float() if out is None else out.copy_(images)
+    return out.div_(255).sub_(m).div_(s)

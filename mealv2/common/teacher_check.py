@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .crop_loader import CropRequest, View, iterate_crops
+from .crop_loader import CropRequest, View
 from .crops import CropParams, sample_crops
 from .dataset import DatasetIndex
 from .errors import MealV2Error
+from .loaders import iterate
 from .teachers import NORMS, Ensemble, Spec, Teacher, norm_name
 
 SAMPLE_IMAGES = 1024          # about this many images, at least 2 per class where there are 2
@@ -112,7 +113,7 @@ def clearly_better(better: np.ndarray, base: np.ndarray) -> bool:
 
 
 def predictions(ensemble: Ensemble, index: DatasetIndex, ids: np.ndarray, crop: CropParams, crops: int,
-                seed: int, batch_images: int, workers: int) -> dict[tuple[int, str], np.ndarray]:
+                seed: int, batch_images: int, workers: int, loader: str = "auto") -> dict[tuple[int, str], np.ndarray]:
     """Top-1 class (dataset order) of every teacher under every candidate normalisation, per crop."""
     teachers = ensemble.teachers
     views = sorted({t.res for t in teachers})
@@ -123,8 +124,8 @@ def predictions(ensemble: Ensemble, index: DatasetIndex, ids: np.ndarray, crop: 
     requests = [CropRequest(ids[a:a + batch_images], boxes[a:a + batch_images], flips[a:a + batch_images])
                 for a in range(0, len(ids), batch_images)]
     runtime = ensemble.runtime
-    for batch in iterate_crops(index, requests, raw_views, crops, batch_images, device=runtime.device.type,
-                               threads=workers):
+    for batch in iterate(loader, index, requests, raw_views, crops, batch_size=batch_images,
+                         device=runtime.device.type, threads=workers):
         with torch.no_grad(), runtime.autocast():
             for i, t in enumerate(teachers):
                 raw = runtime.input(batch.views[views.index(t.res)])
@@ -134,8 +135,8 @@ def predictions(ensemble: Ensemble, index: DatasetIndex, ids: np.ndarray, crop: 
 
 
 def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, crops: int, seed: int = 0,
-                   batch_size: int = 256, workers: int = 2, suggest_dir: Path | None = None,
-                   argv: list[str] | None = None) -> list[TeacherCheck]:
+                   batch_size: int = 256, workers: int = 2, loader: str = "auto",
+                   suggest_dir: Path | None = None, argv: list[str] | None = None) -> list[TeacherCheck]:
     """Check every teacher (see the module docstring); raises TeacherInputError naming the fix and,
     where it writes the class files (``suggest_dir``), the corrected command line (``argv``: this
     command's arguments, default sys.argv's)."""
@@ -148,7 +149,7 @@ def check_teachers(ensemble: Ensemble, index: DatasetIndex, crop: CropParams, cr
         at = np.flatnonzero(index.labels[ids] == c)
         rank_in_class[at] = np.arange(len(at))
     half = np.repeat(rank_in_class % 2, crops)
-    preds = predictions(ensemble, index, ids, crop, crops, seed, max(1, batch_size // crops), workers)
+    preds = predictions(ensemble, index, ids, crop, crops, seed, max(1, batch_size // crops), workers, loader)
     checks, problems, specs, class_files = [], [], {}, {}
     for i, t in enumerate(ensemble.teachers):
         correct = {name: preds[(i, name)] == y for (j, name) in preds if j == i}

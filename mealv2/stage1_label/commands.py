@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
-                                  workers_option)
+from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, loader_option,
+                                  teacher_options, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
@@ -25,10 +25,11 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @click.option("--shard-size", type=POSITIVE, default=1024, show_default=True,
               help="Images per shard: the unit of writing, resuming and splitting across ranks.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
+@loader_option
 @device_option
 @workers_option
 def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale,
-          ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
+          ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, loader, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.
 
     Before the first crop it prints each teacher's input (resolution, mean/std, class order)
@@ -38,7 +39,7 @@ def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_
 
     run_label(LabelConfig(data=data, teachers=split_specs(teachers), out=out, rounds=rounds,
                           crops_per_image=crops_per_image, crop=crop_params(res, scale, ratio), topk=topk,
-                          temperature=temperature, batch_size=batch_size, seed=seed, device=device,
-                          workers=workers, shard_size=shard_size, skip_bad=skip_bad, classes_file=classes_file,
-                          teacher_classes=teacher_classes,
+                          temperature=temperature, batch_size=batch_size, seed=seed, loader=loader,
+                          device=device, workers=workers, shard_size=shard_size, skip_bad=skip_bad,
+                          classes_file=classes_file, teacher_classes=teacher_classes,
                           teacher_check=teacher_check, teacher_precision=teacher_precision))

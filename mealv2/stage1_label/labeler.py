@@ -17,7 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.crop_loader import CropRequest, iterate_crops
+from ..common.cli_options import available_cores
+from ..common.crop_loader import CropRequest
+from ..common.loaders import describe, iterate, resolve
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index_shared, in_classes
 from ..common.distributed import distributed
@@ -43,8 +45,9 @@ class LabelConfig:
     temperature: float = 1.0
     batch_size: int = 256
     seed: int = 0
+    loader: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=available_cores)
     shard_size: int = 1024
     skip_bad: bool = False
     classes_file: str | None = None     # a state-dict teacher's class names in output order
@@ -53,6 +56,9 @@ class LabelConfig:
     teacher_precision: str = "fp32"
     progress: bool = True
     write_depth: int = DEPTH            # shards in flight on the background writer; 0 writes in the loop
+
+    def __post_init__(self):
+        resolve(self.loader)   # a backend that is not installed is refused before any work
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -148,7 +154,7 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict]
         return [{"teacher": t.spec, "skipped": True, "why": "no labels"} for t in ensemble.teachers]
     try:
         checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
-                                cfg.workers, suggest_dir=out.parent)
+                                cfg.workers, loader=cfg.loader, suggest_dir=out.parent)
     except MealV2Error as e:
         return e
     for c in checks:
@@ -166,9 +172,12 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
         return 0, 0.0
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     plan: deque = deque()
-    batches = iterate_crops(index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),
-                            ensemble.views, cfg.crops_per_image, images_per_batch,
-                            device=ensemble.device.type, threads=cfg.workers)
+    loader = resolve(cfg.loader)
+    if info.is_main:
+        print(describe(loader, ensemble.device.type, cfg.workers))
+    batches = iterate(loader, index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),
+                      ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
+                      device=ensemble.device.type, threads=cfg.workers)
     bar = tqdm(total=int(crops_todo), unit="crop", unit_scale=True, dynamic_ncols=True,
                disable=not cfg.progress or not info.is_main, desc=f"label {store.path.name}")
     pending: dict[tuple[int, int], list] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..common.cli_options import available_cores
 from ..common.store import LabelStore, StoreError
 
 # torch, timm and DALI are imported only by `verify --data`: inspect and verify stay quick.
@@ -96,7 +97,8 @@ def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, run
     """Re-run the teachers on the stored crops of ``n`` random images of a random round."""
     import torch
 
-    from ..common.crop_loader import CropRequest, iterate_crops
+    from ..common.crop_loader import CropRequest
+    from ..common.loaders import describe, iterate, resolve
     from ..common.targets import decode_probs
     from ..common.teachers import Ensemble
 
@@ -107,8 +109,10 @@ def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, run
     r = int(rng.integers(store.rounds_complete()))
     data = store.read_round(r)
     ids = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
-    (batch,) = iterate_crops(index, [CropRequest(ids, data.boxes[ids], data.flips[ids].astype(bool))],
-                             ensemble.views, c, len(ids), device=runtime.device.type)
+    loader, threads = resolve("auto"), available_cores()
+    print(describe(loader, runtime.device.type, threads))
+    (batch,) = iterate(loader, index, [CropRequest(ids, data.boxes[ids], data.flips[ids].astype(bool))],
+                       ensemble.views, c, batch_size=len(ids), device=runtime.device.type, threads=threads)
     probs = ensemble.probs(batch.views).cpu()
     stored_ids = torch.from_numpy(data.ids[ids].astype(np.int64)).reshape(len(ids) * c, -1)
     stored = decode_probs(torch.from_numpy(data.probs[ids][..., :stored_ids.shape[1]])).reshape(stored_ids.shape)

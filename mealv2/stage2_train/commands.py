@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
-                                  workers_option)
+from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, loader_option,
+                                  teacher_options, workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 
@@ -59,8 +59,7 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
 @click.option("--init", type=LocalPath(exists=True), help="Start from a checkpoint or state dict.")
 @click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly (repeat the run's flags).")
-@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True,
-              help="torch = PIL/torchvision fallback rendering the same crops.")
+@loader_option
 @device_option
 @workers_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

@@ -4,7 +4,7 @@
                  --> labels.for_pass(p): which crops each image gets and their targets
                  --> epoch_order(p): this rank's images per step (permutation of (seed, p), padded)
                  --> CropRequest per step --> iterate_crops (DALI: one decode per image, C crops,
-                     every view rendered; or iterate_crops_torch) --> Batch(views, target)
+                     every view rendered; or the torch loader) --> Batch(views, target)
 
 Epochs count N crops (N images), as MEAL V2 and FKD count them: a pass over the images with
 C crops each is C epochs. An epoch is ``round(N / crops per step)`` steps (at least one) of
@@ -29,10 +29,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..common.crop_loader import CropRequest, View, iterate_crops, iterate_crops_torch
+from ..common.crop_loader import CropRequest, View
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import DatasetError, DatasetIndex
 from ..common.errors import MealV2Error
+from ..common.loaders import iterate, resolve
 from ..common.store import LabelStore, RoundData, StoreError
 from ..common.targets import reconstruct_targets
 
@@ -178,13 +179,13 @@ class TrainLoader:
     """
 
     def __init__(self, index: DatasetIndex, labels: StoredLabels | FreshLabels, views: list[View],
-                 images_per_step: int, seed: int, device: torch.device, backend: str = "dali",
+                 images_per_step: int, seed: int, device: torch.device, backend: str = "auto",
                  workers: int = 4, prefetch: int = 2, rank: int = 0, world_size: int = 1,
                  expected_crcs: np.ndarray | None = None, store_path=None):
         self.index, self.labels, self.views = index, labels, views
         self.crops_per_image = labels.crops_per_image
         self.images_per_step, self.seed, self.device = images_per_step, seed, device
-        self.backend, self.workers, self.prefetch = backend, workers, prefetch
+        self.backend, self.workers, self.prefetch = resolve(backend), workers, prefetch
         self.rank, self.world_size = rank, world_size
         self.expected_crcs, self.store_path = expected_crcs, store_path
         self.steps_per_pass = steps_per_pass(len(index), images_per_step * world_size)
@@ -224,10 +225,9 @@ class TrainLoader:
                 targets.append(source.targets(ids))
                 yield CropRequest(ids, *source.crops(ids))
 
-        render = iterate_crops if self.backend == "dali" else iterate_crops_torch
-        for crops in render(self.index, requests(), views, self.crops_per_image,
-                            batch_size=self.images_per_step, device=self.device.type, threads=self.workers,
-                            prefetch=self.prefetch):
+        for crops in iterate(self.backend, self.index, requests(), views, self.crops_per_image,
+                             batch_size=self.images_per_step, device=str(self.device), threads=self.workers,
+                             prefetch=self.prefetch):
             if self.expected_crcs is not None:
                 self._check_unchanged(crops.ids, crops.crcs)
             target = targets.popleft()

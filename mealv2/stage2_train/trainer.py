@@ -50,12 +50,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..common.cli_options import available_cores
 from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index_shared
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
+from ..common.loaders import describe, resolve
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                              preview_classes, save_checkpoint, unwrap_state_dict)
 from ..common.runtime import Runtime
@@ -115,14 +117,17 @@ class TrainConfig:
     pretrained: bool = False
     init: str | None = None
     resume: bool = False
-    loader: str = "dali"
+    loader: str = "auto"
     device: str = "auto"
-    workers: int = 4
+    workers: int = field(default_factory=available_cores)
     seed: int = 0
     compile: bool = False
     tensorboard: bool = False
     dry_run: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        resolve(self.loader)   # a backend that is not installed is refused before any work
 
     @property
     def mode(self) -> str:
@@ -528,7 +533,7 @@ def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: Cr
     if info.is_main:
         try:
             for check in check_teachers(ensemble, index, crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
-                                        cfg.workers, suggest_dir=run):
+                                        cfg.workers, loader=cfg.loader, suggest_dir=run):
                 say(f"teacher check: {check.line()}")
         except MealV2Error as e:
             outcome = e
@@ -544,7 +549,8 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
     passes = loader.passes(cfg.epochs)
     res = f"{schedule.min_res}-{crop.res}" if schedule.progressive else crop.res
     lines = [f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {res} px, {n} images x {labels.crops_per_image} "
-             f"crops per image; device {loader.device.type}, loader {cfg.loader}",
+             f"crops per image; device {loader.device.type}",
+             f"  {describe(loader.backend, loader.device.type, loader.workers)}",
              f"  batch: {loader.crops_per_step} crops per step globally (--batch-size) = {info.world_size} rank(s) x "
              f"{loader.images_per_step} images x {labels.crops_per_image} crops",
              f"  epoch = {n} crops (one per image, as MEAL V2 and FKD count): {steps} steps of "

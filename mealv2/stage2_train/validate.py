@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..common.crop_loader import decode_rgb
+from ..common.crop_loader import decode_rgb, normalise
 from ..common.dataset import DatasetIndex
 from ..common.distributed import DistInfo
 from ..common.errors import MealV2Error
@@ -55,12 +55,6 @@ def eval_crop(res: int):
     from torchvision import transforms as T
 
     return T.Compose([T.Resize(int(res / CROP_PCT)), T.CenterCrop(res), T.PILToTensor()])
-
-
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, as torchvision's ToTensor + Normalize compute it."""
-    m, s = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
-    return images.float().div_(255).sub_(m).div_(s)
 
 
 @dataclass

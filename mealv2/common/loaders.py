@@ -1,0 +1,81 @@
+"""Which crop loader renders the crops: a registry of backends, picked by name or by what is installed.
+
+Every command that renders stored or sampled crops (label, its teacher check, train, verify
+--recompute) goes through :func:`iterate`, so each works without DALI (aarch64 nodes, where
+pyproject does not install it, or a machine where it is absent): ``auto`` takes the first
+installed backend of ``AUTO``, and the command says which one runs. Backends are named by
+module, as cli.py names commands, so the click options that list them import neither DALI nor torch.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Iterable
+
+from .errors import MealV2Error
+
+
+@dataclass(frozen=True)
+class Loader:
+    render: str                # module:function taking and yielding crop_loader's requests and batches
+    module: str | None         # what must be importable (None: torch and torchvision, always there)
+    install: str               # how to get it
+    runs: dict[str, str]       # device type: what decodes and renders where
+
+
+LOADERS = {
+    "dali": Loader("mealv2.common.crop_loader:iterate_crops", "nvidia.dali", "pip install nvidia-dali-cuda130 (x86-64 Linux)",
+                   {"cpu": "DALI decodes and resizes on the CPU threads",
+                    "cuda": "DALI decodes (nvJPEG) and resizes on the GPU"}),
+    "torch": Loader("mealv2.common.torch_loader:iterate_crops_torch", None, "",
+                    {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
+                     "cuda": "torchvision decodes (nvJPEG) and resizes on the GPU; files read on the CPU threads"}),
+    # the torch loader with decoding kept on the CPU on a GPU too: where nvJPEG is missing or slower
+    "torch-cpu": Loader("mealv2.common.torch_loader:iterate_crops_torch_cpu", None, "",
+                        {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
+                         "cuda": "torchvision/PIL decode and resize on the CPU threads; uint8 to the GPU "
+                                 "(pinned), normalised there"}),
+}
+LOADER_CHOICES = ("auto", *LOADERS)
+AUTO = ("dali", "torch")   # the design's pipeline first; torch wherever DALI is missing
+
+
+def installed(name: str) -> bool:
+    module = LOADERS[name].module
+    if module is None:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):   # a missing parent package; a module blocked in sys.modules
+        return False
+
+
+def resolve(name: str) -> str:
+    """The backend that runs for ``--loader name``: ``auto`` is the first installed of ``AUTO``;
+    a named one that is not installed is refused with how to install it."""
+    if name == "auto":
+        return next(n for n in AUTO if installed(n))
+    if name not in LOADERS:
+        raise MealV2Error(f"--loader {name}: expected one of {', '.join(LOADER_CHOICES)}")
+    if not installed(name):
+        raise MealV2Error(f"--loader {name}: {LOADERS[name].module} is not installed; {LOADERS[name].install}, "
+                          f"or use --loader auto (takes {' or '.join(AUTO)}, whichever is installed)")
+    return name
+
+
+def describe(name: str, device_type: str, threads: int) -> str:
+    """One line saying which loader runs and where it decodes, as commands print it."""
+    missing = [n for n in AUTO[:AUTO.index(name)] if not installed(n)] if name in AUTO else []
+    why = f"; {', '.join(missing)} not installed" if missing else ""
+    return f"loader: {name} ({LOADERS[name].runs[device_type]}, {threads} threads{why})"
+
+
+def iterate(name: str, index, requests: Iterable, views: list, crops: int, *, batch_size: int, device: str,
+            threads: int, prefetch: int = 2):
+    """The :class:`~mealv2.common.crop_loader.CropBatch` of each of ``requests``, rendered by backend
+    ``name`` (``auto`` or a name: see :func:`resolve`)."""
+    module, function = LOADERS[resolve(name)].render.split(":")
+    render = getattr(importlib.import_module(module), function)
+    return render(index, requests, views, crops, batch_size=batch_size, device=device, threads=threads,
+                  prefetch=prefetch)
