@@ -391,6 +391,63 @@ def test_zero_or_negative_counts_are_refused(work, labelled, tmp_path, mealv2, c
     assert not out.exists()
 
 
+# ---- numbers that are not numbers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("label", "--temperature", "nan"), ("label", "--temperature", "inf"),
+    ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--momentum", "nan"), ("train", "--wd", "inf"),
+    ("train", "--d-lr", "nan"), ("train", "--temperature", "nan"), ("train", "--cutmix-prob", "nan"),
+    ("train", "--cutmix-alpha", "inf"), ("train", "--mixup", "nan"), ("verify", "--tolerance", "nan"),
+    ("export", "--tolerance", "inf"),
+])
+def test_nan_and_inf_are_refused_when_parsed(work, labelled, tmp_path, mealv2, command, flag, value):
+    """click's float takes nan and inf, and nan passes every range: label wrote an all-zero store."""
+    _, data, spec = work
+    out = tmp_path / "out"
+    args = {"label": ["label", data, "-t", spec, "-o", out, *LABEL_FLAGS],
+            "train": ["train", data, "--labels", labelled[1], "--out", out, *TRAIN_FLAGS],
+            "verify": ["verify", labelled[1]],
+            "export": ["export", spec.split("=")[1].split("@")[0], "--format", "safetensors", "-a", "test_resnet",
+                       "-o", out]}[command]
+    r = mealv2(*args, flag, value)
+    refused(r, f"Invalid value for '{flag}': {value} is not a finite number")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix,named", [
+    ("%nan:0.4:0.4/0.2", "normalisation '%nan:0.4:0.4/0.2'"), ("%0.5/inf", "normalisation '%0.5/inf'"),
+    ("@abc", "suffix '@abc'"), ("@0", "suffix '@0'"), ("@100000", "suffix '@100000'"), ("*-1", "suffix '*-1'"),
+    ("*inf", "suffix '*inf'"),
+])
+def test_bad_teacher_spec_suffix_is_named(work, tmp_path, mealv2, suffix, named):
+    """Once a missing file ('@abc'), a DALI bad_alloc ('@100000'), a silent fallback, or an all-zero store."""
+    root, data, _ = work
+    spec = f"test_resnet={root / 'teacher.pth'}{suffix}"
+    out = tmp_path / "store.zarr"
+    r = mealv2("label", data, "-t", spec, "-o", out, *LABEL_FLAGS)
+    refused(r, f"teacher spec '{spec}'", named)
+    assert not out.exists()
+
+
+def test_a_diverged_run_stops_naming_step_lr_and_last_good_checkpoint(work, tmp_path, mealv2):
+    """--lr 1e6 once trained at loss nan, exited 0 and saved best.pt, which eval scored 33.33 %."""
+    _, data, _ = work
+    run = tmp_path / "run"
+    r = mealv2("train", data, "--hard-labels", "--out", run, *TRAIN_FLAGS, "--res", 32, "--lr", "1e6",
+               "--epochs", 3, "--val", data)
+    refused(r, "training diverged: the loss is not finite", "at lr 1e+06", "--resume would repeat the same steps")
+    saved = sorted(p.name for p in run.glob("*.pt")) if run.exists() else []
+    if "the last good checkpoint is" in r.err:
+        epoch = int(r.err.split("(after epoch ")[1].split(")")[0])
+        assert f"{run / 'last.pt'}" in r.err and saved == ["best.pt", "last.pt"]
+        for name in saved:
+            ckpt = torch.load(run / name, weights_only=False)
+            assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
+        assert torch.load(run / "last.pt", weights_only=False)["epoch"] == epoch + 1
+    else:
+        assert "no epoch finished before it, so nothing was saved" in r.err and saved == []
+
+
 # ---- where things run and live ------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,named", [

@@ -21,7 +21,7 @@ from ..common.crop_loader import CropRequest, iterate_crops
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index_shared, in_classes
 from ..common.distributed import distributed
-from ..common.errors import MealV2Error
+from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
@@ -50,6 +50,9 @@ class LabelConfig:
     teacher_check: bool = True
     teacher_precision: str = "fp32"
     progress: bool = True
+
+    def __post_init__(self):
+        require_finite("label", temperature=self.temperature)
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:

@@ -53,7 +53,7 @@ from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index_shared
 from ..common.distributed import DistInfo, distributed
-from ..common.errors import MealV2Error
+from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                              preview_classes, save_checkpoint, unwrap_state_dict)
@@ -121,6 +121,10 @@ class TrainConfig:
     tensorboard: bool = False
     dry_run: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
+                       d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup)
 
     @property
     def mode(self) -> str:
@@ -316,6 +320,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
                desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and info.is_main), leave=False)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     d_loss_sum = torch.zeros_like(loss_sum)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)   # no sync per step: read at the end
     done = 0
     started, started_cpu = time.perf_counter(), time.process_time()
     for step, batch in enumerate(loader.epoch(epoch, rendered)):
@@ -337,6 +342,8 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
             target = ensemble.probs([views[i] for i in teacher_views])
         loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
         fault_point("train_step")
+        bad = ~torch.isfinite(loss if d_loss is None else loss + d_loss)
+        first_bad = torch.where(bad & (first_bad < 0), update, first_bad)
         loss_sum += loss
         if d_loss is not None:
             d_loss_sum += d_loss
@@ -358,7 +365,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
             # CPU seconds of this process (all its threads: torch's and DALI's) per crop, for `bench train`:
             # unlike img/s it barely moves when other processes share the CPU. Not in metrics.csv.
             "cpu_s_per_img": cpu_seconds / (timed_steps * crops_per_rank),
-            "steps_per_rank": info.gather_object(done)}
+            "steps_per_rank": info.gather_object(done), "first_nonfinite_update": int(first_bad)}
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -478,6 +485,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         row = train_one_epoch(state, loader, epoch_views(View(schedule.at(epoch), mean, std), ensemble), scheduler,
                               epoch, cfg, len(classes), ensemble, info, runtime, objective)
         steps_per_rank = row.pop("steps_per_rank")
+        check_finite(state.model, row.pop("first_nonfinite_update"), epoch, len(loader), scheduler, run, info)
         row["val_top1"] = row["val_top5"] = None
         if val_index is not None:
             acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
@@ -497,6 +505,29 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         say(_summary(row, cfg.epochs, steps_per_rank, time.perf_counter() - started))
         info.barrier()
     return state.metrics
+
+
+def check_finite(model: nn.Module, first_bad: int, epoch: int, steps: int, scheduler, run: Path,
+                 info: DistInfo) -> None:
+    """Stop a diverged run after the epoch it diverged in, before it is validated or saved: a
+    non-finite model would be checkpointed, even as best.pt (argmax of NaN logits scores some top-1).
+    ``first_bad``: this rank's first update with a non-finite loss, -1 if none. All ranks refuse together."""
+    finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    found = info.gather_object((first_bad, finite))
+    bad = [u for u, _ in found if u >= 0]
+    if not bad and all(ok for _, ok in found):
+        return
+    last = run / "last.pt"
+    kept = (f"the last good checkpoint is {last} (after epoch {epoch - 1})" if epoch and last.is_file()
+            else "no epoch finished before it, so nothing was saved")
+    if bad:
+        update = min(bad)
+        what = (f"the loss is not finite (nan or inf) from step {update} (epoch {epoch}, step {update - epoch * steps} "
+                f"of {steps}), at lr {scheduler._get_lr(update)[0]:.3g}")
+    else:
+        what = f"the student's weights or BatchNorm statistics are not finite after epoch {epoch}"
+    raise MealV2Error(f"training diverged: {what}; epoch {epoch} was not saved and {kept}. Start a new run with a "
+                      f"lower --lr (or --warmup-epochs); --resume would repeat the same steps")
 
 
 def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: CropParams, run: Path,
