@@ -73,6 +73,9 @@ CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per
 RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device", "workers", "loader", "compile",
                                "tensorboard", "progress", "init", "pretrained", "crop_given", "teacher_check",
                                "dry_run"})
+# The student's resolution is compared as the schedule it resolves to (student_schedule), not as typed:
+# with --labels an untyped --res is the store's, so equal flags can mean another res and vice versa.
+RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
 
 
 @dataclass
@@ -423,7 +426,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
             f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
+    checkpoint = _resume_checkpoint(run, cfg, store, schedule) if cfg.resume else None
     per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
 
     # Student: timm model, its own normalisation, the crop resolution of the labels.
@@ -598,7 +601,7 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
     return "  ".join(parts)
 
 
-def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) -> dict:
+def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, schedule: ResSchedule) -> dict:
     """RUN/last.pt, refused when this command would train differently from the run it continues."""
     path = run / "last.pt"
     if not path.is_file():
@@ -606,9 +609,18 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
     ckpt = load_checkpoint_file(path)
     saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
-    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set())
-    diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}" for k in ours
-            if k not in may_change and saved.get(k) != ours[k]]
+    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | set(RESOLVED_ON_RESUME)
+    diff = [f"{k}: the run has {_without_res(k, saved.get(k))!r}, this command {_without_res(k, ours[k])!r}"
+            for k in ours if k not in may_change and _without_res(k, saved.get(k)) != _without_res(k, ours[k])]
+    # The run's schedule from its checkpoint: its final res is the one it recorded (checkpoints are at the final res).
+    was = res_schedule(int(ckpt["res"]), int(saved.get("epochs", cfg.epochs)),
+                       *(saved.get(k) for k in RESOLVED_ON_RESUME))
+    if was != schedule:
+        hint = (f" (with --labels, --res defaults to the store's {schedule.final} px; pass --res {was.final} to "
+                f"keep the run's)" if store is not None and "res" not in cfg.crop_given and was.final != schedule.final
+                else "")
+        diff.append(f"student resolution: the run has {_describe(was, cfg.epochs)}, this command "
+                    f"{_describe(schedule, cfg.epochs)}{hint}")
     if store is not None and ckpt.get("store_digest") != store.digest:
         diff.append(f"labels: the run was trained on another label store than {store.path} (store digests differ)")
     if diff:
@@ -617,3 +629,13 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
                           + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
                             "a new run with another --out")
     return ckpt
+
+
+def _without_res(key: str, value):
+    """A config value with the crop's res left out: the resolved schedule stands for it."""
+    return {**value, "res": None} if key == "crop" and isinstance(value, dict) else value
+
+
+def _describe(schedule: ResSchedule, epochs: int) -> str:
+    return (f"{schedule.final} px ({schedule.describe(epochs)})" if schedule.progressive
+            else f"{schedule.final} px")
