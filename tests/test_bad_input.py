@@ -499,6 +499,9 @@ def _edit_attrs(store: Path) -> None:
     ("flip", "probs/c/0/1/0/0: unreadable chunk", "probs/c/0/1/0/0: unreadable chunk"),
     ("delete", "ids/c/0/2/0/0: missing chunk file of a completed shard", "ids/c/0/2/0/0: missing chunk file"),
     ("attrs", "zarr.json: the 'mealv2' attributes were edited", "attributes were edited"),
+    ("transpose", "probs/zarr.json: array 'probs''s metadata", "transpose order, dtype) was changed"),
+    ("shape", "boxes/zarr.json: array 'boxes''s metadata", "boxes/zarr.json: array 'boxes''s metadata"),
+    ("no_meta", "ids/zarr.json is missing: array 'ids' has no metadata", "ids/zarr.json is missing"),
     ("half_written", "round 0 shard 1: not complete (done/c/0/1 unset)", "only 0/1 label rounds are complete"),
 ])
 def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy, tmp_path, mealv2,
@@ -510,6 +513,16 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
         (store_copy / "ids/c/0/2/0/0").unlink()
     elif damage == "attrs":
         _edit_attrs(store_copy)
+    elif damage in ("transpose", "shape"):   # once: verify OK, train replayed permuted labels / failed at epoch 4
+        file = store_copy / ("probs" if damage == "transpose" else "boxes") / "zarr.json"
+        meta = json.loads(file.read_text())
+        if damage == "transpose":
+            meta["codecs"][0]["configuration"]["order"] = [0, 3, 2, 1]
+        else:
+            meta["shape"][1] += 8
+        file.write_text(json.dumps(meta))
+    elif damage == "no_meta":   # once a raw KeyError / JSONDecodeError
+        (store_copy / "ids/zarr.json").unlink()
     else:   # the shard's data written, its done mark not: what a kill between the two leaves
         (store_copy / "done/c/0/1").unlink()
     refused(mealv2("verify", store_copy), place, code=1)
