@@ -239,14 +239,42 @@ def test_skip_bad_leaves_out_and_records_the_bad_files(work, tmp_path, mealv2):
     jpeg = (data / "class_0" / "img_00.jpg").read_bytes()
     (data / "class_0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
     (data / "class_1" / "empty.jpg").write_bytes(b"")
+    (data / "class_2" / "cut2.jpg").write_bytes(jpeg[:len(jpeg) // 3])
     out = tmp_path / "store.zarr"
-    labelled_ok(mealv2("label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS))
+    said = (f"--skip-bad: 3 image file(s) of {data} left out:\n  truncated JPEG (2): class_0/cut.jpg, "
+            f"class_2/cut2.jpg\n  zero-byte file (1): class_1/empty.jpg\n")
+    r = mealv2("label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS)
+    labelled_ok(r)
+    assert said in r.out
     r = mealv2("inspect", out, "--json")
     summary = json.loads(r.out)
-    assert (summary["complete"], summary["num_images"], summary["skipped_images"]) == (True, 3, 2)
+    assert (summary["complete"], summary["num_images"], summary["skipped_images"]) == (True, 3, 3)
     skipped = LabelStore.open(out).attrs["dataset"]["skipped"]
-    assert [rel for rel, _ in skipped] == ["class_0/cut.jpg", "class_1/empty.jpg"]
+    assert [rel for rel, _ in skipped] == ["class_0/cut.jpg", "class_1/empty.jpg", "class_2/cut2.jpg"]
     assert "truncated JPEG" in skipped[0][1] and "zero-byte" in skipped[1][1]
+    for args in (["label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS],   # resumed: nothing to do
+                 ["train", data, "--labels", out, "--out", tmp_path / "run", *TRAIN_FLAGS, "--dry-run"]):
+        r = mealv2(*args)
+        labelled_ok(r)
+        assert said in r.out, args[0]
+
+
+@pytest.mark.parametrize("command,where", [("label", "inside"), ("train", "inside"), ("train", "is"),
+                                           ("label", "above"), ("train", "above")])
+def test_out_inside_data_or_data_inside_out_is_refused(work, tmp_path, mealv2, command, where):
+    """`train --out DATA` wrote curves.png at DATA's root, which then turned the dataset unlabelled."""
+    _, _, spec = work
+    data = plain_data(tmp_path / "top" / "d")
+    out = {"inside": data / "class_0" / "out", "is": data, "above": tmp_path / "top"}[where]
+    args = (["label", data, "-t", spec, "-o", out, *LABEL_FLAGS] if command == "label" else
+            ["train", data, "--hard-labels", "--out", out, *TRAIN_FLAGS])
+    r = mealv2(*args)
+    if where == "above":
+        refused(r, f"DATA {data} is inside --out {out}", "choose --out outside DATA's folders")
+    else:
+        refused(r, f"--out {out} is inside DATA {data}", "choose --out outside DATA")
+    assert sorted(p.name for p in data.rglob("*")) == ["class_0", "class_1", "class_2", "img_00.jpg",
+                                                        "img_00.jpg", "img_00.jpg"]
 
 
 # ---- dataset layout and CSV ---------------------------------------------------------------------

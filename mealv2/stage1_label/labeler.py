@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..common.crop_loader import CropRequest, iterate_crops
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index_shared, in_classes
+from ..common.dataset import build_index_shared, in_classes, refuse_nested, skipped_report
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
@@ -87,10 +87,13 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
 
 
 def run_label(cfg: LabelConfig) -> LabelStore:
+    refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
                                    progress=cfg.progress and info.is_main)
+        if skipped := skipped_report(index):
+            say(skipped)
         if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None

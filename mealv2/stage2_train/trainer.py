@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from ..common.crop_loader import View
 from ..common.crops import CropParams
-from ..common.dataset import build_index_shared
+from ..common.dataset import build_index_shared, refuse_nested, skipped_report
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
@@ -374,6 +374,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
 # ---- the run -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
+    refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):
         return _train(cfg, info, device)
 
@@ -400,6 +401,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     skip_bad = bool(store and store.attrs["dataset"]["skipped"])
     index = build_index_shared(cfg.data, info, skip_bad=skip_bad, workers=max(cfg.workers, 8),
                                progress=cfg.progress and info.is_main)
+    if skipped := skipped_report(index):
+        say(skipped)
     if not index.labelled and store is None:
         raise MealV2Error(f"{'--hard-labels' if cfg.mode == 'hard' else 'online training (--teachers)'}: DATA "
                           f"{cfg.data} has no labels (a folder of loose images or a CSV without a 'label' column), "
