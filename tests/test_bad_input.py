@@ -457,6 +457,21 @@ def test_bad_teacher_spec_suffix_is_named(work, tmp_path, mealv2, suffix, named)
     assert not out.exists()
 
 
+def test_a_teacher_with_non_finite_outputs_writes_no_labels(work, tmp_path, mealv2):
+    """Once label encoded nan probabilities as some top-k and exited 0."""
+    _, data, _ = work
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    state["fc.bias"][1] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    out = tmp_path / "store.zarr"
+    r = mealv2("label", data, "-t", f"test_resnet={tmp_path / 'nan.pth'}@32", "-o", out, *LABEL_FLAGS,
+               "--no-teacher-check")
+    refused(r, "the teachers' probabilities for round 0, shard 0 (images 0-3) are not finite",
+            "the shard was not written")
+    assert not store_complete(out) and not LabelStore.open(out).done_mask().any()
+
+
 def test_a_diverged_run_stops_naming_step_lr_and_last_good_checkpoint(work, tmp_path, mealv2):
     """--lr 1e6 once trained at loss nan, exited 0 and saved best.pt, which eval scored 33.33 %."""
     _, data, _ = work

@@ -177,7 +177,12 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
     for batch in batches:
         fault_point("decode")      # a batch decoded, not yet labelled
         r, s, boxes, flips = plan.popleft()
-        ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
+        probs = ensemble.probs(batch.views)
+        if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
+            raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
+                              f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or inf, "
+                              f"or --teacher-precision {cfg.teacher_precision} overflows; the shard was not written")
+        ids, codes = encode_topk(probs, cfg.topk)
         shape = (len(batch.ids), cfg.crops_per_image, -1)
         part = pending.setdefault((r, s), [])
         part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
