@@ -157,8 +157,9 @@ def test_progressive_run_ramps_and_resumes_mid_ramp_exactly(store32, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train(config(store32, tmp_path / "resumed", **kw))
     monkeypatch.setattr(trainer, "train_one_epoch", one_epoch)
-    with pytest.raises(MealV2Error, match=r"student resolution: the run has 48 px \(epoch 0: 16 px, 1: 24 px, 2: 32 px, "
-                                          r"3: 48 px\), this command 48 px \(epoch 0: 16 px, 1: 24 px, 2: 32 px, 3: 40 px\)"):
+    with pytest.raises(MealV2Error, match=r"student resolution: the run has 48 px \(epoch 0: 16 px, 1: 24 px, "
+                                          r"2: 32 px, 3: 48 px\), this command 48 px \(epoch 0: 16 px, 1: 24 px, "
+                                          r"2: 32 px, 3: 40 px\)"):
         train(config(store32, tmp_path / "resumed", resume=True, **{**kw, "ramp_end": 4}))
     resumed = train(config(store32, tmp_path / "resumed", resume=True, **kw))
     assert "at epoch 2" in capsys.readouterr().out

@@ -252,7 +252,8 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path, resnet_state):
 def test_zero_weight_is_refused(tmp_path, resnet_state):
     path = tmp_path / "r.pth"
     torch.save(resnet_state, path)
-    with pytest.raises(ModelSpecError, match="weight must be positive"):
+    with pytest.raises(ModelSpecError, match=r"suffix '\*0': expected the teacher's ensemble weight, a finite "
+                                             r"number > 0"):
         load_teacher(f"test_resnet={path}*0", CLASSES)
 
 

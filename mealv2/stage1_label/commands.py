@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_options, crop_params, device_option, teacher_options,
-                                  workers_option)
+from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_options, crop_params, device_option,
+                                  teacher_options, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
