@@ -239,14 +239,42 @@ def test_skip_bad_leaves_out_and_records_the_bad_files(work, tmp_path, mealv2):
     jpeg = (data / "class_0" / "img_00.jpg").read_bytes()
     (data / "class_0" / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
     (data / "class_1" / "empty.jpg").write_bytes(b"")
+    (data / "class_2" / "cut2.jpg").write_bytes(jpeg[:len(jpeg) // 3])
     out = tmp_path / "store.zarr"
-    labelled_ok(mealv2("label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS))
+    said = (f"--skip-bad: 3 image file(s) of {data} left out:\n  truncated JPEG (2): class_0/cut.jpg, "
+            f"class_2/cut2.jpg\n  zero-byte file (1): class_1/empty.jpg\n")
+    r = mealv2("label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS)
+    labelled_ok(r)
+    assert said in r.out
     r = mealv2("inspect", out, "--json")
     summary = json.loads(r.out)
-    assert (summary["complete"], summary["num_images"], summary["skipped_images"]) == (True, 3, 2)
+    assert (summary["complete"], summary["num_images"], summary["skipped_images"]) == (True, 3, 3)
     skipped = LabelStore.open(out).attrs["dataset"]["skipped"]
-    assert [rel for rel, _ in skipped] == ["class_0/cut.jpg", "class_1/empty.jpg"]
+    assert [rel for rel, _ in skipped] == ["class_0/cut.jpg", "class_1/empty.jpg", "class_2/cut2.jpg"]
     assert "truncated JPEG" in skipped[0][1] and "zero-byte" in skipped[1][1]
+    for args in (["label", data, "-t", spec, "-o", out, "--skip-bad", *LABEL_FLAGS],   # resumed: nothing to do
+                 ["train", data, "--labels", out, "--out", tmp_path / "run", *TRAIN_FLAGS, "--dry-run"]):
+        r = mealv2(*args)
+        labelled_ok(r)
+        assert said in r.out, args[0]
+
+
+@pytest.mark.parametrize("command,where", [("label", "inside"), ("train", "inside"), ("train", "is"),
+                                           ("label", "above"), ("train", "above")])
+def test_out_inside_data_or_data_inside_out_is_refused(work, tmp_path, mealv2, command, where):
+    """`train --out DATA` wrote curves.png at DATA's root, which then turned the dataset unlabelled."""
+    _, _, spec = work
+    data = plain_data(tmp_path / "top" / "d")
+    out = {"inside": data / "class_0" / "out", "is": data, "above": tmp_path / "top"}[where]
+    args = (["label", data, "-t", spec, "-o", out, *LABEL_FLAGS] if command == "label" else
+            ["train", data, "--hard-labels", "--out", out, *TRAIN_FLAGS])
+    r = mealv2(*args)
+    if where == "above":
+        refused(r, f"DATA {data} is inside --out {out}", "choose --out outside DATA's folders")
+    else:
+        refused(r, f"--out {out} is inside DATA {data}", "choose --out outside DATA")
+    assert sorted(p.name for p in data.rglob("*")) == ["class_0", "class_1", "class_2", "img_00.jpg",
+                                                        "img_00.jpg", "img_00.jpg"]
 
 
 # ---- dataset layout and CSV ---------------------------------------------------------------------
@@ -391,6 +419,78 @@ def test_zero_or_negative_counts_are_refused(work, labelled, tmp_path, mealv2, c
     assert not out.exists()
 
 
+# ---- numbers that are not numbers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("command,flag,value", [
+    ("label", "--temperature", "nan"), ("label", "--temperature", "inf"),
+    ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--momentum", "nan"), ("train", "--wd", "inf"),
+    ("train", "--d-lr", "nan"), ("train", "--temperature", "nan"), ("train", "--cutmix-prob", "nan"),
+    ("train", "--cutmix-alpha", "inf"), ("train", "--mixup", "nan"), ("verify", "--tolerance", "nan"),
+    ("export", "--tolerance", "inf"),
+])
+def test_nan_and_inf_are_refused_when_parsed(work, labelled, tmp_path, mealv2, command, flag, value):
+    """click's float takes nan and inf, and nan passes every range: label wrote an all-zero store."""
+    _, data, spec = work
+    out = tmp_path / "out"
+    args = {"label": ["label", data, "-t", spec, "-o", out, *LABEL_FLAGS],
+            "train": ["train", data, "--labels", labelled[1], "--out", out, *TRAIN_FLAGS],
+            "verify": ["verify", labelled[1]],
+            "export": ["export", spec.split("=")[1].split("@")[0], "--format", "safetensors", "-a", "test_resnet",
+                       "-o", out]}[command]
+    r = mealv2(*args, flag, value)
+    refused(r, f"Invalid value for '{flag}': {value} is not a finite number")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix,named", [
+    ("%nan:0.4:0.4/0.2", "normalisation '%nan:0.4:0.4/0.2'"), ("%0.5/inf", "normalisation '%0.5/inf'"),
+    ("@abc", "suffix '@abc'"), ("@0", "suffix '@0'"), ("@100000", "suffix '@100000'"), ("*-1", "suffix '*-1'"),
+    ("*inf", "suffix '*inf'"),
+])
+def test_bad_teacher_spec_suffix_is_named(work, tmp_path, mealv2, suffix, named):
+    """Once a missing file ('@abc'), a DALI bad_alloc ('@100000'), a silent fallback, or an all-zero store."""
+    root, data, _ = work
+    spec = f"test_resnet={root / 'teacher.pth'}{suffix}"
+    out = tmp_path / "store.zarr"
+    r = mealv2("label", data, "-t", spec, "-o", out, *LABEL_FLAGS)
+    refused(r, f"teacher spec '{spec}'", named)
+    assert not out.exists()
+
+
+def test_a_teacher_with_non_finite_outputs_writes_no_labels(work, tmp_path, mealv2):
+    """Once label encoded nan probabilities as some top-k and exited 0."""
+    _, data, _ = work
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    state["fc.bias"][1] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    out = tmp_path / "store.zarr"
+    r = mealv2("label", data, "-t", f"test_resnet={tmp_path / 'nan.pth'}@32", "-o", out, *LABEL_FLAGS,
+               "--no-teacher-check")
+    refused(r, "the teachers' probabilities for round 0, shard 0 (images 0-3) are not finite",
+            "the shard was not written")
+    assert not store_complete(out) and not LabelStore.open(out).done_mask().any()
+
+
+def test_a_diverged_run_stops_naming_step_lr_and_last_good_checkpoint(work, tmp_path, mealv2):
+    """--lr 1e6 once trained at loss nan, exited 0 and saved best.pt, which eval scored 33.33 %."""
+    _, data, _ = work
+    run = tmp_path / "run"
+    r = mealv2("train", data, "--hard-labels", "--out", run, *TRAIN_FLAGS, "--res", 32, "--lr", "1e6",
+               "--epochs", 3, "--val", data)
+    refused(r, "training diverged: the loss is not finite", "at lr 1e+06", "--resume would repeat the same steps")
+    saved = sorted(p.name for p in run.glob("*.pt")) if run.exists() else []
+    if "the last good checkpoint is" in r.err:
+        epoch = int(r.err.split("(after epoch ")[1].split(")")[0])
+        assert f"{run / 'last.pt'}" in r.err and saved == ["best.pt", "last.pt"]
+        for name in saved:
+            ckpt = torch.load(run / name, weights_only=False)
+            assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()), name
+        assert torch.load(run / "last.pt", weights_only=False)["epoch"] == epoch + 1
+    else:
+        assert "no epoch finished before it, so nothing was saved" in r.err and saved == []
+
+
 # ---- where things run and live ------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,named", [
@@ -442,6 +542,9 @@ def _edit_attrs(store: Path) -> None:
     ("flip", "probs/c/0/1/0/0: unreadable chunk", "probs/c/0/1/0/0: unreadable chunk"),
     ("delete", "ids/c/0/2/0/0: missing chunk file of a completed shard", "ids/c/0/2/0/0: missing chunk file"),
     ("attrs", "zarr.json: the 'mealv2' attributes were edited", "attributes were edited"),
+    ("transpose", "probs/zarr.json: array 'probs''s metadata", "transpose order, dtype) was changed"),
+    ("shape", "boxes/zarr.json: array 'boxes''s metadata", "boxes/zarr.json: array 'boxes''s metadata"),
+    ("no_meta", "ids/zarr.json is missing: array 'ids' has no metadata", "ids/zarr.json is missing"),
     ("half_written", "round 0 shard 1: not complete (done/c/0/1 unset)", "only 0/1 label rounds are complete"),
 ])
 def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy, tmp_path, mealv2,
@@ -453,6 +556,16 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
         (store_copy / "ids/c/0/2/0/0").unlink()
     elif damage == "attrs":
         _edit_attrs(store_copy)
+    elif damage in ("transpose", "shape"):   # once: verify OK, train replayed permuted labels / failed at epoch 4
+        file = store_copy / ("probs" if damage == "transpose" else "boxes") / "zarr.json"
+        meta = json.loads(file.read_text())
+        if damage == "transpose":
+            meta["codecs"][0]["configuration"]["order"] = [0, 3, 2, 1]
+        else:
+            meta["shape"][1] += 8
+        file.write_text(json.dumps(meta))
+    elif damage == "no_meta":   # once a raw KeyError / JSONDecodeError
+        (store_copy / "ids/zarr.json").unlink()
     else:   # the shard's data written, its done mark not: what a kill between the two leaves
         (store_copy / "done/c/0/1").unlink()
     refused(mealv2("verify", store_copy), place, code=1)

@@ -181,6 +181,55 @@ def test_layout_errors_name_the_folder(tmp_path, monkeypatch):
         build_index(tmp_path / "d")
 
 
+def test_stray_images_at_an_imagefolder_root_are_left_out_and_named_in_one_line(tmp_path, tiny_data, capsys):
+    """Once one preview.jpg (or the curves.png of `train --out DATA`) turned the whole dataset unlabelled."""
+    clean = build_index(tiny_data)
+    capsys.readouterr()
+    data = Path(shutil.copytree(tiny_data, tmp_path / "d"))
+    save(data / "preview.jpg")
+    save(data / "curves.png")
+    (data / "notes.txt").write_text("not an image")
+    index = build_index(data)
+    assert index.labelled and index.classes == clean.classes and index.relpaths == clean.relpaths
+    assert index.fingerprint == clean.fingerprint
+    warning = capsys.readouterr().err.strip()
+    assert len(warning.splitlines()) == 1, warning
+    assert warning.startswith(f"mealv2: warning: DATA {data}: 2 image file(s) at its root") and \
+        "left out (as torchvision's ImageFolder leaves them): curves.png, preview.jpg" in warning
+
+    flat = tmp_path / "flat"   # only images, no subfolder: unambiguously unlabelled, without a warning
+    for name in ("b.jpg", "a.png"):
+        save(flat / name)
+    (flat / ".cache").mkdir()
+    save(flat / ".cache" / "c.jpg")
+    index = build_index(flat)
+    assert not index.labelled and index.relpaths == ("a.png", "b.jpg") and capsys.readouterr().err == ""
+    save(flat / "more" / "d.jpg")   # images beside a subfolder: an ImageFolder, as torchvision reads it
+    index = build_index(flat)
+    assert index.classes == ("more",) and index.relpaths == ("more/d.jpg",)
+    assert "2 image file(s) at its root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("link,target,named", [
+    ("class_0/loop", "..", "folder class_0/loop is DATA itself again"),
+    ("class_0/self", ".", "folder class_0/self is folder class_0 again"),
+    ("class_0/alias", "../class_1", "folder class_1 is folder class_0/alias again"),
+])
+def test_symlink_loops_and_folders_reached_twice_are_refused(tmp_path, tiny_data, link, target, named):
+    """Once `class_0/loop -> ..` with --skip-bad labelled 528 copies of the other classes as class_0."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "d"))
+    (data / link).symlink_to(target, target_is_directory=True)
+    for skip_bad in (False, True):
+        with pytest.raises(DatasetError, match=rf"DATA {data}: {named} \(both are .*\): a symlink loop.*remove "
+                                               rf"the symlink"):
+            build_index(data, skip_bad=skip_bad)
+    (data / link).unlink()
+    outside = Path(shutil.copytree(tiny_data / "class_2", tmp_path / "elsewhere"))
+    (data / "class_0" / "extra").symlink_to(outside, target_is_directory=True)   # a link to new images is fine
+    index = build_index(data)
+    assert sum(r.startswith("class_0/extra/") for r in index.relpaths) == 4
+
+
 def test_bad_files_are_reported_and_skippable(tmp_path):
     root = make_image_dataset(tmp_path / "d", num_classes=2, per_class=3)
     good_jpeg = (root / "class_0" / "img_01.jpg").read_bytes()

@@ -124,7 +124,7 @@ def test_store_layout_and_attributes(reference, data, teachers):
     np.testing.assert_array_equal(g["labels"][:], index.labels)
 
     a = g.attrs["mealv2"]
-    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 3, ROUNDS)
+    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 4, ROUNDS)
     assert a["teacher_precision"] == "fp32"
     # the CRC32C of every image's bytes, as labelled (stage 2 refuses an image changed since)
     np.testing.assert_array_equal(g["crc32c"][:], [crc32c.crc32c(index.path(i).read_bytes()) for i in range(n)])

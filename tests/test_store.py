@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pytest
 import zarr
 from filelock import FileLock
 
-from mealv2.common.store import (DIGEST_KEY, FORMAT, VERSION, LabelStore, StoreError, acquire_writer_lock,
-                                 chunk_key)
+from mealv2.common.store import (ARRAYS, ARRAYS_KEY, DIGEST_KEY, FORMAT, VERSION, LabelStore, StoreError,
+                                 acquire_writer_lock, chunk_key)
 from mealv2.common.targets import PROB_LEVELS
 
 N, C, K, SHARD = 10, 3, 4, 4        # 3 shards: [0, 4), [4, 8), [8, 10)
@@ -265,8 +266,62 @@ def test_a_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path):
 
 def test_digest_covers_the_mealv2_attributes(store):
     meta = json.loads((store.path / "zarr.json").read_text())["attributes"]
-    assert set(meta) == {"mealv2", DIGEST_KEY}
+    assert set(meta) == {"mealv2", DIGEST_KEY, ARRAYS_KEY}
     assert len(meta[DIGEST_KEY]) == 64
+    assert set(meta[ARRAYS_KEY]) == set(ARRAYS) == {p.parent.name for p in store.path.glob("*/zarr.json")}
+
+
+def _edit_array_meta(path, name, edit) -> None:
+    file = path / name / "zarr.json"
+    meta = json.loads(file.read_text())
+    edit(meta)
+    file.write_text(json.dumps(meta, indent=2))
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("probs", lambda m: m["codecs"][0]["configuration"].update(order=[0, 3, 2, 1])),   # the issue's repro
+    ("ids", lambda m: m["codecs"][0]["configuration"].update(order=[0, 1, 2, 3])),
+    ("boxes", lambda m: m.update(shape=[2, N + 4, C, 4])),
+    ("probs", lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[1, 2, C, K + 1])),
+    ("flips", lambda m: m.update(data_type="int8")),
+    ("labels", lambda m: m.update(fill_value=3)),
+    ("crc32c", lambda m: m["codecs"].pop()),
+])
+def test_edited_array_metadata_is_refused_naming_the_file(store, name, edit):
+    """Once only the group's attributes had a SHA-256: a permuted transpose order replayed permuted labels."""
+    _fill(store)
+    _edit_array_meta(store.path, name, edit)
+    with pytest.raises(StoreError, match=rf"{store.path / name / 'zarr.json'}: array '{name}''s metadata .*was "
+                                         rf"changed after the store was made"):
+        LabelStore.open(store.path)
+
+
+def test_fewer_rounds_in_an_array_than_planned_is_refused(store):
+    _edit_array_meta(store.path, "done", lambda m: m.update(shape=[1, *m["shape"][1:]]))
+    with pytest.raises(StoreError, match=r"array 'done' holds 1 rounds, the store plans 2"):
+        LabelStore.open(store.path)
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda f: f.unlink(), "is missing: array 'probs' has no metadata"),
+    (lambda f: f.write_text(f.read_text()[:40]), "is damaged (not JSON"),
+    (lambda f: f.write_text("[]"), "is damaged (no array shape in it)"),
+])
+def test_missing_or_damaged_array_metadata_is_a_clear_error(store, damage, says):
+    """Once a raw JSONDecodeError or KeyError."""
+    damage(store.path / "probs" / "zarr.json")
+    with pytest.raises(StoreError, match=re.escape(f"{store.path / 'probs' / 'zarr.json'} {says}")):
+        LabelStore.open(store.path)
+
+
+def test_whitespace_and_an_interrupted_append_keep_the_metadata_valid(store):
+    for name in ARRAYS:   # the same content, other bytes: nothing that shapes a label changed
+        _edit_array_meta(store.path, name, lambda m: None)
+    assert LabelStore.open(store.path).rounds_planned == 2
+    store.group["boxes"].resize((3, N, C, 4))   # an append killed after its first resize
+    assert LabelStore.open(store.path).rounds_planned == 2
+    grown = LabelStore.create_or_resume(store.path, _attrs(), 3, np.arange(N) % 7)
+    assert grown.rounds_planned == 3 and LabelStore.open(store.path).group["probs"].shape[0] == 3
 
 
 def test_verify_checks_only_the_shards_asked_and_shares_cover_the_store(store):

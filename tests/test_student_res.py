@@ -157,7 +157,9 @@ def test_progressive_run_ramps_and_resumes_mid_ramp_exactly(store32, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         train(config(store32, tmp_path / "resumed", **kw))
     monkeypatch.setattr(trainer, "train_one_epoch", one_epoch)
-    with pytest.raises(MealV2Error, match="ramp_end: the run has 3, this command 4"):
+    with pytest.raises(MealV2Error, match=r"student resolution: the run has 48 px \(epoch 0: 16 px, 1: 24 px, "
+                                          r"2: 32 px, 3: 48 px\), this command 48 px \(epoch 0: 16 px, 1: 24 px, "
+                                          r"2: 32 px, 3: 40 px\)"):
         train(config(store32, tmp_path / "resumed", resume=True, **{**kw, "ramp_end": 4}))
     resumed = train(config(store32, tmp_path / "resumed", resume=True, **kw))
     assert "at epoch 2" in capsys.readouterr().out
@@ -188,6 +190,30 @@ def test_progressive_in_hard_and_online_modes(store32, tmp_path, recorded_steps,
     assert [images.shape[-1] for images, _ in recorded_steps] == [16, 16, 32, 32] * 2
     assert teacher_inputs == [[(32, 32)]] * 4
     assert all(target.dtype == torch.int64 for _, target in recorded_steps[:4])   # hard: dataset labels
+
+
+def test_resume_keeps_the_runs_student_res_or_names_both(store32, tmp_path):
+    """--res defaults to 224 and is the store's when not typed: a run at the store's 32 px resumed with
+    --res 224 once trained, validated and checkpointed at 224 px without a word."""
+    run = tmp_path / "run"
+    train(config(store32, run, epochs=1))
+    assert load_checkpoint_file(run / "last.pt")["res"] == STORE_RES
+    r = run_cli("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", run, "--epochs", 2,
+                "--resume", "--res", 224, *FAST, env=ONE_THREAD)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"student resolution: the run has {STORE_RES} px, this command 224 px" in r.stderr
+    assert load_checkpoint_file(run / "last.pt")["epoch"] == 1
+    # the same resolution, typed or not, continues
+    for kw in ({}, student_at(STORE_RES)):
+        assert train(config(store32, run, epochs=2, resume=True, dry_run=True, **kw)) == []
+
+    typed = tmp_path / "typed"
+    train(config(store32, typed, epochs=1, **student_at(48)))
+    with pytest.raises(MealV2Error, match=rf"student resolution: the run has 48 px, this command {STORE_RES} px "
+                                          rf"\(with --labels, --res defaults to the store's {STORE_RES} px; pass "
+                                          rf"--res 48 to keep the run's\)"):
+        train(config(store32, typed, epochs=2, resume=True, dry_run=True))
+    assert train(config(store32, typed, epochs=2, resume=True, dry_run=True, **student_at(48))) == []
 
 
 def test_store_crop_flags_other_than_res_are_refused(store32, tmp_path):

@@ -2,9 +2,11 @@
 mealv2 checkpoints, timm names; @RES, %NORM, *W; class order by name; errors."""
 from __future__ import annotations
 
+import re
+
+import pytest
 import timm
 import torch
-import pytest
 
 from mealv2.common.models import ModelSpecError, save_checkpoint, state_dict_sha256
 from mealv2.common.teachers import Spec, load_teacher, split_specs, teacher_table
@@ -68,10 +70,35 @@ def test_norm_suffix_states_the_mean_and_std(tmp_path, resnet_state, norm, mean,
     assert (t.res, t.weight) == (40, 2.0)
 
 
-@pytest.mark.parametrize("norm", ["imagenett", "0.1:0.2/0.3", "0.5/0", "a/b"])
+@pytest.mark.parametrize("norm", ["imagenett", "0.1:0.2/0.3", "0.5/0", "a/b", "nan/0.5", "0.5/inf", "0.5:nan:0.5/1"])
 def test_bad_norm_is_named(norm):
     with pytest.raises(ModelSpecError, match=f"normalisation '%{norm}'"):
         Spec.parse(f"test_resnet=x.pth%{norm}")
+
+
+@pytest.mark.parametrize("suffix, expected", [
+    ("@abc", "an integer from 1 to 4096"), ("@0", "an integer from 1 to 4096"),
+    ("@100000", "an integer from 1 to 4096"), ("@-5", "an integer from 1 to 4096"),
+    ("*-1", "a finite number > 0"), ("*inf", "a finite number > 0"), ("*nan", "a finite number > 0"),
+    ("*0", "a finite number > 0"), ("*abc", "a finite number > 0"), ("@64*", "a finite number > 0"),
+])
+def test_bad_suffix_is_named_not_taken_for_a_file(tmp_path, resnet_state, suffix, expected):
+    """Once '@abc' was a missing file, '@100000' a DALI bad_alloc and '*-1' part of the path."""
+    path = tmp_path / "r.pth"
+    torch.save(resnet_state, path)
+    bad = suffix.rsplit("*", 1)[-1] if suffix.startswith("@64*") else None
+    named = f"'*{bad}'" if bad is not None else f"'{suffix}'"
+    with pytest.raises(ModelSpecError, match=rf"teacher spec 'test_resnet={path}{re.escape(suffix)}': suffix "
+                                             rf"{re.escape(named)}: expected .*{re.escape(expected)}"):
+        load_teacher(f"test_resnet={path}{suffix}", CLASSES, res=32)
+
+
+def test_suffix_marks_inside_an_existing_file_name_stay_in_it(tmp_path, resnet_state):
+    path = tmp_path / "r@v2*best.pth"
+    torch.save(resnet_state, path)
+    assert Spec.parse(f"test_resnet={path}").body == f"test_resnet={path}"
+    t = load_teacher(f"test_resnet={path}@40*2", CLASSES, res=32)
+    assert (t.res, t.weight) == (40, 2.0)
 
 
 def test_a_suffix_given_twice_is_refused():
@@ -225,7 +252,8 @@ def test_unreadable_or_foreign_files_are_refused(tmp_path, resnet_state):
 def test_zero_weight_is_refused(tmp_path, resnet_state):
     path = tmp_path / "r.pth"
     torch.save(resnet_state, path)
-    with pytest.raises(ModelSpecError, match="weight must be positive"):
+    with pytest.raises(ModelSpecError, match=r"suffix '\*0': expected the teacher's ensemble weight, a finite "
+                                             r"number > 0"):
         load_teacher(f"test_resnet={path}*0", CLASSES)
 
 

@@ -174,6 +174,16 @@ def test_resume_names_every_setting_that_would_change_the_run(labelled, tmp_path
     assert train(config(labelled, step_run, epochs=3, lr_step=5, resume=True, dry_run=True)) == []
 
 
+@pytest.mark.parametrize("field", ["lr", "momentum", "wd", "d_lr", "temperature", "cutmix_prob", "mixup"])
+def test_non_finite_settings_are_refused_in_python_too(field):
+    from mealv2.stage1_label.labeler import LabelConfig
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(MealV2Error, match=rf"train: {field} = {value!r} is not a finite number"):
+            TrainConfig(data="d", out="o", arch="a", hard_labels=True, **{field: value})
+    with pytest.raises(MealV2Error, match="label: temperature = nan is not a finite number"):
+        LabelConfig(data="d", teachers=["t"], out="o", temperature=float("nan"))
+
+
 def test_compile_trains_the_same_and_checkpoints_the_bare_model(labelled, tmp_path, monkeypatch):
     """--compile goes through torch.compile (dynamo's graph capture of the student, with DDP when distributed).
     Inductor's code generation takes minutes per tiny model on these 2 cores, so dynamo runs here with its

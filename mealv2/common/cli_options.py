@@ -1,6 +1,7 @@
 """Click options shared by several commands, so a flag means the same thing everywhere."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from fractions import Fraction
@@ -13,6 +14,26 @@ from .loaders import LOADER_CHOICES
 POSITIVE = click.IntRange(min=1)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")   # forward precisions (common/runtime.py applies them)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float flag (optionally bounded, as click.FloatRange) that refuses nan and inf: click's own
+    float type takes them, and every comparison with nan is false, so a range never stops it."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value} is not a finite number; expected a finite float"
+                      + (f" in {self._describe_range()}" if self.min is not None or self.max is not None else ""),
+                      param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+FINITE = FiniteFloat()
+NON_NEGATIVE = FiniteFloat(min=0)
+POSITIVE_FLOAT = FiniteFloat(min=0, min_open=True)
 
 
 def _float_pair(ctx, param, value):

@@ -36,7 +36,7 @@ class CropParams:
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
         lo, hi = self.ratio
-        if not 0 < lo <= hi:
+        if not 0 < lo <= hi < math.inf:
             raise ValueError(f"--ratio must satisfy 0 < min <= max, got {lo},{hi}")
         if not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip probability must be in [0, 1], got {self.flip_prob}")

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import zipfile
@@ -166,6 +167,34 @@ def build_index(data: str | Path, *, skip_bad: bool = False, workers: int = 8, c
     return index
 
 
+def refuse_nested(data: str | Path, out: str | Path, flag: str) -> None:
+    """Refuse an output folder inside a DATA folder, or DATA inside it: what a command writes inside
+    DATA (curves.png, checkpoints, a store's chunk files) would become data the next command indexes
+    (a stray image at DATA's root, a class folder of run files). A CSV's folder is not indexed."""
+    if not Path(data).is_dir():
+        return
+    d, o = Path(data).resolve(), Path(out).resolve()
+    if o == d or d in o.parents:
+        raise DatasetError(f"{flag} {out} is inside DATA {data}: what it writes there would become part of "
+                           f"the data the next command indexes; choose {flag} outside DATA")
+    if o in d.parents:
+        raise DatasetError(f"DATA {data} is inside {flag} {out}: outputs and the data they come from would share "
+                           f"one folder tree (deleting the output deletes the data; indexing the output's folder "
+                           f"takes the data in); choose {flag} outside DATA's folders")
+
+
+def skipped_report(index: DatasetIndex) -> str | None:
+    """What --skip-bad left out, by reason, for a command to print at every start (None: nothing):
+    a left-out file is data the run silently lacks unless it is said."""
+    if not index.skipped:
+        return None
+    by_reason: dict[str, list[str]] = {}
+    for rel, reason in index.skipped:
+        by_reason.setdefault(re.split(r"[:;(]", reason)[0].strip(), []).append(rel)
+    return (f"--skip-bad: {len(index.skipped)} image file(s) of {index.root} left out:\n"
+            + "\n".join(f"  {reason} ({len(rels)}): {_listed(rels)}" for reason, rels in by_reason.items()))
+
+
 def in_classes(index: DatasetIndex, classes) -> DatasetIndex:
     """``index`` with its labels mapped by name into ``classes``, a superset of its own (the
     teachers' classes). Its fingerprint is not the data's: stores record the original index's."""
@@ -183,29 +212,35 @@ def in_classes(index: DatasetIndex, classes) -> DatasetIndex:
 def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int], list[Path]]:
     """torchvision's find_classes + make_dataset order, minus hidden files and folders.
 
-    A folder that holds image files directly is a folder of unlabelled images: every image in
-    it and in its subfolders (searched recursively) is indexed, without classes, labels -1. A
-    folder with only subfolders keeps the ImageFolder meaning (one subfolder per class).
+    A folder with subfolders is an ImageFolder (one subfolder per class); image files at its root
+    are left out, as torchvision's ImageFolder leaves them, and named in one warning line (a stray
+    ``preview.jpg`` must not turn a dataset unlabelled). A folder of image files and no subfolders
+    is unambiguously unlabelled: its images are indexed without classes, labels -1.
     """
     try:
         with os.scandir(root) as it:
             entries = list(it)
     except OSError as err:
         _raise_unreadable(err)
-    if any(e.is_file() and _is_image(e.name) for e in entries):
-        relpaths = _images_under(root, root)
-        return [], relpaths, [-1] * len(relpaths), []
+    loose = sorted(e.name for e in entries if e.is_file() and _is_image(e.name))
     classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    if not classes and loose:
+        return [], loose, [-1] * len(loose), []
     if not classes:
         raise DatasetError(f"DATA folder {root} has no image files ({', '.join(IMG_EXTENSIONS)}) and no "
                            "class subfolders; expected images (unlabelled) or the ImageFolder layout "
                            "DATA/<class>/<image>")
+    if loose:
+        print(f"mealv2: warning: DATA {root}: {len(loose)} image file(s) at its root, outside the class folders, "
+              f"are left out (as torchvision's ImageFolder leaves them): {_listed(loose)}; if DATA's images "
+              f"have no classes, list them in a CSV with only a 'path' column", file=sys.stderr)
 
     relpaths, labels, class_dirs, empty = [], [], [], []
+    seen = {os.path.realpath(root): "DATA itself"}
     for c, name in enumerate(classes):
         class_dir = root / name
         class_dirs.append(class_dir)
-        found = _images_under(root, class_dir)
+        found = _images_under(root, class_dir, seen)
         relpaths += found
         labels += [c] * len(found)
         if not found:
@@ -221,10 +256,23 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _images_under(root: Path, folder: Path) -> list[str]:
-    """Posix paths relative to ``root`` of the images in ``folder`` and below, sorted by folder then name."""
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _images_under(root: Path, folder: Path, seen: dict[str, str]) -> list[str]:
+    """Posix paths relative to ``root`` of the images in ``folder`` and below, sorted by folder then name.
+
+    Symlinked folders are followed; ``seen`` (real path: where it was met) refuses one folder met
+    twice: a loop (``class_0/loop -> ..``) would index the other classes' images again as this class."""
     walked = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise_unreadable, followlinks=True):
+        real, rel = os.path.realpath(dirpath), PurePath(os.path.relpath(dirpath, root)).as_posix()
+        if real in seen:
+            raise DatasetError(f"DATA {root}: folder {rel} is {seen[real]} again (both are {real}): a symlink "
+                               f"loop, or a second link to one folder, would index the same images again, under "
+                               f"class {PurePath(rel).parts[0]!r}; remove the symlink")
+        seen[real] = f"folder {rel}"
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         walked.append((dirpath, filenames))
     return [PurePath(os.path.relpath(dirpath, root), f).as_posix()

@@ -1,4 +1,4 @@
-"""The label store: the one module that knows its schema (format ``mealv2-labels`` v3).
+"""The label store: the one module that knows its schema (format ``mealv2-labels`` v4).
 
 A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
 
@@ -38,18 +38,23 @@ from .errors import MealV2Error
 from .faults import fault_point
 
 FORMAT = "mealv2-labels"
-# v3: CRC32C of every image's bytes (stage 2 refuses an image changed since labelling) and the
-# teachers' precision. v2: 7-bit square-root codes plus a code for the leftover mass, per-array
-# codecs. v1 (8-bit codes, no leftover code) was never released. Older stores are refused.
-VERSION = 3
+# v4: a SHA-256 of each array's metadata (its zarr.json: shape, chunks, codecs, transpose order, dtype),
+# which v3 stores lack, so they cannot be verified. v3: CRC32C of every image's bytes (stage 2 refuses an
+# image changed since labelling) and the teachers' precision. v2: 7-bit square-root codes plus a code for
+# the leftover mass, per-array codecs. v1 (8-bit codes, no leftover code) was never released. Older
+# stores are refused.
+VERSION = 4
 PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/targets.py encodes and decodes
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
+ARRAYS_KEY = "mealv2_arrays_sha256"   # array name: SHA-256 of its metadata (_array_meta_digest)
 
 # Keys that must agree between a store and a new labelling command for it to resume or append.
 _IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temperature", "seed", "crops_per_image",
                   "shard_size", "crop", "teachers", "teacher_precision", "dataset")
 SHARD_ARRAYS = ("boxes", "flips", "ids", "probs", "crc32c")   # written per (round, shard); crc32c per shard
+ROUND_ARRAYS = ("boxes", "flips", "ids", "probs", "done")       # leading axis: rounds (grows on append)
+ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c")
 
 
 class StoreError(MealV2Error):
@@ -102,6 +107,33 @@ def _writable(arr: zarr.Array) -> zarr.Array:
 
 def _digest(attrs: dict) -> str:
     return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
+
+
+def _array_meta(path: Path, name: str) -> dict:
+    """The parsed ``zarr.json`` of array ``name``; a missing or damaged file is named."""
+    file = path / name / "zarr.json"
+    fix = "the store cannot be read as made; restore the file from a copy of the store, or re-label into a new --out"
+    try:
+        meta = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise StoreError(f"{file} is missing: array '{name}' has no metadata; {fix}") from None
+    except OSError as e:
+        raise StoreError(f"{file} cannot be read ({e.strerror or e}); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file} is damaged (not JSON: {e}); {fix}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shape"), list) or not meta["shape"]:
+        raise StoreError(f"{file} is damaged (no array shape in it); {fix}")
+    return meta
+
+
+def _array_meta_digest(name: str, meta: dict) -> str:
+    """SHA-256 of everything in an array's metadata that decides what its chunks decode to: shape,
+    chunk grid, key encoding, dtype, fill value, codecs (transpose order, compressor, checksum). The
+    leading size of a per-round array is left out: an append grows it (before ``rounds_planned``,
+    so a kill in between leaves it larger), and :meth:`LabelStore.open` bounds it by ``rounds_planned``."""
+    if name in ROUND_ARRAYS:
+        meta = {**meta, "shape": [None, *meta["shape"][1:]]}
+    return _digest(meta)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -161,10 +193,12 @@ class LabelStore:
             raise StoreError(f"{path}: unreadable label store metadata ({e})") from e
         if attrs.get("format") != FORMAT or attrs.get("version") != VERSION:
             raise StoreError(f"{path}: format {attrs.get('format')} v{attrs.get('version')}, "
-                             f"this mealv2 reads {FORMAT} v{VERSION}")
+                             f"this mealv2 reads {FORMAT} v{VERSION}; re-label the data with this mealv2's "
+                             f"`mealv2 label` into a new --out (docs/STORE.md lists what each version changed)")
         if group.attrs.get(DIGEST_KEY) != _digest(attrs):
             raise StoreError(f"{path}/zarr.json: the '{ATTR_KEY}' attributes were edited after the "
                              f"store was made (SHA-256 does not match); the store cannot be trusted")
+        _check_arrays(path, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"])
         return cls(path, group)
 
     @classmethod
@@ -213,7 +247,8 @@ class LabelStore:
                                      compressors=_codecs()))[:] = labels
         group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
-        group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
+        arrays = {name: _array_meta_digest(name, _array_meta(tmp, name)) for name in ARRAYS}
+        group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs), ARRAYS_KEY: arrays})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
             path.rmdir()
@@ -395,6 +430,22 @@ class LabelStore:
         for f in partials:
             f.unlink(missing_ok=True)
         return len(partials)
+
+
+def _check_arrays(path: Path, digests: dict, rounds: int) -> None:
+    """Every array's metadata as the store was made: an edited transpose order would replay permuted
+    labels without a word, and a changed shape would fail epochs into a run."""
+    for name in ARRAYS:
+        meta = _array_meta(path, name)
+        if digests.get(name) != _array_meta_digest(name, meta):
+            raise StoreError(f"{path / name / 'zarr.json'}: array '{name}''s metadata (shape, chunks, codecs, "
+                             f"transpose order, dtype) was changed after the store was made (SHA-256 does not "
+                             f"match): its chunks would decode to other labels; restore the file from a copy of "
+                             f"the store, or re-label into a new --out")
+        if name in ROUND_ARRAYS and meta["shape"][0] < rounds:
+            raise StoreError(f"{path / name / 'zarr.json'}: array '{name}' holds {meta['shape'][0]} rounds, the "
+                             f"store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
+                             f"or re-label into a new --out")
 
 
 def acquire_writer_lock(path: str | Path) -> FileLock:

@@ -61,7 +61,10 @@ NORMS = {  # named normalisations a spec can state with %NAME
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 STATE_DICT_NORM = "imagenet"   # torchvision's and MEAL V2's convention, and most training loops'
-_SUFFIX = re.compile(r"(?:@(?P<res>\d+)|\*(?P<weight>[0-9]*\.?[0-9]+)|%(?P<norm>[A-Za-z0-9_.:/-]+))$")
+# Any text after a suffix mark is taken as that suffix and validated, so a typo ('@abc', '*-1') is
+# named as a bad suffix rather than becoming part of a file name that does not exist.
+_SUFFIX = re.compile(r"(?:@(?P<res>[^@*%=/]*)|\*(?P<weight>[^@*%=/]*)|%(?P<norm>[^@*%=]*))$")
+MAX_SPEC_RES = 4096   # @RES above it is a typo (the largest ImageNet teachers run at 800 px), not a request
 
 
 def split_specs(specs: tuple[str, ...] | list[str]) -> list[str]:
@@ -79,19 +82,39 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str) -> "Spec":
+        """Suffixes are peeled off the end; a tail that is part of an existing file's name
+        (``ckpt@v2.pth``) stays in the name. Each suffix is bounded, and an error names it."""
         body, found = text, {}
-        while (m := _SUFFIX.search(body)) and m.start() > 0:
+        while (m := _SUFFIX.search(body)) and m.start() > 0 and not Path(body.split("=", 1)[-1]).is_file():
             key = next(k for k, v in m.groupdict().items() if v is not None)
             if key in found:
                 raise ModelSpecError(f"teacher spec '{text}': {key} given twice")
             found[key] = m[key]
             body = body[:m.start()]
-        weight = float(found.get("weight", 1.0))
-        if weight <= 0:
-            raise ModelSpecError(f"teacher spec '{text}': weight must be positive, got {weight}")
+        where = f"teacher spec '{text}'"
+        res = _spec_res(found["res"], where) if "res" in found else None
+        weight = _spec_weight(found["weight"], where) if "weight" in found else 1.0
         if "norm" in found:
-            parse_norm(found["norm"], where=f"teacher spec '{text}'")
-        return cls(text, body, int(found["res"]) if "res" in found else None, found.get("norm"), weight)
+            parse_norm(found["norm"], where=where)
+        return cls(text, body, res, found.get("norm"), weight)
+
+
+def _spec_res(value: str, where: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SPEC_RES:
+        raise ModelSpecError(f"{where}: suffix '@{value}': expected the teacher's input resolution in pixels, "
+                             f"an integer from 1 to {MAX_SPEC_RES} (e.g. @224)")
+    return int(value)
+
+
+def _spec_weight(value: str, where: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+        raise ModelSpecError(f"{where}: suffix '*{value}': expected the teacher's ensemble weight, a finite "
+                             f"number > 0 (e.g. *2 or *0.5)")
+    return weight
 
 
 def parse_norm(norm: str, arch_config: tuple | None = None, where: str = "") -> tuple[tuple, tuple]:
@@ -104,11 +127,11 @@ def parse_norm(norm: str, arch_config: tuple | None = None, where: str = "") -> 
     try:
         mean, std = ([float(v) for v in part.split(":")] for part in norm.split("/"))
         mean, std = (tuple(v * 3 if len(v) == 1 else v) for v in (mean, std))
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
             raise ValueError
     except ValueError:
         raise ModelSpecError(f"{where}: normalisation '%{norm}': expected one of {', '.join(NORMS)}, timm, "
-                             f"or explicit mean/std as M:M:M/S:S:S (std > 0)") from None
+                             f"or explicit mean/std as M:M:M/S:S:S (finite numbers, std > 0)") from None
     return mean, std
 
 

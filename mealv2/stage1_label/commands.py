@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, loader_option,
-                                  teacher_options, workers_option)
+from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_options, crop_params, device_option,
+                                  loader_option, teacher_options, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
@@ -18,7 +18,7 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
                    "the store has appends.")
 @crop_options
 @click.option("--topk", type=POSITIVE, default=10, show_default=True, help="Classes kept per crop.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True,
               help="Softmax temperature applied to every teacher's logits.")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="Crops per teacher forward.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the crop sampler.")

@@ -21,9 +21,9 @@ from ..common.cli_options import available_cores
 from ..common.crop_loader import CropRequest
 from ..common.loaders import describe, iterate, resolve
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index_shared, in_classes
+from ..common.dataset import build_index_shared, in_classes, refuse_nested, skipped_report
 from ..common.distributed import distributed
-from ..common.errors import MealV2Error
+from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
@@ -59,6 +59,7 @@ class LabelConfig:
 
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
+        require_finite("label", temperature=self.temperature)
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -93,10 +94,13 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
 
 
 def run_label(cfg: LabelConfig) -> LabelStore:
+    refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
                                    progress=cfg.progress and info.is_main)
+        if skipped := skipped_report(index):
+            say(skipped)
         if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
@@ -186,7 +190,13 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
         for batch in batches:
             fault_point("decode")      # a batch decoded, not yet labelled
             r, s, boxes, flips = plan.popleft()
-            ids, codes = encode_topk(ensemble.probs(batch.views), cfg.topk)
+            probs = ensemble.probs(batch.views)
+            if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
+                raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
+                                  f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
+                                  f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
+                                  f"written")
+            ids, codes = encode_topk(probs, cfg.topk)
             shape = (len(batch.ids), cfg.crops_per_image, -1)
             part = pending.setdefault((r, s), [])
             part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..common.cli_options import POSITIVE, LocalPath, device_option
+from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, device_option
 from .report import store_summary, verify_store
 
 
@@ -44,7 +44,7 @@ def inspect(store, as_json):
 @click.argument("store", type=LocalPath(exists=True))
 @click.option("--data", type=LocalPath(exists=True), help="Dataset the store was made from: re-run the teachers.")
 @click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
-@click.option("--tolerance", type=float, default=0.02, show_default=True,
+@click.option("--tolerance", type=NON_NEGATIVE, default=0.02, show_default=True,
               help="Largest allowed |stored - recomputed| probability.")
 @device_option
 def verify(store, data, recompute, tolerance, device):

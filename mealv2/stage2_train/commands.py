@@ -4,12 +4,10 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, loader_option,
-                                  teacher_options, workers_option)
+from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, crop_options,
+                                  crop_params, device_option, loader_option, teacher_options, workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
-
-NON_NEGATIVE = click.FloatRange(min=0)
 
 
 @click.command()
@@ -21,7 +19,7 @@ NON_NEGATIVE = click.FloatRange(min=0)
               help="Label store made by `mealv2 label` (stored-label mode).")
 @click.option("--hard-labels", is_flag=True, help="Cross-entropy on the dataset labels (baselines, training teachers).")
 @teacher_options()
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True,
               help="Online mode: softmax temperature of the teachers.")
 @crop_options
 @click.option("--min-res", type=POSITIVE, default=None,
@@ -51,8 +49,8 @@ NON_NEGATIVE = click.FloatRange(min=0)
               help="Discriminator lr: its own SGD, momentum 0.9, constant (the original's schedule overwrote its "
                    "d_lr with --lr's).")
 @click.option("--w-cutmix", is_flag=True, help="CutMix; the target is the area-weighted mix of the crops' targets.")
-@click.option("--cutmix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--cutmix-prob", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--cutmix-alpha", type=POSITIVE_FLOAT, default=1.0, show_default=True)
+@click.option("--cutmix-prob", type=FiniteFloat(0, 1), default=1.0, show_default=True)
 @click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True,
               help="Mixup Beta alpha (0 = off); on steps without CutMix.")
 @click.option("--val", type=LocalPath(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")

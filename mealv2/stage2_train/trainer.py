@@ -53,9 +53,9 @@ from tqdm import tqdm
 from ..common.cli_options import available_cores
 from ..common.crop_loader import View
 from ..common.crops import CropParams
-from ..common.dataset import build_index_shared
+from ..common.dataset import build_index_shared, refuse_nested, skipped_report
 from ..common.distributed import DistInfo, distributed
-from ..common.errors import MealV2Error
+from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.loaders import describe, resolve
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
@@ -76,6 +76,9 @@ CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per
 RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device", "workers", "loader", "compile",
                                "tensorboard", "progress", "init", "pretrained", "crop_given", "teacher_check",
                                "dry_run"})
+# The student's resolution is compared as the schedule it resolves to (student_schedule), not as typed:
+# with --labels an untyped --res is the store's, so equal flags can mean another res and vice versa.
+RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
 
 
 @dataclass
@@ -128,6 +131,8 @@ class TrainConfig:
 
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
+        require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
+                       d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup)
 
     @property
     def mode(self) -> str:
@@ -323,6 +328,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
                desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and info.is_main), leave=False)
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     d_loss_sum = torch.zeros_like(loss_sum)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)   # no sync per step: read at the end
     done = 0
     started, started_cpu = time.perf_counter(), time.process_time()
     for step, batch in enumerate(loader.epoch(epoch, rendered)):
@@ -344,6 +350,8 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
             target = ensemble.probs([views[i] for i in teacher_views])
         loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
         fault_point("train_step")
+        bad = ~torch.isfinite(loss if d_loss is None else loss + d_loss)
+        first_bad = torch.where(bad & (first_bad < 0), update, first_bad)
         loss_sum += loss
         if d_loss is not None:
             d_loss_sum += d_loss
@@ -365,12 +373,13 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
             # CPU seconds of this process (all its threads: torch's and DALI's) per crop, for `bench train`:
             # unlike img/s it barely moves when other processes share the CPU. Not in metrics.csv.
             "cpu_s_per_img": cpu_seconds / (timed_steps * crops_per_rank),
-            "steps_per_rank": info.gather_object(done)}
+            "steps_per_rank": info.gather_object(done), "first_nonfinite_update": int(first_bad)}
 
 
 # ---- the run -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
+    refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):
         return _train(cfg, info, device)
 
@@ -411,6 +420,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     skip_bad = bool(store and store.attrs["dataset"]["skipped"])
     index = build_index_shared(cfg.data, info, skip_bad=skip_bad, workers=max(cfg.workers, 8),
                                progress=cfg.progress and info.is_main)
+    if skipped := skipped_report(index):
+        say(skipped)
     if not index.labelled and store is None:
         raise MealV2Error(f"{'--hard-labels' if cfg.mode == 'hard' else 'online training (--teachers)'}: DATA "
                           f"{cfg.data} has no labels (a folder of loose images or a CSV without a 'label' column), "
@@ -437,7 +448,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
             f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    checkpoint = _resume_checkpoint(run, cfg, store) if cfg.resume else None
+    checkpoint = _resume_checkpoint(run, cfg, store, schedule) if cfg.resume else None
     per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
     check_mix_pairs(cfg, per_step, labels.crops_per_image, info.world_size)
 
@@ -502,6 +513,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         row = train_one_epoch(state, loader, epoch_views(View(schedule.at(epoch), mean, std), ensemble), scheduler,
                               epoch, cfg, len(classes), ensemble, info, runtime, objective)
         steps_per_rank = row.pop("steps_per_rank")
+        check_finite(state.model, row.pop("first_nonfinite_update"), epoch, len(loader), scheduler, run, info)
         row["val_top1"] = row["val_top5"] = None
         if val_index is not None:
             acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
@@ -521,6 +533,29 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         say(_summary(row, cfg.epochs, steps_per_rank, time.perf_counter() - started))
         info.barrier()
     return state.metrics
+
+
+def check_finite(model: nn.Module, first_bad: int, epoch: int, steps: int, scheduler, run: Path,
+                 info: DistInfo) -> None:
+    """Stop a diverged run after the epoch it diverged in, before it is validated or saved: a
+    non-finite model would be checkpointed, even as best.pt (argmax of NaN logits scores some top-1).
+    ``first_bad``: this rank's first update with a non-finite loss, -1 if none. All ranks refuse together."""
+    finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    found = info.gather_object((first_bad, finite))
+    bad = [u for u, _ in found if u >= 0]
+    if not bad and all(ok for _, ok in found):
+        return
+    last = run / "last.pt"
+    kept = (f"the last good checkpoint is {last} (after epoch {epoch - 1})" if epoch and last.is_file()
+            else "no epoch finished before it, so nothing was saved")
+    if bad:
+        update = min(bad)
+        what = (f"the loss is not finite (nan or inf) from step {update} (epoch {epoch}, step {update - epoch * steps} "
+                f"of {steps}), at lr {scheduler._get_lr(update)[0]:.3g}")
+    else:
+        what = f"the student's weights or BatchNorm statistics are not finite after epoch {epoch}"
+    raise MealV2Error(f"training diverged: {what}; epoch {epoch} was not saved and {kept}. Start a new run with a "
+                      f"lower --lr (or --warmup-epochs); --resume would repeat the same steps")
 
 
 def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: CropParams, run: Path,
@@ -611,7 +646,7 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
     return "  ".join(parts)
 
 
-def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) -> dict:
+def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, schedule: ResSchedule) -> dict:
     """RUN/last.pt, refused when this command would train differently from the run it continues."""
     path = run / "last.pt"
     if not path.is_file():
@@ -621,9 +656,18 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
     ours = dataclasses.asdict(cfg)
     # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
     saved = {**dataclasses.asdict(TrainConfig(data="", out="", arch="")), **saved}
-    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set())
-    diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}" for k in ours
-            if k not in may_change and saved.get(k) != ours[k]]
+    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | set(RESOLVED_ON_RESUME)
+    diff = [f"{k}: the run has {_without_res(k, saved.get(k))!r}, this command {_without_res(k, ours[k])!r}"
+            for k in ours if k not in may_change and _without_res(k, saved.get(k)) != _without_res(k, ours[k])]
+    # The run's schedule from its checkpoint: its final res is the one it recorded (checkpoints are at the final res).
+    was = res_schedule(int(ckpt["res"]), int(saved.get("epochs", cfg.epochs)),
+                       *(saved.get(k) for k in RESOLVED_ON_RESUME))
+    if was != schedule:
+        hint = (f" (with --labels, --res defaults to the store's {schedule.final} px; pass --res {was.final} to "
+                f"keep the run's)" if store is not None and "res" not in cfg.crop_given and was.final != schedule.final
+                else "")
+        diff.append(f"student resolution: the run has {_describe(was, cfg.epochs)}, this command "
+                    f"{_describe(schedule, cfg.epochs)}{hint}")
     if store is not None and ckpt.get("store_digest") != store.digest:
         diff.append(f"labels: the run was trained on another label store than {store.path} (store digests differ)")
     if diff:
@@ -632,3 +676,13 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None) ->
                           + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
                             "a new run with another --out")
     return ckpt
+
+
+def _without_res(key: str, value):
+    """A config value with the crop's res left out: the resolved schedule stands for it."""
+    return {**value, "res": None} if key == "crop" and isinstance(value, dict) else value
+
+
+def _describe(schedule: ResSchedule, epochs: int) -> str:
+    return (f"{schedule.final} px ({schedule.describe(epochs)})" if schedule.progressive
+            else f"{schedule.final} px")
