@@ -1,2 +1,34 @@
-"""mealv2: two-stage MEAL V2 distillation (label once with a teacher ensemble, train many students)."""
+"""mealv2: two-stage MEAL V2 distillation (label once with a teacher ensemble, train many students).
+
+The public API, for a training loop of your own (README, "Python API"):
+
+- :class:`ReplayLoader`: a store's crops and soft targets per step, with every check of ``mealv2 train``;
+- :func:`store_classes`: a store's class names (the student's head);
+- :class:`MealV2Loss`: KD at temperature T plus MEAL V2's optional discriminator;
+- :func:`mix_batch`: CutMix / mixup of a batch and its stored targets.
+
+They are imported on first use, so ``import mealv2`` (and the CLI's start) does not pay for torch.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {  # name -> module defining it
+    "ReplayLoader": "mealv2.stage2_train.replay",
+    "store_classes": "mealv2.stage2_train.replay",
+    "MealV2Loss": "mealv2.stage2_train.losses",
+    "mix_batch": "mealv2.stage2_train.losses",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'mealv2' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -104,6 +104,24 @@ def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
                           env=None if env is None else {**os.environ, **env})
 
 
+@pytest.fixture(scope="session")
+def labelled(tiny_data, tmp_path_factory):
+    """tiny_data labelled through the CLI: 2 rounds x 2 crops at 32 px by a random test_resnet;
+    shared by the session: copy the store before changing it."""
+    import timm
+    from types import SimpleNamespace
+
+    work = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
+    teacher = f"test_resnet={work / 'teacher.pth'}@32"
+    r = run_cli("label", tiny_data, "-t", teacher, "-o", work / "store", "--rounds", 2, "--res", 32,
+                "--crops-per-image", 2, "--topk", 2, "--batch-size", 8, "--workers", 2, "--device", "cpu",
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return SimpleNamespace(data=tiny_data, store=work / "store", teacher=teacher, work=work)
+
+
 def train_outside_mealv2(data: Path, out: Path, class_order: list[str], mean, std, arch: str = "test_resnet",
                          res: int = 32, epochs: int = 24, seed: int = 0) -> Path:
     """A teacher as users bring them: trained by a plain PyTorch + timm loop (torchvision's

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -31,19 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def cli(*args):
     return run_cli(*args, env=ONE_THREAD)
-
-
-@pytest.fixture(scope="module")
-def labelled(tiny_data, tmp_path_factory):
-    """tiny_data labelled through the CLI: 2 rounds x 2 crops at 32 px by a random test_resnet."""
-    work = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
-    teacher = f"test_resnet={work / 'teacher.pth'}@32"
-    r = cli("label", tiny_data, "-t", teacher, "-o", work / "store", "--rounds", 2, "--res", 32,
-                "--crops-per-image", 2, "--topk", 2, "--batch-size", 8, "--workers", 2, "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    return SimpleNamespace(data=tiny_data, store=work / "store", teacher=teacher, work=work)
 
 
 def read_metrics(run: Path) -> list[dict]:

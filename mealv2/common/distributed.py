@@ -41,6 +41,14 @@ class DistInfo:
         return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
                    int(os.environ.get("LOCAL_RANK", "0")))
 
+    @classmethod
+    def current(cls) -> "DistInfo":
+        """This process's place in the torch.distributed group it has joined (one rank of one when none):
+        a user's own loop initialises the group itself."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -64,6 +72,17 @@ class DistInfo:
 
     def all_mean(self, values: list[float]) -> list[float]:
         return [v / self.world_size for v in self.all_sum(values)]
+
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Each parameter's gradient averaged over the ranks, in place: what DDP does in backward, for
+        a module a user's loop does not wrap in DDP."""
+        if not self.enabled:
+            return
+        for p in module.parameters():
+            if p.grad is not None:
+                _check(p.grad)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
 
     def broadcast_buffers(self, module: torch.nn.Module, src: int = 0) -> None:
         """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, in place."""

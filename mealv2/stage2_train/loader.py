@@ -171,6 +171,18 @@ def steps_per_pass(num_images: int, images_per_step: int) -> int:
     return -(-num_images // images_per_step)
 
 
+def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> int:
+    """Images per step and rank for a global batch of ``cfg_batch`` crops; refuses a batch that
+    does not split into whole images on every rank."""
+    unit = crops_per_image * world_size
+    if cfg_batch % unit:
+        lo, hi = max(unit, cfg_batch // unit * unit), (cfg_batch // unit + 1) * unit
+        raise MealV2Error(f"--batch-size {cfg_batch} (crops per step over all ranks) is not a multiple of "
+                          f"{crops_per_image} crops per image x {world_size} rank(s) = {unit}; use "
+                          f"{lo if lo == hi else f'{lo} or {hi}'}")
+    return cfg_batch // unit
+
+
 class TrainLoader:
     """``for batch in loader.epoch(e)``: the steps of epoch e; ``len(loader)`` steps per epoch.
 

@@ -1,6 +1,9 @@
 """MEAL V2's loss: soft cross-entropy against the teachers' averaged softmax, plus an optional
 discriminator on the final outputs; and the CutMix/mixup that mix crops and their targets.
 
+:class:`MealV2Loss` is the objective as a module for a user's own loop (the public API);
+``mealv2 train`` computes the same terms through :func:`objective_losses`.
+
 Mixing is split into pure functions: :func:`draw_mix` draws what to do from a generator,
 :func:`mix_images` applies it to any number of views (relative box, so views of any
 resolution are cut alike) and :func:`mix_targets` mixes the targets by the same weight.
@@ -13,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..common.distributed import DistInfo
+from ..common.errors import MealV2Error, require_finite
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -82,6 +88,85 @@ def discriminator_loss(disc: Discriminator, logits: torch.Tensor, target: torch.
     return F.binary_cross_entropy_with_logits(scores, labels)
 
 
+def objective_losses(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                     disc: nn.Module | None = None, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(distillation loss, discriminator loss or None): MEAL V2's two terms, minimised as their sum.
+    Integer targets (dataset labels) take plain cross-entropy, at T = 1."""
+    t = temperature if target.is_floating_point() else 1.0
+    loss = soft_cross_entropy(logits, target, t)
+    return loss, (discriminator_loss(disc, logits, target, t, topk) if disc is not None else None)
+
+
+class MealV2Loss(nn.Module):
+    """MEAL V2's objective: KD against the soft targets at temperature T, plus (optionally) the
+    discriminator's BCE, as ``mealv2 train`` (``--use-discriminator-loss``) trains with it.
+
+    ``loss = criterion(logits, targets)`` returns the sum to backpropagate; after the student's
+    optimizer step, :meth:`step` applies the discriminator's gradients with its own SGD (momentum
+    0.9, constant lr; averaged over the ranks under torch.distributed). ``kd_loss`` and ``d_loss``
+    hold the last step's terms, detached, for logging. Its ``state_dict`` includes that optimizer's.
+
+    Args:
+        num_classes: the targets' classes (``loader.num_classes``).
+        temperature: the targets' softmax temperature (``loader.temperature``): the student's
+            logits are divided by it and the loss scaled by T^2.
+        topk: the store's k (``loader.topk``): the discriminator compares student and targets in
+            the store's top-k form; None for full targets.
+        discriminator: add MEAL V2's discriminator term.
+        d_lr: the discriminator's learning rate (``--d-lr``).
+
+    Example::
+
+        criterion = mealv2.MealV2Loss(loader.num_classes, temperature=loader.temperature, topk=loader.topk,
+                                      discriminator=True).to(loader.device)
+        loss = criterion(model(images), targets)
+        optimizer.zero_grad(); loss.backward(); optimizer.step(); criterion.step()
+    """
+
+    def __init__(self, num_classes: int, *, temperature: float = 1.0, topk: int | None = None,
+                 discriminator: bool = False, d_lr: float = 0.01):
+        super().__init__()
+        require_finite("MealV2Loss", temperature=temperature, d_lr=d_lr)
+        if temperature <= 0:
+            raise MealV2Error(f"MealV2Loss: temperature = {temperature!r}; expected a positive temperature "
+                              f"(the store's: loader.temperature)")
+        self.temperature, self.topk = temperature, topk
+        self.discriminator = Discriminator(num_classes) if discriminator else None
+        self.d_optimizer = (torch.optim.SGD(self.discriminator.parameters(), lr=d_lr, momentum=0.9)
+                            if discriminator else None)
+        self.kd_loss: torch.Tensor | None = None
+        self.d_loss: torch.Tensor | None = None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss, d_loss = objective_losses(logits, target, self.temperature, self.discriminator, self.topk)
+        self.kd_loss, self.d_loss = loss.detach(), None if d_loss is None else d_loss.detach()
+        return loss if d_loss is None else loss + d_loss
+
+    def step(self) -> None:
+        """The discriminator's optimizer step on the last backward's gradients (nothing without one)."""
+        if self.d_optimizer is None:
+            return
+        DistInfo.current().average_gradients(self.discriminator)
+        self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        if self.d_optimizer is not None:
+            state["d_optimizer"] = self.d_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict, *args, **kwargs):
+        state_dict = dict(state_dict)
+        d_optimizer = state_dict.pop("d_optimizer", None)
+        if self.d_optimizer is not None:
+            if d_optimizer is None:
+                raise MealV2Error("MealV2Loss.load_state_dict: the saved state has no discriminator optimizer; "
+                                  "it was saved without discriminator=True")
+            self.d_optimizer.load_state_dict(d_optimizer)
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Mix:
     """One step's mixing: sample i is mixed with sample i - shift (``torch.roll`` pairing).
@@ -111,6 +196,47 @@ def draw_mix(rng: np.random.Generator, cutmix_alpha: float, cutmix_prob: float, 
     if mixup_alpha > 0:
         return Mix(lam=float(rng.beta(mixup_alpha, mixup_alpha)), shift=shift)
     return None
+
+
+def draw_step_mix(seed: int, step: int, rank: int, shift: int, cutmix_alpha: float, cutmix_prob: float,
+                  mixup_alpha: float) -> Mix | None:
+    """:func:`draw_mix` of a global step on a rank: a pure function of (seed, step, rank), so a
+    resumed run, and a user's loop with the same settings, draw what ``mealv2 train`` draws."""
+    return draw_mix(np.random.default_rng([seed, step, rank]), cutmix_alpha, cutmix_prob, mixup_alpha, shift=shift)
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, *, seed: int, step: int, rank: int = 0, shift: int = 1,
+              cutmix_alpha: float = 0.0, cutmix_prob: float = 1.0, mixup_alpha: float = 0.0,
+              num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix or mixup of a batch and its targets (soft, or class ids made one-hot), as ``mealv2
+    train`` mixes stored targets: crop i is mixed with crop i - ``shift``, the targets by the area
+    (or weight) each crop keeps. Returns the batch unchanged at a step that draws no mixing.
+
+    Args:
+        images: (n, 3, res, res).
+        targets: (n, K) soft targets, or (n,) class ids (then ``num_classes`` is required).
+        seed, step, rank: what the draw is a function of (``--seed``, the global step, the rank).
+        shift: the pairing; the crops per image, so a crop is mixed with another image's crop.
+        cutmix_alpha: CutMix's Beta(alpha, alpha); 0 turns CutMix off.
+        cutmix_prob: the probability of CutMix at a step (else mixup, if on).
+        mixup_alpha: mixup's Beta(alpha, alpha); 0 turns mixup off.
+        num_classes: the class count of integer targets.
+
+    Example::
+
+        images, targets = mealv2.mix_batch(images, targets, seed=0, step=step, shift=2, cutmix_alpha=1.0)
+    """
+    require_finite("mix_batch", cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup_alpha=mixup_alpha)
+    if (cutmix_alpha > 0 or mixup_alpha > 0) and len(images) <= shift:
+        raise MealV2Error(f"mix_batch: {len(images)} crops paired at shift {shift} mixes every crop with itself "
+                          f"(one image per step on this rank); use a batch of at least 2 images per rank")
+    if not targets.is_floating_point() and num_classes is None:
+        raise MealV2Error("mix_batch: integer targets (class ids) need num_classes= to become one-hot")
+    mix = draw_step_mix(seed, step, rank, shift, cutmix_alpha, cutmix_prob, mixup_alpha)
+    if mix is None:
+        return images, targets
+    images, lam = mix_images(mix, images)
+    return images, mix_targets(mix, lam, targets, num_classes or targets.shape[1])
 
 
 def _pixel_box(box, res: int) -> tuple[int, int, int, int]:

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import timm.optim
 import timm.scheduler
 import torch
@@ -59,13 +58,14 @@ from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.loaders import describe, resolve
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
-                             preview_classes, save_checkpoint, unwrap_state_dict)
+                             save_checkpoint, unwrap_state_dict)
 from ..common.runtime import Runtime
 from ..common.store import LabelStore
 from ..common.teacher_check import check_teachers
 from ..common.teachers import Ensemble, load_teacher, read_classes_file, read_teacher_classes, teacher_table
-from .loader import FreshLabels, StoredLabels, TrainLoader
-from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
+from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
+from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
+from .replay import check_store_matches, data_index, open_checked_store
 from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog
 from .validate import DecodedVal, class_order, validate
@@ -141,36 +141,10 @@ class TrainConfig:
 
 # ---- label sources ----------------------------------------------------------------------------
 def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
-    """The store, refused unless complete and made with the crop flags given (if any).
-
-    Every round is verified, not just the first (damage found at epoch 40 would cost the epochs
-    before it), at every start, a resume too (it follows a crash, when damage is likeliest), and
-    cheaply: each rank checks the shards s with s % world == rank, each done mark is read once, and
-    all ranks refuse together, naming the chunks."""
-    store = LabelStore.open(cfg.labels)  # refuses other format versions, naming both
-    shards = range(info.rank, store.num_shards, info.world_size)
-    done = store.done_mask(shards)
-    found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done)))
-    full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
-    if not full.all():
-        raise MealV2Error(f"{store.path}: only {int(np.argmin(full))}/{store.rounds_planned} label rounds "
-                          f"are complete; finish it by re-running the `mealv2 label` command that made it "
-                          f"(it resumes where it stopped)")
-    problems = [p for _, rank_problems in found for p in rank_problems]
-    if problems:
-        raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
-                          + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
-                          f"`mealv2 label` command")
-    stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
+    """The store, refused unless complete and made with the crop flags typed (replay.open_checked_store)."""
     ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
-    # --res is let through: it is the student's, and the stored boxes are relative, so they render at any res.
-    for name in cfg.crop_given:
-        if name != "res" and stored[name] != ours[name]:
-            raise MealV2Error(f"{CROP_FLAGS[name]} {ours[name]} differs from the {stored[name]} that {store.path} "
-                              f"was labelled with; with --labels the crops and their soft labels come from the "
-                              f"store, so they cannot change (leave the flag out; only --res, the student's "
-                              f"resolution, may differ)")
-    return store
+    given = {name: (f"{CROP_FLAGS[name]} {ours[name]}", ours[name]) for name in cfg.crop_given if name != "res"}
+    return open_checked_store(cfg.labels, info, given)
 
 
 def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
@@ -182,27 +156,6 @@ def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
     else:
         final, where = int(store.attrs["crop"]["res"]), f"the res {store.path} was labelled at; --res sets another"
     return res_schedule(final, cfg.epochs, cfg.min_res, cfg.ramp_start, cfg.ramp_end, cfg.res_step, where)
-
-
-def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str, ...], str | None]:
-    """The classes to train on, the store's, and a line saying so where they are not DATA's: the
-    teachers' when DATA has no labels or fewer classes (the fingerprint ties the store to DATA)."""
-    a = store.attrs
-    classes, note = tuple(a["classes"]), None
-    if not index.labelled:
-        note = f"classes: DATA has no labels; the student learns the store's {len(classes)} (the teachers')"
-    elif set(index.classes) < set(classes):
-        note = (f"classes: the student learns the store's {len(classes)} (the teachers'); DATA's "
-                f"{len(index.classes)} are among them")
-    elif list(classes) != list(index.classes):
-        raise MealV2Error(f"{store.path} has {len(a['classes'])} classes {preview_classes(a['classes'])}, DATA {data} has "
-                          f"{len(index.classes)} classes {preview_classes(index.classes)}")
-    if a["dataset"]["fingerprint"] != index.fingerprint:
-        raise MealV2Error(f"{store.path} was labelled from a dataset with fingerprint "
-                          f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
-                          f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
-                          f"the store was made from, or label this data with `mealv2 label`")
-    return classes, note
 
 
 # ---- training state -----------------------------------------------------------------------------
@@ -273,10 +226,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     """
     with runtime.autocast():
         logits = state.forward(images)
-    t = objective.temperature if target.is_floating_point() else 1.0
-    loss = soft_cross_entropy(logits, target, t)
-    d_loss = (discriminator_loss(state.disc, logits, target, t, objective.topk)
-              if state.disc is not None else None)
+    loss, d_loss = objective_losses(logits, target, objective.temperature, state.disc, objective.topk)
     state.optimizer.zero_grad(set_to_none=True)
     if d_loss is not None:
         state.d_optimizer.zero_grad(set_to_none=True)
@@ -337,8 +287,8 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
         if step == 0:
             lr = state.optimizer.param_groups[0]["lr"]
         views, target = batch.views, batch.target
-        mix = draw_mix(np.random.default_rng([cfg.seed, update, info.rank]), cfg.cutmix_alpha if cfg.w_cutmix
-                       else 0.0, cfg.cutmix_prob, cfg.mixup, shift=loader.crops_per_image)
+        mix = draw_step_mix(cfg.seed, update, info.rank, loader.crops_per_image,
+                            cfg.cutmix_alpha if cfg.w_cutmix else 0.0, cfg.cutmix_prob, cfg.mixup)
         if mix is not None:
             # Online, every view is mixed and the teachers label the mixed crops (MEAL V2's --w-cutmix);
             # otherwise the stored / dataset targets are mixed by the area each crop keeps.
@@ -384,18 +334,6 @@ def train(cfg: TrainConfig) -> list[dict]:
         return _train(cfg, info, device)
 
 
-def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> int:
-    """Images per step and rank for a global batch of ``cfg_batch`` crops; refuses a batch that
-    does not split into whole images on every rank."""
-    unit = crops_per_image * world_size
-    if cfg_batch % unit:
-        lo, hi = max(unit, cfg_batch // unit * unit), (cfg_batch // unit + 1) * unit
-        raise MealV2Error(f"--batch-size {cfg_batch} (crops per step over all ranks) is not a multiple of "
-                          f"{crops_per_image} crops per image x {world_size} rank(s) = {unit}; use "
-                          f"{lo if lo == hi else f'{lo} or {hi}'}")
-    return cfg_batch // unit
-
-
 def check_mix_pairs(cfg: TrainConfig, per_step: int, crops_per_image: int, world_size: int) -> None:
     """CutMix and mixup pair each crop with the same crop of another image of the rank's step
     (losses.mix_images); with one image per rank and step every crop would be mixed with itself,
@@ -417,9 +355,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     # Data and labels: refuse mismatches before anything is trained.
     store = open_store(cfg, info) if cfg.mode == "stored" else None
     schedule = student_schedule(cfg, store)
-    skip_bad = bool(store and store.attrs["dataset"]["skipped"])
-    index = build_index_shared(cfg.data, info, skip_bad=skip_bad, workers=max(cfg.workers, 8),
-                               progress=cfg.progress and info.is_main)
+    index = data_index(cfg.data, store, info, workers=cfg.workers, progress=cfg.progress and info.is_main)
     if skipped := skipped_report(index):
         say(skipped)
     if not index.labelled and store is None:

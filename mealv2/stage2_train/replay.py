@@ -1,0 +1,238 @@
+"""Stored labels in any training loop: :class:`ReplayLoader`, and the checks every replay of a store passes.
+
+`mealv2 train --labels` and :class:`ReplayLoader` open a store through the same functions
+(:func:`open_checked_store`, :func:`data_index`, :func:`check_store_matches`), so a Python loop
+is refused exactly what the command is refused: an incomplete or damaged store, other crop
+settings than the store's, data with another fingerprint or other classes, and (per batch) an
+image whose bytes changed since it was labelled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..common.cli_options import available_cores
+from ..common.crop_loader import View
+from ..common.dataset import DatasetIndex, build_index_shared
+from ..common.distributed import DistInfo
+from ..common.errors import MealV2Error
+from ..common.loaders import resolve
+from ..common.models import default_data_config, preview_classes
+from ..common.runtime import resolve_device
+from ..common.store import LabelStore
+from .loader import StoredLabels, TrainLoader, images_per_step
+from .losses import mix_batch
+
+
+def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
+                       given: dict[str, tuple[str, object]] | None = None) -> LabelStore:
+    """The store, refused unless complete and made with the crop settings ``given`` (if any).
+
+    ``given``: setting name (``scale``, ``ratio``, ``crops_per_image``) -> (how the caller spelled
+    it, its value in the store's attrs form), e.g. ``{"crops_per_image": ("--crops-per-image 4", 4)}``.
+    Every round is verified, not just the first (damage found at epoch 40 would cost the epochs
+    before it), at every start, a resume too (it follows a crash, when damage is likeliest), and
+    cheaply: each rank checks the shards s with s % world == rank, each done mark is read once, and
+    all ranks refuse together, naming the chunks."""
+    store = LabelStore.open(path)  # refuses other format versions, naming both
+    shards = range(info.rank, store.num_shards, info.world_size)
+    done = store.done_mask(shards)
+    found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done)))
+    full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
+    if not full.all():
+        raise MealV2Error(f"{store.path}: only {int(np.argmin(full))}/{store.rounds_planned} label rounds "
+                          f"are complete; finish it by re-running the `mealv2 label` command that made it "
+                          f"(it resumes where it stopped)")
+    problems = [p for _, rank_problems in found for p in rank_problems]
+    if problems:
+        raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
+                          + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
+                          f"`mealv2 label` command")
+    stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
+    # The res is not among them: it is the student's, and the stored boxes are relative, so they render at any res.
+    for name, (spelled, value) in (given or {}).items():
+        if stored[name] != value:
+            raise MealV2Error(f"{spelled} differs from the {stored[name]} that {store.path} was labelled with; "
+                              f"with stored labels the crops and their soft labels come from the store, so they "
+                              f"cannot change (leave it out; only the res, the student's resolution, may differ)")
+    return store
+
+
+def data_index(data: str | Path, store: LabelStore | None, info: DistInfo = DistInfo(), *, workers: int = 8,
+               progress: bool = False) -> DatasetIndex:
+    """DATA's index, leaving out unreadable files where the store's labelling left them out (``--skip-bad``)."""
+    skip_bad = bool(store and store.attrs["dataset"]["skipped"])
+    return build_index_shared(data, info, skip_bad=skip_bad, workers=max(workers, 8), progress=progress)
+
+
+def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str, ...], str | None]:
+    """The classes to train on, the store's, and a line saying so where they are not DATA's: the
+    teachers' when DATA has no labels or fewer classes (the fingerprint ties the store to DATA)."""
+    a = store.attrs
+    classes, note = tuple(a["classes"]), None
+    if not index.labelled:
+        note = f"classes: DATA has no labels; the student learns the store's {len(classes)} (the teachers')"
+    elif set(index.classes) < set(classes):
+        note = (f"classes: the student learns the store's {len(classes)} (the teachers'); DATA's "
+                f"{len(index.classes)} are among them")
+    elif list(classes) != list(index.classes):
+        raise MealV2Error(f"{store.path} has {len(a['classes'])} classes {preview_classes(a['classes'])}, DATA {data} has "
+                          f"{len(index.classes)} classes {preview_classes(index.classes)}")
+    if a["dataset"]["fingerprint"] != index.fingerprint:
+        raise MealV2Error(f"{store.path} was labelled from a dataset with fingerprint "
+                          f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
+                          f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
+                          f"the store was made from, or label this data with `mealv2 label`")
+    return classes, note
+
+
+def store_classes(store: str | Path) -> tuple[str, ...]:
+    """The class names a store's soft targets are over, in target order (the student's head).
+
+    Args:
+        store: a label store made by ``mealv2 label``.
+
+    Example::
+
+        model = timm.create_model("resnet50", num_classes=len(mealv2.store_classes("labels.zarr")))
+    """
+    return tuple(LabelStore.open(store).attrs["classes"])
+
+
+class ReplayLoader:
+    """A store's random crops and soft targets, step by step, as ``mealv2 train --labels`` replays them.
+
+    Opening it runs every check ``mealv2 train`` runs (the store complete and undamaged, crop
+    settings equal to the store's, DATA's fingerprint and classes the store's); every batch is
+    refused if an image's bytes changed since it was labelled (CRC32C). Under ``torchrun`` (a
+    ``torch.distributed`` group initialised) each rank gets its share of every step. An epoch is
+    N crops (N images), as ``mealv2 train`` counts it; iterating yields the rest of the current
+    epoch, so ``for epoch in range(loader.epoch, epochs): for images, targets in loader:`` trains,
+    and resumes mid-epoch after :meth:`load_state_dict`.
+
+    Args:
+        store: the label store (``mealv2 label -o STORE``).
+        data: the dataset it was labelled from (an image folder or a CSV), byte for byte.
+        batch_size: crops per step over all ranks (``--batch-size``); a multiple of the store's
+            crops per image x the world size.
+        model: the student; its timm data config gives the default ``mean``/``std``.
+        res: the student's resolution in px; default the store's. May be changed between epochs
+            (progressive resizing): the boxes are relative.
+        mean, std: normalisation of the rendered crops; default the model's. One of ``model`` or
+            ``mean``/``std`` is required.
+        seed: the pass order's seed (``--seed``).
+        device: ``auto``, ``cpu``, ``cuda`` or a torch.device; under torchrun ``auto`` takes the
+            rank's local GPU.
+        loader: the crop loader backend (``auto``, ``dali``, ``torch``, ``torch-cpu``).
+        workers: decoding threads per rank; default the cores this process may use.
+        crops_per_image, scale, ratio: when given, refused unless equal to the store's.
+
+    Example::
+
+        model = timm.create_model("resnet50", num_classes=len(mealv2.store_classes("labels.zarr")))
+        loader = mealv2.ReplayLoader("labels.zarr", "imagenet/train", batch_size=512, model=model)
+        for images, targets in loader:      # one epoch: (n, 3, res, res) and (n, classes) on the device
+            ...
+    """
+
+    def __init__(self, store: str | Path, data: str | Path, *, batch_size: int, model: nn.Module | None = None,
+                 res: int | None = None, mean=None, std=None, seed: int = 0, device: str | torch.device = "auto",
+                 loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
+                 scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None):
+        resolve(loader)   # an unknown or missing backend is refused before the store is verified
+        info = DistInfo.current()
+        self.rank, self.world_size = info.rank, info.world_size
+        self.device = device if isinstance(device, torch.device) else resolve_device(device, info.local_rank)
+        given = {name: (f"{name}={value!r}", list(value) if isinstance(value, tuple) else value)
+                 for name, value in (("crops_per_image", crops_per_image), ("scale", scale), ("ratio", ratio))
+                 if value is not None}
+        workers = available_cores() if workers is None else workers
+        self.store = open_checked_store(store, info, given)
+        self.index = data_index(data, self.store, info, workers=workers)
+        self.classes, note = check_store_matches(self.store, self.index, str(data))
+        self.notes = [note] if note else []
+        if model is not None:
+            _, model_mean, model_std = default_data_config(model)
+            mean, std = model_mean if mean is None else mean, model_std if std is None else std
+        if mean is None or std is None:
+            raise MealV2Error("ReplayLoader: the crops' normalisation is unknown; pass model= (the student: its timm "
+                              "data config gives mean and std) or mean= and std=")
+        self.res = int(self.store.attrs["crop"]["res"]) if res is None else res
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed, self.batch_size = seed, batch_size
+        labels = StoredLabels(self.store)
+        self.crops_per_image = labels.crops_per_image
+        self._loader = TrainLoader(self.index, labels, [], images_per_step(batch_size, self.crops_per_image,
+                                                                          info.world_size),
+                                   seed, self.device, backend=loader, workers=workers, rank=info.rank,
+                                   world_size=info.world_size, expected_crcs=self.store.crcs(),
+                                   store_path=self.store.path)
+        self.step = 0    # global steps taken (batches yielded) since the first epoch began
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature of the stored targets (for :class:`MealV2Loss`)."""
+        return float(self.store.attrs["temperature"])
+
+    @property
+    def topk(self) -> int:
+        """The store's k: targets keep their top k classes exactly (for :class:`MealV2Loss`)."""
+        return int(self.store.attrs["topk"])
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        return self.step // len(self)
+
+    def __len__(self) -> int:
+        """Steps per epoch of N crops."""
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stop = (self.epoch + 1) * len(self)
+        for batch in self._loader.steps(self.step, stop, [View(self.res, self.mean, self.std)]):
+            self.step += 1
+            yield batch.images, batch.target
+
+    def mix(self, images: torch.Tensor, targets: torch.Tensor, *, cutmix_alpha: float = 0.0,
+            cutmix_prob: float = 1.0, mixup_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`mix_batch` of the batch just yielded, drawn as ``mealv2 train`` draws it (from the
+        seed, the step and the rank; each crop paired with the same crop of another image).
+
+        Args:
+            images, targets: the batch the loader just yielded.
+            cutmix_alpha: CutMix's Beta(alpha, alpha) (``--w-cutmix`` takes 1.0); 0 turns it off.
+            cutmix_prob: the probability of CutMix at a step (else mixup, if on).
+            mixup_alpha: mixup's Beta(alpha, alpha) (``--mixup``); 0 turns it off.
+
+        Example::
+
+            images, targets = loader.mix(images, targets, cutmix_alpha=1.0)
+        """
+        return mix_batch(images, targets, seed=self.seed, step=self.step - 1, rank=self.rank,
+                         shift=self.crops_per_image, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob,
+                         mixup_alpha=mixup_alpha)
+
+    def state_dict(self) -> dict:
+        """Where the replay stands (steps taken) and what it replays, for :meth:`load_state_dict`."""
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "store": self.store.digest,
+                "num_images": len(self.index)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed or batch size."""
+        ours = self.state_dict()
+        diff = [f"{k}: the saved loader has {state.get(k)!r}, this one {ours[k]!r}"
+                for k in ("seed", "batch_size", "store", "num_images") if state.get(k) != ours[k]]
+        if diff:
+            raise MealV2Error("ReplayLoader.load_state_dict: the saved state replays other crops, so it would not "
+                              "continue exactly:\n  " + "\n  ".join(diff)
+                              + "\nBuild the loader with the saved run's store, data, seed and batch_size")
+        self.step = int(state["step"])
