@@ -108,6 +108,8 @@ def test_the_replay_loader_takes_the_models_normalisation_and_any_res(labelled):
     images, targets = next(iter(loader(labelled, res=48)))
     assert images.shape == (8, 3, 48, 48)
     assert torch.allclose(targets.sum(1), torch.ones(8), atol=1e-3)
+    with pytest.raises(MealV2Error, match=r"the model has 5 outputs, .* 3 classes \['class_0'.*num_classes="):
+        loader(labelled, model=timm.create_model("test_resnet", num_classes=5))
     with pytest.raises(MealV2Error, match="pass model= .* or mean= and std="):
         loader(labelled, mean=None, std=None)
 

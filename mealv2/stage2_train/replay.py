@@ -119,7 +119,8 @@ class ReplayLoader:
         data: the dataset it was labelled from (an image folder or a CSV), byte for byte.
         batch_size: crops per step over all ranks (``--batch-size``); a multiple of the store's
             crops per image x the world size.
-        model: the student; its timm data config gives the default ``mean``/``std``.
+        model: the student (its outputs must be the store's classes); its timm data config gives
+            the default ``mean``/``std``.
         res: the student's resolution in px; default the store's. May be changed between epochs
             (progressive resizing): the boxes are relative.
         mean, std: normalisation of the rendered crops; default the model's. One of ``model`` or
@@ -156,6 +157,11 @@ class ReplayLoader:
         self.classes, note = check_store_matches(self.store, self.index, str(data))
         self.notes = [note] if note else []
         if model is not None:
+            heads = getattr(model, "num_classes", len(self.classes))
+            if heads != len(self.classes):
+                raise MealV2Error(f"ReplayLoader: the model has {heads} outputs, {self.store.path}'s targets "
+                                  f"{len(self.classes)} classes {preview_classes(self.classes)}; create it with "
+                                  f"num_classes=len(mealv2.store_classes(store))")
             _, model_mean, model_std = default_data_config(model)
             mean, std = model_mean if mean is None else mean, model_std if std is None else std
         if mean is None or std is None:
