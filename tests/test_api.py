@@ -110,6 +110,9 @@ def test_the_replay_loader_takes_the_models_normalisation_and_any_res(labelled):
     assert torch.allclose(targets.sum(1), torch.ones(8), atol=1e-3)
     with pytest.raises(MealV2Error, match=r"the model has 5 outputs, .* 3 classes \['class_0'.*num_classes="):
         loader(labelled, model=timm.create_model("test_resnet", num_classes=5))
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3)
+    with pytest.raises(MealV2Error, match="the model cannot take the student's 32 px input .*224 px .*res="):
+        loader(labelled, model=vit)
     with pytest.raises(MealV2Error, match="pass model= .* or mean= and std="):
         loader(labelled, mean=None, std=None)
 

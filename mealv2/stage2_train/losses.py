@@ -89,7 +89,8 @@ def discriminator_loss(disc: Discriminator, logits: torch.Tensor, target: torch.
 
 
 def objective_losses(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
-                     disc: nn.Module | None = None, topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     disc: nn.Module | None = None,
+                     topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(distillation loss, discriminator loss or None): MEAL V2's two terms, minimised as their sum.
     Integer targets (dataset labels) take plain cross-entropy, at T = 1."""
     t = temperature if target.is_floating_point() else 1.0

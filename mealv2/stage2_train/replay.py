@@ -22,18 +22,19 @@ from ..common.distributed import DistInfo
 from ..common.errors import MealV2Error
 from ..common.loaders import resolve
 from ..common.models import default_data_config, preview_classes
-from ..common.runtime import resolve_device
+from ..common.runtime import Runtime, resolve_device
 from ..common.store import LabelStore
 from .loader import StoredLabels, TrainLoader, images_per_step
 from .losses import mix_batch
 
 
 def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
-                       given: dict[str, tuple[str, object]] | None = None) -> LabelStore:
+                       given: dict[str, tuple[str, object]] | None = None, res_flag: str = "--res") -> LabelStore:
     """The store, refused unless complete and made with the crop settings ``given`` (if any).
 
     ``given``: setting name (``scale``, ``ratio``, ``crops_per_image``) -> (how the caller spelled
-    it, its value in the store's attrs form), e.g. ``{"crops_per_image": ("--crops-per-image 4", 4)}``.
+    it, its value in the store's attrs form), e.g. ``{"crops_per_image": ("--crops-per-image 4", 4)}``;
+    ``res_flag`` is how the caller spells the res, which may differ.
     Every round is verified, not just the first (damage found at epoch 40 would cost the epochs
     before it), at every start, a resume too (it follows a crash, when damage is likeliest), and
     cheaply: each rank checks the shards s with s % world == rank, each done mark is read once, and
@@ -58,7 +59,7 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
         if stored[name] != value:
             raise MealV2Error(f"{spelled} differs from the {stored[name]} that {store.path} was labelled with; "
                               f"with stored labels the crops and their soft labels come from the store, so they "
-                              f"cannot change (leave it out; only the res, the student's resolution, may differ)")
+                              f"cannot change (leave it out; only {res_flag}, the student's resolution, may differ)")
     return store
 
 
@@ -88,6 +89,25 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
                           f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
                           f"the store was made from, or label this data with `mealv2 label`")
     return classes, note
+
+
+def check_student_res(model: nn.Module, resolutions, runtime: Runtime, *, where: str, fix: str) -> None:
+    """Refuse a resolution the student cannot take (a model built for one input size, like timm's
+    ViTs without dynamic_img_size) before any step, naming it, rather than failing mid-run.
+    ``where`` names the model, ``fix`` the settings that set the res."""
+    was_training = model.training
+    model.eval()
+    try:
+        for res in sorted(set(resolutions)):
+            try:
+                with torch.no_grad():
+                    model(runtime.input(torch.zeros(1, 3, res, res)))
+            except Exception as e:   # timm says it with an AssertionError or a shape RuntimeError
+                raise MealV2Error(f"{where} cannot take the student's {res} px input ({type(e).__name__}: "
+                                  f"{e}); train it at the {default_data_config(model)[0]} px it was built for "
+                                  f"({fix}), or pick a student that takes any input size") from e
+    finally:
+        model.train(was_training)
 
 
 def store_classes(store: str | Path) -> tuple[str, ...]:
@@ -152,7 +172,7 @@ class ReplayLoader:
                  for name, value in (("crops_per_image", crops_per_image), ("scale", scale), ("ratio", ratio))
                  if value is not None}
         workers = available_cores() if workers is None else workers
-        self.store = open_checked_store(store, info, given)
+        self.store = open_checked_store(store, info, given, res_flag="res=")
         self.index = data_index(data, self.store, info, workers=workers)
         self.classes, note = check_store_matches(self.store, self.index, str(data))
         self.notes = [note] if note else []
@@ -168,6 +188,9 @@ class ReplayLoader:
             raise MealV2Error("ReplayLoader: the crops' normalisation is unknown; pass model= (the student: its timm "
                               "data config gives mean and std) or mean= and std=")
         self.res = int(self.store.attrs["crop"]["res"]) if res is None else res
+        if model is not None:
+            check_student_res(model, [self.res], Runtime(next(model.parameters()).device),
+                              where="ReplayLoader: the model", fix="res=")
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.batch_size = seed, batch_size
         labels = StoredLabels(self.store)

@@ -65,7 +65,7 @@ from ..common.teacher_check import check_teachers
 from ..common.teachers import Ensemble, load_teacher, read_classes_file, read_teacher_classes, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
-from .replay import check_store_matches, data_index, open_checked_store
+from .replay import check_store_matches, check_student_res, data_index, open_checked_store
 from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog
 from .validate import DecodedVal, class_order, validate
@@ -245,24 +245,6 @@ def epoch_views(student: View, ensemble: Ensemble | None) -> tuple[list[View], l
     return views, [views.index(v) for v in ensemble.views] if ensemble else []
 
 
-def check_student_res(model: nn.Module, schedule: ResSchedule, epochs: int, arch: str, runtime: Runtime) -> None:
-    """Refuse a resolution the student cannot take (a model built for one input size, like timm's
-    ViTs without dynamic_img_size) before any step, naming it, rather than failing mid-run."""
-    was_training = model.training
-    model.eval()
-    try:
-        for res in sorted({schedule.at(e) for e in range(epochs)}):
-            try:
-                with torch.no_grad():
-                    model(runtime.input(torch.zeros(1, 3, res, res)))
-            except Exception as e:   # timm says it with an AssertionError or a shape RuntimeError
-                raise MealV2Error(f"-a {arch} cannot take the student's {res} px input ({type(e).__name__}: "
-                                  f"{e}); train it at the {default_data_config(model)[0]} px it was built for "
-                                  f"(--res, --min-res), or pick a student that takes any input size") from e
-    finally:
-        model.train(was_training)
-
-
 def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[View], list[int]], scheduler,
                     epoch: int, cfg: TrainConfig, num_classes: int, ensemble: Ensemble | None, info: DistInfo,
                     runtime: Runtime, objective: Objective) -> dict:
@@ -397,7 +379,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     _, mean, std = default_data_config(model)
     student_view = View(crop.res, mean, std)
     runtime.model(model)
-    check_student_res(model, schedule, cfg.epochs, cfg.arch, runtime)
+    check_student_res(model, {schedule.at(e) for e in range(cfg.epochs)}, runtime, where=f"-a {cfg.arch}",
+                      fix="--res, --min-res")
 
     ensemble = None
     if cfg.mode == "online":
