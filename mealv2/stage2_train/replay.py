@@ -152,6 +152,10 @@ class ReplayLoader:
         workers: decoding threads per rank; default the cores this process may use.
         crops_per_image, scale, ratio: when given, refused unless equal to the store's.
 
+    Attributes: ``step`` (global steps taken), ``epoch``, ``classes``/``num_classes``, ``temperature``
+    and ``topk`` (for :class:`MealV2Loss`), ``device``, ``crops_per_image``, ``notes`` (what
+    ``mealv2 train`` would print about the classes, e.g. when DATA has no labels).
+
     Example::
 
         model = timm.create_model("resnet50", num_classes=len(mealv2.store_classes("labels.zarr")))
