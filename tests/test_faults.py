@@ -166,3 +166,43 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes_after(setup, tmp_path,
     monkeypatch.setattr(store_module.LabelStore, "write_shard", real_write)
     main()
     assert store_module.LabelStore.open(out).complete
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, tmp_path):
+    """Checkpoints are read as data: a pickle whose __reduce__ runs a command is refused, as a
+    teacher and as --init (eval and export load through the same function), before anything of it runs; --trust-checkpoint loads a file that
+    pickles more than tensors (here a datetime) for a user who trusts it."""
+    import datetime
+
+    _, data, _ = setup
+    marker = tmp_path / "pwned"
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": state, "extra": _RunsCode(marker)}, evil)
+    for args in (label_args(data, f"test_resnet={evil}@32", tmp_path / "s.zarr", rounds=1),
+                 ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(tmp_path / "run"),
+                  "--init", str(evil), "--dry-run", "--device", "cpu"]):
+        result = run_cli(*args, env=ONE_THREAD)
+        assert result.returncode == 2, result.stderr
+        assert f"{evil}: refused to load" in result.stderr and "posix.system" in result.stderr
+        assert "--trust-checkpoint" in result.stderr
+        assert not marker.exists(), f"`mealv2 {args[0]}` ran the checkpoint's code"
+
+    dated = tmp_path / "dated.pth"
+    torch.save({"state_dict": state, "saved": datetime.datetime(2024, 1, 1)}, dated)
+    eval_args = ["eval", str(data), "--checkpoint", str(dated), "-a", "test_resnet", "--res", "32", "--json"]
+    refused = run_cli(*eval_args, env=ONE_THREAD)
+    assert refused.returncode == 2 and "datetime.datetime" in refused.stderr
+    trusted = run_cli(*eval_args, "--trust-checkpoint", env=ONE_THREAD)
+    assert trusted.returncode == 0, trusted.stderr

@@ -87,3 +87,17 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              show_default=True, help="auto = CUDA when present.")
 workers_option = click.option("--workers", type=POSITIVE, default=4, show_default=True,
                               help="Decoding threads.")
+
+
+def _trust(ctx, param, value):
+    if value:   # the default (untrusted) needs nothing, nor torch imported
+        from .models import trusting_checkpoints
+        ctx.with_resource(trusting_checkpoints())
+
+
+trust_option = click.option(
+    "--trust-checkpoint", is_flag=True, expose_value=False, callback=_trust,
+    help="Unpickle checkpoint files in full, for files you made or trust the source of: by default only "
+         "tensors and plain data are read from them, since a crafted pickle runs code as it loads.")
+"""--trust-checkpoint: the command loads every checkpoint file (teachers, --init, --resume, eval's, export's)
+in full (common/models.py)."""

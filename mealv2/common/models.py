@@ -5,9 +5,15 @@ loads models and reads and writes their files.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import hashlib
 import os
+import pickle
 from pathlib import Path
+
+import numpy as np
 
 import timm
 import torch
@@ -17,6 +23,16 @@ from .errors import MealV2Error
 from .faults import fault_point
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
+TRUST_FLAG = "--trust-checkpoint"
+# What torch.load(weights_only=True) may build besides tensors and plain containers: data types
+# that other training scripts leave in checkpoints (timm's and torchvision's keep their argparse
+# Namespace under 'args'; accuracies are often numpy scalars). None of them runs code when built.
+# numpy 1 pickled its scalars and arrays under numpy.core, numpy 2 under numpy._core: both names.
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray, *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"},
+                *[(f, f"numpy{core}.multiarray.{f.__name__}") for f in (np._core.multiarray.scalar,
+                                                                         np._core.multiarray._reconstruct)
+                  for core in (".core", "._core")]]
+_trusted = contextvars.ContextVar("trusted_checkpoints", default=False)
 
 
 class ModelSpecError(MealV2Error, ValueError):
@@ -81,11 +97,45 @@ def pretrained_cfg(arch: str):
         return None
 
 
-def load_checkpoint_file(path: str | Path) -> dict:
+@contextlib.contextmanager
+def trusting_checkpoints(trusted: bool = True):
+    """Within it, checkpoints are unpickled in full (``--trust-checkpoint``): a pickle may run any
+    code while it is read, so this is for files the user made or trusts the source of."""
+    token = _trusted.set(trusted)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        yield
+    finally:
+        _trusted.reset(token)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """A checkpoint's contents, read as data: tensors, plain containers and SAFE_GLOBALS only,
+    so a crafted file cannot run code; anything else is refused unless checkpoints are trusted."""
+    trusted = _trusted.get()
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if trusted:
+            raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise ModelSpecError(f"{path}: refused to load: besides tensors and plain data it pickles "
+                             f"{_unsafe_globals(path)}, which unpickling would import and call (a crafted "
+                             f"file runs code that way). If you made this file or trust its source, pass "
+                             f"{TRUST_FLAG} to load it in full; otherwise re-save just its weights "
+                             f"(torch.save(model.state_dict(), FILE)) where you trust it") from None
     except Exception as e:
         raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _unsafe_globals(path) -> str:
+    """The globals (classes, functions) a checkpoint needs beyond SAFE_GLOBALS, found without running it."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:   # not a zip checkpoint (legacy format): torch's own message names the first
+        return "objects other than tensors"
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    names = [n for n in names if n not in allowed]
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") if names else "objects other than tensors"
 
 
 def is_mealv2_checkpoint(obj) -> bool:

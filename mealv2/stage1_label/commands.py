@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
-                                  workers_option)
+                                  trust_option, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
@@ -26,6 +26,7 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @device_option
 @workers_option
+@trust_option
 def label(data, teachers, classes_file, teacher_check, teacher_precision, out, rounds, res, scale, ratio,
           crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.

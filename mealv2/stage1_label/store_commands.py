@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..common.cli_options import POSITIVE, LocalPath, device_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option, trust_option
 from .report import store_summary, verify_store
 
 
@@ -47,6 +47,7 @@ def inspect(store, as_json):
 @click.option("--tolerance", type=float, default=0.02, show_default=True,
               help="Largest allowed |stored - recomputed| probability.")
 @device_option
+@trust_option
 def verify(store, data, recompute, tolerance, device):
     """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
     problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)

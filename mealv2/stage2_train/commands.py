@@ -5,7 +5,7 @@ import click
 from click.core import ParameterSource
 
 from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params, device_option, teacher_options,
-                                  workers_option)
+                                  trust_option, workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 
@@ -66,6 +66,7 @@ NON_NEGATIVE = click.FloatRange(min=0)
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to RUN/tensorboard.")
 @click.option("--dry-run", is_flag=True,
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
+@trust_option
 @click.pass_context
 def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_check, teacher_precision,
           temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,

@@ -23,7 +23,7 @@ import click
 import timm
 
 from ..common import models as M
-from ..common.cli_options import POSITIVE, LocalPath, device_option, workers_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option, trust_option, workers_option
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.runtime import Runtime
@@ -147,6 +147,7 @@ class _Null:
 @device_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@trust_option
 def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
