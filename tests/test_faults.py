@@ -206,3 +206,56 @@ def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, t
     assert refused.returncode == 2 and "datetime.datetime" in refused.stderr
     trusted = run_cli(*eval_args, "--trust-checkpoint", env=ONE_THREAD)
     assert trusted.returncode == 0, trusted.stderr
+
+
+def hard_label_train(data, run, *extra):
+    return ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(run), "--epochs", "1",
+            "--batch-size", "8", "--res", "32", "--workers", "1", "--device", "cpu", *extra]
+
+
+def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_path):
+    """A second `train` into a run folder in use, or a `label` into a store in use, is refused
+    naming the holder's pid, also when it reaches the folder through a symlink; a dead holder
+    leaves no stale lock."""
+    import os
+
+    from mealv2.common.locks import hold_lock
+    from mealv2.common.store import acquire_writer_lock
+    from mealv2.stage2_train.trainer import RUN_LOCK
+
+    _, data, teachers = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "run_link").symlink_to(run)
+    lock = hold_lock(run / RUN_LOCK, run, "train")
+    try:
+        for args in (hard_label_train(data, tmp_path / "run_link"),
+                     hard_label_train(data, tmp_path / "run_link", "--dry-run")):
+            second = run_cli(*args, env=ONE_THREAD)
+            assert second.returncode == 2, second.stderr
+            assert "being written by another `mealv2 train` process" in second.stderr
+            assert f"pid {os.getpid()} on" in second.stderr
+    finally:
+        lock.release()
+    assert not (run / "last.pt").exists()
+
+    store = tmp_path / "store.zarr"
+    (tmp_path / "store_link.zarr").symlink_to(store, target_is_directory=True)
+    lock = acquire_writer_lock(store)
+    try:
+        second = run_cli(*label_args(data, teachers, tmp_path / "store_link.zarr", rounds=1), env=ONE_THREAD)
+        assert second.returncode == 2 and "being written by another `mealv2 label` process" in second.stderr
+        assert f"pid {os.getpid()} on" in second.stderr
+    finally:
+        lock.release()
+
+
+def test_an_unwritable_out_is_refused_at_start_and_by_dry_run(setup, tmp_path):
+    _, data, _ = setup
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for extra in ((), ("--dry-run",)):
+        result = run_cli(*hard_label_train(data, blocker / "run", *extra), env=ONE_THREAD)
+        assert result.returncode == 2
+        assert f"--out {blocker / 'run'} cannot be written ({blocker} is a file, not a folder)" in result.stderr
+        assert "epoch 0" not in result.stdout

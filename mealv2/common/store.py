@@ -31,11 +31,12 @@ from pathlib import Path
 import crc32c
 import numpy as np
 import zarr
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from .errors import MealV2Error
 from .faults import fault_point
+from .locks import hold_lock, lock_path_beside
 
 FORMAT = "mealv2-labels"
 # v3: CRC32C of every image's bytes (stage 2 refuses an image changed since labelling) and the
@@ -398,19 +399,9 @@ class LabelStore:
 
 
 def acquire_writer_lock(path: str | Path) -> FileLock:
-    """Exclusive lock ``STORE.lock`` beside the store for the one writing job.
-
-    It is an OS file lock: the kernel drops it when its holder dies, so a killed run
-    leaves no stale lock behind, while a second live writer is refused.
-    """
-    path = Path(path)
-    lock = FileLock(path.with_name(path.name + ".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise StoreError(f"{path} is being written by another `mealv2 label` process "
-                         f"(lock {lock.lock_file} is held); refusing to interleave writes") from None
-    return lock
+    """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job
+    (common/locks.py): not inside it, since a new store is made elsewhere and renamed into place."""
+    return hold_lock(lock_path_beside(path), path, "label", StoreError)
 
 
 def _folders_to_sync(root: Path, keys: list[str]) -> list[Path]:

@@ -37,7 +37,9 @@ are reduced to the store's top-k form (losses.discriminator_loss says why).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from ..common.dataset import build_index_shared
 from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
+from ..common.locks import check_writable, hold_lock
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                              preview_classes, save_checkpoint, unwrap_state_dict)
 from ..common.runtime import Runtime
@@ -364,8 +367,41 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
 # ---- the run -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
-    with distributed(cfg.device) as (info, device):
+    with distributed(cfg.device) as (info, device), run_folder(cfg, info):
         return _train(cfg, info, device)
+
+
+RUN_LOCK = "train.lock"
+
+
+@contextmanager
+def run_folder(cfg: TrainConfig, info: DistInfo):
+    """The run folder, writable and locked for the run's life by the one process that writes it
+    (rank 0): two runs into one --out would delete each other's temp files and mix their
+    checkpoints. The lock (common/locks.py) lives inside the folder, so every path to it shares
+    it; --dry-run checks the folder can be written and is not in use, and makes nothing. A refused
+    run leaves no folder it made."""
+    run = Path(cfg.out)
+    if not info.is_main:
+        yield
+        return
+    check_writable(run, "--out")
+    lock_file = Path(os.path.realpath(run)) / RUN_LOCK
+    if cfg.dry_run:
+        if lock_file.exists():
+            hold_lock(lock_file, run, "train").release()
+        yield
+        return
+    made = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(lock_file, run, "train")
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and [p.name for p in run.iterdir()] == [RUN_LOCK]:
+            lock_file.unlink(missing_ok=True)
+            run.rmdir()
 
 
 def images_per_step(cfg_batch: int, crops_per_image: int, world_size: int) -> int:
