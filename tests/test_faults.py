@@ -181,8 +181,8 @@ class _RunsCode:
 
 def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, tmp_path):
     """Checkpoints are read as data: a pickle whose __reduce__ runs a command is refused, as a
-    teacher and as --init (eval and export load through the same function), before anything of it runs; --trust-checkpoint loads a file that
-    pickles more than tensors (here a datetime) for a user who trusts it."""
+    teacher and as --init (eval and export load through the same function), before anything of
+    it runs; --trust-checkpoint loads a file that pickles more than tensors (here a datetime)."""
     import datetime
 
     _, data, _ = setup
@@ -259,3 +259,40 @@ def test_an_unwritable_out_is_refused_at_start_and_by_dry_run(setup, tmp_path):
         assert result.returncode == 2
         assert f"--out {blocker / 'run'} cannot be written ({blocker} is a file, not a folder)" in result.stderr
         assert "epoch 0" not in result.stdout
+
+
+def flip_byte(path, at=-6):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path):
+    """Chunks deleted or damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
+    and the `mealv2 label` command that repairs them; that command, run as printed, labels exactly
+    the damaged shards again, and the store equals the undamaged one."""
+    import shlex
+    import shutil
+
+    _, data, _ = setup
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference, out)
+    (out / "ids/c/1/2/0/0").unlink()
+    flip_byte(out / "probs/c/0/1/0/0")
+    flip_byte(out / "crc32c/c/5")
+    found = run_cli("verify", str(out))
+    assert found.returncode == 1
+    for place in ("ids/c/1/2/0/0: missing", "probs/c/0/1/0/0: unreadable", "crc32c/c/5: unreadable"):
+        assert place in found.stderr
+    flip_byte(out / "done/c/2/4")   # verify refuses to read such a store (test_bad_input); label repairs it
+    command = found.stderr.split("repair: ", 1)[1].splitlines()[1].strip()
+    args = [str(data) if w == "DATA" else w for w in shlex.split(command)[1:]]
+    repaired = run_cli(*args, "--workers", "1", "--device", "cpu", env=ONE_THREAD)
+    assert repaired.returncode == 0, repaired.stderr
+    for line in ("done/c/2/4: damaged done mark", "ids/c/1/2/0/0: damaged or missing; shard 2 of round(s) 1 ",
+                 "probs/c/0/1/0/0: damaged or missing; shard 1 of round(s) 0 ",
+                 "crc32c/c/5: damaged or missing; shard 5 of round(s) 0, 1, 2 "):
+        assert f"repair: {line}" in repaired.stdout, repaired.stdout
+    assert "3/3 rounds complete" in repaired.stdout
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0

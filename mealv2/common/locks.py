@@ -27,7 +27,8 @@ def lock_path_beside(path: str | Path) -> Path:
     return real.with_name(real.name + ".lock")
 
 
-def hold_lock(lock_file: str | Path, target: str | Path, command: str, error: type[MealV2Error] = MealV2Error) -> FileLock:
+def hold_lock(lock_file: str | Path, target: str | Path, command: str,
+              error: type[MealV2Error] = MealV2Error) -> FileLock:
     """Take ``lock_file`` for ``target`` without waiting, or raise ``error`` naming the holder."""
     lock_file = Path(lock_file)
     holder = _read_holder(lock_file)

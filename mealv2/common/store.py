@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -266,9 +267,8 @@ class LabelStore:
             return done.get_orthogonal_selection((slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
         except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
             raise StoreError(f"{self.path}: the shards' done marks (array `done`) cannot be read ({type(e).__name__}: "
-                             f"{e}); the store is damaged. Delete the damaged files under {self.path / 'done'} "
-                             f"and re-run the store's `mealv2 label` command: their shards are labelled "
-                             f"again") from e
+                             f"{e}); the store is damaged: re-run the store's `mealv2 label` command, which "
+                             f"drops damaged marks and labels their shards again:\n  {self.label_command()}") from e
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -371,13 +371,44 @@ class LabelStore:
         done = self.done_mask(shards) if done is None else done
         problems = [f"round {r} shard {shards[j]}: not complete (done/c/{r}/{shards[j]} unset)"
                     for r, j in zip(*np.nonzero(~done))]
+        return problems + [f"{key}: {problem}" for key, problem in self._bad_chunks(shards, done, threads).items()]
+
+    def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, str]:
+        """{chunk key: problem} over the data chunks of the completed shards among ``shards``."""
         keys = dict.fromkeys(key for r in range(done.shape[0]) for key in self._chunk_keys(r, shards[done[r]]))
         if 0 in shards:   # the one chunk of the per-image labels goes with shard 0
             keys[chunk_key("labels", 1, 0, 0)] = None
         with ThreadPoolExecutor(threads) as pool:
-            problems += [f"{key}: {problem}" for key, problem in zip(keys, pool.map(self._check_chunk, keys))
-                         if problem]
-        return problems
+            return {key: problem for key, problem in zip(keys, pool.map(self._check_chunk, keys)) if problem}
+
+    def repair(self, labels: np.ndarray) -> list[str]:
+        """Undo the done marks of completed shards whose chunks are missing or damaged (what
+        :meth:`verify` finds), so labelling redoes exactly those shards, and rewrite damaged
+        per-image labels; returns one line per repair. A damaged done mark counts as unset. A shard's
+        image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
+        the shard in every round. Call with the writer lock held."""
+        lines = [f"{key}: damaged done mark; its shard will be labelled again" for key in self._drop_damaged_marks()]
+        for key in self._bad_chunks(np.arange(self.num_shards), self.done_mask()):
+            array, _, *place = key.split("/")
+            if array == "labels":
+                _writable(self.group["labels"])[:] = labels
+                lines.append(f"{key}: damaged or missing; rewritten")
+                continue
+            shard = int(place[0] if array == "crc32c" else place[1])
+            rounds = range(self.rounds_planned) if array == "crc32c" else [int(place[0])]
+            for r in rounds:
+                self.group["done"][r, shard] = 0
+            lines.append(f"{key}: damaged or missing; shard {shard} of round(s) "
+                         f"{', '.join(map(str, rounds))} will be labelled again")
+        return lines
+
+    def _drop_damaged_marks(self) -> list[str]:
+        """Delete the done marks whose chunk file is damaged (a deleted mark reads as unset); their keys."""
+        keys = [str(f.relative_to(self.path)) for f in (self.path / "done" / "c").rglob("*") if f.is_file()]
+        bad = [key for key in keys if self._check_chunk(key)]
+        for key in bad:
+            (self.path / key).unlink()
+        return bad
 
     def _check_chunk(self, key: str) -> str | None:
         try:
@@ -389,6 +420,25 @@ class LabelStore:
         if len(raw) < 4 or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             return "unreadable chunk (its CRC32C does not match its bytes: the file is damaged)"
         return None
+
+    def label_command(self) -> str:
+        """The `mealv2 label` command that makes this store as it is, from its attributes (DATA left to
+        fill): what repairs or completes it."""
+        a = self.attrs
+        crop = a["crop"]
+        flags = {"-t": ",".join(t["spec"] for t in a["teachers"]), "-o": str(self.path),
+                 "--rounds": a["rounds_planned"],
+                 "--res": crop["res"], "--scale": ",".join(map(repr, crop["scale"])),
+                 "--ratio": ",".join(map(repr, crop["ratio"])), "--crops-per-image": a["crops_per_image"],
+                 "--topk": a["topk"], "--temperature": a["temperature"], "--seed": a["seed"],
+                 "--shard-size": a["shard_size"], "--teacher-precision": a["teacher_precision"]}
+        words = ["mealv2", "label", "DATA"] + [w for flag, value in flags.items()
+                                               for w in (flag, shlex.quote(str(value)))]
+        if any("=" in t["spec"] and t["output_classes"] not in (None, a["classes"]) for t in a["teachers"]):
+            words += ["--classes", "FILE"]
+        if a["dataset"]["skipped"]:
+            words.append("--skip-bad")
+        return " ".join(words)
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""

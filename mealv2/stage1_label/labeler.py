@@ -116,6 +116,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             if info.is_main:
                 store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels)
                 store.remove_partial_writes()
+                for line in store.repair(in_space.labels):
+                    say(f"repair: {line}")
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(out, mode="r+")

@@ -59,16 +59,28 @@ def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CL
     return {classes[c]: round(float(counts[c] / counts.sum()), 4) for c in order if counts[c]}
 
 
-def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
-    """Problems found in the store (checksums, completion, missing chunks), and with ``data``
-    the teachers re-run on ``recompute`` random stored crops."""
+def store_problems(path) -> tuple[list[str], str | None]:
+    """Problems of the store itself (checksums, completion, missing chunks) and what repairs them:
+    the `mealv2 label` command that made it, which labels exactly those shards again."""
     try:
         store = LabelStore.open(path)
     except StoreError as e:
-        return [str(e)]
+        return [str(e)], None
     problems = store.verify()
+    if not problems:
+        return [], None
+    return problems, (f"repair: re-run the `mealv2 label` command that made {store.path}; it labels again "
+                      f"exactly the shards named above (DATA is the dataset it was made from; --batch-size, "
+                      f"--workers and --device may differ):\n  {store.label_command()}")
+
+
+def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
+    """Problems found in the store (:func:`store_problems`), and with ``data`` the teachers re-run
+    on ``recompute`` random stored crops."""
+    problems, _ = store_problems(path)
     if data is None or problems:
         return problems
+    store = LabelStore.open(path)
     from ..common.dataset import build_index
     from ..common.runtime import Runtime
     from ..common.teachers import load_teacher

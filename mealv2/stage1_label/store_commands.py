@@ -6,7 +6,7 @@ import json
 import click
 
 from ..common.cli_options import POSITIVE, LocalPath, device_option, trust_option
-from .report import store_summary, verify_store
+from .report import store_problems, store_summary, verify_store
 
 
 @click.command()
@@ -50,9 +50,13 @@ def inspect(store, as_json):
 @trust_option
 def verify(store, data, recompute, tolerance, device):
     """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
-    problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
+    problems, fix = store_problems(store)
+    if not problems and data:
+        problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
     if problems:
         for p in problems:
             click.echo(f"PROBLEM {p}", err=True)
+        if fix:
+            click.echo(fix, err=True)
         raise SystemExit(1)
     click.echo(f"{store}: OK")

@@ -150,8 +150,8 @@ def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
     problems = [p for _, rank_problems in found for p in rank_problems]
     if problems:
         raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
-                          + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
-                          f"`mealv2 label` command")
+                          + f"\n`mealv2 verify {store.path}` lists every problem; the `mealv2 label` command that "
+                          f"made the store labels exactly those shards again:\n  {store.label_command()}")
     stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
     ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
     # --res is let through: it is the student's, and the stored boxes are relative, so they render at any res.
