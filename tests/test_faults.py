@@ -296,3 +296,33 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     assert "3/3 rounds complete" in repaired.stdout
     assert_same_store(out, reference)
     assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_rounds(setup, reference, tmp_path):
+    """`label --rounds 4` on data whose image changed (same size, other bytes) is refused before the
+    store grows, naming the file; a store left at 3/4 rounds (killed mid append) shrinks back with
+    `--rounds 3` to the 3-round store, and not below its complete rounds."""
+    import shutil
+
+    _, data, teachers = setup
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    flip_byte(changed / "class_1" / "img_03.jpg", at=-40)   # in the scan data: decodes, at the same size
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference, out)
+    refused = run_cli(*label_args(changed, teachers, out, rounds=4), env=ONE_THREAD)
+    assert refused.returncode == 2, refused.stderr
+    assert "1 image(s) changed since earlier rounds were labelled: class_1/img_03.jpg (CRC32C" in refused.stderr
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0
+
+    killed = run_cli(*label_args(data, teachers, out, rounds=4), env={**ONE_THREAD, "MEALV2_KILL_AT": "shard_mark:2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli("verify", str(out)).returncode == 1   # 3/4 rounds
+    shrunk = run_cli(*label_args(data, teachers, out, rounds=3), env=ONE_THREAD)
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert "3/3 rounds complete" in shrunk.stdout
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0
+    two = run_cli(*label_args(data, teachers, out, rounds=2), env=ONE_THREAD)
+    assert two.returncode == 2 and "would drop some of its 3 complete rounds; pass --rounds 3" in two.stderr

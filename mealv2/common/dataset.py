@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path, PurePath
 
+import crc32c
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -290,6 +291,17 @@ def _posix(path: str) -> str:
 def probe_images(paths: list[str], workers: int = 8, progress: bool = False) -> list[tuple[int, int, str | None]]:
     """``_probe`` of every path, in order, on ``workers`` threads: the pass an uncached index makes."""
     return _map_files(_probe, paths, workers, progress, "image headers")
+
+
+def image_crcs(index: DatasetIndex, workers: int = 8, progress: bool = False) -> np.ndarray:
+    """(N,) uint32: CRC32C of every image file's bytes, as the loaders compute them while reading."""
+    paths = [str(index.path(i)) for i in range(len(index))]
+    return np.asarray(_map_files(_file_crc, paths, workers, progress, "image checksums"), dtype=np.uint32)
+
+
+def _file_crc(path: str) -> int:
+    with open(path, "rb") as f:
+        return crc32c.crc32c(f.read())
 
 
 def _stat_all(paths: list[str], workers: int, progress: bool) -> np.ndarray:

@@ -170,11 +170,14 @@ class LabelStore:
         return cls(path, group)
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+    def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
+                         before_growing=None) -> "LabelStore":
         """Make a new store, or reopen one made by the same teachers, data and crop settings.
 
-        ``rounds`` larger than the store's plan appends rounds; smaller is refused. Call on
-        one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
+        ``rounds`` larger than the store's plan appends rounds, once ``before_growing(store)``
+        (the caller's last checks) has returned: a refused command leaves the store as it was.
+        Smaller shrinks the plan back, down to the rounds already complete, never below. Call
+        on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
         """
         path = Path(path)
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
@@ -187,12 +190,14 @@ class LabelStore:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
                                  + "\nUse a new --out, or the settings the store was made with.")
-            planned = store.attrs["rounds_planned"]
-            if rounds < planned:
-                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop "
-                                 f"some; pass --rounds {planned} (or more, to append)")
-            if rounds > planned:
-                store._grow(rounds)
+            planned, complete = store.rounds_planned, store.rounds_complete()
+            if rounds < complete:
+                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
+                                 f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
+            if rounds > planned and before_growing is not None:
+                before_growing(store)
+            if rounds != planned or store.group["done"].shape[0] != planned:   # or a resize was cut short
+                store._resize(rounds)
             return store
         return cls._create(path, attrs, rounds, labels)
 
@@ -222,14 +227,23 @@ class LabelStore:
         os.replace(tmp, path)
         return cls.open(path, mode="r+")
 
-    def _grow(self, rounds: int) -> None:
-        # Idempotent: a kill between these steps is completed by the next append.
-        for name in ("boxes", "flips", "ids", "probs", "done"):
-            arr = self.group[name]
-            arr.resize((rounds, *arr.shape[1:]))
-            fault_point("append")
-        self.attrs["rounds_planned"] = rounds
-        self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+    def _resize(self, rounds: int) -> None:
+        """Plan ``rounds`` rounds. Growing resizes the arrays, then records the plan; shrinking
+        records the plan, then drops the rounds past it. Either way a kill in between leaves a
+        store whose plan its arrays hold, completed by the next command (a round's labels are a
+        pure function of the seed, so chunks left of a dropped round are still its labels)."""
+        def arrays():
+            for name in ("boxes", "flips", "ids", "probs", "done"):
+                arr = self.group[name]
+                arr.resize((rounds, *arr.shape[1:]))
+                fault_point("append")
+
+        def plan():
+            self.attrs["rounds_planned"] = rounds
+            self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+
+        for step in (arrays, plan) if rounds > self.rounds_planned else (plan, arrays):
+            step()
 
     @property
     def digest(self) -> str:
@@ -274,15 +288,18 @@ class LabelStore:
     def id_dtype(self) -> np.dtype:
         return self.group["ids"].dtype
 
-    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs) -> None:
+    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None) -> None:
         """Write one shard's data, then mark it complete (never the other way round).
 
         ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
-        another round already completed must have read the same bytes."""
+        another round already completed must have read the same bytes (``names``: the images'
+        paths, to name a changed one)."""
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
         if self.group["done"][:, shard].any():     # R marks, not the whole array
-            self._check_same_images(a, crcs)
+            changed = np.flatnonzero(self.group["crc32c"][a:b] != crcs)
+            if len(changed):
+                raise self.images_changed(a + changed, crcs[changed], names)
         else:
             _writable(self.group["crc32c"])[a:b] = crcs
         keys = self._chunk_keys(round_, [shard])
@@ -327,15 +344,21 @@ class LabelStore:
         """(N,) uint32: CRC32C of each image's bytes when it was labelled."""
         return self.group["crc32c"][:]
 
-    def _check_same_images(self, start: int, crcs: np.ndarray) -> None:
-        stored = self.group["crc32c"][start:start + len(crcs)]
-        changed = np.flatnonzero(stored != crcs)
-        if len(changed):
-            i = int(changed[0])
-            raise StoreError(f"{self.path}: {len(changed)} image(s) changed since earlier rounds were labelled "
-                             f"(first: image {start + i}, CRC32C {crcs[i]:08x}, the store has {stored[i]:08x}); "
-                             f"labels of one image must describe one set of pixels. Restore the images, or "
-                             f"label into a new --out")
+    def changed_images(self, crcs: np.ndarray) -> np.ndarray:
+        """Ids of the images whose bytes (``crcs``: every image's CRC32C) differ from those a completed
+        round labelled."""
+        labelled = np.repeat(self.done_mask().any(axis=0), self.shard_size)[:self.num_images]
+        return np.flatnonzero(labelled & (self.crcs() != np.asarray(crcs, dtype=np.uint32)))
+
+    def images_changed(self, ids: np.ndarray, crcs: np.ndarray, names=None) -> StoreError:
+        """The refusal of images ``ids`` (now ``crcs``) changed since labelled, by path when ``names``."""
+        stored = self.group["crc32c"].get_coordinate_selection(np.asarray(ids, dtype=np.int64))
+        first = [f"{names[i] if names is not None else f'image {i}'} (CRC32C {crc:08x}, the store has {old:08x})"
+                 for i, crc, old in list(zip(ids, crcs, stored))[:5]]
+        return StoreError(f"{self.path}: {len(ids)} image(s) changed since earlier rounds were labelled: "
+                          + ", ".join(first) + (", ..." if len(ids) > 5 else "")
+                          + "; labels of one image must describe one set of pixels. Restore the images, or "
+                            "label into a new --out")
 
     def missing_chunks(self, round_: int, done: np.ndarray) -> list[str]:
         """Data chunk files of round ``round_``'s completed shards (``done``: its row of marks)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..common.crop_loader import CropRequest, iterate_crops
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index_shared, in_classes
+from ..common.dataset import build_index_shared, image_crcs, in_classes
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error
 from ..common.faults import fault_point
@@ -114,7 +114,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         lock = acquire_writer_lock(out) if info.is_main else None
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
-                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels)
+                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels,
+                                                    before_growing=lambda s: _check_unchanged(s, index, cfg))
                 store.remove_partial_writes()
                 for line in store.repair(in_space.labels):
                     say(f"repair: {line}")
@@ -133,6 +134,16 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                   f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
+    """Before appending rounds: refuse images changed since the store's rounds were labelled. Found
+    only when a shard is labelled again, the store would already plan the new rounds, and `train`
+    refuse it as incomplete, for one more read of the images' bytes."""
+    crcs = image_crcs(index, workers=max(cfg.workers, 8), progress=cfg.progress)
+    changed = store.changed_images(crcs)
+    if len(changed):
+        raise store.images_changed(changed, crcs[changed], index.relpaths)
 
 
 def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict] | MealV2Error:
@@ -180,7 +191,7 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
                      codes.reshape(shape).cpu().numpy(), batch.crcs))
         a, b = store.shard_range(s)
         if sum(len(p[0]) for p in part) == b - a:
-            store.write_shard(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
+            store.write_shard(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))), names=index.relpaths)
         bar.update(batch.views[0].shape[0])
     bar.close()
     return crops_todo, time.perf_counter() - started
