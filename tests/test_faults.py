@@ -326,3 +326,26 @@ def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_ro
     assert run_cli("verify", str(out)).returncode == 0
     two = run_cli(*label_args(data, teachers, out, rounds=2), env=ONE_THREAD)
     assert two.returncode == 2 and "would drop some of its 3 complete rounds; pass --rounds 3" in two.stderr
+
+
+def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_bytes(setup, reference, tmp_path):
+    import shutil
+
+    _, data, teachers = setup
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    (other / "class_0" / "img_03.jpg").unlink()
+    shutil.copy(other / "class_1" / "img_03.jpg", other / "class_1" / "img_99.jpg")
+    named = ("dataset changes since labelling: DATA lacks 1 image(s): class_0/img_03.jpg; "
+             "DATA adds 1 image(s): class_1/img_99.jpg")
+    for args in (label_args(other, teachers, reference, rounds=3), train_args(other, reference, tmp_path / "run", 1)):
+        refused = run_cli(*args, env=ONE_THREAD)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    flip_byte(changed / "class_2" / "img_03.jpg", at=-40)
+    found = run_cli("verify", str(reference), "--data", str(changed), "--recompute", "2", "--device", "cpu",
+                    env=ONE_THREAD)
+    assert found.returncode == 1
+    assert "1 image(s) changed since earlier rounds were labelled: class_2/img_03.jpg" in found.stderr

@@ -9,6 +9,8 @@ A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers
     ids         (R, N, C, k)   uint16  top-k class ids, descending probability
     probs       (R, N, C, k+1) uint8   round(127 * sqrt(p)) of those classes, then of the leftover mass
     done        (R, S)         uint8   1 once shard s of round r is fully written
+    paths       (bytes,)       uint8   the images' relative paths, UTF-8, one per line (to name what
+                                       changed when a dataset's fingerprint differs; optional)
 
 The round is the leading axis so a training epoch reads its round as one slab. Data
 chunks are (1 round, ``shard_size`` images): a shard is exactly one chunk per array, so
@@ -171,13 +173,14 @@ class LabelStore:
 
     @classmethod
     def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
-                         before_growing=None) -> "LabelStore":
+                         before_growing=None, relpaths: Sequence[str] | None = None) -> "LabelStore":
         """Make a new store, or reopen one made by the same teachers, data and crop settings.
 
         ``rounds`` larger than the store's plan appends rounds, once ``before_growing(store)``
         (the caller's last checks) has returned: a refused command leaves the store as it was.
         Smaller shrinks the plan back, down to the rounds already complete, never below. Call
         on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
+        ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
         """
         path = Path(path)
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
@@ -186,6 +189,8 @@ class LabelStore:
             problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
                              {k: attrs.get(k) for k in _IDENTITY_KEYS})
             problems = _ignore_moved_teachers(problems)
+            if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
+                problems.append(store.dataset_changes(relpaths))
             if problems:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
@@ -199,10 +204,11 @@ class LabelStore:
             if rounds != planned or store.group["done"].shape[0] != planned:   # or a resize was cut short
                 store._resize(rounds)
             return store
-        return cls._create(path, attrs, rounds, labels)
+        return cls._create(path, attrs, rounds, labels, relpaths)
 
     @classmethod
-    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray,
+                relpaths: Sequence[str] | None) -> "LabelStore":
         n, c, k = attrs["dataset"]["num_images"], attrs["crops_per_image"], attrs["topk"]
         s = attrs["shard_size"]
         attrs = {**attrs, "rounds_planned": rounds}
@@ -220,6 +226,10 @@ class LabelStore:
                                      compressors=_codecs()))[:] = labels
         group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
+        if relpaths is not None:
+            joined = np.frombuffer("\n".join(relpaths).encode(), dtype=np.uint8)
+            _writable(group.create_array("paths", shape=joined.shape, chunks=(max(len(joined), 1),), dtype="uint8",
+                                         fill_value=0, compressors=[ZstdCodec(level=9), Crc32cCodec()]))[:] = joined
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -339,6 +349,28 @@ class LabelStore:
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
+
+    def relpaths(self) -> list[str] | None:
+        """The labelled images' relative paths, None for a store made before they were kept."""
+        if "paths" not in self.group:
+            return None
+        joined = self.group["paths"][:].tobytes().decode()
+        return joined.split("\n") if self.num_images else []
+
+    def dataset_changes(self, relpaths: Sequence[str], show: int = 5) -> str:
+        """What differs between the images the store was labelled from and ``relpaths``, by path."""
+        stored = self.relpaths()
+        if stored is None:
+            return "(this store does not keep its images' paths: the files that changed cannot be named)"
+        old, new = set(stored), set(relpaths)
+        gone, added = [p for p in stored if p not in new], [p for p in relpaths if p not in old]
+        lines = [f"{what} {len(found)} image(s): {', '.join(found[:show])}{', ...' if len(found) > show else ''}"
+                 for what, found in (("DATA lacks", gone), ("DATA adds", added)) if found]
+        if not lines:
+            moved = next((i for i, (a, b) in enumerate(zip(stored, relpaths)) if a != b), None)
+            lines.append(f"the same {len(stored)} paths, " + (f"in another order (first at #{moved}: {relpaths[moved]})"
+                         if moved is not None else "so their labels (classes) or image sizes differ"))
+        return "dataset changes since labelling: " + "; ".join(lines)
 
     def crcs(self) -> np.ndarray:
         """(N,) uint32: CRC32C of each image's bytes when it was labelled."""

@@ -115,7 +115,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
                 store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels,
-                                                    before_growing=lambda s: _check_unchanged(s, index, cfg))
+                                                    before_growing=lambda s: _check_unchanged(s, index, cfg),
+                                                    relpaths=index.relpaths)
                 store.remove_partial_writes()
                 for line in store.repair(in_space.labels):
                     say(f"repair: {line}")

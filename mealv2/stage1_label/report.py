@@ -81,7 +81,7 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     if data is None or problems:
         return problems
     store = LabelStore.open(path)
-    from ..common.dataset import build_index
+    from ..common.dataset import build_index, image_crcs
     from ..common.runtime import Runtime
     from ..common.teachers import load_teacher
 
@@ -89,7 +89,11 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     a = store.attrs
     if index.fingerprint != a["dataset"]["fingerprint"]:
         return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
-                           f"store's {a['dataset']['fingerprint'][:16]}"]
+                           f"store's {a['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}"]
+    crcs = image_crcs(index)
+    changed = store.changed_images(crcs)
+    if len(changed):   # what `train` refuses as it reads them
+        return problems + [str(store.images_changed(changed, crcs[changed], index.relpaths))]
     # The teachers as recorded: their spec, the --res and the class names they were labelled with, mapped
     # onto the store's classes (the dataset's, which the fingerprint covers, or the teachers').
     teachers = [load_teacher(t["spec"], a["classes"], t["res"], t["output_classes"]) for t in a["teachers"]]

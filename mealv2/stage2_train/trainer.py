@@ -192,7 +192,8 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
         raise MealV2Error(f"{store.path} was labelled from a dataset with fingerprint "
                           f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
                           f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
-                          f"the store was made from, or label this data with `mealv2 label`")
+                          f"the store was made from, or label this data with `mealv2 label`\n  "
+                          + store.dataset_changes(index.relpaths))
     return classes, note
 
 
