@@ -208,8 +208,8 @@ def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, t
     assert trusted.returncode == 0, trusted.stderr
 
 
-def hard_label_train(data, run, *extra):
-    return ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(run), "--epochs", "1",
+def hard_label_train(data, run, *extra, epochs=1):
+    return ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(run), "--epochs", str(epochs),
             "--batch-size", "8", "--res", "32", "--workers", "1", "--device", "cpu", *extra]
 
 
@@ -349,3 +349,31 @@ def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_by
                     env=ONE_THREAD)
     assert found.returncode == 1
     assert "1 image(s) changed since earlier rounds were labelled: class_2/img_03.jpg" in found.stderr
+
+
+def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_last_pt(setup, tmp_path):
+    _, data, _ = setup
+    run = tmp_path / "run"
+    full = run_cli(*hard_label_train(data, run, epochs=2),
+                   env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "checkpoint_bytes:2"})
+    assert full.returncode == 2, full.stderr
+    assert f"{run / 'last.pt'}: cannot write the checkpoint (No space left on device)" in full.stderr
+    assert "MiB free, the checkpoint needs about" in full.stderr and "continue with --resume" in full.stderr
+    assert "Traceback" not in full.stderr
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp file left behind"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = run_cli(*hard_label_train(data, run, "--resume", epochs=2), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup, reference, tmp_path):
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    full = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "chunk_write:2"})
+    assert full.returncode == 2, full.stderr
+    assert f"{out / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
+    assert "MiB free there); free some space and re-run the same command" in full.stderr
+    resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)

@@ -11,6 +11,7 @@ import contextvars
 import hashlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,29 @@ def preview_classes(classes) -> str:
     return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
 
 
+def _write_error(path: Path, payload: dict, e: Exception) -> MealV2Error:
+    """What to say when a checkpoint could not be written: the file, the space free and needed."""
+    needed = sum(t.numel() * t.element_size() for t in _tensors(payload))
+    free = shutil.disk_usage(path.parent).free
+    then = (f"the previous {path.name} is intact: free some space and continue with --resume" if path.exists()
+            else "free some space and run again")
+    cause = getattr(e, "strerror", None) or ("no space left on device" if free < needed else e)
+    return MealV2Error(f"{path}: cannot write the checkpoint ({cause}); its file system "
+                       f"has {free / 2**20:.1f} MiB free, the checkpoint needs about {needed / 2**20:.1f} MiB. The "
+                       f"partial file was removed; {then}")
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
 def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, res: int, mean, std,
                     **state) -> None:
     """Write a mealv2 checkpoint atomically (temp file + rename): never a half-written file."""
@@ -162,10 +186,15 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, r
                "mean": list(mean), "std": list(std), "model": model.state_dict(), **state}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            fault_point("checkpoint_bytes")   # bytes written, not yet synced
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:   # a full disk: OSError, or torch's "unexpected pos" RuntimeError
+        tmp.unlink(missing_ok=True)        # a partial temp file would keep the disk full
+        raise _write_error(path, payload, e) from e
     fault_point("checkpoint_write")
     os.replace(tmp, path)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-write

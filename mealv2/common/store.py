@@ -314,13 +314,21 @@ class LabelStore:
             _writable(self.group["crc32c"])[a:b] = crcs
         keys = self._chunk_keys(round_, [shard])
         folders = _folders_to_sync(self.path, keys)
-        for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
-            if i:
-                fault_point("chunk_write")     # some of the shard's arrays written, not all
-            _writable(self.group[name])[round_, a:b] = values
-        if self.fsync:   # as a database before its commit record: a shard marked done has its data
-            with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
-                list(pool.map(_fsync, [self.path / key for key in keys] + folders))
+        writing = self.path
+        try:
+            for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
+                writing = self.path / name
+                if i:
+                    fault_point("chunk_write")     # some of the shard's arrays written, not all
+                _writable(self.group[name])[round_, a:b] = values
+            writing = self.path
+            if self.fsync:   # as a database before its commit record: a shard marked done has its data
+                with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
+                    list(pool.map(_fsync, [self.path / key for key in keys] + folders))
+        except OSError as e:   # zarr's and fsync's errors often name no file
+            raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {self.path} "
+                             f"({e.strerror or e}; {shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there); "
+                             f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
         _writable(self.group["done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
 
