@@ -6,6 +6,7 @@ would have made it, and nothing the user made may be lost or left half written.
 from __future__ import annotations
 
 import csv
+import os
 import signal
 
 import numpy as np
@@ -215,10 +216,7 @@ def hard_label_train(data, run, *extra, epochs=1):
 
 def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_path):
     """A second `train` into a run folder in use, or a `label` into a store in use, is refused
-    naming the holder's pid, also when it reaches the folder through a symlink; a dead holder
-    leaves no stale lock."""
-    import os
-
+    naming the holder's pid, also when it reaches the folder through a symlink (`--dry-run` too)."""
     from mealv2.common.locks import hold_lock
     from mealv2.common.store import acquire_writer_lock
     from mealv2.stage2_train.trainer import RUN_LOCK
@@ -377,3 +375,24 @@ def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup
     resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)
+
+
+def test_ctrl_c_in_train_prints_the_resume_command(setup, tmp_path):
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    _, data, _ = setup
+    run = tmp_path / "run"
+    args = hard_label_train(data, run, epochs=1000)
+    proc = subprocess.Popen([sys.executable, "-m", "mealv2.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"{run / 'last.pt'} holds the last finished epoch" in err
+    assert shlex.join(["mealv2", *args, "--resume"]) in err

@@ -40,6 +40,14 @@ class ModelSpecError(MealV2Error, ValueError):
     """A teacher/student spec or checkpoint that cannot be used; names the spec and the value."""
 
 
+class ClassCountError(ModelSpecError):
+    """A state dict's classifier has ``found`` outputs where the model was built with ``expected``."""
+
+    def __init__(self, message: str, found: int, expected: int):
+        super().__init__(message)
+        self.found, self.expected = found, expected
+
+
 def state_dict_sha256(model: nn.Module) -> str:
     """SHA-256 over the weights themselves, so the same weights hash alike in any file wrapper."""
     h = hashlib.sha256()
@@ -67,8 +75,12 @@ def load_weights(model: nn.Module, state: dict, where: str) -> None:
     head = [k for k in state if k in own and state[k].shape != own[k].shape]
     if head:
         k = head[0]
-        raise ModelSpecError(f"{where}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
-                             f"{tuple(own[k].shape)} (a different class count or architecture?)")
+        message = (f"{where}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
+                   f"{tuple(own[k].shape)} (a different class count or architecture?)")
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")   # timm names its head
+        if isinstance(classifier, str) and k.startswith(classifier + "."):
+            raise ClassCountError(message, found=state[k].shape[0], expected=own[k].shape[0])
+        raise ModelSpecError(message)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelSpecError(f"{where}: state dict does not fit the architecture; missing keys "
@@ -117,8 +129,10 @@ def load_checkpoint_file(path: str | Path) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as e:
-        if trusted:
-            raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        if trusted or "global" not in str(e).lower():   # not a pickle of objects: junk or damage
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise ModelSpecError(f"{path}: cannot read checkpoint (not a PyTorch checkpoint, or a damaged "
+                                 f"one: {reason})") from None
         raise ModelSpecError(f"{path}: refused to load: besides tensors and plain data it pickles "
                              f"{_unsafe_globals(path)}, which unpickling would import and call (a crafted "
                              f"file runs code that way). If you made this file or trust its source, pass "

@@ -27,7 +27,7 @@ from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teachers, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teachers, naming_extra_classes, read_classes_file, teacher_table
 
 
 @dataclass
@@ -83,7 +83,22 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
             yield CropRequest(ids, boxes, flips)
 
 
+MAX_CHUNK_BYTES = 2**30   # a shard's chunk is held in RAM while labelled, and blosc takes at most 2 GiB
+
+
+def check_shard_size(cfg: LabelConfig) -> None:
+    """Refuse a --shard-size whose chunks (one per array and shard) could not be held and compressed."""
+    per_image = cfg.crops_per_image * max(8, 4 * cfg.topk, cfg.topk + 1)   # boxes; ids (int32 at most); probs
+    most = MAX_CHUNK_BYTES // per_image
+    if cfg.shard_size > most:
+        raise MealV2Error(f"--shard-size {cfg.shard_size}: a shard's largest chunk would take "
+                          f"{cfg.shard_size * per_image / 2**30:.1f} GiB ({per_image} bytes per image at "
+                          f"--crops-per-image {cfg.crops_per_image}, --topk {cfg.topk}), more than the 1 GiB a "
+                          f"chunk may; use at most {most} (default 1024)")
+
+
 def run_label(cfg: LabelConfig) -> LabelStore:
+    check_shard_size(cfg)
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
@@ -91,7 +106,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         if not cfg.teachers:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names)
+        with naming_extra_classes(cfg.data, index, names):
+            teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names)
         if cfg.topk > len(classes):
             whose = "dataset's" if note is None else "teachers'"
             raise MealV2Error(f"--topk {cfg.topk} is larger than the {whose} {len(classes)} classes")

@@ -159,7 +159,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
     names = read_classes_file(classes_file) if classes_file else None
     loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names)
     # Outputs mapped by name onto DATA's classes, as for teachers; DATA may hold fewer (scored among its own).
-    order = class_order(loaded.classes, index, str(checkpoint)) if loaded.classes is not None else None
+    # The classes are DATA's to answer for: the checkpoint's are what it was trained on.
+    order = class_order(loaded.classes, index, f"DATA {data}") if loaded.classes is not None else None
     res = res or loaded.res
     if res is None:
         raise EvalError(f"{checkpoint} is a state dict, which does not record the resolution it was trained at; "

@@ -63,7 +63,7 @@ from ..common.models import (create_timm_model, default_data_config, load_checkp
 from ..common.runtime import Runtime
 from ..common.store import LabelStore
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teacher, read_classes_file, teacher_table
+from ..common.teachers import Ensemble, load_teacher, naming_extra_classes, read_classes_file, teacher_table
 from .loader import FreshLabels, StoredLabels, TrainLoader
 from .losses import Discriminator, discriminator_loss, draw_mix, mix_images, mix_targets, soft_cross_entropy
 from .res_schedule import ResSchedule, res_schedule
@@ -470,7 +470,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     ensemble = None
     if cfg.mode == "online":
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
+        with naming_extra_classes(cfg.data, index, names):
+            teachers = [load_teacher(spec, classes, crop.res, names) for spec in cfg.teachers]
         say(teacher_table(teachers, crop.res))
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         if checkpoint is None:
