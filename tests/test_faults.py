@@ -111,7 +111,7 @@ def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, t
     killed = run_cli(*train_args(data, reference, run, 3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
     for ckpt in run.glob("*.pt"):  # whatever is in place is a whole, loadable checkpoint
-        torch.load(ckpt, map_location="cpu", weights_only=False)
+        torch.load(ckpt, map_location="cpu", weights_only=True)
     resumed = run_cli(*train_args(data, reference, run, 3), "--resume", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == pytest.approx(losses(full), abs=1e-6)

@@ -146,6 +146,7 @@ class LabelStore:
     """Open store; use :meth:`create_or_resume` to write and :meth:`open` to read."""
 
     fsync = True   # make each shard durable before its done mark; False only to measure what that costs
+    repairs: list[str] = []   # what create_or_resume repaired
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path = Path(path)
@@ -181,6 +182,7 @@ class LabelStore:
         Smaller shrinks the plan back, down to the rounds already complete, never below. Call
         on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
         ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
+        A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was).
         """
         path = Path(path)
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
@@ -195,6 +197,7 @@ class LabelStore:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
                                  + "\nUse a new --out, or the settings the store was made with.")
+            store.repairs = store.repair(labels)   # before anything reads the done marks
             planned, complete = store.rounds_planned, store.rounds_complete()
             if rounds < complete:
                 raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "

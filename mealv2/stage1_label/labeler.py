@@ -134,7 +134,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                                                     before_growing=lambda s: _check_unchanged(s, index, cfg),
                                                     relpaths=index.relpaths)
                 store.remove_partial_writes()
-                for line in store.repair(in_space.labels):
+                for line in store.repairs:
                     say(f"repair: {line}")
             info.barrier()
             if not info.is_main:
