@@ -266,6 +266,8 @@ def flip_byte(path, at=-6):
 
 
 def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path):
+    from mealv2.common.store import LabelStore
+
     """Chunks deleted or damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
     and the `mealv2 label` command that repairs them; that command, run as printed, labels exactly
     the damaged shards again, and the store equals the undamaged one."""
@@ -278,9 +280,11 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     (out / "ids/c/1/2/0/0").unlink()
     flip_byte(out / "probs/c/0/1/0/0")
     flip_byte(out / "crc32c/c/5")
+    flip_byte(out / "paths/c/0")
     found = run_cli("verify", str(out))
     assert found.returncode == 1
-    for place in ("ids/c/1/2/0/0: missing", "probs/c/0/1/0/0: unreadable", "crc32c/c/5: unreadable"):
+    for place in ("ids/c/1/2/0/0: missing", "probs/c/0/1/0/0: unreadable", "crc32c/c/5: unreadable",
+                  "paths/c/0: unreadable"):
         assert place in found.stderr
     flip_byte(out / "done/c/2/4")   # verify refuses to read such a store (test_bad_input); label repairs it
     command = found.stderr.split("repair: ", 1)[1].splitlines()[1].strip()
@@ -289,10 +293,12 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     assert repaired.returncode == 0, repaired.stderr
     for line in ("done/c/2/4: damaged done mark", "ids/c/1/2/0/0: damaged or missing; shard 2 of round(s) 1 ",
                  "probs/c/0/1/0/0: damaged or missing; shard 1 of round(s) 0 ",
-                 "crc32c/c/5: damaged or missing; shard 5 of round(s) 0, 1, 2 "):
+                 "crc32c/c/5: damaged or missing; shard 5 of round(s) 0, 1, 2 ",
+                 "paths/c/0: damaged or missing; rewritten"):
         assert f"repair: {line}" in repaired.stdout, repaired.stdout
     assert "3/3 rounds complete" in repaired.stdout
     assert_same_store(out, reference)
+    assert LabelStore.open(out).relpaths() == LabelStore.open(reference).relpaths() is not None
     assert run_cli("verify", str(out)).returncode == 0
 
 

@@ -197,7 +197,7 @@ class LabelStore:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
                                  + "\nUse a new --out, or the settings the store was made with.")
-            store.repairs = store.repair(labels)   # before anything reads the done marks
+            store.repairs = store.repair(labels, relpaths)   # before anything reads the done marks
             planned, complete = store.rounds_planned, store.rounds_complete()
             if rounds < complete:
                 raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
@@ -230,9 +230,7 @@ class LabelStore:
         group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
         if relpaths is not None:
-            joined = np.frombuffer("\n".join(relpaths).encode(), dtype=np.uint8)
-            _writable(group.create_array("paths", shape=joined.shape, chunks=(max(len(joined), 1),), dtype="uint8",
-                                         fill_value=0, compressors=[ZstdCodec(level=9), Crc32cCodec()]))[:] = joined
+            _write_paths(group, relpaths)
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs)})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -362,17 +360,19 @@ class LabelStore:
         return self.group["labels"][:]
 
     def relpaths(self) -> list[str] | None:
-        """The labelled images' relative paths, None for a store made before they were kept."""
-        if "paths" not in self.group:
+        """The labelled images' relative paths, None for a store made before they were kept (or
+        whose copy is damaged: `verify` names it, `label` rewrites it)."""
+        try:
+            joined = self.group["paths"][:].tobytes().decode()
+        except Exception:   # absent (older store), or a damaged chunk
             return None
-        joined = self.group["paths"][:].tobytes().decode()
         return joined.split("\n") if self.num_images else []
 
     def dataset_changes(self, relpaths: Sequence[str], show: int = 5) -> str:
         """What differs between the images the store was labelled from and ``relpaths``, by path."""
         stored = self.relpaths()
         if stored is None:
-            return "(this store does not keep its images' paths: the files that changed cannot be named)"
+            return "(this store has no readable copy of its images' paths: the files that changed cannot be named)"
         old, new = set(stored), set(relpaths)
         gone, added = [p for p in stored if p not in new], [p for p in relpaths if p not in old]
         lines = [f"{what} {len(found)} image(s): {', '.join(found[:show])}{', ...' if len(found) > show else ''}"
@@ -442,15 +442,15 @@ class LabelStore:
     def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, str]:
         """{chunk key: problem} over the data chunks of the completed shards among ``shards``."""
         keys = dict.fromkeys(key for r in range(done.shape[0]) for key in self._chunk_keys(r, shards[done[r]]))
-        if 0 in shards:   # the one chunk of the per-image labels goes with shard 0
-            keys[chunk_key("labels", 1, 0, 0)] = None
+        if 0 in shards:   # the one chunk of the per-image labels (and of the paths) goes with shard 0
+            keys.update(dict.fromkeys(chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group))
         with ThreadPoolExecutor(threads) as pool:
             return {key: problem for key, problem in zip(keys, pool.map(self._check_chunk, keys)) if problem}
 
-    def repair(self, labels: np.ndarray) -> list[str]:
+    def repair(self, labels: np.ndarray, relpaths: Sequence[str] | None = None) -> list[str]:
         """Undo the done marks of completed shards whose chunks are missing or damaged (what
         :meth:`verify` finds), so labelling redoes exactly those shards, and rewrite damaged
-        per-image labels; returns one line per repair. A damaged done mark counts as unset. A shard's
+        per-image labels and paths; returns one line per repair. A damaged done mark counts as unset. A shard's
         image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
         the shard in every round. Call with the writer lock held."""
         lines = [f"{key}: damaged done mark; its shard will be labelled again" for key in self._drop_damaged_marks()]
@@ -458,7 +458,11 @@ class LabelStore:
             array, _, *place = key.split("/")
             if array == "labels":
                 _writable(self.group["labels"])[:] = labels
-                lines.append(f"{key}: damaged or missing; rewritten")
+            elif array == "paths" and relpaths is not None:
+                _write_paths(self.group, relpaths)
+            if array in ("labels", "paths"):
+                lines.append(f"{key}: damaged or missing; " + ("rewritten" if array == "labels" or relpaths
+                                                                 else "left (no paths given)"))
                 continue
             shard = int(place[0] if array == "crc32c" else place[1])
             rounds = range(self.rounds_planned) if array == "crc32c" else [int(place[0])]
@@ -518,6 +522,14 @@ def acquire_writer_lock(path: str | Path) -> FileLock:
     """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job
     (common/locks.py): not inside it, since a new store is made elsewhere and renamed into place."""
     return hold_lock(lock_path_beside(path), path, "label", StoreError)
+
+
+def _write_paths(group: zarr.Group, relpaths: Sequence[str]) -> None:
+    """The ``paths`` array: every image's relative path, UTF-8, joined by newlines, in one chunk."""
+    joined = np.frombuffer("\n".join(relpaths).encode(), dtype=np.uint8)
+    _writable(group.create_array("paths", shape=joined.shape, chunks=(max(len(joined), 1),), dtype="uint8",
+                                 fill_value=0, compressors=[ZstdCodec(level=9), Crc32cCodec()],
+                                 overwrite=True))[:] = joined
 
 
 def _folders_to_sync(root: Path, keys: list[str]) -> list[Path]:
