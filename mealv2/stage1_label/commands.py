@@ -22,7 +22,8 @@ from ..common.cli_options import (POSITIVE, LocalPath, crop_options, crop_params
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="Crops per teacher forward.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the crop sampler.")
 @click.option("--shard-size", type=POSITIVE, default=1024, show_default=True,
-              help="Images per shard: the unit of writing, resuming and splitting across ranks.")
+              help="Images per shard: the unit of writing, resuming and splitting across ranks (a shard's "
+                   "largest chunk may take up to 1 GiB).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @device_option
 @workers_option
