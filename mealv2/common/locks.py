@@ -28,8 +28,9 @@ def lock_path_beside(path: str | Path) -> Path:
 
 
 def hold_lock(lock_file: str | Path, target: str | Path, command: str,
-              error: type[MealV2Error] = MealV2Error) -> FileLock:
-    """Take ``lock_file`` for ``target`` without waiting, or raise ``error`` naming the holder."""
+              error: type[MealV2Error] = MealV2Error, record: bool = True) -> FileLock:
+    """Take ``lock_file`` for ``target`` without waiting, or raise ``error`` naming the holder;
+    ``record``: write this process into it (not for a check that releases it at once)."""
     lock_file = Path(lock_file)
     holder = _read_holder(lock_file)
     lock = FileLock(lock_file, timeout=0)
@@ -39,6 +40,8 @@ def hold_lock(lock_file: str | Path, target: str | Path, command: str,
         raise error(f"{target} is being written by another `mealv2 {command}` process ({holder or 'holder unknown'}; "
                     f"lock {lock_file} is held); refusing to interleave writes. Wait for it to finish, or "
                     f"stop it, or use another path") from None
+    if not record:
+        return lock
     try:
         lock_file.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
                              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")

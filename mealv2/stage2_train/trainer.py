@@ -390,7 +390,7 @@ def run_folder(cfg: TrainConfig, info: DistInfo):
     lock_file = Path(os.path.realpath(run)) / RUN_LOCK
     if cfg.dry_run:
         if lock_file.exists():
-            hold_lock(lock_file, run, "train").release()
+            hold_lock(lock_file, run, "train", record=False).release()
         yield
         return
     made = not run.exists()
