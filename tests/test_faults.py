@@ -35,6 +35,27 @@ def setup(tmp_path_factory):
     return root, data, ",".join(teachers)
 
 
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """``run_cli`` without a new interpreter (seconds saved per call), for commands that are refused
+    or do little; runs that are killed or need fault injection stay subprocesses."""
+    from types import SimpleNamespace
+
+    from mealv2.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        monkeypatch.setattr("sys.argv", ["mealv2", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call
+
+
 def label_args(data, teachers, out, rounds=3):
     return ["label", str(data), "-t", teachers, "-o", str(out), "--rounds", str(rounds),
             "--crops-per-image", "2", "--res", "32", "--topk", "2", "--shard-size", "2",
@@ -180,7 +201,7 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, tmp_path):
+def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, tmp_path, in_process):
     """Checkpoints are read as data: a pickle whose __reduce__ runs a command is refused, as a
     teacher and as --init (eval and export load through the same function), before anything of
     it runs; --trust-checkpoint loads a file that pickles more than tensors (here a datetime)."""
@@ -194,7 +215,7 @@ def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, t
     for args in (label_args(data, f"test_resnet={evil}@32", tmp_path / "s.zarr", rounds=1),
                  ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(tmp_path / "run"),
                   "--init", str(evil), "--dry-run", "--device", "cpu"]):
-        result = run_cli(*args, env=ONE_THREAD)
+        result = in_process(*args)
         assert result.returncode == 2, result.stderr
         assert f"{evil}: refused to load" in result.stderr and "posix.system" in result.stderr
         assert "--trust-checkpoint" in result.stderr
@@ -203,9 +224,9 @@ def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, t
     dated = tmp_path / "dated.pth"
     torch.save({"state_dict": state, "saved": datetime.datetime(2024, 1, 1)}, dated)
     eval_args = ["eval", str(data), "--checkpoint", str(dated), "-a", "test_resnet", "--res", "32", "--json"]
-    refused = run_cli(*eval_args, env=ONE_THREAD)
+    refused = in_process(*eval_args)
     assert refused.returncode == 2 and "datetime.datetime" in refused.stderr
-    trusted = run_cli(*eval_args, "--trust-checkpoint", env=ONE_THREAD)
+    trusted = in_process(*eval_args, "--trust-checkpoint")
     assert trusted.returncode == 0, trusted.stderr
 
 
@@ -248,12 +269,12 @@ def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_p
         lock.release()
 
 
-def test_an_unwritable_out_is_refused_at_start_and_by_dry_run(setup, tmp_path):
+def test_an_unwritable_out_is_refused_at_start_and_by_dry_run(setup, tmp_path, in_process):
     _, data, _ = setup
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for extra in ((), ("--dry-run",)):
-        result = run_cli(*hard_label_train(data, blocker / "run", *extra), env=ONE_THREAD)
+        result = in_process(*hard_label_train(data, blocker / "run", *extra))
         assert result.returncode == 2
         assert f"--out {blocker / 'run'} cannot be written ({blocker} is a file, not a folder)" in result.stderr
         assert "epoch 0" not in result.stdout
@@ -302,7 +323,8 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     assert run_cli("verify", str(out)).returncode == 0
 
 
-def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_rounds(setup, reference, tmp_path):
+def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_rounds(setup, reference, tmp_path,
+                                                                                     in_process):
     """`label --rounds 4` on data whose image changed (same size, other bytes) is refused before the
     store grows, naming the file; a store left at 3/4 rounds (killed mid append) shrinks back with
     `--rounds 3` to the 3-round store, and not below its complete rounds."""
@@ -314,7 +336,7 @@ def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_ro
     flip_byte(changed / "class_1" / "img_03.jpg", at=-40)   # in the scan data: decodes, at the same size
     out = tmp_path / "store.zarr"
     shutil.copytree(reference, out)
-    refused = run_cli(*label_args(changed, teachers, out, rounds=4), env=ONE_THREAD)
+    refused = in_process(*label_args(changed, teachers, out, rounds=4))
     assert refused.returncode == 2, refused.stderr
     assert "1 image(s) changed since earlier rounds were labelled: class_1/img_03.jpg (CRC32C" in refused.stderr
     assert_same_store(out, reference)
@@ -328,11 +350,12 @@ def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_ro
     assert "3/3 rounds complete" in shrunk.stdout
     assert_same_store(out, reference)
     assert run_cli("verify", str(out)).returncode == 0
-    two = run_cli(*label_args(data, teachers, out, rounds=2), env=ONE_THREAD)
+    two = in_process(*label_args(data, teachers, out, rounds=2))
     assert two.returncode == 2 and "would drop some of its 3 complete rounds; pass --rounds 3" in two.stderr
 
 
-def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_bytes(setup, reference, tmp_path):
+def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_bytes(setup, reference, tmp_path,
+                                                                                     in_process):
     import shutil
 
     _, data, teachers = setup
@@ -343,14 +366,13 @@ def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_by
     named = ("dataset changes since labelling: DATA lacks 1 image(s): class_0/img_03.jpg; "
              "DATA adds 1 image(s): class_1/img_99.jpg")
     for args in (label_args(other, teachers, reference, rounds=3), train_args(other, reference, tmp_path / "run", 1)):
-        refused = run_cli(*args, env=ONE_THREAD)
+        refused = in_process(*args)
         assert refused.returncode == 2 and named in refused.stderr, refused.stderr
 
     changed = tmp_path / "changed"
     shutil.copytree(data, changed)
     flip_byte(changed / "class_2" / "img_03.jpg", at=-40)
-    found = run_cli("verify", str(reference), "--data", str(changed), "--recompute", "2", "--device", "cpu",
-                    env=ONE_THREAD)
+    found = in_process("verify", str(reference), "--data", str(changed), "--recompute", "2", "--device", "cpu")
     assert found.returncode == 1
     assert "1 image(s) changed since earlier rounds were labelled: class_2/img_03.jpg" in found.stderr
 
