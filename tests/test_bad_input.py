@@ -330,6 +330,49 @@ def test_csv_with_an_empty_label_is_named(work, tmp_path, mealv2):
     assert not out.exists()
 
 
+def test_csv_with_an_unclosed_quote_is_named_as_such(work, tmp_path, mealv2):
+    _, _, spec = work
+    data = plain_data(tmp_path / "d")
+    csv = data / "list.csv"
+    csv.write_text('path,label\nclass_0/img_00.jpg,a\n"class_1/img_00.jpg,b\nclass_2/img_00.jpg,c\n')
+    r = mealv2("label", csv, "-t", spec, "-o", tmp_path / "store.zarr", *LABEL_FLAGS)
+    refused(r, str(csv), 'line 3: a quote (") opened on this line is not closed', "lines 3-4")
+    assert "empty label" not in r.err
+
+
+def test_a_csv_label_typo_is_named_by_its_line_when_the_teacher_has_fewer_classes(work, tmp_path, mealv2):
+    _, data, spec = work
+    csv = tmp_path / "list.csv"
+    rows = [f"{data / f'class_{c}' / f'img_0{j}.jpg'},class_{c}" for c in range(3) for j in (0, 1)]
+    rows.insert(3, f"{data / 'class_1' / 'img_02.png'},clas_1")
+    csv.write_text("path,label\n" + "\n".join(rows) + "\n")
+    r = mealv2("label", csv, "-t", spec, "-o", tmp_path / "store.zarr", *LABEL_FLAGS)
+    refused(r, "'fc.weight' has shape (3, 96), the model expects (4, 96)",
+            f"DATA {csv} has 4 classes (images each): clas_1 (1), class_0 (2), class_1 (2), class_2 (2)",
+            f"class 'clas_1' comes from line(s) 5 of {csv}")
+
+
+def test_eval_with_a_class_the_checkpoint_does_not_know_blames_the_data(tmp_path, mealv2):
+    from mealv2.common.models import save_checkpoint
+
+    data = plain_data(tmp_path / "val")
+    shutil.copytree(data / "class_2", data / "class_9")
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, model=timm.create_model("test_resnet", num_classes=3), arch="test_resnet",
+                    classes=["class_0", "class_1", "class_2"], res=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    r = mealv2("eval", data, "--checkpoint", ckpt, "--device", "cpu", "--workers", 1)
+    refused(r, f"DATA {data} has class(es) ['class_9'] that the model does not know")
+    assert f"{ckpt} has class" not in r.err
+
+
+@pytest.mark.parametrize("flags,most", [([], 6710886), (["--topk", 1000, "--crops-per-image", 8], 33554)])
+def test_a_shard_size_past_memory_is_refused_with_the_largest_that_fits(work, tmp_path, mealv2, flags, most):
+    _, data, spec = work
+    r = mealv2("label", data, "-t", spec, "-o", tmp_path / "store.zarr", "--shard-size", 10**9, *flags)
+    refused(r, "--shard-size 1000000000: a shard's largest chunk would take", f"use at most {most} ")
+    assert not (tmp_path / "store.zarr").exists()
+
+
 def test_csv_with_a_label_the_store_does_not_know_is_refused_by_train(work, store_copy, tmp_path, mealv2):
     _, data, _ = work
     csv = tmp_path / "list.csv"

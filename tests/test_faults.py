@@ -6,6 +6,7 @@ would have made it, and nothing the user made may be lost or left half written.
 from __future__ import annotations
 
 import csv
+import os
 import signal
 
 import numpy as np
@@ -32,6 +33,27 @@ def setup(tmp_path_factory):
         torch.save(timm.create_model(arch, num_classes=3).state_dict(), path)
         teachers.append(f"{arch}={path}@32")
     return root, data, ",".join(teachers)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """``run_cli`` without a new interpreter (seconds saved per call), for commands that are refused
+    or do little; runs that are killed or need fault injection stay subprocesses."""
+    from types import SimpleNamespace
+
+    from mealv2.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        monkeypatch.setattr("sys.argv", ["mealv2", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call
 
 
 def label_args(data, teachers, out, rounds=3):
@@ -110,7 +132,7 @@ def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, t
     killed = run_cli(*train_args(data, reference, run, 3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
     for ckpt in run.glob("*.pt"):  # whatever is in place is a whole, loadable checkpoint
-        torch.load(ckpt, map_location="cpu", weights_only=False)
+        torch.load(ckpt, map_location="cpu", weights_only=True)
     resumed = run_cli(*train_args(data, reference, run, 3), "--resume", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == pytest.approx(losses(full), abs=1e-6)
@@ -166,3 +188,239 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes_after(setup, tmp_path,
     monkeypatch.setattr(store_module.LabelStore, "write_shard", real_write)
     main()
     assert store_module.LabelStore.open(out).complete
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_a_trusted_one_loads(setup, tmp_path, in_process):
+    """Checkpoints are read as data: a pickle whose __reduce__ runs a command is refused, as a
+    teacher and as --init (eval and export load through the same function), before anything of
+    it runs; --trust-checkpoint loads a file that pickles more than tensors (here a datetime)."""
+    import datetime
+
+    _, data, _ = setup
+    marker = tmp_path / "pwned"
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": state, "extra": _RunsCode(marker)}, evil)
+    for args in (label_args(data, f"test_resnet={evil}@32", tmp_path / "s.zarr", rounds=1),
+                 ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(tmp_path / "run"),
+                  "--init", str(evil), "--dry-run", "--device", "cpu"]):
+        result = in_process(*args)
+        assert result.returncode == 2, result.stderr
+        assert f"{evil}: refused to load" in result.stderr and "posix.system" in result.stderr
+        assert "--trust-checkpoint" in result.stderr
+        assert not marker.exists(), f"`mealv2 {args[0]}` ran the checkpoint's code"
+
+    dated = tmp_path / "dated.pth"
+    torch.save({"state_dict": state, "saved": datetime.datetime(2024, 1, 1)}, dated)
+    eval_args = ["eval", str(data), "--checkpoint", str(dated), "-a", "test_resnet", "--res", "32", "--json"]
+    refused = in_process(*eval_args)
+    assert refused.returncode == 2 and "datetime.datetime" in refused.stderr
+    trusted = in_process(*eval_args, "--trust-checkpoint")
+    assert trusted.returncode == 0, trusted.stderr
+
+
+def hard_label_train(data, run, *extra, epochs=1):
+    return ["train", str(data), "--hard-labels", "-a", "test_resnet", "--out", str(run), "--epochs", str(epochs),
+            "--batch-size", "8", "--res", "32", "--workers", "1", "--device", "cpu", *extra]
+
+
+def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_path):
+    """A second `train` into a run folder in use, or a `label` into a store in use, is refused
+    naming the holder's pid, also when it reaches the folder through a symlink (`--dry-run` too)."""
+    from mealv2.common.locks import hold_lock
+    from mealv2.common.store import acquire_writer_lock
+    from mealv2.stage2_train.trainer import RUN_LOCK
+
+    _, data, teachers = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "run_link").symlink_to(run)
+    lock = hold_lock(run / RUN_LOCK, run, "train")
+    try:
+        for args in (hard_label_train(data, tmp_path / "run_link"),
+                     hard_label_train(data, tmp_path / "run_link", "--dry-run")):
+            second = run_cli(*args, env=ONE_THREAD)
+            assert second.returncode == 2, second.stderr
+            assert "being written by another `mealv2 train` process" in second.stderr
+            assert f"pid {os.getpid()} on" in second.stderr
+    finally:
+        lock.release()
+    assert not (run / "last.pt").exists()
+
+    store = tmp_path / "store.zarr"
+    (tmp_path / "store_link.zarr").symlink_to(store, target_is_directory=True)
+    lock = acquire_writer_lock(store)
+    try:
+        second = run_cli(*label_args(data, teachers, tmp_path / "store_link.zarr", rounds=1), env=ONE_THREAD)
+        assert second.returncode == 2 and "being written by another `mealv2 label` process" in second.stderr
+        assert f"pid {os.getpid()} on" in second.stderr
+    finally:
+        lock.release()
+
+
+def test_an_unwritable_out_is_refused_at_start_and_by_dry_run(setup, tmp_path, in_process):
+    _, data, _ = setup
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for extra in ((), ("--dry-run",)):
+        result = in_process(*hard_label_train(data, blocker / "run", *extra))
+        assert result.returncode == 2
+        assert f"--out {blocker / 'run'} cannot be written ({blocker} is a file, not a folder)" in result.stderr
+        assert "epoch 0" not in result.stdout
+
+
+def flip_byte(path, at=-6):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path):
+    from mealv2.common.store import LabelStore
+
+    """Chunks deleted or damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
+    and the `mealv2 label` command that repairs them; that command, run as printed, labels exactly
+    the damaged shards again, and the store equals the undamaged one."""
+    import shlex
+    import shutil
+
+    _, data, _ = setup
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference, out)
+    (out / "ids/c/1/2/0/0").unlink()
+    flip_byte(out / "probs/c/0/1/0/0")
+    flip_byte(out / "crc32c/c/5")
+    flip_byte(out / "paths/c/0")
+    found = run_cli("verify", str(out))
+    assert found.returncode == 1
+    for place in ("ids/c/1/2/0/0: missing", "probs/c/0/1/0/0: unreadable", "crc32c/c/5: unreadable",
+                  "paths/c/0: unreadable"):
+        assert place in found.stderr
+    flip_byte(out / "done/c/2/4")   # verify refuses to read such a store (test_bad_input); label repairs it
+    command = found.stderr.split("repair: ", 1)[1].splitlines()[1].strip()
+    args = [str(data) if w == "DATA" else w for w in shlex.split(command)[1:]]
+    repaired = run_cli(*args, "--workers", "1", "--device", "cpu", env=ONE_THREAD)
+    assert repaired.returncode == 0, repaired.stderr
+    for line in ("done/c/2/4: damaged done mark", "ids/c/1/2/0/0: damaged or missing; shard 2 of round(s) 1 ",
+                 "probs/c/0/1/0/0: damaged or missing; shard 1 of round(s) 0 ",
+                 "crc32c/c/5: damaged or missing; shard 5 of round(s) 0, 1, 2 ",
+                 "paths/c/0: damaged or missing; rewritten"):
+        assert f"repair: {line}" in repaired.stdout, repaired.stdout
+    assert "3/3 rounds complete" in repaired.stdout
+    assert_same_store(out, reference)
+    assert LabelStore.open(out).relpaths() == LabelStore.open(reference).relpaths() is not None
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_rounds(setup, reference, tmp_path,
+                                                                                     in_process):
+    """`label --rounds 4` on data whose image changed (same size, other bytes) is refused before the
+    store grows, naming the file; a store left at 3/4 rounds (killed mid append) shrinks back with
+    `--rounds 3` to the 3-round store, and not below its complete rounds."""
+    import shutil
+
+    _, data, teachers = setup
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    flip_byte(changed / "class_1" / "img_03.jpg", at=-40)   # in the scan data: decodes, at the same size
+    out = tmp_path / "store.zarr"
+    shutil.copytree(reference, out)
+    refused = in_process(*label_args(changed, teachers, out, rounds=4))
+    assert refused.returncode == 2, refused.stderr
+    assert "1 image(s) changed since earlier rounds were labelled: class_1/img_03.jpg (CRC32C" in refused.stderr
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0
+
+    killed = run_cli(*label_args(data, teachers, out, rounds=4), env={**ONE_THREAD, "MEALV2_KILL_AT": "shard_mark:2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert run_cli("verify", str(out)).returncode == 1   # 3/4 rounds
+    shrunk = run_cli(*label_args(data, teachers, out, rounds=3), env=ONE_THREAD)
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert "3/3 rounds complete" in shrunk.stdout
+    assert_same_store(out, reference)
+    assert run_cli("verify", str(out)).returncode == 0
+    two = in_process(*label_args(data, teachers, out, rounds=2))
+    assert two.returncode == 2 and "would drop some of its 3 complete rounds; pass --rounds 3" in two.stderr
+
+
+def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_bytes(setup, reference, tmp_path,
+                                                                                     in_process):
+    import shutil
+
+    _, data, teachers = setup
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    (other / "class_0" / "img_03.jpg").unlink()
+    shutil.copy(other / "class_1" / "img_03.jpg", other / "class_1" / "img_99.jpg")
+    named = ("dataset changes since labelling: DATA lacks 1 image(s): class_0/img_03.jpg; "
+             "DATA adds 1 image(s): class_1/img_99.jpg")
+    for args in (label_args(other, teachers, reference, rounds=3), train_args(other, reference, tmp_path / "run", 1)):
+        refused = in_process(*args)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    flip_byte(changed / "class_2" / "img_03.jpg", at=-40)
+    found = in_process("verify", str(reference), "--data", str(changed), "--recompute", "2", "--device", "cpu")
+    assert found.returncode == 1
+    assert "1 image(s) changed since earlier rounds were labelled: class_2/img_03.jpg" in found.stderr
+
+
+def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_last_pt(setup, tmp_path):
+    _, data, _ = setup
+    run = tmp_path / "run"
+    full = run_cli(*hard_label_train(data, run, epochs=2),
+                   env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "checkpoint_bytes:2"})
+    assert full.returncode == 2, full.stderr
+    assert f"{run / 'last.pt'}: cannot write the checkpoint (No space left on device)" in full.stderr
+    assert "MiB free, the checkpoint needs about" in full.stderr and "continue with --resume" in full.stderr
+    assert "Traceback" not in full.stderr
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp file left behind"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = run_cli(*hard_label_train(data, run, "--resume", epochs=2), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup, reference, tmp_path):
+    _, data, teachers = setup
+    out = tmp_path / "store.zarr"
+    full = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "chunk_write:2"})
+    assert full.returncode == 2, full.stderr
+    assert f"{out / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
+    assert "MiB free there); free some space and re-run the same command" in full.stderr
+    resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_store(out, reference)
+
+
+def test_ctrl_c_in_train_prints_the_resume_command(setup, tmp_path):
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    _, data, _ = setup
+    run = tmp_path / "run"
+    args = hard_label_train(data, run, epochs=1000)
+    proc = subprocess.Popen([sys.executable, "-m", "mealv2.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"{run / 'last.pt'} holds the last finished epoch" in err
+    assert shlex.join(["mealv2", *args, "--resume"]) in err

@@ -147,9 +147,13 @@ def test_other_settings_are_refused_naming_both_values(store, key, value, named)
     assert LabelStore.open(store.path).attrs == store.attrs
 
 
-def test_fewer_rounds_than_planned_are_refused(store):
-    with pytest.raises(StoreError, match="plans 2 rounds, --rounds 1 would drop"):
-        LabelStore.create_or_resume(store.path, _attrs(), 1, np.arange(N) % 7)
+def test_fewer_rounds_than_complete_are_refused_and_the_plan_shrinks_to_the_complete_ones(store):
+    _fill(store, rounds=[0])
+    with pytest.raises(StoreError, match="plans 2 rounds, --rounds 0 would drop some of its 1 complete"):
+        LabelStore.create_or_resume(store.path, _attrs(), 0, np.arange(N) % 7)
+    shrunk = LabelStore.create_or_resume(store.path, _attrs(), 1, np.arange(N) % 7)
+    assert shrunk.rounds_planned == 1 and shrunk.complete
+    assert LabelStore.open(store.path).rounds_planned == 1 and shrunk.done_mask().shape == (1, 3)
 
 
 def test_more_rounds_append_and_keep_the_done_rounds(store):

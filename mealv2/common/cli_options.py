@@ -142,3 +142,17 @@ workers_option = click.option("--workers", type=POSITIVE, default=available_core
                               show_default="the cores this process may use", help="Decoding threads.")
 loader_option = click.option("--loader", type=click.Choice(LOADER_CHOICES), default="auto", show_default=True,
                              help="Crop loader: auto = DALI where installed, else torch (README: which runs where).")
+
+
+def _trust(ctx, param, value):
+    if value:   # the default (untrusted) needs nothing, nor torch imported
+        from .models import trusting_checkpoints
+        ctx.with_resource(trusting_checkpoints())
+
+
+trust_option = click.option(
+    "--trust-checkpoint", is_flag=True, expose_value=False, callback=_trust,
+    help="Unpickle checkpoint files in full, for files you made or trust the source of: by default only "
+         "tensors and plain data are read from them, since a crafted pickle runs code as it loads.")
+"""--trust-checkpoint: the command loads every checkpoint file (teachers, --init, --resume, eval's, export's)
+in full (common/models.py)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path, PurePath
 
+import crc32c
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -209,6 +210,28 @@ def in_classes(index: DatasetIndex, classes) -> DatasetIndex:
     return replace(index, labels=labels, classes=tuple(map(str, classes)))
 
 
+def class_sources(data: str | Path, index: DatasetIndex, extra: int, show: int = 5) -> str:
+    """DATA's classes with their image counts, and where its ``extra`` rarest classes come from: a
+    misspelt label in a CSV, or a stray folder, makes a class of its own, which a teacher with the
+    intended classes then refuses as a class-count mismatch."""
+    counts = np.bincount(index.labels, minlength=len(index.classes))
+    listed = ", ".join(f"{c} ({n})" for c, n in list(zip(index.classes, counts))[:50])
+    lines = [f"DATA {data} has {len(index.classes)} classes (images each): {listed}"
+             + (", ..." if len(index.classes) > 50 else "")]
+    rare = sorted(np.argsort(counts, kind="stable")[:max(extra, 0)])
+    if not rare:
+        return lines[0]
+    if Path(data).suffix.lower() == ".csv":
+        names, _, ids, rows = _read_csv(Path(data).absolute())
+        for c in rare:
+            at = [rows[i] for i, k in enumerate(ids) if names[k] == index.classes[c]]
+            lines.append(f"class {index.classes[c]!r} comes from line(s) {', '.join(map(str, at[:show]))}"
+                         f"{', ...' if len(at) > show else ''} of {data}")
+    else:
+        lines += [f"class {index.classes[c]!r} is the folder {index.root / index.classes[c]}" for c in rare]
+    return "\n".join(lines) + f"\nif these {len(rare)} class(es) are not meant to be classes, fix or remove them"
+
+
 def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int], list[Path]]:
     """torchvision's find_classes + make_dataset order, minus hidden files and folders.
 
@@ -296,7 +319,13 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[str], list[int], list[int
                                    f"labelled images), found {header}")
             ip, il = header.index("path"), header.index("label") if "label" in header else None
             paths, names, lines = [], [], []
+            end = reader.line_num
             for row in reader:
+                start, end = end + 1, reader.line_num
+                if any("\n" in cell or "\r" in cell for cell in row):   # no path or class name spans lines
+                    raise DatasetError(f"CSV {csv_path} line {start}: a quote (\") opened on this line is not "
+                                       f"closed, so the field runs on over lines {start}-{end}; close or remove "
+                                       f"the quote")
                 if not any(cell.strip() for cell in row):
                     continue
                 cells = [cell.strip() for cell in row] + [""] * (len(header) - len(row))
@@ -356,6 +385,17 @@ def _posix(path: str) -> str:
 def probe_images(paths: list[str], workers: int = 8, progress: bool = False) -> list[tuple[int, int, str | None]]:
     """``_probe`` of every path, in order, on ``workers`` threads: the pass an uncached index makes."""
     return _map_files(_probe, paths, workers, progress, "image headers")
+
+
+def image_crcs(index: DatasetIndex, workers: int = 8, progress: bool = False) -> np.ndarray:
+    """(N,) uint32: CRC32C of every image file's bytes, as the loaders compute them while reading."""
+    paths = [str(index.path(i)) for i in range(len(index))]
+    return np.asarray(_map_files(_file_crc, paths, workers, progress, "image checksums"), dtype=np.uint32)
+
+
+def _file_crc(path: str) -> int:
+    with open(path, "rb") as f:
+        return crc32c.crc32c(f.read())
 
 
 def _stat_all(paths: list[str], workers: int, progress: bool) -> np.ndarray:

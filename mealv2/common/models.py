@@ -5,9 +5,16 @@ loads models and reads and writes their files.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import hashlib
 import os
+import pickle
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 import timm
 import torch
@@ -17,10 +24,28 @@ from .errors import MealV2Error
 from .faults import fault_point
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
+TRUST_FLAG = "--trust-checkpoint"
+# What torch.load(weights_only=True) may build besides tensors and plain containers: data types
+# that other training scripts leave in checkpoints (timm's and torchvision's keep their argparse
+# Namespace under 'args'; accuracies are often numpy scalars). None of them runs code when built.
+# numpy 1 pickled its scalars and arrays under numpy.core, numpy 2 under numpy._core: both names.
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray, *{type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"},
+                *[(f, f"numpy{core}.multiarray.{f.__name__}") for f in (np._core.multiarray.scalar,
+                                                                         np._core.multiarray._reconstruct)
+                  for core in (".core", "._core")]]
+_trusted = contextvars.ContextVar("trusted_checkpoints", default=False)
 
 
 class ModelSpecError(MealV2Error, ValueError):
     """A teacher/student spec or checkpoint that cannot be used; names the spec and the value."""
+
+
+class ClassCountError(ModelSpecError):
+    """A state dict's classifier has ``found`` outputs where the model was built with ``expected``."""
+
+    def __init__(self, message: str, found: int, expected: int):
+        super().__init__(message)
+        self.found, self.expected = found, expected
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -50,8 +75,12 @@ def load_weights(model: nn.Module, state: dict, where: str) -> None:
     head = [k for k in state if k in own and state[k].shape != own[k].shape]
     if head:
         k = head[0]
-        raise ModelSpecError(f"{where}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
-                             f"{tuple(own[k].shape)} (a different class count or architecture?)")
+        message = (f"{where}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
+                   f"{tuple(own[k].shape)} (a different class count or architecture?)")
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")   # timm names its head
+        if isinstance(classifier, str) and k.startswith(classifier + "."):
+            raise ClassCountError(message, found=state[k].shape[0], expected=own[k].shape[0])
+        raise ModelSpecError(message)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelSpecError(f"{where}: state dict does not fit the architecture; missing keys "
@@ -81,11 +110,47 @@ def pretrained_cfg(arch: str):
         return None
 
 
-def load_checkpoint_file(path: str | Path) -> dict:
+@contextlib.contextmanager
+def trusting_checkpoints(trusted: bool = True):
+    """Within it, checkpoints are unpickled in full (``--trust-checkpoint``): a pickle may run any
+    code while it is read, so this is for files the user made or trusts the source of."""
+    token = _trusted.set(trusted)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        yield
+    finally:
+        _trusted.reset(token)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """A checkpoint's contents, read as data: tensors, plain containers and SAFE_GLOBALS only,
+    so a crafted file cannot run code; anything else is refused unless checkpoints are trusted."""
+    trusted = _trusted.get()
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if trusted or "global" not in str(e).lower():   # not a pickle of objects: junk or damage
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise ModelSpecError(f"{path}: cannot read checkpoint (not a PyTorch checkpoint, or a damaged "
+                                 f"one: {reason})") from None
+        raise ModelSpecError(f"{path}: refused to load: besides tensors and plain data it pickles "
+                             f"{_unsafe_globals(path)}, which unpickling would import and call (a crafted "
+                             f"file runs code that way). If you made this file or trust its source, pass "
+                             f"{TRUST_FLAG} to load it in full; otherwise re-save just its weights "
+                             f"(torch.save(model.state_dict(), FILE)) where you trust it") from None
     except Exception as e:
         raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _unsafe_globals(path) -> str:
+    """The globals (classes, functions) a checkpoint needs beyond SAFE_GLOBALS, found without running it."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:   # not a zip checkpoint (legacy format): torch's own message names the first
+        return "objects other than tensors"
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    names = [n for n in names if n not in allowed]
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") if names else "objects other than tensors"
 
 
 def is_mealv2_checkpoint(obj) -> bool:
@@ -103,6 +168,29 @@ def preview_classes(classes) -> str:
     return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
 
 
+def _write_error(path: Path, payload: dict, e: Exception) -> MealV2Error:
+    """What to say when a checkpoint could not be written: the file, the space free and needed."""
+    needed = sum(t.numel() * t.element_size() for t in _tensors(payload))
+    free = shutil.disk_usage(path.parent).free
+    then = (f"the previous {path.name} is intact: free some space and continue with --resume" if path.exists()
+            else "free some space and run again")
+    cause = getattr(e, "strerror", None) or ("no space left on device" if free < needed else e)
+    return MealV2Error(f"{path}: cannot write the checkpoint ({cause}); its file system "
+                       f"has {free / 2**20:.1f} MiB free, the checkpoint needs about {needed / 2**20:.1f} MiB. The "
+                       f"partial file was removed; {then}")
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
 def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, res: int, mean, std,
                     **state) -> None:
     """Write a mealv2 checkpoint atomically (temp file + rename): never a half-written file."""
@@ -112,10 +200,15 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, r
                "mean": list(mean), "std": list(std), "model": model.state_dict(), **state}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            fault_point("checkpoint_bytes")   # bytes written, not yet synced
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:   # a full disk: OSError, or torch's "unexpected pos" RuntimeError
+        tmp.unlink(missing_ok=True)        # a partial temp file would keep the disk full
+        raise _write_error(path, payload, e) from e
     fault_point("checkpoint_write")
     os.replace(tmp, path)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-write

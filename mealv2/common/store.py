@@ -9,6 +9,8 @@ A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers
     ids         (R, N, C, k)   uint16  top-k class ids, descending probability
     probs       (R, N, C, k+1) uint8   round(127 * sqrt(p)) of those classes, then of the leftover mass
     done        (R, S)         uint8   1 once shard s of round r is fully written
+    paths       (bytes,)       uint8   the images' relative paths, UTF-8, one per line (to name what
+                                       changed when a dataset's fingerprint differs; optional)
 
 The round is the leading axis so a training epoch reads its round as one slab. Data
 chunks are (1 round, ``shard_size`` images): a shard is exactly one chunk per array, so
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +34,12 @@ from pathlib import Path
 import crc32c
 import numpy as np
 import zarr
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from .errors import MealV2Error
 from .faults import fault_point
+from .locks import hold_lock, lock_path_beside
 
 FORMAT = "mealv2-labels"
 # v4: a SHA-256 of each array's metadata (its zarr.json: shape, chunks, codecs, transpose order, dtype),
@@ -54,7 +58,8 @@ _IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temper
                   "shard_size", "crop", "teachers", "teacher_precision", "dataset")
 SHARD_ARRAYS = ("boxes", "flips", "ids", "probs", "crc32c")   # written per (round, shard); crc32c per shard
 ROUND_ARRAYS = ("boxes", "flips", "ids", "probs", "done")       # leading axis: rounds (grows on append)
-ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c")
+ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c", "paths")   # paths: optional (stores made from an index without paths)
+REQUIRED_ARRAYS = ARRAYS[:-1]
 
 
 class StoreError(MealV2Error):
@@ -174,6 +179,7 @@ class LabelStore:
     """Open store; use :meth:`create_or_resume` to write and :meth:`open` to read."""
 
     fsync = True   # make each shard durable before its done mark; False only to measure what that costs
+    repairs: list[str] = []   # what create_or_resume repaired
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path = Path(path)
@@ -202,11 +208,16 @@ class LabelStore:
         return cls(path, group)
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+    def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
+                         before_growing=None, relpaths: Sequence[str] | None = None) -> "LabelStore":
         """Make a new store, or reopen one made by the same teachers, data and crop settings.
 
-        ``rounds`` larger than the store's plan appends rounds; smaller is refused. Call on
-        one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
+        ``rounds`` larger than the store's plan appends rounds, once ``before_growing(store)``
+        (the caller's last checks) has returned: a refused command leaves the store as it was.
+        Smaller shrinks the plan back, down to the rounds already complete, never below. Call
+        on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
+        ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
+        A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was).
         """
         path = Path(path)
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
@@ -215,21 +226,27 @@ class LabelStore:
             problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
                              {k: attrs.get(k) for k in _IDENTITY_KEYS})
             problems = _ignore_moved_teachers(problems)
+            if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
+                problems.append(store.dataset_changes(relpaths))
             if problems:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
                                  + "\nUse a new --out, or the settings the store was made with.")
-            planned = store.attrs["rounds_planned"]
-            if rounds < planned:
-                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop "
-                                 f"some; pass --rounds {planned} (or more, to append)")
-            if rounds > planned:
-                store._grow(rounds)
+            store.repairs = store.repair(labels, relpaths)   # before anything reads the done marks
+            planned, complete = store.rounds_planned, store.rounds_complete()
+            if rounds < complete:
+                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
+                                 f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
+            if rounds > planned and before_growing is not None:
+                before_growing(store)
+            if rounds != planned or store.group["done"].shape[0] != planned:   # or a resize was cut short
+                store._resize(rounds)
             return store
-        return cls._create(path, attrs, rounds, labels)
+        return cls._create(path, attrs, rounds, labels, relpaths)
 
     @classmethod
-    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray) -> "LabelStore":
+    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray,
+                relpaths: Sequence[str] | None) -> "LabelStore":
         n, c, k = attrs["dataset"]["num_images"], attrs["crops_per_image"], attrs["topk"]
         s = attrs["shard_size"]
         attrs = {**attrs, "rounds_planned": rounds}
@@ -247,7 +264,9 @@ class LabelStore:
                                      compressors=_codecs()))[:] = labels
         group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
-        arrays = {name: _array_meta_digest(name, _array_meta(tmp, name)) for name in ARRAYS}
+        if relpaths is not None:
+            _write_paths(group, relpaths)
+        arrays = {name: _array_meta_digest(name, _array_meta(tmp, name)) for name in ARRAYS if name in group}
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs), ARRAYS_KEY: arrays})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -255,14 +274,23 @@ class LabelStore:
         os.replace(tmp, path)
         return cls.open(path, mode="r+")
 
-    def _grow(self, rounds: int) -> None:
-        # Idempotent: a kill between these steps is completed by the next append.
-        for name in ("boxes", "flips", "ids", "probs", "done"):
-            arr = self.group[name]
-            arr.resize((rounds, *arr.shape[1:]))
-            fault_point("append")
-        self.attrs["rounds_planned"] = rounds
-        self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+    def _resize(self, rounds: int) -> None:
+        """Plan ``rounds`` rounds. Growing resizes the arrays, then records the plan; shrinking
+        records the plan, then drops the rounds past it. Either way a kill in between leaves a
+        store whose plan its arrays hold, completed by the next command (a round's labels are a
+        pure function of the seed, so chunks left of a dropped round are still its labels)."""
+        def arrays():
+            for name in ("boxes", "flips", "ids", "probs", "done"):
+                arr = self.group[name]
+                arr.resize((rounds, *arr.shape[1:]))
+                fault_point("append")
+
+        def plan():
+            self.attrs["rounds_planned"] = rounds
+            self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: _digest(self.attrs)})
+
+        for step in (arrays, plan) if rounds > self.rounds_planned else (plan, arrays):
+            step()
 
     @property
     def digest(self) -> str:
@@ -300,34 +328,44 @@ class LabelStore:
             return done.get_orthogonal_selection((slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
         except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
             raise StoreError(f"{self.path}: the shards' done marks (array `done`) cannot be read ({type(e).__name__}: "
-                             f"{e}); the store is damaged. Delete the damaged files under {self.path / 'done'} "
-                             f"and re-run the store's `mealv2 label` command: their shards are labelled "
-                             f"again") from e
+                             f"{e}); the store is damaged: re-run the store's `mealv2 label` command, which "
+                             f"drops damaged marks and labels their shards again:\n  {self.label_command()}") from e
 
     @property
     def id_dtype(self) -> np.dtype:
         return self.group["ids"].dtype
 
-    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs) -> None:
+    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None) -> None:
         """Write one shard's data, then mark it complete (never the other way round).
 
         ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
-        another round already completed must have read the same bytes."""
+        another round already completed must have read the same bytes (``names``: the images'
+        paths, to name a changed one)."""
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
         if self.group["done"][:, shard].any():     # R marks, not the whole array
-            self._check_same_images(a, crcs)
+            changed = np.flatnonzero(self.group["crc32c"][a:b] != crcs)
+            if len(changed):
+                raise self.images_changed(a + changed, crcs[changed], names)
         else:
             _writable(self.group["crc32c"])[a:b] = crcs
         keys = self._chunk_keys(round_, [shard])
         folders = _folders_to_sync(self.path, keys)
-        for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
-            if i:
-                fault_point("chunk_write")     # some of the shard's arrays written, not all
-            _writable(self.group[name])[round_, a:b] = values
-        if self.fsync:   # as a database before its commit record: a shard marked done has its data
-            with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
-                list(pool.map(_fsync, [self.path / key for key in keys] + folders))
+        writing = self.path
+        try:
+            for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
+                writing = self.path / name
+                if i:
+                    fault_point("chunk_write")     # some of the shard's arrays written, not all
+                _writable(self.group[name])[round_, a:b] = values
+            writing = self.path
+            if self.fsync:   # as a database before its commit record: a shard marked done has its data
+                with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
+                    list(pool.map(_fsync, [self.path / key for key in keys] + folders))
+        except OSError as e:   # zarr's and fsync's errors often name no file
+            raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {self.path} "
+                             f"({e.strerror or e}; {shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there); "
+                             f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
         _writable(self.group["done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
 
@@ -357,19 +395,49 @@ class LabelStore:
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
 
+    def relpaths(self) -> list[str] | None:
+        """The labelled images' relative paths, None for a store made before they were kept (or
+        whose copy is damaged: `verify` names it, `label` rewrites it)."""
+        try:
+            joined = self.group["paths"][:].tobytes().decode()
+        except Exception:   # absent (older store), or a damaged chunk
+            return None
+        return joined.split("\n") if self.num_images else []
+
+    def dataset_changes(self, relpaths: Sequence[str], show: int = 5) -> str:
+        """What differs between the images the store was labelled from and ``relpaths``, by path."""
+        stored = self.relpaths()
+        if stored is None:
+            return "(this store has no readable copy of its images' paths: the files that changed cannot be named)"
+        old, new = set(stored), set(relpaths)
+        gone, added = [p for p in stored if p not in new], [p for p in relpaths if p not in old]
+        lines = [f"{what} {len(found)} image(s): {', '.join(found[:show])}{', ...' if len(found) > show else ''}"
+                 for what, found in (("DATA lacks", gone), ("DATA adds", added)) if found]
+        if not lines:
+            moved = next((i for i, (a, b) in enumerate(zip(stored, relpaths)) if a != b), None)
+            lines.append(f"the same {len(stored)} paths, " + (f"in another order (first at #{moved}: {relpaths[moved]})"
+                         if moved is not None else "so their labels (classes) or image sizes differ"))
+        return "dataset changes since labelling: " + "; ".join(lines)
+
     def crcs(self) -> np.ndarray:
         """(N,) uint32: CRC32C of each image's bytes when it was labelled."""
         return self.group["crc32c"][:]
 
-    def _check_same_images(self, start: int, crcs: np.ndarray) -> None:
-        stored = self.group["crc32c"][start:start + len(crcs)]
-        changed = np.flatnonzero(stored != crcs)
-        if len(changed):
-            i = int(changed[0])
-            raise StoreError(f"{self.path}: {len(changed)} image(s) changed since earlier rounds were labelled "
-                             f"(first: image {start + i}, CRC32C {crcs[i]:08x}, the store has {stored[i]:08x}); "
-                             f"labels of one image must describe one set of pixels. Restore the images, or "
-                             f"label into a new --out")
+    def changed_images(self, crcs: np.ndarray) -> np.ndarray:
+        """Ids of the images whose bytes (``crcs``: every image's CRC32C) differ from those a completed
+        round labelled."""
+        labelled = np.repeat(self.done_mask().any(axis=0), self.shard_size)[:self.num_images]
+        return np.flatnonzero(labelled & (self.crcs() != np.asarray(crcs, dtype=np.uint32)))
+
+    def images_changed(self, ids: np.ndarray, crcs: np.ndarray, names=None) -> StoreError:
+        """The refusal of images ``ids`` (now ``crcs``) changed since labelled, by path when ``names``."""
+        stored = self.group["crc32c"].get_coordinate_selection(np.asarray(ids, dtype=np.int64))
+        first = [f"{names[i] if names is not None else f'image {i}'} (CRC32C {crc:08x}, the store has {old:08x})"
+                 for i, crc, old in list(zip(ids, crcs, stored))[:5]]
+        return StoreError(f"{self.path}: {len(ids)} image(s) changed since earlier rounds were labelled: "
+                          + ", ".join(first) + (", ..." if len(ids) > 5 else "")
+                          + "; labels of one image must describe one set of pixels. Restore the images, or "
+                            "label into a new --out")
 
     def missing_chunks(self, round_: int, done: np.ndarray) -> list[str]:
         """Data chunk files of round ``round_``'s completed shards (``done``: its row of marks)
@@ -405,13 +473,48 @@ class LabelStore:
         done = self.done_mask(shards) if done is None else done
         problems = [f"round {r} shard {shards[j]}: not complete (done/c/{r}/{shards[j]} unset)"
                     for r, j in zip(*np.nonzero(~done))]
+        return problems + [f"{key}: {problem}" for key, problem in self._bad_chunks(shards, done, threads).items()]
+
+    def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, str]:
+        """{chunk key: problem} over the data chunks of the completed shards among ``shards``."""
         keys = dict.fromkeys(key for r in range(done.shape[0]) for key in self._chunk_keys(r, shards[done[r]]))
-        if 0 in shards:   # the one chunk of the per-image labels goes with shard 0
-            keys[chunk_key("labels", 1, 0, 0)] = None
+        if 0 in shards:   # the one chunk of the per-image labels (and of the paths) goes with shard 0
+            keys.update(dict.fromkeys(chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group))
         with ThreadPoolExecutor(threads) as pool:
-            problems += [f"{key}: {problem}" for key, problem in zip(keys, pool.map(self._check_chunk, keys))
-                         if problem]
-        return problems
+            return {key: problem for key, problem in zip(keys, pool.map(self._check_chunk, keys)) if problem}
+
+    def repair(self, labels: np.ndarray, relpaths: Sequence[str] | None = None) -> list[str]:
+        """Undo the done marks of completed shards whose chunks are missing or damaged (what
+        :meth:`verify` finds), so labelling redoes exactly those shards, and rewrite damaged
+        per-image labels and paths; returns one line per repair. A damaged done mark counts as unset. A shard's
+        image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
+        the shard in every round. Call with the writer lock held."""
+        lines = [f"{key}: damaged done mark; its shard will be labelled again" for key in self._drop_damaged_marks()]
+        for key in self._bad_chunks(np.arange(self.num_shards), self.done_mask()):
+            array, _, *place = key.split("/")
+            if array == "labels":
+                _writable(self.group["labels"])[:] = labels
+            elif array == "paths" and relpaths is not None:
+                _write_paths(self.group, relpaths)
+            if array in ("labels", "paths"):
+                lines.append(f"{key}: damaged or missing; " + ("rewritten" if array == "labels" or relpaths
+                                                                 else "left (no paths given)"))
+                continue
+            shard = int(place[0] if array == "crc32c" else place[1])
+            rounds = range(self.rounds_planned) if array == "crc32c" else [int(place[0])]
+            for r in rounds:
+                self.group["done"][r, shard] = 0
+            lines.append(f"{key}: damaged or missing; shard {shard} of round(s) "
+                         f"{', '.join(map(str, rounds))} will be labelled again")
+        return lines
+
+    def _drop_damaged_marks(self) -> list[str]:
+        """Delete the done marks whose chunk file is damaged (a deleted mark reads as unset); their keys."""
+        keys = [str(f.relative_to(self.path)) for f in (self.path / "done" / "c").rglob("*") if f.is_file()]
+        bad = [key for key in keys if self._check_chunk(key)]
+        for key in bad:
+            (self.path / key).unlink()
+        return bad
 
     def _check_chunk(self, key: str) -> str | None:
         try:
@@ -424,6 +527,25 @@ class LabelStore:
             return "unreadable chunk (its CRC32C does not match its bytes: the file is damaged)"
         return None
 
+    def label_command(self) -> str:
+        """The `mealv2 label` command that makes this store as it is, from its attributes (DATA left to
+        fill): what repairs or completes it."""
+        a = self.attrs
+        crop = a["crop"]
+        flags = {"-t": ",".join(t["spec"] for t in a["teachers"]), "-o": str(self.path),
+                 "--rounds": a["rounds_planned"],
+                 "--res": crop["res"], "--scale": ",".join(map(repr, crop["scale"])),
+                 "--ratio": ",".join(map(repr, crop["ratio"])), "--crops-per-image": a["crops_per_image"],
+                 "--topk": a["topk"], "--temperature": a["temperature"], "--seed": a["seed"],
+                 "--shard-size": a["shard_size"], "--teacher-precision": a["teacher_precision"]}
+        words = ["mealv2", "label", "DATA"] + [w for flag, value in flags.items()
+                                               for w in (flag, shlex.quote(str(value)))]
+        if any("=" in t["spec"] and t["output_classes"] not in (None, a["classes"]) for t in a["teachers"]):
+            words += ["--classes", "FILE"]
+        if a["dataset"]["skipped"]:
+            words.append("--skip-bad")
+        return " ".join(words)
+
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
         partials = list(self.path.rglob("*.partial"))
@@ -435,7 +557,7 @@ class LabelStore:
 def _check_arrays(path: Path, digests: dict, rounds: int) -> None:
     """Every array's metadata as the store was made: an edited transpose order would replay permuted
     labels without a word, and a changed shape would fail epochs into a run."""
-    for name in ARRAYS:
+    for name in (*REQUIRED_ARRAYS, *(["paths"] if "paths" in digests else [])):
         meta = _array_meta(path, name)
         if digests.get(name) != _array_meta_digest(name, meta):
             raise StoreError(f"{path / name / 'zarr.json'}: array '{name}''s metadata (shape, chunks, codecs, "
@@ -449,19 +571,17 @@ def _check_arrays(path: Path, digests: dict, rounds: int) -> None:
 
 
 def acquire_writer_lock(path: str | Path) -> FileLock:
-    """Exclusive lock ``STORE.lock`` beside the store for the one writing job.
+    """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job
+    (common/locks.py): not inside it, since a new store is made elsewhere and renamed into place."""
+    return hold_lock(lock_path_beside(path), path, "label", StoreError)
 
-    It is an OS file lock: the kernel drops it when its holder dies, so a killed run
-    leaves no stale lock behind, while a second live writer is refused.
-    """
-    path = Path(path)
-    lock = FileLock(path.with_name(path.name + ".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise StoreError(f"{path} is being written by another `mealv2 label` process "
-                         f"(lock {lock.lock_file} is held); refusing to interleave writes") from None
-    return lock
+
+def _write_paths(group: zarr.Group, relpaths: Sequence[str]) -> None:
+    """The ``paths`` array: every image's relative path, UTF-8, joined by newlines, in one chunk."""
+    joined = np.frombuffer("\n".join(relpaths).encode(), dtype=np.uint8)
+    _writable(group.create_array("paths", shape=joined.shape, chunks=(max(len(joined), 1),), dtype="uint8",
+                                 fill_value=0, compressors=[ZstdCodec(level=9), Crc32cCodec()],
+                                 overwrite=True))[:] = joined
 
 
 def _folders_to_sync(root: Path, keys: list[str]) -> list[Path]:

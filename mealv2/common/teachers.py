@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,10 @@ from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INC
 from torch import nn
 
 from .crop_loader import View
+from .dataset import class_sources
+from .errors import MealV2Error
 from .faults import fault_point
-from .models import (ModelSpecError, create_timm_model, default_data_config, is_mealv2_checkpoint,
+from .models import (ClassCountError, ModelSpecError, create_timm_model, default_data_config, is_mealv2_checkpoint,
                      load_checkpoint_file, load_weights, model_from_mealv2_checkpoint, pretrained_cfg,
                      preview_classes, state_dict_sha256, unwrap_state_dict)
 from .runtime import Runtime
@@ -418,3 +421,16 @@ class Ensemble:
     def probs(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Weighted mean of the teachers' softmax(logits / T)."""
         return ensemble_probs(self.logits(views), [t.weight for t in self.teachers], self.temperature)
+
+
+@contextmanager
+def naming_extra_classes(data, index, state_dict_classes):
+    """A state-dict teacher with fewer outputs than DATA's classes (when --classes does not name
+    them): the dataset's classes are the suspects, a misspelt CSV label making a class of its own;
+    the refusal lists them and where the rarest come from."""
+    try:
+        yield
+    except ClassCountError as e:
+        if state_dict_classes is None and index.labelled and e.expected > e.found:
+            raise MealV2Error(f"{e}\n{class_sources(data, index, e.expected - e.found)}") from e
+        raise

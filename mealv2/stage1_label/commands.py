@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_options, crop_params, device_option,
-                                  loader_option, teacher_options, workers_option)
+                                  loader_option, teacher_options, trust_option, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
@@ -23,11 +23,13 @@ from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_opti
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True, help="Crops per teacher forward.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the crop sampler.")
 @click.option("--shard-size", type=POSITIVE, default=1024, show_default=True,
-              help="Images per shard: the unit of writing, resuming and splitting across ranks.")
+              help="Images per shard: the unit of writing, resuming and splitting across ranks (a shard's "
+                   "largest chunk may take up to 1 GiB).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
 @loader_option
 @device_option
 @workers_option
+@trust_option
 def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale,
           ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, loader, device, workers):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.

@@ -21,7 +21,7 @@ from ..common.cli_options import available_cores
 from ..common.crop_loader import CropRequest
 from ..common.loaders import describe, iterate, resolve
 from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index_shared, in_classes, refuse_nested, skipped_report
+from ..common.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
@@ -29,7 +29,8 @@ from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teachers, read_classes_file, read_teacher_classes, teacher_table
+from ..common.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file, read_teacher_classes,
+                               teacher_table)
 from .writer import DEPTH, ShardWriter
 
 
@@ -93,8 +94,23 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
             yield CropRequest(ids, boxes, flips)
 
 
+MAX_CHUNK_BYTES = 2**30   # a shard's chunk is held in RAM while labelled, and blosc takes at most 2 GiB
+
+
+def check_shard_size(cfg: LabelConfig) -> None:
+    """Refuse a --shard-size whose chunks (one per array and shard) could not be held and compressed."""
+    per_image = cfg.crops_per_image * max(8, 4 * cfg.topk, cfg.topk + 1)   # boxes; ids (int32 at most); probs
+    most = MAX_CHUNK_BYTES // per_image
+    if cfg.shard_size > most:
+        raise MealV2Error(f"--shard-size {cfg.shard_size}: a shard's largest chunk would take "
+                          f"{cfg.shard_size * per_image / 2**30:.1f} GiB ({per_image} bytes per image at "
+                          f"--crops-per-image {cfg.crops_per_image}, --topk {cfg.topk}), more than the 1 GiB a "
+                          f"chunk may; use at most {most} (default 1024)")
+
+
 def run_label(cfg: LabelConfig) -> LabelStore:
     refuse_nested(cfg.data, cfg.out, "--out")
+    check_shard_size(cfg)
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
@@ -105,8 +121,9 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
-        teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names,
-                                                stated_classes=stated)
+        with naming_extra_classes(cfg.data, index, names):
+            teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names,
+                                                    stated_classes=stated)
         if cfg.topk > len(classes):
             whose = "dataset's" if note is None else "teachers'"
             raise MealV2Error(f"--topk {cfg.topk} is larger than the {whose} {len(classes)} classes")
@@ -129,8 +146,12 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         lock = acquire_writer_lock(out) if info.is_main else None
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
-                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels)
+                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels,
+                                                    before_growing=lambda s: _check_unchanged(s, index, cfg),
+                                                    relpaths=index.relpaths)
                 store.remove_partial_writes()
+                for line in store.repairs:
+                    say(f"repair: {line}")
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(out, mode="r+")
@@ -146,6 +167,16 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                   f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
+    """Before appending rounds: refuse images changed since the store's rounds were labelled. Found
+    only when a shard is labelled again, the store would already plan the new rounds, and `train`
+    refuse it as incomplete, for one more read of the images' bytes."""
+    crcs = image_crcs(index, workers=max(cfg.workers, 8), progress=cfg.progress)
+    changed = store.changed_images(crcs)
+    if len(changed):
+        raise store.images_changed(changed, crcs[changed], index.relpaths)
 
 
 def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict] | MealV2Error:
@@ -186,7 +217,7 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
                disable=not cfg.progress or not info.is_main, desc=f"label {store.path.name}")
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
-    with ShardWriter(store, cfg.write_depth) as writer:   # its exit waits for the last shards' writes
+    with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes
         for batch in batches:
             fault_point("decode")      # a batch decoded, not yet labelled
             r, s, boxes, flips = plan.popleft()

@@ -60,17 +60,29 @@ def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CL
     return {classes[c]: round(float(counts[c] / counts.sum()), 4) for c in order if counts[c]}
 
 
-def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
-    """Problems found in the store (checksums, completion, missing chunks), and with ``data``
-    the teachers re-run on ``recompute`` random stored crops."""
+def store_problems(path) -> tuple[list[str], str | None]:
+    """Problems of the store itself (checksums, completion, missing chunks) and what repairs them:
+    the `mealv2 label` command that made it, which labels exactly those shards again."""
     try:
         store = LabelStore.open(path)
     except StoreError as e:
-        return [str(e)]
+        return [str(e)], None
     problems = store.verify()
+    if not problems:
+        return [], None
+    return problems, (f"repair: re-run the `mealv2 label` command that made {store.path}; it labels again "
+                      f"exactly the shards named above (DATA is the dataset it was made from; --batch-size, "
+                      f"--workers and --device may differ):\n  {store.label_command()}")
+
+
+def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
+    """Problems found in the store (:func:`store_problems`), and with ``data`` the teachers re-run
+    on ``recompute`` random stored crops."""
+    problems, _ = store_problems(path)
     if data is None or problems:
         return problems
-    from ..common.dataset import build_index
+    store = LabelStore.open(path)
+    from ..common.dataset import build_index, image_crcs
     from ..common.runtime import Runtime
     from ..common.teachers import load_teacher
 
@@ -78,7 +90,11 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     a = store.attrs
     if index.fingerprint != a["dataset"]["fingerprint"]:
         return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
-                           f"store's {a['dataset']['fingerprint'][:16]}"]
+                           f"store's {a['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}"]
+    crcs = image_crcs(index)
+    changed = store.changed_images(crcs)
+    if len(changed):   # what `train` refuses as it reads them
+        return problems + [str(store.images_changed(changed, crcs[changed], index.relpaths))]
     # The teachers as recorded: their spec, the --res and the class names they were labelled with, mapped
     # onto the store's classes (the dataset's, which the fingerprint covers, or the teachers').
     teachers = [load_teacher(t["spec"], a["classes"], t["res"], stated_classes=t["output_classes"])

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, device_option
-from .report import store_summary, verify_store
+from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, device_option, trust_option
+from .report import store_problems, store_summary, verify_store
 
 
 @click.command()
@@ -47,11 +47,16 @@ def inspect(store, as_json):
 @click.option("--tolerance", type=NON_NEGATIVE, default=0.02, show_default=True,
               help="Largest allowed |stored - recomputed| probability.")
 @device_option
+@trust_option
 def verify(store, data, recompute, tolerance, device):
     """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
-    problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
+    problems, fix = store_problems(store)
+    if not problems and data:
+        problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
     if problems:
         for p in problems:
             click.echo(f"PROBLEM {p}", err=True)
+        if fix:
+            click.echo(fix, err=True)
         raise SystemExit(1)
     click.echo(f"{store}: OK")

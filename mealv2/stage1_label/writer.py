@@ -23,12 +23,13 @@ class ShardWriter:
     """``with ShardWriter(store) as w: w.submit(round, shard, boxes, flips, ids, probs, crcs)``.
 
     ``depth`` 0 writes each shard in the caller's thread, as the labeller did before (what the
-    background writer saves is measured against it: `mealv2 bench label`)."""
+    background writer saves is measured against it: `mealv2 bench label`). ``names``: the images'
+    paths, by which ``write_shard`` names a changed image."""
 
-    def __init__(self, store: LabelStore, depth: int = DEPTH):
+    def __init__(self, store: LabelStore, depth: int = DEPTH, *, names=None):
         if depth < 0:
             raise MealV2Error(f"shard writer depth {depth}: expected 0 (write in the loop) or more shards in flight")
-        self.store, self.depth = store, depth
+        self.store, self.depth, self.names = store, depth, names
         self._slots = threading.Semaphore(max(depth, 1))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -66,7 +67,7 @@ class ShardWriter:
 
     def _write(self, round_: int, shard: int, arrays) -> None:
         try:
-            self.store.write_shard(round_, shard, *arrays)
+            self.store.write_shard(round_, shard, *arrays, names=self.names)
         except MealV2Error as e:
             self._error = e
         except OSError as e:   # a full disk, a read-only or vanished store

@@ -1,11 +1,17 @@
 """`mealv2 train`."""
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+from pathlib import Path
+
 import click
 from click.core import ParameterSource
 
 from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, crop_options,
-                                  crop_params, device_option, loader_option, teacher_options, workers_option)
+                                  crop_params, device_option, loader_option, teacher_options, trust_option,
+                                  workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 
@@ -65,6 +71,7 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events to RUN/tensorboard.")
 @click.option("--dry-run", is_flag=True,
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
+@trust_option
 @click.pass_context
 def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_classes, teacher_check,
           teacher_precision,
@@ -97,7 +104,7 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
         raise click.UsageError("--pretrained and --init both set the starting weights; give one")
     given = tuple(name for name in CROP_FLAGS
                   if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
-    run_train(TrainConfig(
+    _run(TrainConfig(
         data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
         classes_file=classes_file, teacher_classes=teacher_classes, teacher_check=teacher_check,
         teacher_precision=teacher_precision,
@@ -108,3 +115,16 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
         d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup, val=val,
         pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,
         seed=seed, compile=compile_, tensorboard=tensorboard, dry_run=dry_run))
+
+
+def _run(cfg: TrainConfig) -> None:
+    """Run ``cfg``; on Ctrl-C, say how to continue from the last checkpoint (the user will want to)."""
+    try:
+        run_train(cfg)
+    except KeyboardInterrupt:
+        last = Path(cfg.out) / "last.pt"
+        if last.is_file() and not cfg.dry_run and os.environ.get("RANK", "0") == "0":   # once, not per rank
+            args = [a for a in sys.argv[1:] if a != "--resume"]
+            click.echo(f"\nmealv2 train: interrupted; {last} holds the last finished epoch. Continue the run "
+                       f"with:\n  {shlex.join(['mealv2', *args, '--resume'])}", err=True)
+        raise

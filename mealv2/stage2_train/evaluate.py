@@ -23,7 +23,7 @@ import click
 import timm
 
 from ..common import models as M
-from ..common.cli_options import POSITIVE, LocalPath, device_option, workers_option
+from ..common.cli_options import POSITIVE, LocalPath, device_option, trust_option, workers_option
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.runtime import Runtime
@@ -147,6 +147,7 @@ class _Null:
 @device_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@trust_option
 def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
@@ -158,7 +159,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
     names = read_classes_file(classes_file) if classes_file else None
     loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names)
     # Outputs mapped by name onto DATA's classes, as for teachers; DATA may hold fewer (scored among its own).
-    order = class_order(loaded.classes, index, str(checkpoint)) if loaded.classes is not None else None
+    # The classes are DATA's to answer for: the checkpoint's are what it was trained on.
+    order = class_order(loaded.classes, index, f"DATA {data}") if loaded.classes is not None else None
     res = res or loaded.res
     if res is None:
         raise EvalError(f"{checkpoint} is a state dict, which does not record the resolution it was trained at; "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath
+from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, trust_option
 from ..common.errors import MealV2Error
 from .evaluate import EvalError, LoadedModel, load_model
 
@@ -191,6 +191,7 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path, res: int, source: str
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: torch's).")
 @click.option("--tolerance", type=NON_NEGATIVE, default=1e-3, show_default=True,
               help="Largest allowed |exported - PyTorch| logit difference, relative to max(1, max |logit|).")
+@trust_option
 def export(checkpoint, fmt, out, arch, res, opset, tolerance):
     """Export CHECKPOINT (a mealv2 checkpoint, or a timm / MEAL V2 state dict with -a ARCH) and
     check the exported model's logits against PyTorch's on a random batch."""

@@ -51,8 +51,8 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
     problems = [p for _, rank_problems in found for p in rank_problems]
     if problems:
         raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
-                          + f"\n`mealv2 verify {store.path}` lists every problem; re-label with the store's "
-                          f"`mealv2 label` command")
+                          + f"\n`mealv2 verify {store.path}` lists every problem; the `mealv2 label` command that "
+                          f"made the store labels exactly those shards again:\n  {store.label_command()}")
     stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
     # The res is not among them: it is the student's, and the stored boxes are relative, so they render at any res.
     for name, (spelled, value) in (given or {}).items():
@@ -87,7 +87,8 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
         raise MealV2Error(f"{store.path} was labelled from a dataset with fingerprint "
                           f"{a['dataset']['fingerprint'][:16]} ({a['dataset']['num_images']} images), DATA {data} "
                           f"has fingerprint {index.fingerprint[:16]} ({len(index)} images); train on the data "
-                          f"the store was made from, or label this data with `mealv2 label`")
+                          f"the store was made from, or label this data with `mealv2 label`\n  "
+                          + store.dataset_changes(index.relpaths))
     return classes, note
 
 

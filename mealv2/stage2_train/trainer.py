@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,12 +59,14 @@ from ..common.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error, require_finite
 from ..common.faults import fault_point
 from ..common.loaders import describe, resolve
+from ..common.locks import check_writable, hold_lock
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                              save_checkpoint, unwrap_state_dict)
 from ..common.runtime import Runtime
 from ..common.store import LabelStore
 from ..common.teacher_check import check_teachers
-from ..common.teachers import Ensemble, load_teacher, read_classes_file, read_teacher_classes, teacher_table
+from ..common.teachers import (Ensemble, load_teacher, naming_extra_classes, read_classes_file, read_teacher_classes,
+                               teacher_table)
 from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
 from .replay import check_store_matches, check_student_res, data_index, open_checked_store
@@ -312,8 +316,41 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
     refuse_nested(cfg.data, cfg.out, "--out")
-    with distributed(cfg.device) as (info, device):
+    with distributed(cfg.device) as (info, device), run_folder(cfg, info):
         return _train(cfg, info, device)
+
+
+RUN_LOCK = "train.lock"
+
+
+@contextmanager
+def run_folder(cfg: TrainConfig, info: DistInfo):
+    """The run folder, writable and locked for the run's life by the one process that writes it
+    (rank 0): two runs into one --out would delete each other's temp files and mix their
+    checkpoints. The lock (common/locks.py) lives inside the folder, so every path to it shares
+    it; --dry-run checks the folder can be written and is not in use, and makes nothing. A refused
+    run leaves no folder it made."""
+    run = Path(cfg.out)
+    if not info.is_main:
+        yield
+        return
+    check_writable(run, "--out")
+    lock_file = Path(os.path.realpath(run)) / RUN_LOCK
+    if cfg.dry_run:
+        if lock_file.exists():
+            hold_lock(lock_file, run, "train", record=False).release()
+        yield
+        return
+    made = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(lock_file, run, "train")
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and [p.name for p in run.iterdir()] == [RUN_LOCK]:
+            lock_file.unlink(missing_ok=True)
+            run.rmdir()
 
 
 def check_mix_pairs(cfg: TrainConfig, per_step: int, crops_per_image: int, world_size: int) -> None:
@@ -386,8 +423,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     if cfg.mode == "online":
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
-        teachers = [load_teacher(spec, classes, crop.res, names, stated_classes=stated.get(i))
-                    for i, spec in enumerate(cfg.teachers, 1)]
+        with naming_extra_classes(cfg.data, index, names):
+            teachers = [load_teacher(spec, classes, crop.res, names, stated_classes=stated.get(i))
+                        for i, spec in enumerate(cfg.teachers, 1)]
         say(teacher_table(teachers, crop.res))
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
         if checkpoint is None:

@@ -46,7 +46,8 @@ def class_order(model_classes, index: DatasetIndex, where: str) -> torch.Tensor 
     unknown = [c for c in index.classes if c not in set(model_classes)]
     if unknown:
         raise MealV2Error(f"{where} has class(es) {preview_classes(unknown)} that the model does not know; its "
-                          f"{len(model_classes)} classes are {preview_classes(model_classes)}")
+                          f"{len(model_classes)} classes are {preview_classes(model_classes)}. Score it on data of "
+                          f"the model's classes (a misspelt class name or folder?)")
     return output_index(model_classes, index.classes, where, extra_ok=True)
 
 
