@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 # Tiny models on 2 shared cores: extra OpenMP threads only contend (measured ~100x slower per
 # step under load). Set before torch is imported, so in-process and CLI subprocesses agree.
@@ -109,7 +110,6 @@ def labelled(tiny_data, tmp_path_factory):
     """tiny_data labelled through the CLI: 2 rounds x 2 crops at 32 px by a random test_resnet;
     shared by the session: copy the store before changing it."""
     import timm
-    from types import SimpleNamespace
 
     work = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
@@ -154,3 +154,22 @@ def train_outside_mealv2(data: Path, out: Path, class_order: list[str], mean, st
             opt.step()
     torch.save(model.state_dict(), out)
     return out
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """``run_cli`` without a new interpreter (seconds saved per call), for commands that are refused
+    or do little; runs that are killed or need fault injection stay subprocesses."""
+    from mealv2.cli import main
+
+    def call(*args):
+        capsys.readouterr()
+        monkeypatch.setattr("sys.argv", ["mealv2", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call

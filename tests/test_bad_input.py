@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 
 from conftest import make_image_dataset, run_cli
-from mealv2.cli import main
 from mealv2.common.dataset import build_index
 from mealv2.common.store import LabelStore
 
@@ -48,18 +47,11 @@ class Result:
 
 
 @pytest.fixture
-def mealv2(monkeypatch, capsys):
+def mealv2(in_process):
     """Run ``mealv2 ARGS`` in this process; returns its exit status, stdout and stderr."""
     def call(*args) -> Result:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["mealv2", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
+        r = in_process(*args)
+        return Result(r.returncode, r.stdout, r.stderr)
     return call
 
 

@@ -35,27 +35,6 @@ def setup(tmp_path_factory):
     return root, data, ",".join(teachers)
 
 
-@pytest.fixture
-def in_process(monkeypatch, capsys):
-    """``run_cli`` without a new interpreter (seconds saved per call), for commands that are refused
-    or do little; runs that are killed or need fault injection stay subprocesses."""
-    from types import SimpleNamespace
-
-    from mealv2.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        monkeypatch.setattr("sys.argv", ["mealv2", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return call
-
-
 def label_args(data, teachers, out, rounds=3):
     return ["label", str(data), "-t", teachers, "-o", str(out), "--rounds", str(rounds),
             "--crops-per-image", "2", "--res", "32", "--topk", "2", "--shard-size", "2",
