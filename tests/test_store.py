@@ -14,7 +14,7 @@ import pytest
 import zarr
 from filelock import FileLock
 
-from mealv2.common.store import (ARRAYS, ARRAYS_KEY, DIGEST_KEY, FORMAT, VERSION, LabelStore, StoreError,
+from mealv2.common.store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
                                  acquire_writer_lock, chunk_key)
 from mealv2.common.targets import PROB_LEVELS
 
@@ -272,7 +272,17 @@ def test_digest_covers_the_mealv2_attributes(store):
     meta = json.loads((store.path / "zarr.json").read_text())["attributes"]
     assert set(meta) == {"mealv2", DIGEST_KEY, ARRAYS_KEY}
     assert len(meta[DIGEST_KEY]) == 64
-    assert set(meta[ARRAYS_KEY]) == set(ARRAYS) == {p.parent.name for p in store.path.glob("*/zarr.json")}
+    assert set(meta[ARRAYS_KEY]) == set(REQUIRED_ARRAYS) == {p.parent.name for p in store.path.glob("*/zarr.json")}
+
+
+def test_the_paths_array_is_covered_too(tmp_path):
+    """A store made with its images' paths (what `label` makes) has their array's metadata in the checksums."""
+    store = LabelStore.create_or_resume(tmp_path / "s", _attrs(), 2, np.arange(N) % 7,
+                                        relpaths=[f"c/{i}.jpg" for i in range(N)])
+    assert "paths" in json.loads((store.path / "zarr.json").read_text())["attributes"][ARRAYS_KEY]
+    _edit_array_meta(store.path, "paths", lambda m: m.update(fill_value=1))
+    with pytest.raises(StoreError, match=r"array 'paths''s metadata .*was changed after the store was made"):
+        LabelStore.open(store.path)
 
 
 def _edit_array_meta(path, name, edit) -> None:
@@ -319,7 +329,7 @@ def test_missing_or_damaged_array_metadata_is_a_clear_error(store, damage, says)
 
 
 def test_whitespace_and_an_interrupted_append_keep_the_metadata_valid(store):
-    for name in ARRAYS:   # the same content, other bytes: nothing that shapes a label changed
+    for name in REQUIRED_ARRAYS:   # the same content, other bytes: nothing that shapes a label changed
         _edit_array_meta(store.path, name, lambda m: None)
     assert LabelStore.open(store.path).rounds_planned == 2
     store.group["boxes"].resize((3, N, C, 4))   # an append killed after its first resize
