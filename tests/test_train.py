@@ -318,6 +318,8 @@ def test_model_ema_is_validated_saved_and_chosen_by_eval_and_export(labelled, tm
     plain = invoke("eval", val, "--checkpoint", labelled.work / "teacher.pth", "-a", "test_resnet", "--res", 32,
                    "--ema")
     assert "is a plain state dict, which has none: leave --ema out" in str(plain.exception)
+    timm_weights = invoke("eval", val, "-a", "test_resnet", "--pretrained", "--ema")
+    assert "-a test_resnet --pretrained (timm's weights) has none: leave --ema out" in str(timm_weights.exception)
     bare = invoke("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", tmp_path / "x",
                   "--model-ema-decay", 0.9, *FAST)
     assert bare.exit_code == 2 and "--model-ema-decay applies with --model-ema only" in bare.output

@@ -71,8 +71,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     if checkpoint is not None and pretrained:
         raise EvalError("--pretrained loads timm's weights and --checkpoint loads a file: give one of them")
     if ema and checkpoint is None:
-        raise EvalError(f"--ema picks the EMA weights of a mealv2 checkpoint of `mealv2 train --model-ema`; "
-                        f"-a {arch} --pretrained (timm's weights) has none: leave --ema out")
+        raise _no_ema(f"-a {arch} --pretrained (timm's weights)")
     if checkpoint is None:
         if not arch:
             raise EvalError("name the model: --checkpoint FILE (a mealv2 checkpoint, or a state dict "
@@ -109,8 +108,7 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
                            tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint", ema)
 
     if ema:
-        raise EvalError(f"--ema picks the EMA weights of a mealv2 checkpoint of `mealv2 train --model-ema`; "
-                        f"{checkpoint} is a plain state dict, which has none: leave --ema out")
+        raise _no_ema(f"{checkpoint} is a plain state dict, which")
     if not arch:
         raise EvalError(f"{checkpoint} is not a mealv2 checkpoint; for a timm or MEAL V2 state dict "
                         f"name its architecture with -a ARCH")
@@ -128,6 +126,11 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     if state_dict_classes is not None and len(state_dict_classes) != n:
         raise EvalError(f"--classes names {len(state_dict_classes)} classes, {checkpoint} has {n} outputs")
     return LoadedModel(model.eval(), arch, n, state_dict_classes, None, mean, std, "state-dict")
+
+
+def _no_ema(what: str) -> EvalError:
+    return EvalError(f"--ema picks the EMA weights of a mealv2 checkpoint of `mealv2 train --model-ema`; "
+                     f"{what} has none: leave --ema out")
 
 
 class _Null:
