@@ -57,8 +57,8 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
               help="Also keep an exponential moving average of the weights (timm's ModelEmaV3), validated beside "
                    "them (val_ema_* in metrics.csv) and saved in the checkpoints (`eval --ema`, `export --ema`).")
 @click.option("--model-ema-decay", type=FiniteFloat(0, 1, max_open=True), default=0.9998, show_default=True,
-              help="With --model-ema: the share of the average kept per step (timm's default; a short run wants "
-                   "about 1 - 10 / its steps).")
+              help="With --model-ema: the share of the average kept per step; it averages over about 1 / (1 - D) "
+                   "steps (timm's default: 5,000; a short run wants a few percent of its steps).")
 @click.option("--val", type=LocalPath(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
 @click.option("--init", type=LocalPath(exists=True), help="Start from a checkpoint or state dict.")

@@ -139,8 +139,8 @@ class TrainConfig:
                        model_ema_decay=self.model_ema_decay)
         if not 0 <= self.model_ema_decay < 1:
             raise MealV2Error(f"--model-ema-decay {self.model_ema_decay:g}: the EMA keeps this share of its weights "
-                              f"per update, so it must be in [0, 1) (timm's default 0.9998 suits ~10^5+ updates; "
-                              f"a short run wants about 1 - 10 / its number of updates)")
+                              f"per update, so it must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's "
+                              f"default 0.9998 over 5,000; a short run wants a few percent of its updates)")
 
     @property
     def mode(self) -> str:
