@@ -327,6 +327,19 @@ def test_model_ema_is_validated_saved_and_chosen_by_eval_and_export(labelled, tm
         TrainConfig(data="d", out="o", arch="a", hard_labels=True, model_ema=True, model_ema_decay=1.0)
 
 
+def test_model_ema_leaves_the_raw_run_as_it_was(labelled, tmp_path, monkeypatch):
+    from mealv2.stage2_train import validate
+
+    monkeypatch.setattr(validate, "CACHE_BYTES", 0)   # every validation reads the files through a DataLoader
+    val = make_image_dataset(tmp_path / "val", num_classes=3, per_class=2, seed=7)
+    runs = [config(labelled, tmp_path / str(ema), epochs=1, model_ema=ema, val=str(val)) for ema in (False, True)]
+    rows = [train(cfg) for cfg in runs]
+    assert [r[0]["loss"] for r in rows] == [rows[0][0]["loss"]] * 2 and rows[1][0]["val_ema_top1"] is not None
+    # torch's RNG (dropout, drop-path in later epochs) is where the run without EMA left it
+    plain, ema = (load_checkpoint_file(tmp_path / str(e) / "last.pt")["rng"][0]["torch"] for e in (False, True))
+    assert torch.equal(plain, ema)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_path):
     run = tmp_path / "run"

@@ -536,10 +536,14 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         if val_index is not None:
             scored = {"val": model, "val_ema": state.ema.module if state.ema else None}
             for prefix, weights in scored.items():
-                if weights is not None:
+                if weights is None:
+                    continue
+                # The EMA's pass leaves torch's RNG as it was (a DataLoader draws its seed from it), so
+                # --model-ema does not change the raw weights' run (dropout, drop-path).
+                with torch.random.fork_rng(devices=[], enabled=prefix == "val_ema"):
                     acc = validate(weights, val_index, crop.res, mean, std, runtime,
                                    max(1, cfg.batch_size // info.world_size), cfg.workers, info, val_order, val_decoded)
-                    row[f"{prefix}_top1"], row[f"{prefix}_top5"] = acc["top1"], acc["top5"]
+                row[f"{prefix}_top1"], row[f"{prefix}_top5"] = acc["top1"], acc["top5"]
         improved = row["val_top1"] is not None and row["val_top1"] > state.best_top1
         state.epoch, state.metrics = epoch + 1, state.metrics + [row]
         state.best_top1 = row["val_top1"] if improved else state.best_top1
