@@ -105,7 +105,8 @@ def config(labelled, out, **kw) -> TrainConfig:
 
 
 def test_resume_continues_exactly(labelled, tmp_path):
-    kw = dict(use_discriminator_loss=True, w_cutmix=True, mixup=0.2, cutmix_prob=0.5, lr=0.05, lr_step=2)
+    kw = dict(use_discriminator_loss=True, w_cutmix=True, mixup=0.2, cutmix_prob=0.5, lr=0.05, lr_step=2,
+              model_ema=True, model_ema_decay=0.5)
     straight = train(config(labelled, tmp_path / "straight", epochs=3, **kw))
     train(config(labelled, tmp_path / "resumed", epochs=2, **kw))
     with pytest.raises(MealV2Error, match="already holds a run"):
@@ -121,6 +122,8 @@ def test_resume_continues_exactly(labelled, tmp_path):
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6)
     for k, v in a["discriminator"].items():
         torch.testing.assert_close(b["discriminator"][k], v, rtol=0, atol=1e-6)
+    for k, v in a["model_ema"].items():   # the average continues where it stopped, at the same decay
+        torch.testing.assert_close(b["model_ema"][k], v, rtol=0, atol=1e-6)
     assert [float(r["loss"]) for r in read_metrics(tmp_path / "resumed")] == pytest.approx(
         [r["loss"] for r in straight], abs=1e-6)
 
@@ -146,12 +149,12 @@ def test_resume_names_every_setting_that_would_change_the_run(labelled, tmp_path
     run = tmp_path / "run"
     kw = dict(cos=True, use_discriminator_loss=True, lr=0.05, wd=1e-4)
     train(config(labelled, run, epochs=2, **kw))
-    changed = dict(kw, lr=0.1, wd=0.0, w_cutmix=True, mixup=0.2, use_discriminator_loss=False)
+    changed = dict(kw, lr=0.1, wd=0.0, w_cutmix=True, mixup=0.2, use_discriminator_loss=False, model_ema=True)
     with pytest.raises(MealV2Error) as refused:
         train(config(labelled, run, epochs=4, resume=True, dry_run=True, **changed))
     message = str(refused.value)
     for name, was, now in [("lr", 0.05, 0.1), ("wd", 0.0001, 0.0), ("w_cutmix", False, True), ("mixup", 0.0, 0.2),
-                           ("use_discriminator_loss", True, False), ("epochs", 2, 4)]:
+                           ("use_discriminator_loss", True, False), ("model_ema", False, True), ("epochs", 2, 4)]:
         assert f"{name}: the run has {was!r}, this command {now!r}" in message, message
     # Where things run may change; so may --epochs when the schedule does not depend on it (no --cos).
     assert train(config(labelled, run, epochs=2, resume=True, dry_run=True, workers=1, loader="torch", **kw)) == []
@@ -216,8 +219,9 @@ def test_store_mismatches_are_refused(labelled, tmp_path):
 @pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_loss_curve(labelled, tmp_path):
     straight = train(config(labelled, tmp_path / "straight", epochs=4, use_discriminator_loss=True, w_cutmix=True,
-                            lr=0.05))
-    flags = ["--epochs", 4, "--use-discriminator-loss", "--w-cutmix", "--lr", 0.05, *FAST]
+                            lr=0.05, model_ema=True, model_ema_decay=0.7))
+    flags = ["--epochs", 4, "--use-discriminator-loss", "--w-cutmix", "--lr", 0.05, "--model-ema", "--model-ema-decay",
+             0.7, *FAST]
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "mealv2.cli", "train", labelled.data, "--labels", labelled.store, "-a", "test_resnet",
             "-o", run, *flags]
@@ -237,6 +241,9 @@ def test_resume_after_a_kill_reproduces_the_loss_curve(labelled, tmp_path):
     rows = read_metrics(run)
     for key in ("epoch", "lr", "loss", "d_loss"):
         assert [float(r[key]) for r in rows] == pytest.approx([r[key] for r in straight], abs=1e-6), key
+    a, b = (load_checkpoint_file(p / "last.pt")["model_ema"] for p in (tmp_path / "straight", run))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6)
 
 
 def test_init_from_a_state_dict_and_tensorboard(labelled, tmp_path):
@@ -255,6 +262,70 @@ def test_init_from_a_state_dict_and_tensorboard(labelled, tmp_path):
                      init=str(labelled.work / "teacher.pth"), data=str(make_image_dataset(tmp_path / "four", 4))))
 
 
+def test_model_ema_is_validated_saved_and_chosen_by_eval_and_export(labelled, tmp_path):
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from mealv2.cli import cli as group
+
+    def invoke(*args):   # in this process: the commands' start-up is paid once
+        return CliRunner().invoke(group, [str(a) for a in args])
+
+    run, val = tmp_path / "run", make_image_dataset(tmp_path / "val", num_classes=3, per_class=4, seed=7)
+    r = invoke("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", run, "--epochs", 2,
+               "--lr", 0.2, "--model-ema", "--model-ema-decay", 0.6, "--val", val, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "weight EMA (timm's ModelEmaV3): decay 0.6 per step" in r.output and "EMA top1" in r.output
+    rows = read_metrics(run)
+    ckpt = load_checkpoint_file(run / "last.pt")
+    assert ckpt["train_config"]["model_ema"] and ckpt["model_ema"].keys() == ckpt["model"].keys()
+    assert any(not torch.equal(ckpt["model_ema"][k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
+    for weights, flags in (("val", []), ("val_ema", ["--ema"])):
+        e = invoke("eval", val, "--checkpoint", run / "last.pt", *flags, "--json", "--device", "cpu", "--workers", 1)
+        assert e.exit_code == 0, e.output
+        got = json.loads(e.output)
+        assert got["ema"] == bool(flags)
+        assert (got["top1"], got["top5"]) == (float(rows[-1][f"{weights}_top1"]), float(rows[-1][f"{weights}_top5"]))
+
+    x = invoke("export", run / "last.pt", "--format", "safetensors", "--ema")
+    assert x.exit_code == 0, x.output
+    with safe_open(str(run / "last.ema.safetensors"), framework="pt") as f:
+        assert f.metadata()["weights"] == "ema"
+        for k, v in ckpt["model_ema"].items():
+            assert torch.equal(f.get_tensor(k), v), k
+
+    del ckpt["model_ema"]   # as a run without --model-ema saves it
+    torch.save(ckpt, tmp_path / "raw.pt")
+    for cmd in (["eval", val, "--checkpoint", tmp_path / "raw.pt"], ["export", tmp_path / "raw.pt", "--format",
+                                                                    "safetensors"]):
+        refused = invoke(*cmd, "--ema")
+        assert isinstance(refused.exception, MealV2Error), refused.output
+        assert "raw.pt holds no EMA weights (its run was trained without --model-ema)" in str(refused.exception)
+    plain = invoke("eval", val, "--checkpoint", labelled.work / "teacher.pth", "-a", "test_resnet", "--res", 32,
+                   "--ema")
+    assert "is a plain state dict, which has none: leave --ema out" in str(plain.exception)
+    timm_weights = invoke("eval", val, "-a", "test_resnet", "--pretrained", "--ema")
+    assert "-a test_resnet --pretrained (timm's weights) has none: leave --ema out" in str(timm_weights.exception)
+    bare = invoke("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", tmp_path / "x",
+                  "--model-ema-decay", 0.9, *FAST)
+    assert bare.exit_code == 2 and "--model-ema-decay applies with --model-ema only" in bare.output
+    with pytest.raises(MealV2Error, match=r"--model-ema-decay 1: .* must be in \[0, 1\)"):
+        TrainConfig(data="d", out="o", arch="a", hard_labels=True, model_ema=True, model_ema_decay=1.0)
+
+
+def test_model_ema_leaves_the_raw_run_as_it_was(labelled, tmp_path, monkeypatch):
+    from mealv2.stage2_train import validate
+
+    monkeypatch.setattr(validate, "CACHE_BYTES", 0)   # every validation reads the files through a DataLoader
+    val = make_image_dataset(tmp_path / "val", num_classes=3, per_class=2, seed=7)
+    runs = [config(labelled, tmp_path / str(ema), epochs=1, model_ema=ema, val=str(val)) for ema in (False, True)]
+    rows = [train(cfg) for cfg in runs]
+    assert [r[0]["loss"] for r in rows] == [rows[0][0]["loss"]] * 2 and rows[1][0]["val_ema_top1"] is not None
+    # torch's RNG (dropout, drop-path in later epochs) is where the run without EMA left it
+    plain, ema = (load_checkpoint_file(tmp_path / str(e) / "last.pt")["rng"][0]["torch"] for e in (False, True))
+    assert torch.equal(plain, ema)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_path):
     run = tmp_path / "run"
@@ -263,7 +334,8 @@ def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_pa
     # MEALV2_CHECK_COLLECTIVES=cuda: every collective's tensor must have a backend in a CUDA run's group.
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
             "-m", "mealv2.cli", "train", labelled.data, "--labels", labelled.store, "-a", "test_resnet",
-            "-o", run, "--epochs", 2, "--use-discriminator-loss", "--val", val, *FAST]
+            "-o", run, "--epochs", 2, "--use-discriminator-loss", "--model-ema", "--model-ema-decay", 0.5, "--val", val,
+            *FAST]
     r = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=300,
                        env={**os.environ, **ONE_THREAD, "MEALV2_CHECK_COLLECTIVES": "cuda"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -275,6 +347,12 @@ def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_pa
     assert single.returncode == 0, single.stderr
     stats = json.loads(single.stdout)
     assert (float(rows[-1]["val_top1"]), float(rows[-1]["val_top5"])) == (stats["top1"], stats["top5"])
+    # The EMA weights too: their BatchNorm statistics are rank 0's, the ones last.pt keeps.
+    ema = cli("eval", val, "--checkpoint", run / "last.pt", "--ema", "--json", "--device", "cpu", "--workers", 1)
+    assert ema.returncode == 0, ema.stderr
+    stats = json.loads(ema.stdout)
+    assert stats["ema"] and (float(rows[-1]["val_ema_top1"]), float(rows[-1]["val_ema_top5"])) == (stats["top1"],
+                                                                                                   stats["top5"])
 
 
 def test_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch(tmp_path, monkeypatch):

@@ -157,9 +157,13 @@ def is_mealv2_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
 
-def model_from_mealv2_checkpoint(ckpt: dict, where: str) -> nn.Module:
+def model_from_mealv2_checkpoint(ckpt: dict, where: str, ema: bool = False) -> nn.Module:
+    """The checkpoint's student; ``ema``: the weight average `mealv2 train --model-ema` saves beside it."""
+    if ema and ckpt.get("model_ema") is None:
+        raise ModelSpecError(f"{where} holds no EMA weights (its run was trained without --model-ema); leave "
+                             f"--ema out to use its weights, or train with --model-ema")
     model = create_timm_model(ckpt["arch"], len(ckpt["classes"]), where=where)
-    load_weights(model, ckpt["model"], where)
+    load_weights(model, ckpt["model_ema" if ema else "model"], where)
     return model
 
 

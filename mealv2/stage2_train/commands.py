@@ -59,6 +59,12 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 @click.option("--cutmix-prob", type=FiniteFloat(0, 1), default=1.0, show_default=True)
 @click.option("--mixup", type=NON_NEGATIVE, default=0.0, show_default=True,
               help="Mixup Beta alpha (0 = off); on steps without CutMix.")
+@click.option("--model-ema", is_flag=True,
+              help="Also keep an exponential moving average of the weights (timm's ModelEmaV3), validated beside "
+                   "them (val_ema_* in metrics.csv) and saved in the checkpoints (`eval --ema`, `export --ema`).")
+@click.option("--model-ema-decay", type=FiniteFloat(0, 1, max_open=True), default=0.9998, show_default=True,
+              help="With --model-ema: the share of the average kept per step; it averages over about 1 / (1 - D) "
+                   "steps (timm's default: 5,000; a short run wants a few percent of its steps).")
 @click.option("--val", type=LocalPath(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
 @click.option("--init", type=LocalPath(exists=True), help="Start from a checkpoint or state dict.")
@@ -77,7 +83,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
           teacher_precision,
           temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,
           batch_size, lr, momentum, wd, opt, lr_step, cos,
-          warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, val, pretrained,
+          warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, model_ema,
+          model_ema_decay, val, pretrained,
           init, resume, loader, device, workers, seed, compile_, tensorboard, dry_run):
     """Train a timm student on DATA from a label store (--labels), dataset labels (--hard-labels)
     or teachers run online (--teachers).
@@ -100,6 +107,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and not teachers:
             raise click.UsageError(f"--{name.replace('_file', '').replace('_', '-')} applies to online mode "
                                    f"(--teachers) only")
+    if ctx.get_parameter_source("model_ema_decay") is not ParameterSource.DEFAULT and not model_ema:
+        raise click.UsageError("--model-ema-decay applies with --model-ema only")
     if pretrained and init:
         raise click.UsageError("--pretrained and --init both set the starting weights; give one")
     given = tuple(name for name in CROP_FLAGS
@@ -112,7 +121,8 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
         crop_given=given, min_res=min_res, ramp_start=ramp_start, ramp_end=ramp_end, res_step=res_step,
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
         lr_step=lr_step, cos=cos, warmup_epochs=warmup_epochs, use_discriminator_loss=use_discriminator_loss,
-        d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup, val=val,
+        d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup,
+        model_ema=model_ema, model_ema_decay=model_ema_decay, val=val,
         pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,
         seed=seed, compile=compile_, tensorboard=tensorboard, dry_run=dry_run))
 

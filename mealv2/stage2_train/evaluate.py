@@ -46,6 +46,7 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     kind: str                      # 'mealv2-checkpoint' | 'state-dict' | 'timm-pretrained'
+    ema: bool = False              # the checkpoint's EMA weights (--ema), not its raw ones
 
 
 def state_dict_num_classes(arch: str, state: dict) -> int | None:
@@ -61,13 +62,16 @@ def state_dict_num_classes(arch: str, state: dict) -> int | None:
 
 def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = False,
                num_classes: int | None = None, exportable: bool = False,
-               state_dict_classes: list[str] | None = None) -> LoadedModel:
+               state_dict_classes: list[str] | None = None, ema: bool = False) -> LoadedModel:
     """Build the model a command names. ``num_classes`` (DATA's) is checked, never imposed
     on a checkpoint: a mismatch raises EvalError naming both counts. ``state_dict_classes``
-    names a state dict's outputs in order (``--classes``)."""
+    names a state dict's outputs in order (``--classes``). ``ema``: a mealv2 checkpoint's EMA
+    weights (`train --model-ema`)."""
     config = timm.layers.set_layer_config(exportable=True) if exportable else _Null()
     if checkpoint is not None and pretrained:
         raise EvalError("--pretrained loads timm's weights and --checkpoint loads a file: give one of them")
+    if ema and checkpoint is None:
+        raise _no_ema(f"-a {arch} --pretrained (timm's weights)")
     if checkpoint is None:
         if not arch:
             raise EvalError("name the model: --checkpoint FILE (a mealv2 checkpoint, or a state dict "
@@ -99,10 +103,12 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
                             f"leave -a out or make it agree")
         classes = [str(c) for c in obj["classes"]]   # DATA's classes are matched to them by name
         with config:
-            model = M.model_from_mealv2_checkpoint(obj, str(checkpoint))
+            model = M.model_from_mealv2_checkpoint(obj, str(checkpoint), ema=ema)
         return LoadedModel(model.eval(), obj["arch"], len(classes), classes, int(obj["res"]),
-                           tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint")
+                           tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint", ema)
 
+    if ema:
+        raise _no_ema(f"{checkpoint} is a plain state dict, which")
     if not arch:
         raise EvalError(f"{checkpoint} is not a mealv2 checkpoint; for a timm or MEAL V2 state dict "
                         f"name its architecture with -a ARCH")
@@ -120,6 +126,11 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     if state_dict_classes is not None and len(state_dict_classes) != n:
         raise EvalError(f"--classes names {len(state_dict_classes)} classes, {checkpoint} has {n} outputs")
     return LoadedModel(model.eval(), arch, n, state_dict_classes, None, mean, std, "state-dict")
+
+
+def _no_ema(what: str) -> EvalError:
+    return EvalError(f"--ema picks the EMA weights of a mealv2 checkpoint of `mealv2 train --model-ema`; "
+                     f"{what} has none: leave --ema out")
 
 
 class _Null:
@@ -143,12 +154,13 @@ class _Null:
               help="A state dict's class names in output order, one per line (mapped by name onto DATA's).")
 @click.option("--norm", help="Normalisation, as a teacher spec's %NORM: imagenet, 0.5, clip, none, timm or "
                              "M:M:M/S:S:S. Default: the checkpoint's, timm's, or imagenet for a state dict.")
+@click.option("--ema", is_flag=True, help="Score the checkpoint's EMA weights (`train --model-ema`), not its raw ones.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @device_option
 @workers_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @trust_option
-def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_size, device, workers, as_json):
+def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, ema, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
 
@@ -157,7 +169,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
         raise EvalError(f"DATA {data} has no labels (a folder of loose images or a CSV without a 'label' column); "
                         f"eval needs a labelled set")
     names = read_classes_file(classes_file) if classes_file else None
-    loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names)
+    loaded = load_model(checkpoint, arch, pretrained, num_classes=len(index.classes), state_dict_classes=names,
+                        ema=ema)
     # Outputs mapped by name onto DATA's classes, as for teachers; DATA may hold fewer (scored among its own).
     # The classes are DATA's to answer for: the checkpoint's are what it was trained on.
     order = class_order(loaded.classes, index, f"DATA {data}") if loaded.classes is not None else None
@@ -173,11 +186,12 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, batch_
     result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
               "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
               "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),
-              "model": loaded.kind, "num_classes": loaded.num_classes,
+              "model": loaded.kind, "ema": loaded.ema, "num_classes": loaded.num_classes,
               "mean": list(mean), "std": list(std), "data": str(data)}
     if as_json:
         click.echo(json.dumps(result))
     else:
         source = checkpoint or f"timm pretrained {loaded.arch}"
+        source = f"{source}, EMA weights" if loaded.ema else source
         click.echo(f"{loaded.arch} ({source}) at {res}px on {result['num_images']} images of {data}")
         click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")

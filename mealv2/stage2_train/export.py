@@ -8,8 +8,9 @@ Files are written into a temporary folder next to ``--out`` and moved into place
 after that check, so a failed export never leaves a half-written or unchecked file.
 
 Each file records what a user needs to feed it: arch, class names (JSON; null for a plain
-state dict), num_classes, res, mean and std. ONNX keeps them in ``metadata_props``,
-TorchScript in the extra file ``mealv2.json``, safetensors in the header metadata. The
+state dict), num_classes, res, mean, std and weights ("ema" with ``--ema``, else "raw"). ONNX
+keeps them in ``metadata_props``, TorchScript in the extra file ``mealv2.json``, safetensors in
+the header metadata. The
 input is ``[batch, 3, res, res]`` float32, already normalised; ONNX's batch axis is dynamic.
 """
 from __future__ import annotations
@@ -37,13 +38,14 @@ class ExportError(EvalError):
     """The export failed or does not reproduce the PyTorch model's outputs."""
 
 
-def default_out(checkpoint: str | Path, fmt: str) -> Path:
-    """run/best.pt -> run/best.onnx, run/best.torchscript.pt, run/best.safetensors."""
+def default_out(checkpoint: str | Path, fmt: str, ema: bool = False) -> Path:
+    """run/best.pt -> run/best.onnx, run/best.torchscript.pt, run/best.safetensors; the EMA weights
+    to run/best.ema.onnx etc., so that exporting both keeps both."""
     p = Path(checkpoint)
     stem = p.stem if p.suffix in (".pt", ".pth", ".tar", ".bin", ".ckpt") else p.name
     if stem.endswith(".pth"):          # best.pth.tar
         stem = stem[:-4]
-    return p.with_name(stem + FORMATS[fmt])
+    return p.with_name(stem + (".ema" if ema else "") + FORMATS[fmt])
 
 
 def export_metadata(loaded: LoadedModel, res: int, source: str) -> dict[str, str]:
@@ -51,7 +53,8 @@ def export_metadata(loaded: LoadedModel, res: int, source: str) -> dict[str, str
     return {"mealv2_format": "mealv2-export", "mealv2_format_version": "1", "arch": loaded.arch,
             "classes": json.dumps(loaded.classes), "num_classes": str(loaded.num_classes),
             "res": str(int(res)), "mean": json.dumps(list(loaded.mean)),
-            "std": json.dumps(list(loaded.std)), "source": Path(source).name}
+            "std": json.dumps(list(loaded.std)), "source": Path(source).name,
+            "weights": "ema" if loaded.ema else "raw"}
 
 
 # ---------------------------------------------------------------- writers and readers
@@ -184,26 +187,30 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path, res: int, source: str
 @click.argument("checkpoint", type=LocalPath(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), required=True, help="Output format.")
 @click.option("--out", "-o", type=LocalPath(dir_okay=False),
-              help="Output file. Default: CHECKPOINT with the suffix .onnx, .torchscript.pt or .safetensors.")
+              help="Output file. Default: CHECKPOINT with the suffix .onnx, .torchscript.pt or .safetensors "
+                   "(.ema.onnx etc. with --ema).")
 @click.option("-a", "--arch", help="timm architecture of a plain state dict (optional for a mealv2 checkpoint).")
 @click.option("--res", type=POSITIVE, default=None,
               help="Input resolution of the export and the check. Default: the checkpoint's (required for a state dict).")
+@click.option("--ema", is_flag=True,
+              help="Export the checkpoint's EMA weights (`train --model-ema`), not its raw ones.")
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: torch's).")
 @click.option("--tolerance", type=NON_NEGATIVE, default=1e-3, show_default=True,
               help="Largest allowed |exported - PyTorch| logit difference, relative to max(1, max |logit|).")
 @trust_option
-def export(checkpoint, fmt, out, arch, res, opset, tolerance):
+def export(checkpoint, fmt, out, arch, res, ema, opset, tolerance):
     """Export CHECKPOINT (a mealv2 checkpoint, or a timm / MEAL V2 state dict with -a ARCH) and
     check the exported model's logits against PyTorch's on a random batch."""
-    loaded = load_model(checkpoint, arch, exportable=fmt != "safetensors")
+    loaded = load_model(checkpoint, arch, exportable=fmt != "safetensors", ema=ema)
     res = res or loaded.res
     if res is None:
         raise ExportError(f"{checkpoint} is a state dict, which does not record its resolution; pass --res")
-    out = Path(out) if out else default_out(checkpoint, fmt)
+    out = Path(out) if out else default_out(checkpoint, fmt, ema)
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise ExportError(f"--out {out} is the checkpoint itself; choose another path")
     diff = export_model(loaded, fmt, out, res, checkpoint, opset=opset, tolerance=tolerance)
-    click.echo(f"wrote {out} ({fmt}: {loaded.arch}, {loaded.num_classes} classes, input "
+    weights = ", EMA weights" if ema else ""
+    click.echo(f"wrote {out} ({fmt}: {loaded.arch}{weights}, {loaded.num_classes} classes, input "
                f"[batch, 3, {res}, {res}] normalised with mean {list(loaded.mean)} std {list(loaded.std)})")
     click.echo(f"max abs difference of logits vs PyTorch on a random batch of {CHECK_BATCH}: {diff:.3g} "
                f"(tolerance {tolerance:g} x max(1, max |logit|))")

@@ -47,6 +47,7 @@ from pathlib import Path
 import timm.optim
 import timm.scheduler
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -120,6 +121,8 @@ class TrainConfig:
     cutmix_alpha: float = 1.0
     cutmix_prob: float = 1.0
     mixup: float = 0.0
+    model_ema: bool = False             # keep ModelEmaV3 weights beside the raw ones (timm's --model-ema)
+    model_ema_decay: float = 0.9998     # timm train.py's default
     val: str | None = None
     pretrained: bool = False
     init: str | None = None
@@ -136,7 +139,12 @@ class TrainConfig:
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
-                       d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup)
+                       d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup,
+                       model_ema_decay=self.model_ema_decay)
+        if not 0 <= self.model_ema_decay < 1:
+            raise MealV2Error(f"--model-ema-decay {self.model_ema_decay:g}: the EMA keeps this share of its weights "
+                              f"per update, so it must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's "
+                              f"default 0.9998 over 5,000; a short run wants a few percent of its updates)")
 
     @property
     def mode(self) -> str:
@@ -172,6 +180,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     disc: nn.Module | None = None       # DDP-wrapped when distributed
     d_optimizer: torch.optim.Optimizer | None = None
+    ema: ModelEmaV3 | None = None       # --model-ema: updated after every optimizer step
     epoch: int = 0                      # next epoch to run
     metrics: list[dict] = field(default_factory=list)
     best_top1: float = -1.0
@@ -180,7 +189,8 @@ class TrainState:
         return {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "metrics": self.metrics,
                 "best_top1": self.best_top1, "rng": info.gather_object(_rng_state()),
                 "discriminator": _bare(self.disc).state_dict() if self.disc else None,
-                "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None}
+                "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer else None,
+                "model_ema": self.ema.module.state_dict() if self.ema else None}
 
     def restore(self, ckpt: dict, info: DistInfo) -> None:
         load_weights(self.model, ckpt["model"], "--resume checkpoint")
@@ -188,6 +198,8 @@ class TrainState:
         if self.disc is not None:
             _bare(self.disc).load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
+        if self.ema is not None:
+            load_weights(self.ema.module, ckpt["model_ema"], "--resume checkpoint's EMA weights")
         self.epoch, self.metrics, self.best_top1 = ckpt["epoch"], ckpt["metrics"], ckpt["best_top1"]
         mine = ckpt["rng"][info.rank % len(ckpt["rng"])]  # a rank of its own if the world size is unchanged
         torch.set_rng_state(mine["torch"])
@@ -285,6 +297,9 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
         if ensemble is not None:
             target = ensemble.probs([views[i] for i in teacher_views])
         loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
+        if state.ema is not None:
+            # The decay is a function of the update count (timm's train.py passes it too): resume stays exact.
+            state.ema.update(state.model, step=update + 1)
         fault_point("train_step")
         bad = ~torch.isfinite(loss if d_loss is None else loss + d_loss)
         first_bad = torch.where(bad & (first_bad < 0), update, first_bad)
@@ -453,6 +468,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     forward = _ddp(model, info, device)
     forward = torch.compile(forward) if cfg.compile else forward
     state = TrainState(model=model, forward=forward, optimizer=optimizer)
+    if cfg.model_ema:
+        # A copy of the bare student on its device and memory format: its first update copies the weights.
+        state.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
     if cfg.use_discriminator_loss:
         disc = Discriminator(len(classes)).to(device)
         state.disc = _ddp(disc, info, device)
@@ -471,11 +489,18 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
                               epoch, cfg, len(classes), ensemble, info, runtime, objective)
         steps_per_rank = row.pop("steps_per_rank")
         check_finite(state.model, row.pop("first_nonfinite_update"), epoch, len(loader), scheduler, run, info)
-        row["val_top1"] = row["val_top5"] = None
+        row["val_top1"] = row["val_top5"] = row["val_ema_top1"] = row["val_ema_top5"] = None
         if val_index is not None:
-            acc = validate(model, val_index, crop.res, mean, std, runtime, max(1, cfg.batch_size // info.world_size),
-                           cfg.workers, info, val_order, val_decoded)
-            row["val_top1"], row["val_top5"] = acc["top1"], acc["top5"]
+            scored = {"val": model, "val_ema": state.ema.module if state.ema else None}
+            for prefix, weights in scored.items():
+                if weights is None:
+                    continue
+                # The EMA's pass leaves torch's RNG as it was (a DataLoader draws its seed from it), so
+                # --model-ema does not change the raw weights' run (dropout, drop-path).
+                with torch.random.fork_rng(devices=[], enabled=prefix == "val_ema"):
+                    acc = validate(weights, val_index, crop.res, mean, std, runtime,
+                                   max(1, cfg.batch_size // info.world_size), cfg.workers, info, val_order, val_decoded)
+                row[f"{prefix}_top1"], row[f"{prefix}_top5"] = acc["top1"], acc["top5"]
         improved = row["val_top1"] is not None and row["val_top1"] > state.best_top1
         state.epoch, state.metrics = epoch + 1, state.metrics + [row]
         state.best_top1 = row["val_top1"] if improved else state.best_top1
@@ -554,6 +579,9 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
     lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
     lines.append(f"  lr ({'cosine' if cfg.cos else f'x0.1 every {cfg.lr_step} epochs'}"
                  f"{f', {cfg.warmup_epochs} warm-up epochs' if cfg.warmup_epochs else ''}): {lrs}")
+    if cfg.model_ema:
+        lines.append(f"  weight EMA (timm's ModelEmaV3): decay {cfg.model_ema_decay:g} per step, validated and "
+                     f"checkpointed beside the raw weights (`mealv2 eval --ema` scores it)")
     stored = isinstance(labels, StoredLabels)
     if stored or schedule.progressive:
         ramp = (f" (progressive, multiples of {schedule.step}: {schedule.describe(cfg.epochs)}; "
@@ -599,6 +627,8 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
         parts.append(f"d_loss {row['d_loss']:.4f}")
     if row["val_top1"] is not None:
         parts.append(f"val top1 {row['val_top1']:.2f} top5 {row['val_top5']:.2f}")
+    if row["val_ema_top1"] is not None:
+        parts.append(f"EMA top1 {row['val_ema_top1']:.2f} top5 {row['val_ema_top5']:.2f}")
     parts += [f"{row['img_per_s']:.0f} img/s", f"steps per rank {steps_per_rank}", f"{seconds:.1f}s"]
     return "  ".join(parts)
 

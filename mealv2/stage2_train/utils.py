@@ -9,7 +9,9 @@ from pathlib import Path
 from ..common.errors import MealV2Error
 
 # res: the student's input resolution that epoch (progressive resizing changes it).
-METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "img_per_s", "crops_seen")
+# val_ema_*: the --model-ema weights' scores (empty without it).
+METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "val_ema_top1", "val_ema_top5",
+           "img_per_s", "crops_seen")
 # curves.png is redrawn at most this often (and after the last epoch): drawing costs 0.1-0.7 s,
 # more than a whole epoch of a small run; metrics.csv is rewritten every epoch.
 PLOT_EVERY_S = 30.0
@@ -63,8 +65,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             loss_ax.plot(*zip(*points), marker=".", label=key)
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
     loss_ax.legend()
-    for key in ("val_top1", "val_top5"):
-        points = [(e, r[key]) for e, r in zip(epochs, rows) if r[key] is not None]
+    for key in ("val_top1", "val_top5", "val_ema_top1", "val_ema_top5"):
+        points = [(e, r[key]) for e, r in zip(epochs, rows) if r.get(key) is not None]
         if points:
             acc_ax.plot(*zip(*points), marker=".", label=key)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="validation")
