@@ -65,7 +65,7 @@ def test_the_teachers_go_on_while_a_shard_is_being_written(setup, tmp_path, monk
     real_write = LabelStore.write_shard
     overlapped = []
 
-    def slow_write(self, round_, shard, *arrays):
+    def slow_write(self, round_, shard, *arrays, **names):
         if shard == 0:
             seen = forwards[0]
             for _ in range(WAIT * 100):
@@ -73,7 +73,7 @@ def test_the_teachers_go_on_while_a_shard_is_being_written(setup, tmp_path, monk
                     break
                 threading.Event().wait(0.01)
             overlapped.append(forwards[0] > seen)
-        real_write(self, round_, shard, *arrays)
+        real_write(self, round_, shard, *arrays, **names)
 
     monkeypatch.setattr(LabelStore, "write_shard", slow_write)
     code, err = label(data, teacher, tmp_path / "s.zarr", monkeypatch, capsys)
@@ -89,7 +89,7 @@ def test_a_write_failing_in_the_writer_thread_stops_label_naming_the_store_and_s
     forwards = count_forwards(monkeypatch)
     failed_in = []
 
-    def full_disk(self, round_, shard, *arrays):
+    def full_disk(self, round_, shard, *arrays, **names):
         failed_in.append(threading.current_thread().name)
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "probs" / "c" / "0" / str(shard)))
 
@@ -108,7 +108,7 @@ def test_at_most_depth_shards_are_in_flight(tmp_path):
     attrs = synthetic_store_attrs(["a", "b", "c"], 2, 1, 1, CropParams(res=32), num_images=4)
     store = LabelStore.create_or_resume(tmp_path / "s.zarr", attrs, 1, np.zeros(4, np.int32))
     release, written = threading.Event(), []
-    store.write_shard = lambda r, s, *a: (release.wait(WAIT), written.append(s))
+    store.write_shard = lambda r, s, *a, **names: (release.wait(WAIT), written.append(s))
     handed = []
     shard = (np.zeros((1, 1, 4), np.uint16), np.zeros((1, 1), np.uint8), np.zeros((1, 1, 2), np.uint16),
              np.zeros((1, 1, 3), np.uint8), np.zeros(1, np.uint32))
