@@ -449,8 +449,8 @@ def _check_arrays(objects, digests: dict, rounds: int) -> None:
                              f"match): its chunks would decode to other labels; restore the file from a copy of "
                              f"the store, or re-label into a new --out")
         if name in ROUND_ARRAYS and meta["shape"][0] < rounds:
-            raise StoreError(f"{objects.where(f'{name}/zarr.json')}: array '{name}' holds {meta['shape'][0]} rounds, the "
-                             f"store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
+            raise StoreError(f"{objects.where(f'{name}/zarr.json')}: array '{name}' holds {meta['shape'][0]} "
+                             f"rounds, the store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
                              f"or re-label into a new --out")
 
 
