@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import timm
 import torch
 from conftest import run_cli
 
 from mealv2.common.crops import CropParams
+from mealv2.common.store import LabelStore
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 
 boto3 = pytest.importorskip("boto3")
@@ -64,6 +67,7 @@ def http(store, tmp_path):
 def s3(store, tmp_path):
     """The store uploaded to moto's S3 server at s3://stores/store.zarr; ``env`` for the CLI holds the
     credentials (a fake secret) and the endpoint, as a user's environment would."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # moto's server logs every request
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -89,8 +93,18 @@ def _inspect(store, env) -> dict:
     return json.loads(r.stdout)
 
 
-def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cache(store, http, s3, tmp_path):
+def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cache(store, http, s3, tmp_path,
+                                                                                 monkeypatch):
     env = {"MEALV2_CACHE": str(tmp_path / "cache")}
+    for name, value in s3.env.items():   # the Python reader, in this process
+        monkeypatch.setenv(name, value)
+    on_disk = LabelStore.open(store)
+    for url in (http.url, s3.url):
+        remote = LabelStore.open(url)
+        assert remote.path == url and remote.digest == on_disk.digest
+        for r in range(2):
+            for key, value in vars(on_disk.read_round(r)).items():
+                np.testing.assert_array_equal(getattr(remote.read_round(r), key), value)
     local = _inspect(store, env)
     for url, e in ((http.url, env), (s3.url, s3.env)):
         remote = _inspect(url, e)

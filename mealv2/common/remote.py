@@ -117,7 +117,6 @@ class RemoteObjects:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.cache = cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._checked: dict[str, Path | None] = {}   # key -> cached file this process checked (None: absent)
-        self._lock = threading.Lock()
 
     def where(self, key: str) -> str:
         return f"{self.url}/{key}"
@@ -164,14 +163,16 @@ class RemoteObjects:
             return local
         stale = list(local.parent.glob(f"{Path(key).name}@*")) if local.parent.is_dir() else []
         data = self.fs.cat_file(path)
+        if info.get("size") is not None and len(data) != info["size"]:   # replaced between the HEAD and the GET
+            raise RemoteError(f"{self.where(key)} changed while it was being read ({info['size']} bytes announced, "
+                              f"{len(data)} read): the store is being replaced; run again once it is published")
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.partial")
         tmp.write_bytes(data)
         os.replace(tmp, local)
         if stale:
-            with self._lock:
-                print(f"mealv2: {self.where(key)} changed on the remote since it was cached; read it again",
-                      file=sys.stderr)
+            print(f"mealv2: {self.where(key)} changed on the remote since it was cached; read it again",
+                  file=sys.stderr)
             for old in stale:
                 old.unlink(missing_ok=True)
         if not (self.cache / "URL").is_file():   # says whose objects a cache folder holds
