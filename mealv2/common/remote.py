@@ -161,7 +161,9 @@ class RemoteObjects:
         local = self.cache / f"{key}@{version}"
         if local.is_file():
             return local
-        stale = list(local.parent.glob(f"{Path(key).name}@*")) if local.parent.is_dir() else []
+        # Other versions of the object; not this one (another rank may have written it meanwhile), nor
+        # another process's file still being written.
+        stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(".partial")]
         data = self.fs.cat_file(path)
         if info.get("size") is not None and len(data) != info["size"]:   # replaced between the HEAD and the GET
             raise RemoteError(f"{self.where(key)} changed while it was being read ({info['size']} bytes announced, "
