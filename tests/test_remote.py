@@ -63,11 +63,27 @@ def http(store, tmp_path):
     server.shutdown()
 
 
+class _Requests(logging.Handler):
+    """Collects (method, path) of the requests werkzeug (moto's server) logs."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record):
+        method, path = record.getMessage().split('"')[1].split()[:2]
+        self.into.append((method, path))
+
+
 @pytest.fixture
 def s3(store, tmp_path):
     """The store uploaded to moto's S3 server at s3://stores/store.zarr; ``env`` for the CLI holds the
     credentials (a fake secret) and the endpoint, as a user's environment would."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # moto's server logs every request
+    requests = []
+    log, handler = logging.getLogger("werkzeug"), _Requests(requests)   # moto's server logs each request there
+    level, log.propagate = log.level, False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -79,8 +95,11 @@ def s3(store, tmp_path):
     for f in store.rglob("*"):
         if f.is_file():
             client.put_object(Bucket=BUCKET, Key=f"store.zarr/{f.relative_to(store)}", Body=f.read_bytes())
-    yield SimpleNamespace(url=f"s3://{BUCKET}/store.zarr", env=env, client=client)
+    yield SimpleNamespace(url=f"s3://{BUCKET}/store.zarr", env=env, client=client, requests=requests)
     server.stop()
+    log.removeHandler(handler)
+    log.setLevel(level)
+    log.propagate = True
 
 
 def _damage(data: bytes) -> bytes:
@@ -120,6 +139,11 @@ def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cach
     r = run_cli("verify", http.url, env=env)
     assert r.returncode == 0, r.stderr
     assert http.requests and {m for m, _ in http.requests} == {"HEAD"}, [r for r in http.requests if r[0] != "HEAD"]
+    # From S3, one listing gives every object's version (its ETag): no request per object
+    s3.requests.clear()
+    r = run_cli("verify", s3.url, env=s3.env)
+    assert r.returncode == 0, r.stderr
+    assert s3.requests and all(m == "GET" and "list-type=2" in p for m, p in s3.requests), s3.requests
 
 
 def test_a_store_changed_on_the_server_is_read_again_and_a_damaged_remote_chunk_named(store, http, s3, tiny_data,

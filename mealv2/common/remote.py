@@ -10,8 +10,9 @@ as never changing, so a store republished under the same URL would be served sta
 
 Each object is cached whole, as ``$MEALV2_CACHE/stores/<sha256(url)>/<key>@<version>``, where
 the version is a digest of what the remote says identifies the object's bytes (size with ETag,
-Last-Modified, generation...). A process asks the remote once per object (a HEAD) before it
-serves a cached copy; another version on the remote is fetched again, and said. What is read is
+Last-Modified, generation...). A process asks the remote for each object's version once
+before it serves a cached copy (from one listing on an object store, else a HEAD); another
+version on the remote is fetched again, and said. What is read is
 then checked as from disk: zarr checks every chunk's CRC32C, ``mealv2 verify`` every trailer.
 """
 from __future__ import annotations
@@ -117,6 +118,8 @@ class RemoteObjects:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.cache = cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._checked: dict[str, Path | None] = {}   # key -> cached file this process checked (None: absent)
+        self._listed: dict[str, dict] | None = None    # path -> info, from one listing (_listing)
+        self._lock = threading.Lock()
 
     def where(self, key: str) -> str:
         return f"{self.url}/{key}"
@@ -150,14 +153,29 @@ class RemoteObjects:
         except (OSError, NotImplementedError, ValueError):
             return None
 
+    def _listing(self) -> dict[str, dict]:
+        """Every object's info from one listing where the protocol lists objects with their ETags (an
+        object store: a request per 1,000 objects instead of a HEAD each); empty elsewhere (HTTP has no
+        listing, only some servers' HTML pages, without versions)."""
+        with self._lock:
+            if self._listed is None:
+                self._listed = {}
+                protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+                if not set(protocols) & {"http", "https"}:
+                    try:
+                        self._listed = {path: info for path, info in self.fs.find(self.root, detail=True).items()
+                                        if _tag(info)}
+                    except (OSError, NotImplementedError, ValueError):
+                        pass
+        return self._listed
+
     def _fetch(self, key: str) -> Path | None:
         path = f"{self.root}/{key}"
         try:
-            info = self.fs.info(path)
+            info = self._listing().get(path) or self.fs.info(path)
         except FileNotFoundError:
             return None
-        tag = next((str(info[k]) for k in VERSION_FIELDS if info.get(k) is not None), "")
-        version = hashlib.sha256(f"{info.get('size')} {tag}".encode()).hexdigest()[:16]
+        version = hashlib.sha256(f"{info.get('size')} {_tag(info)}".encode()).hexdigest()[:16]
         local = self.cache / f"{key}@{version}"
         if local.is_file():
             return local
@@ -180,6 +198,11 @@ class RemoteObjects:
         if not (self.cache / "URL").is_file():   # says whose objects a cache folder holds
             (self.cache / "URL").write_text(self.url + "\n")
         return local
+
+
+def _tag(info: dict) -> str:
+    """The first of VERSION_FIELDS that ``info`` (fsspec's) holds, as a string; "" when none."""
+    return next((str(info[k]) for k in VERSION_FIELDS if info.get(k) is not None), "")
 
 
 def _byte_range(size: int, request: ByteRequest | None) -> tuple[int, int]:
