@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -189,8 +190,14 @@ def test_students_trained_from_s3_and_http_equal_the_one_from_the_local_copy_and
     assert not [o for o in outputs if SECRET in o]
 
 
-def test_store_urls_with_credentials_or_unknown_protocols_are_refused_naming_the_fix():
+def test_store_urls_with_credentials_or_unknown_protocols_or_no_server_are_refused_naming_the_fix(tmp_path):
     # (URLs given where no store is read: tests/test_bad_input.py)
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli("inspect", f"http://127.0.0.1:{port}/x.zarr", env={"MEALV2_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and f"http://127.0.0.1:{port}/x.zarr cannot be read (ClientConnectorError" in r.stderr
+    assert "not a label store" not in r.stderr and "Traceback" not in r.stderr
     r = run_cli("inspect", f"https://someone:{SECRET}@example.com/x.zarr")
     assert r.returncode == 2 and "credentials or a query string in a store URL are refused" in r.stderr
     assert "AWS_SECRET_ACCESS_KEY" in r.stderr and SECRET not in r.stderr

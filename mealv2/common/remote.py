@@ -153,6 +153,22 @@ class RemoteObjects:
         except (OSError, NotImplementedError, ValueError):
             return None
 
+    def _info(self, path: str) -> dict | None:
+        """fsspec's info of ``path``; None when the remote has no such object. Any other failure (host
+        unreachable, access denied) is said as such, never taken as a missing object."""
+        try:
+            return self.fs.info(path)
+        except FileNotFoundError as e:   # fsspec's HTTP says every failure this way, the real one as its cause
+            if e.__cause__ is None or isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise self._unreadable(e.__cause__) from None
+        except Exception as e:
+            raise self._unreadable(e) from None
+
+    def _unreadable(self, e: Exception) -> RemoteError:
+        return RemoteError(f"{self.url} cannot be read ({type(e).__name__}: {e}); check the URL, the network and "
+                           f"the credentials (README: Share a store)")
+
     def _listing(self) -> dict[str, dict]:
         """Every object's info from one listing where the protocol lists objects with their ETags (an
         object store: a request per 1,000 objects instead of a HEAD each); empty elsewhere (HTTP has no
@@ -165,15 +181,14 @@ class RemoteObjects:
                     try:
                         self._listed = {path: info for path, info in self.fs.find(self.root, detail=True).items()
                                         if _tag(info)}
-                    except (OSError, NotImplementedError, ValueError):
-                        pass
+                    except Exception:   # not allowed to list (a public bucket may not be), unreachable...: HEADs
+                        pass            # say what is wrong, per object
         return self._listed
 
     def _fetch(self, key: str) -> Path | None:
         path = f"{self.root}/{key}"
-        try:
-            info = self._listing().get(path) or self.fs.info(path)
-        except FileNotFoundError:
+        info = self._listing().get(path) or self._info(path)
+        if info is None:
             return None
         version = hashlib.sha256(f"{info.get('size')} {_tag(info)}".encode()).hexdigest()[:16]
         local = self.cache / f"{key}@{version}"
@@ -182,7 +197,10 @@ class RemoteObjects:
         # Other versions of the object; not this one (another rank may have written it meanwhile), nor
         # another process's file still being written.
         stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(".partial")]
-        data = self.fs.cat_file(path)
+        try:
+            data = self.fs.cat_file(path)
+        except Exception as e:   # the transport's own errors (botocore's, aiohttp's) share no base class
+            raise self._unreadable(e) from None
         if info.get("size") is not None and len(data) != info["size"]:   # replaced between the HEAD and the GET
             raise RemoteError(f"{self.where(key)} changed while it was being read ({info['size']} bytes announced, "
                               f"{len(data)} read): the store is being replaced; run again once it is published")
