@@ -127,9 +127,10 @@ def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cach
                 np.testing.assert_array_equal(getattr(remote.read_round(r), key), value)
     local = _inspect(store, env)
     for url, e in ((http.url, env), (s3.url, s3.env)):
-        remote = _inspect(url, e)
-        assert remote.pop("store") == url
-        assert {k: v for k, v in remote.items() if k != "store"} == {k: v for k, v in local.items() if k != "store"}
+        expected = {**local, "store": url}
+        if url.startswith("http"):   # HTTP does not list a store's objects: its size is unknown
+            expected.update(bytes_on_disk=None, bytes_per_crop=None)
+        assert _inspect(url, e) == expected
         r = run_cli("verify", url, env=e)
         assert r.returncode == 0 and f"{url}: OK" in r.stdout, r.stderr
     # The cache: HTTP objects under $MEALV2_CACHE/stores/<hash>/, named by key and version, with the URL

@@ -119,6 +119,10 @@ class RemoteObjects:
         self.cache = cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._checked: dict[str, Path | None] = {}   # key -> cached file this process checked (None: absent)
         self._listed: dict[str, dict] | None = None    # path -> info, from one listing (_listing)
+        # Object stores list their objects with sizes and ETags; HTTP has no listing, only some servers'
+        # HTML pages (without versions, and a page per folder): it is never listed.
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self.lists = not set(protocols) & {"http", "https"}
         self._lock = threading.Lock()
 
     def where(self, key: str) -> str:
@@ -146,11 +150,13 @@ class RemoteObjects:
         return True
 
     def size(self, prefix: str = "") -> int | None:
-        """Bytes of the objects under ``prefix`` on the remote; None where the host cannot list them
-        (a plain static HTTP host)."""
+        """Bytes of the objects under ``prefix`` on the remote; None where it is not listed (HTTP) or
+        may not be."""
+        if not self.lists:
+            return None
         try:
             return int(self.fs.du(f"{self.root}/{prefix}".rstrip("/"), total=True))
-        except (OSError, NotImplementedError, ValueError):
+        except Exception:   # not allowed to list: the size is unknown, the store still readable
             return None
 
     def _info(self, path: str) -> dict | None:
@@ -170,14 +176,12 @@ class RemoteObjects:
                            f"the credentials (README: Share a store)")
 
     def _listing(self) -> dict[str, dict]:
-        """Every object's info from one listing where the protocol lists objects with their ETags (an
-        object store: a request per 1,000 objects instead of a HEAD each); empty elsewhere (HTTP has no
-        listing, only some servers' HTML pages, without versions)."""
+        """Every object's info from one listing where the remote lists objects with their ETags (an
+        object store: a request per 1,000 objects instead of a HEAD each); empty elsewhere."""
         with self._lock:
             if self._listed is None:
                 self._listed = {}
-                protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-                if not set(protocols) & {"http", "https"}:
+                if self.lists:
                     try:
                         self._listed = {path: info for path, info in self.fs.find(self.root, detail=True).items()
                                         if _tag(info)}
