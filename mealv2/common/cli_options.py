@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from fractions import Fraction
 
 import click
 
 from .crops import CropParams
+from .errors import MealV2Error
 from .loaders import LOADER_CHOICES
+from .remote import READ_BY, check_url, is_url, redact
 
 POSITIVE = click.IntRange(min=1)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")   # forward precisions (common/runtime.py applies them)
 
 
@@ -61,14 +61,27 @@ def _teacher_classes(ctx, param, values) -> dict[int, str]:
 
 class LocalPath(click.Path):
     """click.Path that refuses URLs: ``--out s3://b/x.zarr`` would otherwise become the local
-    folder ``s3:/b/x.zarr`` without a word. Stores and data are local or mounted paths."""
+    folder ``s3:/b/x.zarr`` without a word. Data, runs and checkpoints are local or mounted paths."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and _URL.match(value):
-            self.fail(f"{value} is a URL; mealv2 reads and writes local paths only (remote stores and data are "
-                      f"not supported yet): mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path",
+        if is_url(value):
+            self.fail(f"{redact(value)} is a URL; here mealv2 takes a local path: URLs are read only as label stores "
+                      f"({READ_BY}). Mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path",
                       param, ctx)
         return super().convert(value, param, ctx)
+
+
+class StorePath(LocalPath):
+    """A label store to read: a local path, or a URL (https://, s3://, other fsspec protocols) that
+    common/remote.py reads through its cache."""
+
+    def convert(self, value, param, ctx):
+        if not is_url(value):
+            return super().convert(value, param, ctx)
+        try:
+            return check_url(value)
+        except MealV2Error as e:
+            self.fail(str(e), param, ctx)
 
 
 def _stack(options: list):

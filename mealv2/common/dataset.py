@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import MealV2Error
+from .remote import cache_root
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (copied: importing torchvision costs seconds)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -430,8 +431,7 @@ def _map_files(fn, paths: list[str], workers: int, progress: bool, what: str) ->
 
 def cache_dir() -> Path:
     """``$MEALV2_CACHE/index``, by default ``~/.cache/mealv2/index`` (never inside the data)."""
-    base = os.environ.get("MEALV2_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mealv2"
-    return Path(base) / "index"
+    return cache_root() / "index"
 
 
 def cache_file(data: str | Path, skip_bad: bool) -> Path:

@@ -1,6 +1,7 @@
 """The label store: the one module that knows its schema (format ``mealv2-labels`` v4).
 
-A zarr v3 group on local disk (docs/STORE.md documents it for plain zarr readers)::
+A zarr v3 group on local disk, or read from a URL (common/remote.py; docs/STORE.md documents it
+for plain zarr readers)::
 
     labels      (N,)           int32   dataset class ids, for inspect's agreement figure
     crc32c      (N,)           uint32  CRC32C of each image file's bytes as labelled
@@ -40,6 +41,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 from .errors import MealV2Error
 from .faults import fault_point
 from .locks import hold_lock, lock_path_beside
+from .remote import LocalObjects, open_objects
 
 FORMAT = "mealv2-labels"
 # v4: a SHA-256 of each array's metadata (its zarr.json: shape, chunks, codecs, transpose order, dtype),
@@ -114,12 +116,13 @@ def _digest(attrs: dict) -> str:
     return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
 
 
-def _array_meta(path: Path, name: str) -> dict:
-    """The parsed ``zarr.json`` of array ``name``; a missing or damaged file is named."""
-    file = path / name / "zarr.json"
+def _array_meta(objects, name: str) -> dict:
+    """The parsed ``zarr.json`` of array ``name`` (``objects``: common/remote.py's, of the store); a
+    missing or damaged file is named."""
+    file = objects.where(f"{name}/zarr.json")
     fix = "the store cannot be read as made; restore the file from a copy of the store, or re-label into a new --out"
     try:
-        meta = json.loads(file.read_bytes())
+        meta = json.loads(objects.file(f"{name}/zarr.json").read_bytes())
     except FileNotFoundError:
         raise StoreError(f"{file} is missing: array '{name}' has no metadata; {fix}") from None
     except OSError as e:
@@ -181,19 +184,21 @@ class LabelStore:
     fsync = True   # make each shard durable before its done mark; False only to measure what that costs
     repairs: list[str] = []   # what create_or_resume repaired
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: Path, group: zarr.Group, objects=None):
+        self.objects = objects or LocalObjects(path)   # the store's files, or a URL's objects (common/remote.py)
+        self.path = self.objects.location              # Path, or the URL
         self.group = group
         self.attrs: dict = dict(group.attrs[ATTR_KEY])
 
     # ---- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "LabelStore":
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        objects = open_objects(path)   # a URL is read through the local cache
+        path = objects.location
+        if not objects.exists("zarr.json"):
             raise StoreError(f"{path}: not a label store (no zarr.json); make one with `mealv2 label`")
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=mode == "r"), mode=mode)
+            group = zarr.open_group(objects.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
             attrs = group.attrs[ATTR_KEY]
         except (KeyError, ValueError, json.JSONDecodeError) as e:
             raise StoreError(f"{path}: unreadable label store metadata ({e})") from e
@@ -204,8 +209,8 @@ class LabelStore:
         if group.attrs.get(DIGEST_KEY) != _digest(attrs):
             raise StoreError(f"{path}/zarr.json: the '{ATTR_KEY}' attributes were edited after the "
                              f"store was made (SHA-256 does not match); the store cannot be trusted")
-        _check_arrays(path, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"])
-        return cls(path, group)
+        _check_arrays(objects, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"])
+        return cls(path, group, objects)
 
     @classmethod
     def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
@@ -266,7 +271,8 @@ class LabelStore:
                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
         if relpaths is not None:
             _write_paths(group, relpaths)
-        arrays = {name: _array_meta_digest(name, _array_meta(tmp, name)) for name in ARRAYS if name in group}
+        arrays = {name: _array_meta_digest(name, _array_meta(LocalObjects(tmp), name)) for name in ARRAYS
+                  if name in group}
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs), ARRAYS_KEY: arrays})
         # The store appears under its name only once its metadata is complete.
         if path.exists():
@@ -442,21 +448,22 @@ class LabelStore:
     def missing_chunks(self, round_: int, done: np.ndarray) -> list[str]:
         """Data chunk files of round ``round_``'s completed shards (``done``: its row of marks)
         that are absent (zarr would read them as zeros)."""
-        return [key for key in self._chunk_keys(round_, np.flatnonzero(done)) if not (self.path / key).is_file()]
+        return [key for key in self._chunk_keys(round_, np.flatnonzero(done)) if not self.objects.exists(key)]
 
     def _chunk_keys(self, round_: int, shards) -> list[str]:
         """The data chunk files of (round, shard) for ``shards``, array by array."""
         ndims = {name: len(self.group[name].shape) for name in SHARD_ARRAYS}   # one metadata read per array
         return [chunk_key(name, ndims[name], round_, int(s)) for name in SHARD_ARRAYS for s in shards]
 
-    def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+    def bytes_on_disk(self) -> int | None:
+        """The store's bytes; None for a URL whose host cannot list its objects."""
+        return self.objects.size()
 
-    def data_bytes(self) -> int:
+    def data_bytes(self) -> int | None:
         """Bytes of the chunk files of the per-crop arrays (what bytes-per-crop figures divide);
-        the arrays' few-hundred-byte zarr.json metadata files are not counted."""
-        return sum(f.stat().st_size for name in ("boxes", "flips", "ids", "probs")
-                   for f in (self.path / name / "c").rglob("*") if f.is_file())
+        the arrays' few-hundred-byte zarr.json metadata files are not counted. None as bytes_on_disk."""
+        sizes = [self.objects.size(f"{name}/c") for name in ("boxes", "flips", "ids", "probs")]
+        return None if None in sizes else sum(sizes)
 
     def verify(self, shards: Sequence[int] | None = None, done: np.ndarray | None = None,
                threads: int = 8) -> list[str]:
@@ -518,7 +525,7 @@ class LabelStore:
 
     def _check_chunk(self, key: str) -> str | None:
         try:
-            raw = (self.path / key).read_bytes()
+            raw = self.objects.file(key).read_bytes()
         except FileNotFoundError:
             return "missing chunk file of a completed shard"
         except OSError as e:
@@ -554,19 +561,19 @@ class LabelStore:
         return len(partials)
 
 
-def _check_arrays(path: Path, digests: dict, rounds: int) -> None:
+def _check_arrays(objects, digests: dict, rounds: int) -> None:
     """Every array's metadata as the store was made: an edited transpose order would replay permuted
     labels without a word, and a changed shape would fail epochs into a run."""
     for name in (*REQUIRED_ARRAYS, *(["paths"] if "paths" in digests else [])):
-        meta = _array_meta(path, name)
+        meta = _array_meta(objects, name)
         if digests.get(name) != _array_meta_digest(name, meta):
-            raise StoreError(f"{path / name / 'zarr.json'}: array '{name}''s metadata (shape, chunks, codecs, "
+            raise StoreError(f"{objects.where(f'{name}/zarr.json')}: array '{name}''s metadata (shape, chunks, codecs, "
                              f"transpose order, dtype) was changed after the store was made (SHA-256 does not "
                              f"match): its chunks would decode to other labels; restore the file from a copy of "
                              f"the store, or re-label into a new --out")
         if name in ROUND_ARRAYS and meta["shape"][0] < rounds:
-            raise StoreError(f"{path / name / 'zarr.json'}: array '{name}' holds {meta['shape'][0]} rounds, the "
-                             f"store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
+            raise StoreError(f"{objects.where(f'{name}/zarr.json')}: array '{name}' holds {meta['shape'][0]} "
+                             f"rounds, the store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
                              f"or re-label into a new --out")
 
 

@@ -36,7 +36,7 @@ def store_summary(path) -> dict:
         "dataset_fingerprint": a["dataset"]["fingerprint"],
         "skipped_images": len(a["dataset"]["skipped"]),
         "bytes_on_disk": store.bytes_on_disk(),
-        "bytes_per_crop": round(data_bytes / crops, 2) if crops else None,
+        "bytes_per_crop": round(data_bytes / crops, 2) if crops and data_bytes is not None else None,
         "top1_agreement": None,
         "top1_histogram": None,
     }

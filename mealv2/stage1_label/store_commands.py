@@ -5,12 +5,12 @@ import json
 
 import click
 
-from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, device_option, trust_option
+from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
 from .report import store_problems, store_summary, verify_store
 
 
 @click.command()
-@click.argument("store", type=LocalPath(exists=True))
+@click.argument("store", type=StorePath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(store, as_json):
     """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels
@@ -41,7 +41,7 @@ def inspect(store, as_json):
 
 
 @click.command()
-@click.argument("store", type=LocalPath(exists=True))
+@click.argument("store", type=StorePath(exists=True))
 @click.option("--data", type=LocalPath(exists=True), help="Dataset the store was made from: re-run the teachers.")
 @click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=0.02, show_default=True,

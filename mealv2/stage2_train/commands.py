@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, crop_options,
-                                  crop_params, device_option, loader_option, teacher_options, trust_option,
+from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath,
+                                  crop_options, crop_params, device_option, loader_option, teacher_options, trust_option,
                                   workers_option)
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TrainConfig, train as run_train
@@ -21,8 +21,9 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 @click.option("--out", "-o", required=True, type=LocalPath(),
               help="Run folder: last.pt, best.pt, metrics.csv, curves.png.")
 @click.option("--arch", "-a", required=True, help="Student: any timm model name.")
-@click.option("--labels", "-l", type=LocalPath(exists=True),
-              help="Label store made by `mealv2 label` (stored-label mode).")
+@click.option("--labels", "-l", type=StorePath(exists=True),
+              help="Label store made by `mealv2 label` (stored-label mode): a path, or a URL (https://, s3://, "
+                   "...) read through a cache under $MEALV2_CACHE.")
 @click.option("--hard-labels", is_flag=True, help="Cross-entropy on the dataset labels (baselines, training teachers).")
 @teacher_options()
 @click.option("--temperature", type=POSITIVE_FLOAT, default=1.0, show_default=True,

@@ -1,0 +1,211 @@
+"""Label stores read from URLs, against real servers on localhost: Python's http.server for
+http:// and moto's S3 server (real HTTP, botocore, s3fs) for s3://."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import run_cli
+
+from mealv2.common.crops import CropParams
+from mealv2.common.store import LabelStore
+from mealv2.stage1_label.labeler import LabelConfig, run_label
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+pytest.importorskip("aiohttp")   # fsspec's HTTP filesystem
+
+SECRET = "mealv2-fake-secret-7Hq2ZpX"       # must never appear in a run, a cache or a log
+BUCKET = "stores"
+DAMAGED = "probs/c/1/1/0/0"                 # round 1, shard 1 of probs
+TRAIN = ["-a", "test_resnet", "--epochs", 1, "--batch-size", 8, "--device", "cpu", "--workers", 1, "--seed", 3]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_data, tmp_path_factory):
+    """tiny_data (12 images) labelled: 2 rounds x 2 crops, shards of 8 images (2 shards)."""
+    work = tmp_path_factory.mktemp("remote")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
+    run_label(LabelConfig(data=str(tiny_data), teachers=[f"test_resnet={work / 'teacher.pth'}@32"],
+                          out=str(work / "store.zarr"), rounds=2, crops_per_image=2, crop=CropParams(res=32),
+                          topk=2, shard_size=8, batch_size=8, workers=1, device="cpu", teacher_check=False,
+                          progress=False))
+    return work / "store.zarr"
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):   # record, do not print
+        self.server.requests.append((self.command, self.path))
+
+
+@pytest.fixture
+def http(store, tmp_path):
+    """A copy of the store served at http://127.0.0.1:PORT/store.zarr; ``requests`` lists (method, path)."""
+    root = tmp_path / "www"
+    shutil.copytree(store, root / "store.zarr")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    server.requests = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}/store.zarr", root=root / "store.zarr",
+                          requests=server.requests)
+    server.shutdown()
+
+
+class _Requests(logging.Handler):
+    """Collects (method, path) of the requests werkzeug (moto's server) logs."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record):
+        method, path = record.getMessage().split('"')[1].split()[:2]
+        self.into.append((method, path))
+
+
+@pytest.fixture
+def s3(store, tmp_path):
+    """The store uploaded to moto's S3 server at s3://stores/store.zarr; ``env`` for the CLI holds the
+    credentials (a fake secret) and the endpoint, as a user's environment would."""
+    requests = []
+    log, handler = logging.getLogger("werkzeug"), _Requests(requests)   # moto's server logs each request there
+    level, log.propagate = log.level, False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "mealv2-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "MEALV2_CACHE": str(tmp_path / "cache")}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    for f in store.rglob("*"):
+        if f.is_file():
+            client.put_object(Bucket=BUCKET, Key=f"store.zarr/{f.relative_to(store)}", Body=f.read_bytes())
+    yield SimpleNamespace(url=f"s3://{BUCKET}/store.zarr", env=env, client=client, requests=requests)
+    server.stop()
+    log.removeHandler(handler)
+    log.setLevel(level)
+    log.propagate = True
+
+
+def _damage(data: bytes) -> bytes:
+    return data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+
+
+def _inspect(store, env) -> dict:
+    r = run_cli("inspect", store, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cache(store, http, s3, tmp_path,
+                                                                                 monkeypatch):
+    env = {"MEALV2_CACHE": str(tmp_path / "cache")}
+    for name, value in s3.env.items():   # the Python reader, in this process
+        monkeypatch.setenv(name, value)
+    on_disk = LabelStore.open(store)
+    for url in (http.url, s3.url):
+        remote = LabelStore.open(url)
+        assert remote.path == url and remote.digest == on_disk.digest
+        for r in range(2):
+            for key, value in vars(on_disk.read_round(r)).items():
+                np.testing.assert_array_equal(getattr(remote.read_round(r), key), value)
+    local = _inspect(store, env)
+    for url, e in ((http.url, env), (s3.url, s3.env)):
+        expected = {**local, "store": url}
+        if url.startswith("http"):   # HTTP does not list a store's objects: its size is unknown
+            expected.update(bytes_on_disk=None, bytes_per_crop=None)
+        assert _inspect(url, e) == expected
+        r = run_cli("verify", url, env=e)
+        assert r.returncode == 0 and f"{url}: OK" in r.stdout, r.stderr
+    # The cache: HTTP objects under $MEALV2_CACHE/stores/<hash>/, named by key and version, with the URL
+    [folder] = [p.parent for p in (tmp_path / "cache" / "stores").glob("*/URL") if p.read_text().strip() == http.url]
+    assert list(folder.glob(f"{DAMAGED}@*"))
+    # A second verify asks the server whether each object changed (HEAD) and downloads none of them again
+    http.requests.clear()
+    r = run_cli("verify", http.url, env=env)
+    assert r.returncode == 0, r.stderr
+    assert http.requests and {m for m, _ in http.requests} == {"HEAD"}, [r for r in http.requests if r[0] != "HEAD"]
+    # From S3, one listing gives every object's version (its ETag): no request per object
+    s3.requests.clear()
+    r = run_cli("verify", s3.url, env=s3.env)
+    assert r.returncode == 0, r.stderr
+    assert s3.requests and all(m == "GET" and "list-type=2" in p for m, p in s3.requests), s3.requests
+
+
+def test_a_store_changed_on_the_server_is_read_again_and_a_damaged_remote_chunk_named(store, http, s3, tiny_data,
+                                                                                     tmp_path):
+    env = {"MEALV2_CACHE": str(tmp_path / "cache")}
+    assert run_cli("verify", http.url, env=env).returncode == 0          # every object cached
+    chunk = http.root / DAMAGED
+    chunk.write_bytes(_damage(chunk.read_bytes()))                       # same size: only its date tells
+    os.utime(chunk, (chunk.stat().st_mtime + 60,) * 2)
+    r = run_cli("verify", http.url, env=env)
+    assert r.returncode == 1
+    assert f"{http.url}/{DAMAGED} changed on the remote since it was cached" in r.stderr
+    assert f"PROBLEM {DAMAGED}: unreadable chunk (its CRC32C does not match" in r.stderr
+    # S3: training refuses the store before its first step, naming the chunk
+    key = f"store.zarr/{DAMAGED}"
+    body = s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3.client.put_object(Bucket=BUCKET, Key=key, Body=_damage(body))
+    r = run_cli("train", tiny_data, "--labels", s3.url, "-o", tmp_path / "run", *TRAIN, "--dry-run", env=s3.env)
+    assert r.returncode != 0
+    assert f"{s3.url} is damaged, refusing to train on it" in r.stderr and DAMAGED in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_students_trained_from_s3_and_http_equal_the_one_from_the_local_copy_and_no_secret_is_written(
+        store, http, s3, tiny_data, tmp_path):
+    runs, outputs = {}, []
+    for name, labels, env in (("local", store, s3.env), ("http", http.url, s3.env), ("s3", s3.url, s3.env)):
+        runs[name] = tmp_path / name
+        r = run_cli("train", tiny_data, "--labels", labels, "-o", runs[name], *TRAIN,
+                    env={**env, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        outputs += [r.stdout, r.stderr]
+    weights = {name: torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
+               for name, run in runs.items()}
+    for name in ("http", "s3"):
+        assert weights[name].keys() == weights["local"].keys()
+        for key, value in weights["local"].items():
+            assert torch.equal(weights[name][key], value), (name, key)
+    # The credentials came from the environment; none is in a checkpoint, a log, a metric or the cache
+    files = [f for folder in (*runs.values(), tmp_path / "cache") for f in folder.rglob("*") if f.is_file()]
+    assert any(f.name == "last.pt" for f in files) and any("stores" in f.parts for f in files)
+    assert not [f for f in files if SECRET.encode() in f.read_bytes()]
+    assert not [o for o in outputs if SECRET in o]
+
+
+def test_store_urls_with_credentials_or_unknown_protocols_or_no_server_are_refused_naming_the_fix(tmp_path):
+    # (URLs given where no store is read: tests/test_bad_input.py)
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli("inspect", f"http://127.0.0.1:{port}/x.zarr", env={"MEALV2_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and f"http://127.0.0.1:{port}/x.zarr cannot be read (ClientConnectorError" in r.stderr
+    assert "not a label store" not in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("inspect", f"https://someone:{SECRET}@example.com/x.zarr")
+    assert r.returncode == 2 and "credentials or a query string in a store URL are refused" in r.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in r.stderr and SECRET not in r.stderr
+    r = run_cli("verify", "nosuchprotocol://x/y.zarr")
+    assert r.returncode == 2 and "no fsspec filesystem reads 'nosuchprotocol://' URLs" in r.stderr
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        r = run_cli("verify", "gs://bucket/y.zarr")
+        assert r.returncode == 2 and "reading 'gs://' needs a package that is not installed" in r.stderr
