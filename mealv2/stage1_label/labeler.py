@@ -35,6 +35,22 @@ from .writer import DEPTH, ShardWriter
 
 @dataclass
 class LabelConfig:
+    """Everything ``mealv2 label`` does; each field is the flag of the same name (``mealv2 label --help``),
+    refused here when it cannot run, so Python callers meet the CLI's refusals.
+
+    Args:
+        data: images to label (ImageFolder, CSV or a folder of loose images); DATA.
+        teachers: teacher specs (ARCH, ARCH=CKPT, CKPT with @RES, %NORM, *WEIGHT suffixes); --teachers.
+        out: the store to create, resume or append rounds to; --out.
+        rounds, crops_per_image, crop, topk, temperature, ...: as the flags of the same name
+            (``crop`` holds --res/--scale/--ratio).
+
+    Example::
+
+        import mealv2
+        store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50", "convnext_tiny"], "store", rounds=2))
+    """
+
     data: str
     teachers: list[str]
     out: str
@@ -60,6 +76,8 @@ class LabelConfig:
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("label", temperature=self.temperature)
+        if not self.teachers:
+            raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -94,6 +112,15 @@ def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray,
 
 
 def run_label(cfg: LabelConfig) -> LabelStore:
+    """Label ``cfg.rounds`` rounds into ``cfg.out`` (created, resumed or appended to), as ``mealv2 label``
+    does (which only builds ``cfg``).
+
+    Args:
+        cfg: what to label and how; its fields are the CLI's flags.
+
+    Returns:
+        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...).
+    """
     refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
@@ -101,8 +128,6 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                                    progress=cfg.progress and info.is_main)
         if skipped := skipped_report(index):
             say(skipped)
-        if not cfg.teachers:
-            raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
         teachers, classes, note = load_teachers(cfg.teachers, index.classes, cfg.crop.res, names,
