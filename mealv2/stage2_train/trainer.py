@@ -496,7 +496,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         return []
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        stored = dict(path=str(store.path), digest=store.digest, rounds=labels.rounds, attrs=store.attrs) if store else None
+        stored = store and dict(path=str(store.path), digest=store.digest, rounds=labels.rounds, attrs=store.attrs)
         resolved = dict(mode=cfg.mode, classes=list(classes), crop=crop.to_attrs(),
                         crops_per_image=labels.crops_per_image, student_res=[schedule.at(e) for e in range(cfg.epochs)],
                         mean=list(mean), std=list(std), temperature=objective.temperature, topk=objective.topk,
