@@ -155,3 +155,21 @@ def test_the_train_commands_untyped_flags_are_the_configs_defaults(files):
     ctx = train.make_context("train", [str(files / "data"), "-o", "run", "-a", "test_resnet", "--hard-labels"])
     assert config_from_flags(ctx.params, {"data", "out", "arch", "hard_labels"}) == mealv2.TrainConfig(
         str(files / "data"), "run", "test_resnet", hard_labels=True)
+
+
+def test_config_args_is_the_command_that_builds_the_same_config(files):
+    """The demo's report prints config_args(cfg) for every Python call: click parses it back to cfg."""
+    from click.core import ParameterSource
+
+    from mealv2.common.cli_options import config_args
+    from mealv2.stage2_train.commands import train
+    from mealv2.stage2_train.run_config import config_from_flags
+
+    names = files / "names.txt"
+    for cfg in (mealv2.TrainConfig(str(files / "data"), "run", "a", teachers=["x.pt", "y.pt*2"], teacher_check=False,
+                                   crop=CropParams(res=32, ratio=(3 / 4, 4 / 3)), lr=0.2, cos=True, workers=3,
+                                   crop_given=("res", "scale", "crops_per_image"), teacher_classes={1: str(names)}),
+                mealv2.TrainConfig(str(files / "data"), "run", "a", labels=str(files), crop_given=("res",))):
+        ctx = train.make_context("train", config_args(cfg))
+        typed = {n for n in ctx.params if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
+        assert config_from_flags(ctx.params, typed) == cfg

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.cli_options import available_cores
+from ..common.cli_options import available_cores, field_defaults, flag_name
 from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index_shared, refuse_nested, skipped_report
@@ -166,13 +166,6 @@ class TrainConfig:
         return "stored" if self.labels else "hard" if self.hard_labels else "online"
 
 
-def field_defaults(cls) -> dict:
-    """A dataclass's default per field (factories called): what an untyped flag means."""
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-
-
 TRAIN_DEFAULTS = field_defaults(TrainConfig)
 ONLINE_ONLY = {"temperature": "a store's temperature is the one it was labelled with", "classes_file": "",
                "teacher_classes": "", "teacher_precision": ""}
@@ -187,11 +180,6 @@ def _online_only(c: TrainConfig) -> str | None:
         why = f"{ONLINE_ONLY[name]}; " if ONLINE_ONLY[name] else ""
         return f"{flag_name(name)} {shown} applies to online mode (--teachers) only; {why}drop it"
     return None
-
-
-def flag_name(name: str) -> str:
-    """A TrainConfig field's flag: classes_file -> --classes, w_cutmix -> --w-cutmix."""
-    return {"classes_file": "--classes", "data": "DATA"}.get(name, "--" + name.replace("_", "-"))
 
 
 # The refusals of a config that cannot run, each a function returning the message (None: fine). They run in
