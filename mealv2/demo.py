@@ -432,7 +432,7 @@ def machine(device: str = "auto") -> str:
     """The machine, as the benchmarks describe it (with the GPU's name when one is used)."""
     import torch
 
-    from .benchmarks.common import machine_description
+    from .common.runtime import machine_description
 
     return machine_description("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
