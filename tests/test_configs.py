@@ -173,3 +173,38 @@ def test_config_args_is_the_command_that_builds_the_same_config(files):
         ctx = train.make_context("train", config_args(cfg))
         typed = {n for n in ctx.params if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
         assert config_from_flags(ctx.params, typed) == cfg
+
+
+def _ranged_options(command):
+    """(command name, flag name, a value just outside the option's range) of each ranged option."""
+    import click
+
+    from mealv2.stage1_label.commands import label
+    from mealv2.stage2_train.commands import train
+
+    cmd = {"label": label, "train": train}[command]
+    for p in cmd.params:
+        if isinstance(p.type, click.types._NumberRangeBase) and p.type.min is not None:
+            yield p.name, p.opts[0], p.type.min if p.type.min_open else p.type.min - 1
+        if isinstance(p.type, click.types._NumberRangeBase) and p.type.max is not None:
+            yield p.name, p.opts[0], p.type.max + 1
+
+
+RANGED = [(command, *option) for command in ("label", "train") for option in _ranged_options(command)]
+
+
+@pytest.mark.parametrize("command, name, flag, value", RANGED, ids=[f"{c} {f} {v}" for c, _, f, v in RANGED])
+def test_every_out_of_range_flag_is_refused_by_the_config_too(command, name, flag, value, files, mealv2_cli):
+    """The same value the CLI refuses (click's range) is refused by LabelConfig / TrainConfig, naming it."""
+    base = ({"data": "d", "teachers": ["t"], "out": "o"} if command == "label" else
+            {"data": "d", "out": "o", "arch": "a", "hard_labels": True})
+    if name == "temperature" and command == "train":
+        base = {**base, "hard_labels": False, "teachers": ["t"]}
+    config = mealv2.LabelConfig if command == "label" else mealv2.TrainConfig
+    with pytest.raises(MealV2Error, match=re.escape(f"{name} = {value!r} is out of range")
+                       if name != "res" else "--res must be a positive pixel count"):
+        config(**base, **({"crop": CropParams(res=value)} if name == "res" else {name: value}))
+    extra = ["-t", "t"] if command == "label" else ["-a", "a", "--hard-labels"]
+    r = mealv2_cli(command, files / "data", "-o", files / "o", *extra, flag, value)
+    refused(r, flag)
+    assert "Invalid value" in r.err, r.err

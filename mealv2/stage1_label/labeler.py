@@ -23,7 +23,7 @@ from ..common.loaders import describe, iterate, resolve
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index_shared, in_classes, refuse_nested, skipped_report
 from ..common.distributed import distributed
-from ..common.errors import MealV2Error, require_finite
+from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
@@ -31,6 +31,12 @@ from ..common.targets import encode_topk
 from ..common.teacher_check import check_teachers
 from ..common.teachers import Ensemble, load_teachers, read_classes_file, read_teacher_classes, teacher_table
 from .writer import DEPTH, ShardWriter
+
+
+# The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
+LABEL_RANGES = {**{name: (1, None, False) for name in ("rounds", "crops_per_image", "topk", "batch_size", "workers",
+                                                       "shard_size")},
+                "seed": (0, None, False), "temperature": (0, None, True)}
 
 
 @dataclass
@@ -76,6 +82,7 @@ class LabelConfig:
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("label", temperature=self.temperature)
+        require_in_range("label", LABEL_RANGES, **{name: getattr(self, name) for name in LABEL_RANGES})
         if not self.teachers:
             raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
 

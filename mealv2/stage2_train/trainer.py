@@ -55,7 +55,7 @@ from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index_shared, refuse_nested, skipped_report
 from ..common.distributed import DistInfo, distributed
-from ..common.errors import MealV2Error, require_finite
+from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
 from ..common.loaders import describe, resolve
 from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
@@ -80,6 +80,13 @@ RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device
 # The student's resolution is compared as the schedule it resolves to (student_schedule), not as typed:
 # with --labels an untyped --res is the store's, so equal flags can mean another res and vice versa.
 RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
+# The ranges the flags take (min, max or None, min excluded), which TrainConfig applies in Python too.
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (1, None, False), (0, None, False), (0, None, True)
+TRAIN_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr_step": AT_LEAST_1, "crops_per_image": AT_LEAST_1,
+                "min_res": AT_LEAST_1, "res_step": AT_LEAST_1, "workers": AT_LEAST_1, "warmup_epochs": AT_LEAST_0,
+                "ramp_start": AT_LEAST_0, "ramp_end": AT_LEAST_0, "seed": AT_LEAST_0, "lr": AT_LEAST_0,
+                "momentum": AT_LEAST_0, "wd": AT_LEAST_0, "d_lr": AT_LEAST_0, "mixup": AT_LEAST_0,
+                "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False)}
 
 
 @dataclass
@@ -157,6 +164,7 @@ class TrainConfig:
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
                        d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup)
+        require_in_range("train", TRAIN_RANGES, **{name: getattr(self, name) for name in TRAIN_RANGES})
         for rule in TRAIN_RULES:
             if message := rule(self):
                 raise MealV2Error(f"train: {message}")
