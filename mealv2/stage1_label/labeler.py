@@ -127,6 +127,10 @@ def run_label(cfg: LabelConfig) -> LabelStore:
 
     Returns:
         The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...).
+
+    Example::
+
+        store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50.a1_in1k"], "store.zarr", rounds=4))
     """
     refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device):

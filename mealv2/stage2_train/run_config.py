@@ -17,6 +17,7 @@ from ..common.models import load_checkpoint_file
 from ..common.teachers import split_specs
 from .trainer import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
 from .utils import CONFIG_FILE
+
 CROP_FIELDS = ("res", "scale", "ratio")   # flags that make up TrainConfig.crop
 
 
@@ -66,10 +67,7 @@ def flags_to_fields(flags: dict, base: CropParams = CropParams()) -> dict:
     fields = {("compile" if k == "compile_" else k): v for k, v in flags.items() if k not in CROP_FIELDS}
     crop = {k: tuple(v) if k != "res" else v for k, v in flags.items() if k in CROP_FIELDS}
     if crop:
-        try:
-            fields["crop"] = dataclasses.replace(base, **crop)
-        except ValueError as e:
-            raise MealV2Error(str(e)) from None
+        fields["crop"] = dataclasses.replace(base, **crop)   # CropParams refuses bad values (a MealV2Error)
     if "teachers" in fields:
         fields["teachers"] = split_specs(fields["teachers"])
     return fields
