@@ -16,15 +16,16 @@
 5. evaluate every model with `mealv2 eval`; the ensemble with the same validate() on the mean
    of the teachers' softmax
 
-Every stage is the click command a user runs, invoked in this process (torch is imported
-once); each is printed as a shell line before it runs, and every number in the table,
-report.md and results.json comes from those runs' outputs (eval JSON, inspect JSON, metrics.csv).
+The demo is the Python API's first user: every stage calls the public function (``mealv2.label``,
+``mealv2.train``) or the one behind a command (`mealv2 eval`, `mealv2 inspect`) and reads its result;
+each is printed before it runs as the equivalent `mealv2` shell line (common/cli_options.config_args),
+which report.md lists for every row, and every number in the table, report.md and results.json
+comes from those results (eval's, inspect's and the metrics rows train returns).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import shlex
 import shutil
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import click
 
-from .common.cli_options import POSITIVE
+from .common.cli_options import POSITIVE, config_args, float_pair
+from .common.crops import CropParams
 
 SHIPPED_TEACHERS = Path(__file__).parent / "demo_teachers"
 # (file name, arch, optimizer, lr, seed, res) of the shipped teachers: two ResNets of different
@@ -90,13 +92,12 @@ def shipped_teachers() -> list[str]:
 
 @dataclass
 class Step:
-    """One `mealv2` command the demo ran, with its wall and process-CPU seconds."""
+    """One stage the demo ran, as its `mealv2` command line, with its wall and process-CPU seconds."""
 
     stage: str
     args: list[str]
     seconds: float = 0.0
     cpu_seconds: float = 0.0
-    output: str = ""
 
     @property
     def shell(self) -> str:
@@ -105,25 +106,30 @@ class Step:
 
 @dataclass
 class Runner:
-    """Runs `mealv2 ARGS` in-process, printing each as a shell line; keeps steps and stage times."""
+    """Calls a stage's function, printing the equivalent `mealv2 ARGS` first; keeps steps and stage times."""
 
     steps: list[Step] = field(default_factory=list)
     stages: dict[str, dict] = field(default_factory=dict)
 
-    def __call__(self, stage: str, args: list, capture: bool = False) -> Step:
-        from .cli import cli
-
+    def __call__(self, stage: str, args: list, function, *fargs, **fkwargs) -> tuple[object, Step]:
         step = Step(stage, [str(a) for a in args])
         click.secho(f"\n$ {step.shell}", fg="cyan", bold=True)
-        buffer = io.StringIO()
         wall, cpu = time.perf_counter(), time.process_time()
-        with contextlib.redirect_stdout(buffer) if capture else contextlib.nullcontext():
-            cli.main(step.args, prog_name="mealv2", standalone_mode=False)
+        result = function(*fargs, **fkwargs)
         step.seconds, step.cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
-        step.output = buffer.getvalue()
         self.steps.append(step)
         self.add_time(stage, step.seconds, step.cpu_seconds)
-        return step
+        return result, step
+
+    def label(self, stage: str, cfg) -> tuple[object, Step]:
+        from . import label
+
+        return self(stage, ["label", *config_args(cfg)], label, cfg)
+
+    def train(self, stage: str, cfg) -> tuple[list[dict], Step]:
+        from . import train
+
+        return self(stage, ["train", *config_args(cfg)], train, cfg)
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -143,19 +149,17 @@ def read_metrics(path: Path) -> list[dict]:
         return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def eval_json(step: Step) -> dict:
-    return json.loads(step.output.strip().splitlines()[-1])
-
-
 # ---------------------------------------------------------------------------------- ensemble
 def ensemble_accuracy(teacher_specs: list[str], val: Path, batch_size: int, device: str, workers: int) -> dict:
-    """validate() (the loop `mealv2 eval` runs) on the mean of the teachers' softmax, each
-    teacher fed its own resolution's pixels re-normalised to its own mean/std."""
+    """validate() (the loop `mealv2 eval` runs) on the ensemble `mealv2 label` stores: the mean of the
+    teachers' softmax weighted by their specs' *W (common.targets.ensemble_probs), each teacher fed its own
+    resolution's pixels re-normalised to its own mean/std."""
     import torch
     from torch import nn
 
     from .common.dataset import build_index
     from .common.runtime import Runtime
+    from .common.targets import ensemble_probs
     from .common.teachers import load_teachers
     from .stage2_train.validate import validate
 
@@ -171,11 +175,10 @@ def ensemble_accuracy(teacher_specs: list[str], val: Path, batch_size: int, devi
             self.models = nn.ModuleList(t.model for t in teachers)
 
         def forward(self, x):
-            probs = 0
-            for t in teachers:
-                m, s = torch.tensor(t.mean).view(1, 3, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1)
-                probs = probs + torch.softmax(t.logits((x * s0.to(x) + m0.to(x) - m.to(x)) / s.to(x)).float(), 1)
-            return torch.log(probs / len(teachers))
+            pixels = x * s0.to(x) + m0.to(x)
+            logits = [t.logits((pixels - torch.tensor(t.mean).view(1, 3, 1, 1).to(x))
+                               / torch.tensor(t.std).view(1, 3, 1, 1).to(x)) for t in teachers]
+            return torch.log(ensemble_probs(logits, [t.weight for t in teachers], 1.0))
 
     runtime = Runtime.create(device)
     model = runtime.model(SoftmaxMean()).eval()
@@ -280,6 +283,10 @@ DEFAULTS = Settings()
 
 def run_demo(s: Settings) -> dict:
     """Every stage; returns results.json's content (also written, with report.md and curves.png)."""
+    from . import LabelConfig, TrainConfig
+    from .common.teachers import split_specs
+    from .stage1_label.report import store_summary
+    from .stage2_train.evaluate import evaluate_model
     from .synthetic import SyntheticConfig, generate
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -289,7 +296,7 @@ def run_demo(s: Settings) -> dict:
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
     run = Runner()
-    teachers = [t.strip() for t in (s.teachers or ",".join(shipped_teachers())).split(",") if t.strip()]
+    teachers = split_specs([s.teachers or ",".join(shipped_teachers())])
 
     with run.timed("generate dataset"):
         cfg = SyntheticConfig(seed=s.seed, train_per_class=s.images_per_class, val_per_class=s.val_per_class)
@@ -302,22 +309,23 @@ def run_demo(s: Settings) -> dict:
     click.secho(f"dataset: {train_dir} ({n_train} images), {val_dir} ({s.val_per_class * cfg.num_classes} "
                 f"images), {cfg.num_classes} classes: {', '.join(cfg.classes)}", bold=True)
 
-    device = ["--device", s.device, "--workers", s.workers]
+    where = dict(device=s.device, workers=s.workers)
     store = out / "labels" / "store.zarr"
-    run("label", ["label", train_dir, "-t", ",".join(teachers), "-o", store, "--rounds", rounds,
-                  "--crops-per-image", s.crops_per_image, "--res", s.res, "--scale", s.scale,
-                  "--topk", min(s.topk, cfg.num_classes), "--seed", s.seed, *device])
-    inspect = json.loads(run("label", ["inspect", store, "--json"], capture=True).output)
+    crop = CropParams(res=s.res, scale=float_pair(s.scale))
+    _, label_step = run.label("label", LabelConfig(
+        data=str(train_dir), teachers=teachers, out=str(store), rounds=rounds, crops_per_image=s.crops_per_image,
+        crop=crop, topk=min(s.topk, cfg.num_classes), seed=s.seed, **where))
+    inspect, _ = run("label", ["inspect", store, "--json"], store_summary, store)
 
-    fresh = ["--res", s.res, "--scale", s.scale, "--crops-per-image", s.crops_per_image]
     # Online: `mealv2 label` above already ran the teacher check of these teachers on these images
     # (its time is the labelling's), so neither timed training pays it.
-    modes = {"stored": ["--labels", store], "online": ["--teachers", ",".join(teachers), *fresh, "--no-teacher-check"],
-             "hard": ["--hard-labels", *fresh]}
+    fresh = dict(crop=crop, crops_per_image=s.crops_per_image, crop_given=("res", "scale", "crops_per_image"))
+    modes = {"stored": dict(labels=str(store)), "online": dict(teachers=teachers, teacher_check=False, **fresh),
+             "hard": dict(hard_labels=True, **fresh)}
     # Rows in table order; trained hard-label first, so that the one-off costs of a process's first
     # training (imports, kernel set-up) fall on no run of the stored / online time comparison.
     students = [("A", s.student, ("stored", "online", "hard")), ("B", s.student_b, ("stored", "hard"))]
-    runs, train_steps = {}, {}
+    runs, trained = {}, {}
     for letter, arch, arch_modes in students:
         for mode in arch_modes:
             runs[f"student {letter} ({mode})"] = out / "students" / f"{letter}_{arch}_{mode}"
@@ -325,15 +333,15 @@ def run_demo(s: Settings) -> dict:
         opt, lr = recipe(arch)
         for mode in sorted(arch_modes, key=TRAIN_ORDER.index):
             name = f"student {letter} ({mode})"
-            train_steps[name] = run(f"train student ({mode})", [
-                "train", train_dir, "--out", runs[name], "-a", arch, *modes[mode], "--epochs", s.epochs,
-                "--batch-size", s.batch_size, "--lr", f"{lr:g}", "--opt", opt, "--cos", "--warmup-epochs", 1,
-                "--val", curve_val, "--seed", s.seed, *device])
+            trained[name] = run.train(f"train student ({mode})", TrainConfig(
+                data=str(train_dir), out=str(runs[name]), arch=arch, **modes[mode], epochs=s.epochs,
+                batch_size=s.batch_size, lr=lr, opt=opt, cos=True, warmup_epochs=1, val=str(curve_val), seed=s.seed,
+                **where))
 
     def evaluate(ckpt) -> tuple[dict, Step]:
-        step = run("evaluate", ["eval", val_dir, "--checkpoint", ckpt, "--batch-size", 256, *device, "--json"],
-                   capture=True)
-        result = eval_json(step)
+        result, step = run("evaluate", ["eval", val_dir, "--checkpoint", ckpt, "--batch-size", 256,
+                                        "--device", s.device, "--workers", s.workers, "--json"],
+                           evaluate_model, val_dir, ckpt, batch_size=256, **where)
         click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
         return result, step
 
@@ -346,20 +354,19 @@ def run_demo(s: Settings) -> dict:
                          eval=result, commands=[*_teacher_commands(spec), step.shell]))
     with run.timed("evaluate"):
         ens = ensemble_accuracy(teachers, val_dir, 256, s.device, s.workers)
-    click.echo(f"\nensemble (mean of the teachers' softmax): top-1 {ens['top1']:.2f}%  top-5 {ens['top5']:.2f}%")
+    click.echo(f"\nensemble (the teachers' softmax, mean weighted by *W): top-1 {ens['top1']:.2f}%  "
+               f"top-5 {ens['top5']:.2f}%")
     rows.append(dict(row="ensemble", arch=" + ".join(map(_arch_of, teachers)), mode="mean softmax", saw="-",
                      top1=ens["top1"], top5=ens["top5"], train_s=None, img_per_s=None, eval=ens,
                      commands=[s.command()]))
-    label_step = next(st for st in run.steps if st.args[0] == "label")
     saw = {"stored": f"{n_train} images' crops, store's soft labels", "hard": f"{n_train} images, labels",
            "online": f"{n_train} images, teachers online"}
     metrics = {}
     for name, folder in runs.items():
         result, step = evaluate(folder / "last.pt")
-        metrics[name] = read_metrics(folder / "metrics.csv")
+        metrics[name], train = trained[name]
         mode = name.split("(")[1].rstrip(")")
-        train = train_steps[name]
-        rows.append(dict(row=name, arch=train.args[train.args.index("-a") + 1], mode=mode, saw=saw[mode],
+        rows.append(dict(row=name, arch=train.args[train.args.index("--arch") + 1], mode=mode, saw=saw[mode],
                          top1=result["top1"], top5=result["top5"], train_s=train.seconds,
                          train_cpu_s=train.cpu_seconds,
                          img_per_s=sorted(r["img_per_s"] for r in metrics[name])[len(metrics[name]) // 2],
@@ -395,13 +402,16 @@ def run_demo(s: Settings) -> dict:
 
 def _arch_of(spec: str) -> str:
     from .common.models import load_checkpoint_file
+    from .common.teachers import Spec
 
-    return str(load_checkpoint_file(spec.split("@")[0].split("%")[0].split("*")[0])["arch"])
+    return str(load_checkpoint_file(Spec.parse(spec).body)["arch"])
 
 
 def _teacher_info(spec: str) -> dict | None:
     """The shipped teachers' entry in demo_teachers/teachers.json (None for other checkpoints)."""
-    path = Path(spec)
+    from .common.teachers import Spec
+
+    path = Path(Spec.parse(spec).body)
     if path.parent != SHIPPED_TEACHERS:
         return None
     info = json.loads((SHIPPED_TEACHERS / "teachers.json").read_text())
@@ -422,7 +432,7 @@ def machine(device: str = "auto") -> str:
     """The machine, as the benchmarks describe it (with the GPU's name when one is used)."""
     import torch
 
-    from .benchmarks.common import machine_description
+    from .common.runtime import machine_description
 
     return machine_description("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
@@ -514,6 +524,7 @@ def train_teachers(dest: Path, device: str, workers: int) -> None:
     (TEACHER_DATA, in DEST/data; runs in DEST/runs), then write them to ``dest``
     (:func:`write_teachers`). Every recorded command names only paths under DEST, which the
     build command creates, so the list reruns as recorded from any folder."""
+    from . import TrainConfig
     from .synthetic import SyntheticConfig, generate
 
     paths = generate(dest / "data", SyntheticConfig(**TEACHER_DATA))
@@ -522,11 +533,11 @@ def train_teachers(dest: Path, device: str, workers: int) -> None:
     for name, arch, opt, lr, seed, res in TEACHER_RECIPES:
         folder = dest / "runs" / name
         shutil.rmtree(folder, ignore_errors=True)
-        step = run("train teachers", [
-            "train", paths["train"], "--out", folder, "-a", arch, "--hard-labels", "--epochs", TEACHER_EPOCHS,
-            "--res", res, "--scale", DEFAULTS.scale, "--crops-per-image", DEFAULTS.crops_per_image,
-            "--batch-size", DEFAULTS.batch_size, "--lr", f"{lr:g}", "--opt", opt, "--cos", "--warmup-epochs", 1,
-            "--val", paths["val"], "--seed", seed, "--device", device, "--workers", workers])
+        _, step = run.train("train teachers", TrainConfig(
+            data=str(paths["train"]), out=str(folder), arch=arch, hard_labels=True, epochs=TEACHER_EPOCHS,
+            crop=CropParams(res=res, scale=float_pair(DEFAULTS.scale)), crops_per_image=DEFAULTS.crops_per_image,
+            crop_given=("res", "scale", "crops_per_image"), batch_size=DEFAULTS.batch_size, lr=lr, opt=opt, cos=True,
+            warmup_epochs=1, val=str(paths["val"]), seed=seed, device=device, workers=workers))
         done.append((name, arch, folder, step.shell, step.seconds))
     write_teachers(dest, done)
 
@@ -600,7 +611,8 @@ def demo(build_teachers, **flags):
     Stores the soft labels of two shipped teachers for random crops, trains student A from the
     store, online from the teachers and on hard labels, student B from the same store and on
     hard labels, evaluates everything and writes OUT/report.md, OUT/curves.png and
-    OUT/results.json. Every stage is a `mealv2` command, printed before it runs."""
+    OUT/results.json. Every stage calls mealv2's Python API, printed before it runs as the
+    equivalent `mealv2` command (report.md lists them)."""
     if build_teachers:
         train_teachers(Path(build_teachers), flags["device"], flags["workers"])
         return

@@ -255,3 +255,15 @@ def _ensemble_top1(specs: list[str], val: Path) -> float:
                     for m in models)
             correct += int(p.argmax(1).item() == index.labels[i])
     return 100.0 * correct / len(index)
+
+
+def test_the_demos_ensemble_row_weights_the_teachers_as_their_specs_say(tmp_path):
+    """*W weights a teacher in the ensemble `mealv2 label` stores; the demo's ensemble row is that ensemble."""
+    from mealv2.demo import ensemble_accuracy, shipped_teachers
+    from mealv2.stage2_train.evaluate import evaluate_model
+
+    val = generate(tmp_path / "d", SMALL)["val"]
+    first, second = shipped_teachers()
+    alone = evaluate_model(val, first, batch_size=64, device="cpu")["top1"]
+    assert ensemble_accuracy([f"{first}*1000", second], val, 64, "cpu", 1)["top1"] == alone
+    assert ensemble_accuracy([first, second], val, 64, "cpu", 1)["top1"] != alone   # the weight is what made it

@@ -71,7 +71,7 @@ def test_counts_and_numbers_are_checked(files):
     assert r.returncode == 2 and "expected N=FILE" in r.stderr, r.stderr
     r = run_cli("train", files, "--labels", files, "-a", "test_resnet", "-o", files / "r", "--teacher-classes",
                 f"1={files / 'own.txt'}")
-    assert r.returncode == 2 and "--teacher-classes applies to online mode" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"--teacher-classes 1={files / 'own.txt'} applies to online mode" in r.stderr, r.stderr
 
 
 def test_the_corrected_command_changes_only_the_teachers_it_fixes():

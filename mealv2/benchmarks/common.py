@@ -1,14 +1,14 @@
 """What the benchmarks share: generated inputs, random-init teachers, the machine's description."""
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
 from PIL import Image
+
+from ..common.runtime import machine_description  # noqa: F401 (the benchmarks' and the demo's)
 
 DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
 
@@ -47,12 +47,3 @@ def random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str
 def met(condition: bool) -> str:
     """A benchmark table's "met" cell."""
     return "yes" if condition else "**no**"
-
-
-def machine_description(device: str) -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    cpu = (f"{os.cpu_count()}-core {platform.machine()} CPU (load average {load} at the end), "
-           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} + {cpu}"
-    return cpu + (", no GPU" if not torch.cuda.is_available() else "")

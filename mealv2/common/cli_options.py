@@ -1,6 +1,7 @@
 """Click options shared by several commands, so a flag means the same thing everywhere."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from fractions import Fraction
@@ -36,13 +37,17 @@ NON_NEGATIVE = FiniteFloat(min=0)
 POSITIVE_FLOAT = FiniteFloat(min=0, min_open=True)
 
 
-def _float_pair(ctx, param, value):
+def float_pair(value: str) -> tuple[float, float]:
     """'MIN,MAX' with decimals or fractions ('3/4,4/3' is exactly torchvision's ratio range)."""
     try:
         lo, hi = (float(Fraction(v.strip())) for v in value.split(","))
     except (ValueError, ZeroDivisionError):
         raise click.BadParameter(f"expected two numbers 'MIN,MAX', got '{value}'") from None
     return lo, hi
+
+
+def _float_pair(ctx, param, value):
+    return float_pair(value)
 
 
 def _teacher_classes(ctx, param, values) -> dict[int, str]:
@@ -169,3 +174,49 @@ trust_option = click.option(
          "tensors and plain data are read from them, since a crafted pickle runs code as it loads.")
 """--trust-checkpoint: the command loads every checkpoint file (teachers, --init, --resume, eval's, export's)
 in full (common/models.py)."""
+
+
+# ---- configs as flags: LabelConfig/TrainConfig fields are the flags of the same name ------------------------
+NOT_FLAGS = ("progress", "write_depth", "crop_given", "resume")   # set by callers, not typed
+ALWAYS_GIVEN = ("workers",)   # its default is the machine's, so a command given elsewhere states it
+FLAG_NAMES = {"classes_file": "--classes", "data": "DATA"}
+
+
+def field_defaults(cls) -> dict:
+    """A dataclass's default per field (factories called): what an untyped flag means."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+def flag_name(name: str) -> str:
+    """A config field's flag: classes_file -> --classes, w_cutmix -> --w-cutmix."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def config_args(cfg) -> list[str]:
+    """The arguments of the `mealv2` command that builds ``cfg`` (a LabelConfig or TrainConfig): DATA, then
+    every setting that differs from its default (and the crop flags a TrainConfig's crop_given names), so a
+    report can print the command equivalent to a Python call."""
+    defaults, typed = field_defaults(type(cfg)), getattr(cfg, "crop_given", ())
+    args = [str(cfg.data)]
+    for f in dataclasses.fields(cfg):
+        name, value = f.name, getattr(cfg, f.name)
+        if name == "data" or name in NOT_FLAGS or (name in defaults and value == defaults[name] and name not in
+                                                   ("crop", *ALWAYS_GIVEN, *typed)):
+            continue
+        if name == "crop":
+            for key in ("res", "scale", "ratio"):
+                if getattr(value, key) != getattr(defaults["crop"], key) or key in typed:
+                    shown = getattr(value, key)
+                    args += [f"--{key}", ",".join(map(str, shown)) if isinstance(shown, tuple) else str(shown)]
+        elif isinstance(value, bool):
+            args.append(flag_name(name) if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            args += [flag_name(name), ",".join(value)]
+        elif isinstance(value, dict):
+            for n, path in value.items():
+                args += [flag_name(name), f"{n}={path}"]
+        elif value is not None:
+            args += [flag_name(name), str(value)]
+    return args

@@ -15,8 +15,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import MealV2Error
+
 BOX_GRID = 1023          # relative coordinates are q / BOX_GRID, q in [0, BOX_GRID]: 10 bits
 _TRIES = 10              # torchvision's RandomResizedCrop makes 10 attempts before its fallback
+
+
+class CropError(MealV2Error, ValueError):
+    """A crop setting out of range (a ValueError too, as it was before configs refused it in Python)."""
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,15 @@ class CropParams:
 
     def __post_init__(self):
         if self.res <= 0:
-            raise ValueError(f"--res must be a positive pixel count, got {self.res}")
+            raise CropError(f"--res must be a positive pixel count, got {self.res}")
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
+            raise CropError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
         lo, hi = self.ratio
         if not 0 < lo <= hi < math.inf:
-            raise ValueError(f"--ratio must satisfy 0 < min <= max, got {lo},{hi}")
+            raise CropError(f"--ratio must satisfy 0 < min <= max, got {lo},{hi}")
         if not 0 <= self.flip_prob <= 1:
-            raise ValueError(f"flip probability must be in [0, 1], got {self.flip_prob}")
+            raise CropError(f"flip probability must be in [0, 1], got {self.flip_prob}")
 
     def to_attrs(self) -> dict:
         d = asdict(self)

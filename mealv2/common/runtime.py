@@ -9,6 +9,8 @@ is asked for.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +97,13 @@ class Runtime:
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+def machine_description(device: str) -> str:
+    """The machine a figure was measured on (benchmarks, the demo's report)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu = (f"{os.cpu_count()}-core {platform.machine()} CPU (load average {load} at the end), "
+           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} + {cpu}"
+    return cpu + (", no GPU" if not torch.cuda.is_available() else "")

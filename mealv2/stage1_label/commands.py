@@ -30,8 +30,7 @@ from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_opti
 @device_option
 @workers_option
 @trust_option
-def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_precision, out, rounds, res, scale,
-          ratio, crops_per_image, topk, temperature, batch_size, seed, shard_size, skip_bad, loader, device, workers):
+def label(teachers, res, scale, ratio, **flags):
     """Label R rounds of random crops of DATA with the teacher ensemble into a resumable store.
 
     Before the first crop it prints each teacher's input (resolution, mean/std, class order)
@@ -39,9 +38,4 @@ def label(data, teachers, classes_file, teacher_classes, teacher_check, teacher_
     from ..common.teachers import split_specs
     from .labeler import LabelConfig, run_label
 
-    run_label(LabelConfig(data=data, teachers=split_specs(teachers), out=out, rounds=rounds,
-                          crops_per_image=crops_per_image, crop=crop_params(res, scale, ratio), topk=topk,
-                          temperature=temperature, batch_size=batch_size, seed=seed, loader=loader,
-                          device=device, workers=workers, shard_size=shard_size, skip_bad=skip_bad,
-                          classes_file=classes_file, teacher_classes=teacher_classes,
-                          teacher_check=teacher_check, teacher_precision=teacher_precision))
+    run_label(LabelConfig(**flags, teachers=split_specs(teachers), crop=crop_params(res, scale, ratio)))

@@ -23,7 +23,7 @@ from ..common.loaders import describe, iterate, resolve
 from ..common.crops import CropParams, sample_crops
 from ..common.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
 from ..common.distributed import distributed
-from ..common.errors import MealV2Error, require_finite
+from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
@@ -34,8 +34,30 @@ from ..common.teachers import (Ensemble, load_teachers, naming_extra_classes, re
 from .writer import DEPTH, ShardWriter
 
 
+# The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
+LABEL_RANGES = {**{name: (1, None, False) for name in ("rounds", "crops_per_image", "topk", "batch_size", "workers",
+                                                       "shard_size")},
+                "seed": (0, None, False), "temperature": (0, None, True)}
+
+
 @dataclass
 class LabelConfig:
+    """Everything ``mealv2 label`` does; each field is the flag of the same name (``mealv2 label --help``),
+    refused here when it cannot run, so Python callers meet the CLI's refusals.
+
+    Args:
+        data: images to label (ImageFolder, CSV or a folder of loose images); DATA.
+        teachers: teacher specs (ARCH, ARCH=CKPT, CKPT with @RES, %NORM, *WEIGHT suffixes); --teachers.
+        out: the store to create, resume or append rounds to; --out.
+        rounds, crops_per_image, crop, topk, temperature, ...: as the flags of the same name
+            (``crop`` holds --res/--scale/--ratio).
+
+    Example::
+
+        import mealv2
+        store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50", "convnext_tiny"], "store", rounds=2))
+    """
+
     data: str
     teachers: list[str]
     out: str
@@ -61,6 +83,9 @@ class LabelConfig:
     def __post_init__(self):
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("label", temperature=self.temperature)
+        require_in_range("label", LABEL_RANGES, **{name: getattr(self, name) for name in LABEL_RANGES})
+        if not self.teachers:
+            raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -109,6 +134,19 @@ def check_shard_size(cfg: LabelConfig) -> None:
 
 
 def run_label(cfg: LabelConfig) -> LabelStore:
+    """Label ``cfg.rounds`` rounds into ``cfg.out`` (created, resumed or appended to), as ``mealv2 label``
+    does (which only builds ``cfg``).
+
+    Args:
+        cfg: what to label and how; its fields are the CLI's flags.
+
+    Returns:
+        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...).
+
+    Example::
+
+        store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50.a1_in1k"], "store.zarr", rounds=4))
+    """
     refuse_nested(cfg.data, cfg.out, "--out")
     check_shard_size(cfg)
     with distributed(cfg.device) as (info, device):
@@ -117,8 +155,6 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                                    progress=cfg.progress and info.is_main)
         if skipped := skipped_report(index):
             say(skipped)
-        if not cfg.teachers:
-            raise MealV2Error("no teachers given: pass --teachers SPEC (repeatable or comma separated)")
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
         with naming_extra_classes(cfg.data, index, names):

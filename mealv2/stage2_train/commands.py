@@ -10,17 +10,17 @@ import click
 from click.core import ParameterSource
 
 from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath,
-                                  crop_options, crop_params, device_option, loader_option, teacher_options, trust_option,
+                                  crop_options, device_option, loader_option, teacher_options, trust_option,
                                   workers_option)
-from ..common.teachers import split_specs
-from .trainer import CROP_FLAGS, TrainConfig, train as run_train
+from .run_config import config_from_flags
+from .trainer import TrainConfig, train as run_train
 
 
 @click.command()
-@click.argument("data", type=LocalPath(exists=True))
-@click.option("--out", "-o", required=True, type=LocalPath(),
-              help="Run folder: last.pt, best.pt, metrics.csv, curves.png.")
-@click.option("--arch", "-a", required=True, help="Student: any timm model name.")
+@click.argument("data", type=LocalPath(exists=True), required=False)
+@click.option("--out", "-o", type=LocalPath(),
+              help="Run folder: last.pt, best.pt, metrics.csv, curves.png, config.json.  [required]")
+@click.option("--arch", "-a", help="Student: any timm model name.  [required]")
 @click.option("--labels", "-l", type=StorePath(exists=True),
               help="Label store made by `mealv2 label` (stored-label mode): a path, or a URL (https://, s3://, "
                    "...) read through a cache under $MEALV2_CACHE.")
@@ -69,7 +69,9 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
 @click.option("--val", type=LocalPath(exists=True), help="Validation ImageFolder/CSV; best.pt keeps the best top-1.")
 @click.option("--pretrained", is_flag=True, help="Start from timm's pretrained weights (as MEAL V2 does).")
 @click.option("--init", type=LocalPath(exists=True), help="Start from a checkpoint or state dict.")
-@click.option("--resume", is_flag=True, help="Continue RUN/last.pt exactly (repeat the run's flags).")
+@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[RUN]", type=LocalPath(),
+              help="Continue RUN (default --out) exactly, with the settings in RUN/config.json; flags typed "
+                   "change them where a run may change (--epochs without --cos, --workers, ...).")
 @loader_option
 @device_option
 @workers_option
@@ -80,13 +82,7 @@ from .trainer import CROP_FLAGS, TrainConfig, train as run_train
               help="Do every start-up check (data, store, classes, teachers, model, resume), print the plan, exit.")
 @trust_option
 @click.pass_context
-def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, teacher_classes, teacher_check,
-          teacher_precision,
-          temperature, res, scale, ratio, crops_per_image, min_res, ramp_start, ramp_end, res_step, epochs,
-          batch_size, lr, momentum, wd, opt, lr_step, cos,
-          warmup_epochs, use_discriminator_loss, d_lr, w_cutmix, cutmix_alpha, cutmix_prob, mixup, model_ema,
-          model_ema_decay, val, pretrained,
-          init, resume, loader, device, workers, seed, compile_, tensorboard, dry_run):
+def train(ctx, **flags):
     """Train a timm student on DATA from a label store (--labels), dataset labels (--hard-labels)
     or teachers run online (--teachers).
 
@@ -95,37 +91,12 @@ def train(ctx, data, out, arch, labels, hard_labels, teachers, classes_file, tea
     --ratio or --crops-per-image differing from the store's is refused. --res is the student's
     resolution in every mode; with --labels it defaults to the store's and may differ from it
     (the stored boxes are relative). Validation and checkpoints use the final --res.
+
+    A run writes its settings to RUN/config.json; `--resume RUN` (or `--out RUN --resume`) takes
+    them all from there: type only what you mean to change (e.g. --epochs).
     """
-    teachers = split_specs(teachers)
-    if sum([bool(labels), hard_labels, bool(teachers)]) != 1:
-        raise click.UsageError("give exactly one of --labels STORE, --hard-labels, --teachers SPEC")
-    if use_discriminator_loss and hard_labels:
-        raise click.UsageError("--use-discriminator-loss needs soft targets (--labels or --teachers)")
-    if ctx.get_parameter_source("temperature") is not ParameterSource.DEFAULT and not teachers:
-        raise click.UsageError("--temperature applies to online mode (--teachers) only; a store's temperature "
-                               "is the one it was labelled with")
-    for name in ("classes_file", "teacher_classes", "teacher_precision"):
-        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and not teachers:
-            raise click.UsageError(f"--{name.replace('_file', '').replace('_', '-')} applies to online mode "
-                                   f"(--teachers) only")
-    if ctx.get_parameter_source("model_ema_decay") is not ParameterSource.DEFAULT and not model_ema:
-        raise click.UsageError("--model-ema-decay applies with --model-ema only")
-    if pretrained and init:
-        raise click.UsageError("--pretrained and --init both set the starting weights; give one")
-    given = tuple(name for name in CROP_FLAGS
-                  if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT)
-    _run(TrainConfig(
-        data=data, out=out, arch=arch, labels=labels, hard_labels=hard_labels, teachers=teachers,
-        classes_file=classes_file, teacher_classes=teacher_classes, teacher_check=teacher_check,
-        teacher_precision=teacher_precision,
-        temperature=temperature, crop=crop_params(res, scale, ratio), crops_per_image=crops_per_image,
-        crop_given=given, min_res=min_res, ramp_start=ramp_start, ramp_end=ramp_end, res_step=res_step,
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, wd=wd, opt=opt,
-        lr_step=lr_step, cos=cos, warmup_epochs=warmup_epochs, use_discriminator_loss=use_discriminator_loss,
-        d_lr=d_lr, w_cutmix=w_cutmix, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup=mixup,
-        model_ema=model_ema, model_ema_decay=model_ema_decay, val=val,
-        pretrained=pretrained, init=init, resume=resume, loader=loader, device=device, workers=workers,
-        seed=seed, compile=compile_, tensorboard=tensorboard, dry_run=dry_run))
+    typed = {name for name in flags if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    _run(config_from_flags(flags, typed))
 
 
 def _run(cfg: TrainConfig) -> None:

@@ -163,7 +163,20 @@ class _Null:
 def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, ema, batch_size, device, workers, as_json):
     """Top-1/top-5 of a model on DATA (ImageFolder or CSV) with MEAL V2's test protocol:
     resize to res/0.875, center crop res, the model's mean/std."""
+    result = evaluate_model(data, checkpoint, arch=arch, pretrained=pretrained, res=res, classes_file=classes_file,
+                            norm=norm, ema=ema, batch_size=batch_size, device=device, workers=workers)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        source = checkpoint or f"timm pretrained {result['arch']}"
+        source = f"{source}, EMA weights" if result["ema"] else source
+        click.echo(f"{result['arch']} ({source}) at {result['res']}px on {result['num_images']} images of {data}")
+        click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
 
+
+def evaluate_model(data, checkpoint=None, *, arch=None, pretrained=False, res=None, classes_file=None, norm=None,
+                   ema=False, batch_size=64, device="auto", workers=1) -> dict:
+    """What `mealv2 eval` prints as JSON (top1, top5, num_images, arch, res, mean, std, ...)."""
     index = build_index(data, workers=workers)
     if not index.labelled:
         raise EvalError(f"DATA {data} has no labels (a folder of loose images or a CSV without a 'label' column); "
@@ -183,15 +196,8 @@ def evaluate(data, arch, checkpoint, pretrained, res, classes_file, norm, ema, b
     runtime = Runtime.create(device)
     stats = validate(runtime.model(loaded.model), index, res, mean, std, runtime, batch_size, workers,
                      order=order)
-    result = {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
-              "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
-              "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),
-              "model": loaded.kind, "ema": loaded.ema, "num_classes": loaded.num_classes,
-              "mean": list(mean), "std": list(std), "data": str(data)}
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        source = checkpoint or f"timm pretrained {loaded.arch}"
-        source = f"{source}, EMA weights" if loaded.ema else source
-        click.echo(f"{loaded.arch} ({source}) at {res}px on {result['num_images']} images of {data}")
-        click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    return {"top1": float(stats["top1"]), "top5": float(stats["top5"]),
+            "num_images": int(stats["num_images"]), "arch": loaded.arch, "res": int(res),
+            "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": bool(pretrained),
+            "model": loaded.kind, "ema": loaded.ema, "num_classes": loaded.num_classes,
+            "mean": list(mean), "std": list(std), "data": str(data)}

@@ -52,12 +52,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..common.cli_options import available_cores
+from .. import __version__
+from ..common.cli_options import available_cores, field_defaults, flag_name
 from ..common.crop_loader import View
 from ..common.crops import CropParams
 from ..common.dataset import build_index_shared, refuse_nested, skipped_report
 from ..common.distributed import DistInfo, distributed
-from ..common.errors import MealV2Error, require_finite
+from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
 from ..common.loaders import describe, resolve
 from ..common.locks import check_writable, hold_lock
@@ -72,7 +73,7 @@ from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
 from .replay import check_store_matches, check_student_res, data_index, open_checked_store
 from .res_schedule import ResSchedule, res_schedule
-from .utils import RunLog
+from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
 
 CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per_image": "--crops-per-image"}
@@ -84,10 +85,40 @@ RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device
 # The student's resolution is compared as the schedule it resolves to (student_schedule), not as typed:
 # with --labels an untyped --res is the store's, so equal flags can mean another res and vice versa.
 RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
+# The ranges the flags take (min, max or None, min excluded), which TrainConfig applies in Python too.
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (1, None, False), (0, None, False), (0, None, True)
+TRAIN_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr_step": AT_LEAST_1, "crops_per_image": AT_LEAST_1,
+                "min_res": AT_LEAST_1, "res_step": AT_LEAST_1, "workers": AT_LEAST_1, "warmup_epochs": AT_LEAST_0,
+                "ramp_start": AT_LEAST_0, "ramp_end": AT_LEAST_0, "seed": AT_LEAST_0, "lr": AT_LEAST_0,
+                "momentum": AT_LEAST_0, "wd": AT_LEAST_0, "d_lr": AT_LEAST_0, "mixup": AT_LEAST_0,
+                "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False)}
 
 
 @dataclass
 class TrainConfig:
+    """Everything ``mealv2 train`` does, refused here (not in the CLI) when a value cannot run, so Python
+    callers meet every refusal the CLI gives. Each field is the flag of the same name (``mealv2 train
+    --help``); ``crop`` holds --res/--scale/--ratio. Give exactly one label source.
+
+    Args:
+        data: images to train on (ImageFolder or CSV); DATA.
+        out: run folder (last.pt, best.pt, metrics.csv, config.json); --out.
+        arch: the student, any timm model name; --arch.
+        labels: a label store made by ``mealv2 label`` (stored-label mode); --labels.
+        hard_labels: cross-entropy on the dataset's labels; --hard-labels.
+        teachers: teacher specs run online on every step's crops; --teachers.
+        crop: the student's res and, without --labels, the crop distribution; --res/--scale/--ratio.
+        crop_given: the crop flags the user typed, checked against the store (with --labels an untyped
+            res is the store's).
+        epochs, batch_size, lr, ...: as the flags of the same name.
+        resume: continue ``out``'s run; :func:`resume_config` builds a config from the run's own settings.
+
+    Example::
+
+        import mealv2
+        mealv2.train(mealv2.TrainConfig("data/train", "runs/r18", "resnet18", labels="store", epochs=4))
+    """
+
     data: str
     out: str
     arch: str
@@ -141,14 +172,51 @@ class TrainConfig:
         require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
                        d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup,
                        model_ema_decay=self.model_ema_decay)
+        require_in_range("train", TRAIN_RANGES, **{name: getattr(self, name) for name in TRAIN_RANGES})
         if not 0 <= self.model_ema_decay < 1:
             raise MealV2Error(f"--model-ema-decay {self.model_ema_decay:g}: the EMA keeps this share of its weights "
                               f"per update, so it must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's "
                               f"default 0.9998 over 5,000; a short run wants a few percent of its updates)")
+        for rule in TRAIN_RULES:
+            if message := rule(self):
+                raise MealV2Error(f"train: {message}")
 
     @property
     def mode(self) -> str:
         return "stored" if self.labels else "hard" if self.hard_labels else "online"
+
+
+TRAIN_DEFAULTS = field_defaults(TrainConfig)
+ONLINE_ONLY = {"temperature": "a store's temperature is the one it was labelled with", "classes_file": "",
+               "teacher_classes": "", "teacher_precision": ""}
+
+
+def _online_only(c: TrainConfig) -> str | None:
+    set_ = [name for name in ONLINE_ONLY if getattr(c, name) != TRAIN_DEFAULTS[name]]
+    if set_ and not c.teachers:
+        name, value = set_[0], getattr(c, set_[0])
+        shown = (f"{value:g}" if isinstance(value, float) else
+                 " ".join(f"{n}={path}" for n, path in value.items()) if isinstance(value, dict) else value)
+        why = f"{ONLINE_ONLY[name]}; " if ONLINE_ONLY[name] else ""
+        return f"{flag_name(name)} {shown} applies to online mode (--teachers) only; {why}drop it"
+    return None
+
+
+# The refusals of a config that cannot run, each a function returning the message (None: fine). They run in
+# TrainConfig.__post_init__, so the CLI and Python callers meet the same ones.
+TRAIN_RULES = (
+    lambda c: None if c.data else "DATA is missing: give the images to train on (an ImageFolder or CSV)",
+    lambda c: None if c.out else "--out is missing: give the run folder (or --resume RUN)",
+    lambda c: None if c.arch else "--arch is missing: give the student, a timm model name (e.g. -a resnet18)",
+    lambda c: None if sum([bool(c.labels), c.hard_labels, bool(c.teachers)]) == 1 else
+    "give exactly one of --labels STORE, --hard-labels, --teachers SPEC",
+    lambda c: "--use-discriminator-loss needs soft targets (--labels or --teachers)"
+    if c.use_discriminator_loss and c.hard_labels else None,
+    _online_only,
+    lambda c: "--pretrained and --init both set the starting weights; give one" if c.pretrained and c.init else None,
+    lambda c: f"--model-ema-decay {c.model_ema_decay:g} applies with --model-ema only"
+    if c.model_ema_decay != TRAIN_DEFAULTS["model_ema_decay"] and not c.model_ema else None,
+)
 
 
 # ---- label sources ----------------------------------------------------------------------------
@@ -329,7 +397,20 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
 
 # ---- the run -------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) a training run; returns the metrics rows of every epoch so far."""
+    """Run (or resume) a training run, as ``mealv2 train`` does (which only builds ``cfg``).
+
+    Args:
+        cfg: the run's settings; :func:`resume_config` makes the one that continues a run.
+
+    Returns:
+        The metrics row of every epoch so far (epoch, res, lr, loss, d_loss, val_top1, val_top5, img_per_s,
+        ...); empty with ``dry_run``.
+
+    Example::
+
+        rows = mealv2.train(mealv2.TrainConfig("data/train", "runs/r18", "resnet18", labels="store", epochs=4))
+        print(rows[-1]["val_top1"])
+    """
     refuse_nested(cfg.data, cfg.out, "--out")
     with distributed(cfg.device) as (info, device), run_folder(cfg, info):
         return _train(cfg, info, device)
@@ -464,6 +545,15 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     say(plan_text(cfg, index, loader, labels, crop, info, scheduler, objective, schedule))
     if cfg.dry_run:
         return []
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        stored = store and dict(path=str(store.path), digest=store.digest, rounds=labels.rounds, attrs=store.attrs)
+        resolved = dict(mode=cfg.mode, classes=list(classes), crop=crop.to_attrs(),
+                        crops_per_image=labels.crops_per_image, student_res=[schedule.at(e) for e in range(cfg.epochs)],
+                        mean=list(mean), std=list(std), temperature=objective.temperature, topk=objective.topk,
+                        world_size=info.world_size, images_per_step_per_rank=per_step, steps_per_epoch=len(loader),
+                        loader=loader.backend, device=device.type, store=stored, mealv2_version=__version__)
+        write_run_config(run, cfg, resolved)
 
     forward = _ddp(model, info, device)
     forward = torch.compile(forward) if cfg.compile else forward
@@ -479,10 +569,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         state.restore(checkpoint, info)
         say(f"mealv2 train: resuming {run / 'last.pt'} at epoch {state.epoch}")
 
-    log = None
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        log = RunLog(run, cfg.tensorboard)
+    log = RunLog(run, cfg.tensorboard) if info.is_main else None
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
         row = train_one_epoch(state, loader, epoch_views(View(schedule.at(epoch), mean, std), ensemble), scheduler,
@@ -642,7 +729,8 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, sc
     saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
     # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
-    saved = {**dataclasses.asdict(TrainConfig(data="", out="", arch="")), **saved}
+    saved = {**{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in TRAIN_DEFAULTS.items()},
+             **saved}
     may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | set(RESOLVED_ON_RESUME)
     diff = [f"{k}: the run has {_without_res(k, saved.get(k))!r}, this command {_without_res(k, ours[k])!r}"
             for k in ours if k not in may_change and _without_res(k, saved.get(k)) != _without_res(k, ours[k])]

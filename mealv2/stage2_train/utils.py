@@ -1,7 +1,9 @@
-"""What a run leaves in RUN/: metrics.csv, curves.png and optionally TensorBoard events."""
+"""What a run leaves in RUN/: config.json, metrics.csv, curves.png and optionally TensorBoard events."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,18 @@ METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "val_
 # curves.png is redrawn at most this often (and after the last epoch): drawing costs 0.1-0.7 s,
 # more than a whole epoch of a small run; metrics.csv is rewritten every epoch.
 PLOT_EVERY_S = 30.0
+CONFIG_FILE = "config.json"
+
+
+def write_run_config(run: Path, cfg, resolved: dict) -> Path:
+    """RUN/config.json, atomically: ``settings`` (every field of the TrainConfig ``cfg``, typed or default:
+    what --resume continues with, run_config.py) and ``resolved`` (what they came to: the store's crops, the
+    student's res per epoch, ...)."""
+    path = run / CONFIG_FILE
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"settings": dataclasses.asdict(cfg), "resolved": resolved}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 class RunLog:

@@ -1,0 +1,91 @@
+"""RUN/config.json: a run's settings, so ``--resume`` continues it from the run alone.
+
+``mealv2 train`` writes every setting of the run (typed or default) and what it resolved them to
+(the store's crops and temperature, the student's res per epoch, ...) at start. A resume builds its
+config from the run's settings and the flags the user typed: nothing untyped can change, and a typed
+flag that would change what the run computes is refused by the trainer's resume check, naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..common.crops import CropParams
+from ..common.errors import MealV2Error
+from ..common.models import load_checkpoint_file
+from ..common.teachers import split_specs
+from .trainer import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
+from .utils import CONFIG_FILE
+
+CROP_FIELDS = ("res", "scale", "ratio")   # flags that make up TrainConfig.crop
+
+
+def run_settings(run: str | Path) -> dict:
+    """The settings a run was made with: RUN/config.json, or for runs made before it existed the
+    train_config its last.pt records."""
+    run = Path(run)
+    path = run / CONFIG_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["settings"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MealV2Error(f"--resume: {path} is not a mealv2 run config ({type(e).__name__}: {e}); restore it "
+                              f"or repeat the run's flags with --out {run}") from None
+    if (run / "last.pt").is_file():
+        return load_checkpoint_file(run / "last.pt").get("train_config", {})
+    raise MealV2Error(f"--resume {run}: neither {path} nor {run / 'last.pt'} exists, so there is no run to continue; "
+                      f"start it without --resume")
+
+
+def resume_config(run: str | Path, **changes) -> TrainConfig:
+    """The config that continues ``run``: its settings (RUN/config.json) with ``changes`` applied.
+
+    Args:
+        run: the run folder (``out`` of the run to continue).
+        **changes: TrainConfig fields to change. Only where a run may change (``epochs`` without ``cos``,
+            ``workers``, ``device``, ``data``'s location, ...); :func:`train` refuses any other
+            difference from the run, naming it.
+
+    Example::
+
+        mealv2.train(mealv2.resume_config("runs/r18", epochs=8))
+    """
+    settings = run_settings(run)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {**dict.fromkeys(known), **TRAIN_DEFAULTS, **{k: v for k, v in settings.items() if k in known}}
+    crop = values["crop"]   # JSON gives lists and string keys back
+    values.update(crop=crop if isinstance(crop, CropParams) else CropParams.from_attrs(crop),
+                  crop_given=tuple(values["crop_given"]),
+                  teacher_classes={int(n): path for n, path in values["teacher_classes"].items()})
+    return TrainConfig(**{**values, "out": str(run), "resume": True, **changes})
+
+
+def flags_to_fields(flags: dict, base: CropParams = CropParams()) -> dict:
+    """Click's parameters (name: value) as TrainConfig fields: --res/--scale/--ratio into ``crop``
+    (the others from ``base``), --teachers split, compile_ -> compile."""
+    fields = {("compile" if k == "compile_" else k): v for k, v in flags.items() if k not in CROP_FIELDS}
+    crop = {k: tuple(v) if k != "res" else v for k, v in flags.items() if k in CROP_FIELDS}
+    if crop:
+        fields["crop"] = dataclasses.replace(base, **crop)   # CropParams refuses bad values (a MealV2Error)
+    if "teachers" in fields:
+        fields["teachers"] = split_specs(fields["teachers"])
+    return fields
+
+
+def config_from_flags(flags: dict, typed: set[str]) -> TrainConfig:
+    """The config of a ``mealv2 train`` command: ``flags`` are all its parameters, ``typed`` the ones the
+    user gave. With --resume [RUN] every setting is the run's (RUN/config.json) except the typed ones."""
+    flags = dict(flags)
+    crop_given = tuple(k for k in CROP_FLAGS if k in typed)
+    resume = flags.pop("resume")
+    if resume is None:
+        return TrainConfig(**flags_to_fields(flags), crop_given=crop_given)
+    if resume and "out" in typed and Path(flags["out"]) != Path(resume):
+        raise MealV2Error(f"--resume {resume} and --out {flags['out']} name two runs; give one")
+    run = resume or flags["out"]
+    if not run:
+        raise MealV2Error("--resume: give the run to continue, --resume RUN (or --out RUN --resume)")
+    base = resume_config(run)
+    changes = flags_to_fields({k: v for k, v in flags.items() if k in typed and k != "out"}, base.crop)
+    return dataclasses.replace(base, **changes, crop_given=tuple(dict.fromkeys((*base.crop_given, *crop_given))))
