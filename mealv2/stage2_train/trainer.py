@@ -91,7 +91,8 @@ TRAIN_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr_step": AT_LE
                 "min_res": AT_LEAST_1, "res_step": AT_LEAST_1, "workers": AT_LEAST_1, "warmup_epochs": AT_LEAST_0,
                 "ramp_start": AT_LEAST_0, "ramp_end": AT_LEAST_0, "seed": AT_LEAST_0, "lr": AT_LEAST_0,
                 "momentum": AT_LEAST_0, "wd": AT_LEAST_0, "d_lr": AT_LEAST_0, "mixup": AT_LEAST_0,
-                "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False)}
+                "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False),
+                "model_ema_decay": (0, 1, False)}   # 1 itself is refused by __post_init__, saying why
 
 
 @dataclass
