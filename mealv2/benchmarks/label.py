@@ -207,9 +207,9 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
         writes = []
         write_shard = store.write_shard
 
-        def timed_write(*args):   # in whichever thread writes: the labeller's or its writer's
+        def timed_write(*args, **kwargs):   # in whichever thread writes: the labeller's or its writer's
             t = time.perf_counter()
-            write_shard(*args)
+            write_shard(*args, **kwargs)
             writes.append(time.perf_counter() - t)
 
         store.write_shard = timed_write
