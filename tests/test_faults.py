@@ -378,7 +378,7 @@ def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup
     out = tmp_path / "store.zarr"
     full = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "chunk_write:2"})
     assert full.returncode == 2, full.stderr
-    assert f"{out / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
+    assert f"{out / 'staged' / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
     assert "MiB free there); free some space and re-run the same command" in full.stderr
     resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr

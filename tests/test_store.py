@@ -461,6 +461,27 @@ def test_damaged_image_crcs_and_another_damaged_chunk_keep_the_sound_crcs(store)
     assert again.pack() == [0, 1] and again.verify() == []
 
 
+def test_a_full_disk_while_packing_names_the_object_and_keeps_the_shards(store, monkeypatch):
+    import errno
+    from mealv2.common import store as store_module
+
+    def full(path, data, fsync):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name(path.name + ".partial").write_bytes(data[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _fill(store, rounds=[0], pack=False)
+    monkeypatch.setattr(store_module, "_write_file", full)
+    with pytest.raises(StoreError, match=rf"{store.path}/boxes/c/0/0/0/0: cannot pack round 0 of {store.path} "
+                                         r"\(No space left on device; .* MiB free there.*re-run the same command"):
+        store.pack()
+    assert store.done_mask()[0].all() and store.rounds_complete() == 0
+    assert not list(store.path.rglob("*.partial"))
+    monkeypatch.undo()
+    assert store.pack() == [0] and store.verify([0, 1, 2]) == [f"round 1 shard {s}: not complete (staged/done/c/1/{s} "
+                                                               f"unset)" for s in range(3)]
+
+
 def test_a_damaged_packed_done_row_redoes_its_round(store):
     _fill(store)
     flip_chunk_byte(store.path, "done", 1, 0)

@@ -443,8 +443,15 @@ class LabelStore:
             parts.append((self.path / key).read_bytes())
         sizes = np.array([len(p) for p in parts], dtype="<u8")
         index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
-        _write_file(self.path / chunk_key(name, ndim, round_, 0),
-                    b"".join([*parts, index, crc32c.crc32c(index).to_bytes(4, "little")]), self.fsync)
+        target = self.path / chunk_key(name, ndim, round_, 0)
+        try:
+            _write_file(target, b"".join([*parts, index, crc32c.crc32c(index).to_bytes(4, "little")]), self.fsync)
+        except OSError as e:
+            target.with_name(target.name + ".partial").unlink(missing_ok=True)
+            raise StoreError(f"{target}: cannot pack round {round_} of {self.path} ({e.strerror or e}; "
+                             f"{shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there, the object takes "
+                             f"{sum(len(p) for p in parts) / 2**20:.1f} MiB); its shards are kept: free some space "
+                             f"and re-run the same command, which packs it") from e
 
     def _crc_array(self) -> zarr.Array:
         """The images' CRC32Cs: packed with the first packed round, staged until then."""
