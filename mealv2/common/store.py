@@ -367,7 +367,8 @@ class LabelStore:
         except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
             raise StoreError(f"{self.path}: the shards' done marks (array `{name}`) cannot be read "
                              f"({type(e).__name__}: {e}); the store is damaged: re-run the store's `mealv2 label` "
-                             f"command, which drops damaged marks and labels their shards again:\n  {self.label_command()}") from e
+                             f"command, which drops damaged marks and labels their shards again:\n  "
+                             f"{self.label_command()}") from e
 
     @property
     def id_dtype(self) -> np.dtype:
