@@ -351,19 +351,24 @@ class LabelStore:
 
     # ---- writing -----------------------------------------------------------------------
     def done_mask(self, shards: Sequence[int] | None = None) -> np.ndarray:
-        """(R, S) bool: which shards are labelled, staged or packed; (R, len(shards)) for ``shards`` only."""
-        return self._marks(f"{STAGED}/done", shards) | self._marks("done", shards)
+        """(R, S) bool: which shards are labelled, staged or packed; (R, len(shards)) for ``shards`` only.
+        Staged marks are read for the rounds not packed only (a finished store has none to read)."""
+        done = self._marks("done", shards)
+        rows = np.flatnonzero(~done.all(axis=1))
+        if len(rows):
+            done[rows] |= self._marks(f"{STAGED}/done", shards, rows)
+        return done
 
     def packed(self) -> np.ndarray:
         """(R,) bool: the rounds packed into one object per array (their row of the main ``done``)."""
         return self._marks("done").all(axis=1)
 
-    def _marks(self, name: str, shards: Sequence[int] | None = None) -> np.ndarray:
+    def _marks(self, name: str, shards: Sequence[int] | None = None, rows=None) -> np.ndarray:
         done = self.group[name]
+        rows = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        shards = slice(None) if shards is None else np.asarray(shards, dtype=np.int64)
         try:
-            if shards is None:
-                return done[:].astype(bool)
-            return done.get_orthogonal_selection((slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
+            return done.get_orthogonal_selection((rows, shards)).astype(bool)
         except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
             raise StoreError(f"{self.path}: the shards' done marks (array `{name}`) cannot be read "
                              f"({type(e).__name__}: {e}); the store is damaged: re-run the store's `mealv2 label` "
@@ -415,8 +420,8 @@ class LabelStore:
         commit by writing the round's row of the main ``done``, then delete the staged files. A kill
         anywhere leaves the round staged (packed again next time) or committed (its staged leftovers
         go next time). One process, holding the writer lock; returns the rounds packed."""
-        packed, staged = self._marks("done").all(axis=1), self._marks(f"{STAGED}/done").all(axis=1)
-        rounds = [r for r in range(len(packed)) if staged[r] and not packed[r]]
+        packed, labelled = self.packed(), self.done_mask().all(axis=1)
+        rounds = [r for r in range(len(packed)) if labelled[r] and not packed[r]]
         for r in rounds:   # the images' CRC32Cs are packed with the first round (all shards then have them)
             for name in (*DATA_ARRAYS, *([] if packed.any() else ["crc32c"])):
                 self._pack_object(name, r)
