@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import colorsys
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,23 @@ def tiny_csv(tiny_data) -> Path:
     path = tiny_data / "subset.csv"
     path.write_text("path,label\n" + "\n".join(rows) + "\n")
     return path
+
+
+def flip_chunk_byte(store: Path, array: str, round_: int, shard: int, mask: int = 0x01) -> str:
+    """Flip a bit in the middle of chunk (round, shard) of ``array`` inside its round's packed object
+    (found through the object's index); returns the chunk's name as verify names it."""
+    from mealv2.common.store import chunk_key
+
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]["mealv2"]
+    count = -(-attrs["dataset"]["num_images"] // attrs["shard_size"])
+    ndim = len(json.loads((store / array / "zarr.json").read_text())["shape"])
+    key = chunk_key(array, ndim, round_, 0)
+    raw = bytearray((store / key).read_bytes())
+    index = np.frombuffer(bytes(raw[len(raw) - 16 * count - 4:-4]), dtype="<u8").reshape(count, 2)
+    offset, nbytes = (int(v) for v in index[shard])
+    raw[offset + nbytes // 2] ^= mask
+    (store / key).write_bytes(bytes(raw))
+    return f"{key}[{shard}]"
 
 
 def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:

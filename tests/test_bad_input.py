@@ -26,7 +26,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import make_image_dataset, run_cli
+from conftest import flip_chunk_byte, make_image_dataset, run_cli
 from mealv2.common.dataset import build_index
 from mealv2.common.store import LabelStore
 
@@ -561,12 +561,6 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(work, tmp_path, mealv2, comm
 
 # ---- a damaged store ----------------------------------------------------------------------------
 
-def _flip_byte(path: Path) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
 def _edit_attrs(store: Path) -> None:
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["mealv2"]["topk"] = 1
@@ -574,21 +568,21 @@ def _edit_attrs(store: Path) -> None:
 
 
 @pytest.mark.parametrize("damage,place,train_says", [
-    ("flip", "probs/c/0/1/0/0: unreadable chunk", "probs/c/0/1/0/0: unreadable chunk"),
-    ("delete", "ids/c/0/2/0/0: missing chunk file of a completed shard", "ids/c/0/2/0/0: missing chunk file"),
+    ("flip", "probs/c/0/0/0/0[1]: unreadable chunk", "probs/c/0/0/0/0[1]: unreadable chunk"),
+    ("delete", "ids/c/0/0/0/0[2]: missing chunk file of a completed shard", "ids/c/0/0/0/0[0]: missing chunk file"),
     ("attrs", "zarr.json: the 'mealv2' attributes were edited", "attributes were edited"),
     ("transpose", "probs/zarr.json: array 'probs''s metadata", "transpose order, dtype) was changed"),
     ("shape", "boxes/zarr.json: array 'boxes''s metadata", "boxes/zarr.json: array 'boxes''s metadata"),
     ("no_meta", "ids/zarr.json is missing: array 'ids' has no metadata", "ids/zarr.json is missing"),
-    ("half_written", "round 0 shard 1: not complete (done/c/0/1 unset)", "only 0/1 label rounds are complete"),
+    ("half_written", "round 0 shard 1: not complete (staged/done/c/0/1 unset)", "only 0/1 label rounds are complete"),
 ])
 def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy, tmp_path, mealv2,
                                                                 damage, place, train_says):
     _, data, _ = work
     if damage == "flip":
-        _flip_byte(store_copy / "probs/c/0/1/0/0")
-    elif damage == "delete":
-        (store_copy / "ids/c/0/2/0/0").unlink()
+        flip_chunk_byte(store_copy, "probs", 0, 1)
+    elif damage == "delete":   # a packed round's object
+        (store_copy / "ids/c/0/0/0/0").unlink()
     elif damage == "attrs":
         _edit_attrs(store_copy)
     elif damage in ("transpose", "shape"):   # once: verify OK, train replayed permuted labels / failed at epoch 4
@@ -601,8 +595,8 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
         file.write_text(json.dumps(meta))
     elif damage == "no_meta":   # once a raw KeyError / JSONDecodeError
         (store_copy / "ids/zarr.json").unlink()
-    else:   # the shard's data written, its done mark not: what a kill between the two leaves
-        (store_copy / "done/c/0/1").unlink()
+    else:   # the round's objects written, its commit not: what a kill between the two leaves
+        (store_copy / "done/c/0/0").unlink()
     refused(mealv2("verify", store_copy), place, code=1)
     run = tmp_path / "run"
     r = mealv2("train", data, "--labels", store_copy, "--out", run, *TRAIN_FLAGS)
@@ -612,7 +606,7 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
 
 def test_a_damaged_done_mark_is_named_with_the_fix(work, store_copy, tmp_path, mealv2):
     _, data, _ = work
-    _flip_byte(store_copy / "done/c/0/1")
+    flip_chunk_byte(store_copy, "done", 0, 1)
     for r in (mealv2("verify", store_copy),
               mealv2("train", data, "--labels", store_copy, "--out", tmp_path / "run", *TRAIN_FLAGS)):
         refused(r, str(store_copy), "done marks (array `done`) cannot be read", "re-run the store's `mealv2 label`")
@@ -623,8 +617,8 @@ def test_damage_in_a_later_round_is_refused_before_the_first_step(work, tmp_path
     _, data, spec = work
     store = tmp_path / "store.zarr"
     labelled_ok(mealv2("label", data, "-t", spec, "-o", store, *LABEL_FLAGS, "--rounds", 2))
-    _flip_byte(store / "probs/c/1/1/0/0")
+    flip_chunk_byte(store, "probs", 1, 1)
     run = tmp_path / "run"
     r = mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS, "--epochs", 2)
-    refused(r, str(store), "probs/c/1/1/0/0: unreadable chunk")
+    refused(r, str(store), "probs/c/1/0/0/0[1]: unreadable chunk")
     assert not (run / "last.pt").exists(), "epoch 0 was trained on a store known to be damaged"

@@ -15,7 +15,7 @@ import timm
 import torch
 import zarr
 
-from conftest import make_image_dataset, run_cli
+from conftest import flip_chunk_byte, make_image_dataset, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +61,11 @@ def reference(setup):
     return out
 
 
-# Ten moments: while decoding, in the teachers' forward pass, between the arrays of a shard's
-# write, between a shard's data and its done mark, and (below) in the middle of an append.
+# Twelve moments: while decoding, in the teachers' forward pass, between the arrays of a shard's
+# write, between a shard's data and its done mark, between a round's packed objects and their
+# commit, and (below) in the middle of an append.
 KILLS = ["decode:1", "decode:4", "forward:1", "forward:5", "chunk_write:1", "chunk_write:7",
-         "shard_mark:1", "shard_mark:9"]
+         "shard_mark:1", "shard_mark:9", "pack:1", "pack:3"]
 
 
 @pytest.mark.parametrize("kill_at", KILLS)
@@ -268,7 +269,7 @@ def flip_byte(path, at=-6):
 def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path):
     from mealv2.common.store import LabelStore
 
-    """Chunks deleted or damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
+    """Chunks damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
     and the `mealv2 label` command that repairs them; that command, run as printed, labels exactly
     the damaged shards again, and the store equals the undamaged one."""
     import shlex
@@ -277,23 +278,23 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     _, data, _ = setup
     out = tmp_path / "store.zarr"
     shutil.copytree(reference, out)
-    (out / "ids/c/1/2/0/0").unlink()
-    flip_byte(out / "probs/c/0/1/0/0")
-    flip_byte(out / "crc32c/c/5")
+    flip_chunk_byte(out, "ids", 1, 2)
+    flip_chunk_byte(out, "probs", 0, 1)
+    flip_chunk_byte(out, "crc32c", 0, 5)
     flip_byte(out / "paths/c/0")
     found = run_cli("verify", str(out))
     assert found.returncode == 1
-    for place in ("ids/c/1/2/0/0: missing", "probs/c/0/1/0/0: unreadable", "crc32c/c/5: unreadable",
+    for place in ("ids/c/1/0/0/0[2]: unreadable", "probs/c/0/0/0/0[1]: unreadable", "crc32c/c/0[5]: unreadable",
                   "paths/c/0: unreadable"):
         assert place in found.stderr
-    flip_byte(out / "done/c/2/4")   # verify refuses to read such a store (test_bad_input); label repairs it
+    flip_chunk_byte(out, "done", 2, 4)   # verify refuses to read such a store (test_bad_input); label repairs it
     command = found.stderr.split("repair: ", 1)[1].splitlines()[1].strip()
     args = [str(data) if w == "DATA" else w for w in shlex.split(command)[1:]]
     repaired = run_cli(*args, "--workers", "1", "--device", "cpu", env=ONE_THREAD)
     assert repaired.returncode == 0, repaired.stderr
-    for line in ("done/c/2/4: damaged done mark", "ids/c/1/2/0/0: damaged or missing; shard 2 of round(s) 1 ",
-                 "probs/c/0/1/0/0: damaged or missing; shard 1 of round(s) 0 ",
-                 "crc32c/c/5: damaged or missing; shard 5 of round(s) 0, 1, 2 ",
+    for line in ("done/c/2/0: damaged done mark", "ids/c/1/0/0/0[2]: damaged or missing; shard 2 of round(s) 1 ",
+                 "probs/c/0/0/0/0[1]: damaged or missing; shard 1 of round(s) 0 ",
+                 "crc32c/c/0[5]: damaged or missing; shard 5 of round(s) 0, 1, 2 ",
                  "paths/c/0: damaged or missing; rewritten"):
         assert f"repair: {line}" in repaired.stdout, repaired.stdout
     assert "3/3 rounds complete" in repaired.stdout
@@ -377,7 +378,7 @@ def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup
     out = tmp_path / "store.zarr"
     full = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "chunk_write:2"})
     assert full.returncode == 2, full.stderr
-    assert f"{out / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
+    assert f"{out / 'staged' / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
     assert "MiB free there); free some space and re-run the same command" in full.stderr
     resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr

@@ -25,7 +25,7 @@ import torch
 import zarr
 from filelock import FileLock
 
-from conftest import make_image_dataset, run_cli
+from conftest import flip_chunk_byte, make_image_dataset, run_cli
 from mealv2.common.crops import CropParams, sample_crops
 from mealv2.common.dataset import build_index
 from mealv2.common.store import LabelStore, StoreError
@@ -121,10 +121,17 @@ def test_store_layout_and_attributes(reference, data, teachers):
     assert g["done"].shape == (ROUNDS, shards) and g["done"][:].all()
     for name in ("boxes", "flips", "ids", "probs"):
         assert g[name].chunks[:2] == (1, SHARD), name          # a shard is one chunk per array
+        assert g[name].shards[:2] == (1, shards * SHARD), name   # in one object per round
     np.testing.assert_array_equal(g["labels"][:], index.labels)
+    # packed: one object per array and round, nothing staged left (not arrays x shards x rounds files)
+    files = sorted(str(f.relative_to(reference)) for f in reference.rglob("*")
+                   if f.is_file() and f.name != "zarr.json")
+    assert files == sorted([f"{name}/c/{r}/0/0/0" for name in ("boxes", "ids", "probs") for r in range(ROUNDS)]
+                           + [f"flips/c/{r}/0/0" for r in range(ROUNDS)] + [f"done/c/{r}/0" for r in range(ROUNDS)]
+                           + ["crc32c/c/0", "labels/c/0", "paths/c/0"]), files
 
     a = g.attrs["mealv2"]
-    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 4, ROUNDS)
+    assert (a["format"], a["version"], a["rounds_planned"]) == ("mealv2-labels", 5, ROUNDS)
     assert a["teacher_precision"] == "fp32"
     # the CRC32C of every image's bytes, as labelled (stage 2 refuses an image changed since)
     np.testing.assert_array_equal(g["crc32c"][:], [crc32c.crc32c(index.path(i).read_bytes()) for i in range(n)])
@@ -206,7 +213,8 @@ def test_inspect_json_and_text(reference, teachers):
 # ---- resume, append, ranks: all equal the uninterrupted run ---------------------------------------
 
 def _done_count(out: Path) -> int:
-    d = out / "done" / "c"
+    """Shards labelled so far (their staged done marks: rounds are packed at the end)."""
+    d = out / "staged" / "done" / "c"
     return sum(len(files) for _, _, files in os.walk(d)) if d.is_dir() else 0
 
 
@@ -375,20 +383,20 @@ def _flip_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage,named", [
-    ("flip", "probs/c/0/1/0/0: unreadable chunk"),
-    ("delete", "ids/c/2/3/0/0: missing chunk file of a completed shard"),
-    ("incomplete", "round 1 shard 2: not complete (done/c/1/2 unset)"),
+    ("flip", "probs/c/0/0/0/0[1]: unreadable chunk"),
+    ("delete", "ids/c/2/0/0/0[3]: missing chunk file of a completed shard"),   # the object: all its shards
+    ("incomplete", "round 1 shard 2: not complete (staged/done/c/1/2 unset)"),     # the round's commit undone
     ("attrs", "zarr.json: the 'mealv2' attributes were edited"),
     ("labels", "labels/c/0: unreadable chunk"),
 ])
 def test_verify_names_each_problem(tmp_path, reference, damage, named):
     out = _copy(reference, tmp_path)
     if damage == "flip":
-        _flip_byte(out / "probs/c/0/1/0/0")
+        flip_chunk_byte(out, "probs", 0, 1)
     elif damage == "delete":
-        (out / "ids/c/2/3/0/0").unlink()
+        (out / "ids/c/2/0/0/0").unlink()
     elif damage == "incomplete":
-        (out / "done/c/1/2").unlink()
+        (out / "done/c/1/0").unlink()
     elif damage == "labels":
         _flip_byte(out / "labels/c/0")
     else:
@@ -396,19 +404,21 @@ def test_verify_names_each_problem(tmp_path, reference, damage, named):
         meta["attributes"]["mealv2"]["seed"] = 1
         (out / "zarr.json").write_text(json.dumps(meta))
     problems = verify_store(out)
-    assert len(problems) == 1 and named in problems[0], problems
+    shards = zarr.open_group(out, mode="r")["done"].shape[1]
+    assert len(problems) == (shards if damage in ("delete", "incomplete") else 1), problems
+    assert any(named in p for p in problems), problems
 
 
 def test_verify_cli_exit_status_and_places(tmp_path, reference):
     ok = run_cli("verify", reference)
     assert ok.returncode == 0 and "OK" in ok.stdout
     out = _copy(reference, tmp_path)
-    _flip_byte(out / "probs/c/0/1/0/0")
+    flip_chunk_byte(out, "probs", 0, 1)
     (out / "boxes/c/2/0/0/0").unlink()
-    (out / "done/c/2/3").unlink()
+    (out / "done/c/1/0").unlink()
     bad = run_cli("verify", out)
     assert bad.returncode != 0
-    for place in ("probs/c/0/1/0/0", "boxes/c/2/0/0/0", "round 2 shard 3"):
+    for place in ("probs/c/0/0/0/0[1]", "boxes/c/2/0/0/0[0]", "round 1 shard 3"):
         assert place in bad.stderr, bad.stderr
     meta = json.loads((out / "zarr.json").read_text())
     meta["attributes"]["mealv2"]["topk"] = 5

@@ -29,7 +29,7 @@ pytest.importorskip("aiohttp")   # fsspec's HTTP filesystem
 
 SECRET = "mealv2-fake-secret-7Hq2ZpX"       # must never appear in a run, a cache or a log
 BUCKET = "stores"
-DAMAGED = "probs/c/1/1/0/0"                 # round 1, shard 1 of probs
+DAMAGED = "probs/c/1/0/0/0"                 # round 1's object of probs; _damage hits its shard 0
 TRAIN = ["-a", "test_resnet", "--epochs", 1, "--batch-size", 8, "--device", "cpu", "--workers", 1, "--seed", 3]
 
 
@@ -158,7 +158,7 @@ def test_a_store_changed_on_the_server_is_read_again_and_a_damaged_remote_chunk_
     r = run_cli("verify", http.url, env=env)
     assert r.returncode == 1
     assert f"{http.url}/{DAMAGED} changed on the remote since it was cached" in r.stderr
-    assert f"PROBLEM {DAMAGED}: unreadable chunk (its CRC32C does not match" in r.stderr
+    assert f"PROBLEM {DAMAGED}[0]: unreadable chunk (its CRC32C does not match" in r.stderr
     # S3: training refuses the store before its first step, naming the chunk
     key = f"store.zarr/{DAMAGED}"
     body = s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()

@@ -16,6 +16,8 @@ from mealv2.common import dataset
 from mealv2.common.dataset import DatasetIndex, build_index, build_index_shared, cache_file
 from mealv2.common.distributed import DistInfo
 
+from conftest import flip_chunk_byte
+
 
 def _same(a: DatasetIndex, b: DatasetIndex) -> None:
     assert (a.root, a.relpaths, a.classes, a.skipped) == (b.root, b.relpaths, b.classes, b.skipped)
@@ -134,7 +136,7 @@ def _rank(rank: int, world: int, port: int, csv: str, store: str, out: str, cach
     probed, checked = [], []
     real_probe, real_check = dataset._probe, LabelStore._check_chunk
     dataset._probe = lambda p: probed.append(p) or real_probe(p)
-    LabelStore._check_chunk = lambda self, key: checked.append(key) or real_check(self, key)
+    LabelStore._check_chunk = lambda self, key, inner=None: checked.append([key, inner]) or real_check(self, key, inner)
     with distributed("cpu") as (info, _):
         index = build_index_shared(csv, info, progress=True)
         if rank == 0:
@@ -152,15 +154,10 @@ def _rank(rank: int, world: int, port: int, csv: str, store: str, out: str, cach
 @pytest.mark.slow
 def test_two_ranks_share_one_index_build_and_verify_the_store_in_shares(tmp_path):
     from mealv2.benchmarks.startup import make_case
-    from mealv2.common.store import chunk_key
-
     csv, store, expected = make_case(tmp_path / "case", images=1500, files=6, rounds=1, crops=2, k=3,
                                      shard_size=256)    # 6 shards: rank 0 checks 0, 2, 4, rank 1 checks 1, 3, 5
     for shard in (3, 4):                                  # one damaged chunk in each rank's share
-        key = store / chunk_key("probs", 4, 0, shard)
-        raw = bytearray(key.read_bytes())
-        raw[len(raw) // 2] ^= 0x40
-        key.write_bytes(raw)
+        flip_chunk_byte(store, "probs", 0, shard, mask=0x40)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -169,11 +166,12 @@ def test_two_ranks_share_one_index_build_and_verify_the_store_in_shares(tmp_path
     r0, r1 = (json.loads(open(f"{out}.{rank}.json").read()) for rank in (0, 1))
     assert (r0["probed"], r1["probed"]) == (1500, 0)      # one build, rank 1 loaded it
     assert r0["fingerprint"] == r1["fingerprint"] == expected.fingerprint and r1["n"] == 1500
-    shard_of = lambda key: int(key.split("/")[3]) if key.count("/") > 2 else int(key.split("/")[2])  # noqa: E731
-    assert {shard_of(k) for k in r0["checked"] if not k.startswith("labels")} == {0, 2, 4}
-    assert {shard_of(k) for k in r1["checked"]} == {1, 3, 5}
+    shard_of = lambda c: c[1] if c[1] is not None else int(c[0].split("/")[2])  # noqa: E731  (the packed chunk's)
+    assert {shard_of(c) for c in r0["checked"] if not c[0].startswith("labels")} == {0, 2, 4}
+    assert {shard_of(c) for c in r1["checked"]} == {1, 3, 5}
     for r in (r0, r1):   # both refuse, naming both ranks' damaged chunks
-        assert "probs/c/0/3/0/0: unreadable chunk" in r["error"] and "probs/c/0/4/0/0: unreadable chunk" in r["error"]
+        assert "probs/c/0/0/0/0[3]: unreadable chunk" in r["error"], r["error"]
+        assert "probs/c/0/0/0/0[4]: unreadable chunk" in r["error"], r["error"]
 
 
 def test_one_process_shares_with_itself(tmp_path, tiny_data, probes):

@@ -18,6 +18,8 @@ from mealv2.common.store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS
                                  acquire_writer_lock, chunk_key)
 from mealv2.common.targets import PROB_LEVELS
 
+from conftest import flip_chunk_byte
+
 N, C, K, SHARD = 10, 3, 4, 4        # 3 shards: [0, 4), [4, 8), [8, 10)
 
 
@@ -49,10 +51,13 @@ def image_crcs(a: int, b: int) -> np.ndarray:
     return (np.arange(a, b, dtype=np.uint32) * 2654435761) & 0xFFFFFFFF
 
 
-def _fill(store: LabelStore, rounds=None):
+def _fill(store: LabelStore, rounds=None, pack=True):
+    """Label ``rounds`` (default all) and pack them, as `mealv2 label` does."""
     for r in range(store.rounds_planned) if rounds is None else rounds:
         for s in range(store.num_shards):
             store.write_shard(r, s, *_shard_data(store, r, s))
+    if pack:
+        store.pack()
 
 
 @pytest.fixture
@@ -67,13 +72,21 @@ def test_schema_arrays_chunks_and_codecs(store):
               "ids": ((2, N, C, K), "uint16", (1, SHARD, C, K)),
               "probs": ((2, N, C, K + 1), "uint8", (1, SHARD, C, K + 1)),
               "done": ((2, 3), "uint8", (1, 1)),
+              "crc32c": ((N,), "uint32", (SHARD,)),
               "labels": ((N,), "int32", (N,))}
     for name, (shape, dtype, chunks) in expect.items():
-        arr = g[name]
-        assert (arr.shape, str(arr.dtype), arr.chunks) == (shape, dtype, chunks), name
-        meta = json.loads((store.path / name / "zarr.json").read_text())
-        assert meta["codecs"][-1]["name"] == "crc32c", name     # every chunk is checksummed
-        assert meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+        for where in ("", "staged/") if name != "labels" else ("",):
+            arr = g[where + name]
+            assert (arr.shape, str(arr.dtype), arr.chunks) == (shape, dtype, chunks), where + name
+            meta = json.loads((store.path / where / name / "zarr.json").read_text())
+            codecs = meta["codecs"]
+            if where == "" and name != "labels":   # packed: one object per round, the shards its inner chunks
+                assert arr.shards == ((1, 3 * SHARD, *shape[2:]) if len(shape) > 2 else
+                                      (1, 3) if name == "done" else (3 * SHARD,)), name
+                assert meta["codecs"][-1]["configuration"]["index_codecs"][-1]["name"] == "crc32c", name
+                codecs = meta["codecs"][-1]["configuration"]["codecs"]
+            assert codecs[-1]["name"] == "crc32c", where + name     # every chunk is checksummed
+            assert meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
     a = g.attrs["mealv2"]
     assert (a["format"], a["version"], a["prob_levels"]) == (FORMAT, VERSION, PROB_LEVELS)
     assert a["rounds_planned"] == 2
@@ -85,13 +98,23 @@ def test_shards_round_trip_and_are_marked_done(store):
     data = _shard_data(store, 1, 2)
     store.write_shard(1, 2, *data)
     assert store.done_mask().tolist() == [[False] * 3, [False, False, True]]
-    assert (store.path / "done/c/1/2").is_file()
+    assert (store.path / "staged/done/c/1/2").is_file()
     g = zarr.open_group(store.path, mode="r")
     for name, values in zip(("boxes", "flips", "ids", "probs"), data):
-        np.testing.assert_array_equal(g[name][1, 8:10], values)
-        assert (store.path / chunk_key(name, g[name].ndim, 1, 2)).is_file()
-    _fill(store)
+        np.testing.assert_array_equal(g["staged/" + name][1, 8:10], values)
+        assert (store.path / chunk_key("staged/" + name, g[name].ndim, 1, 2)).is_file()
+    _fill(store, pack=False)
+    assert store.done_mask().all() and store.rounds_complete() == 0   # labelled, not yet packed
+    assert store.pack() == [0, 1] and store.pack() == []
     assert store.rounds_complete() == 2 and store.complete
+    # packed: one object per array and round, the staged files gone; plain zarr reads the same values
+    files = sorted(str(f.relative_to(store.path)) for f in store.path.rglob("*") if f.is_file()
+                   and f.name != "zarr.json")
+    assert files == sorted([f"{name}/c/{r}/0/0/0" for name in ("boxes", "ids", "probs") for r in (0, 1)]
+                           + [f"flips/c/{r}/0/0" for r in (0, 1)] + ["done/c/0/0", "done/c/1/0", "crc32c/c/0",
+                                                                      "labels/c/0"]), files
+    np.testing.assert_array_equal(g["crc32c"][:], image_crcs(0, N))
+    assert g["done"][:].all()
     r = store.read_round(1)
     for s in range(3):
         a, b = store.shard_range(s)
@@ -105,8 +128,12 @@ def test_a_shard_of_fill_values_still_has_all_its_chunk_files(store):
     # or a deleted file could not be told from an unwritten one.
     boxes, flips, ids, probs, crcs = _shard_data(store, 0, 0)
     store.write_shard(0, 0, boxes, np.zeros_like(flips), np.zeros_like(ids), probs, np.zeros_like(crcs))
-    assert store.missing_chunks(0, np.array([1, 0, 0])) == []
     assert store.verify() != [] and all("not complete" in p for p in store.verify())
+    for s in (1, 2):
+        store.write_shard(0, s, *_shard_data(store, 0, s))
+    store.pack()
+    assert store.missing_chunks(0) == [] and store.rounds_complete() == 1
+    assert store._check_chunk(chunk_key("flips", 3, 0, 0), 0) is None   # the packed object holds it too
 
 
 def test_rounds_complete_counts_leading_full_rounds(store):
@@ -196,19 +223,21 @@ def test_not_a_store_is_refused(tmp_path):
 
 
 def test_verify_finds_flipped_bytes_missing_files_and_incomplete_shards(store):
-    _fill(store)
-    assert store.verify() == []
-    key = chunk_key("probs", 4, 1, 1)
-    raw = bytearray((store.path / key).read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    (store.path / key).write_bytes(raw)
-    (store.path / chunk_key("boxes", 4, 0, 2)).unlink()
-    zarr.open_group(store.path, mode="r+")["done"][1, 0] = 0
+    _fill(store, rounds=[0])              # round 0 packed
+    _fill(store, rounds=[1], pack=False)  # round 1 labelled, staged
+    assert store.verify() == ["round 1: every shard labelled, not packed; re-run the store's `mealv2 label` command"]
+    flip_chunk_byte(store.path, "probs", 0, 1)
+    (store.path / chunk_key("staged/boxes", 4, 1, 2)).unlink()
+    zarr.open_group(store.path, mode="r+")["staged/done"][1, 0] = 0
     problems = store.verify()
-    assert any(p.startswith("probs/c/1/1/0/0: unreadable chunk") for p in problems), problems
-    assert any(p.startswith("boxes/c/0/2/0/0: missing chunk file") for p in problems), problems
+    assert any(p.startswith("probs/c/0/0/0/0[1]: unreadable chunk (its CRC32C") for p in problems), problems
+    assert any(p.startswith("staged/boxes/c/1/2/0/0: missing chunk file") for p in problems), problems
     assert any(p.startswith("round 1 shard 0: not complete") for p in problems), problems
     assert len(problems) == 3
+    index = store.path / chunk_key("ids", 4, 0, 0)   # an object's index is checked too
+    index.write_bytes(index.read_bytes()[:-1] + b"\0")
+    assert [p for p in store.verify([2]) if p.startswith("ids")] == [
+        "ids/c/0/0/0/0[2]: unreadable object (its index's CRC32C does not match: the file is damaged)"]
 
 
 def test_image_crcs_are_kept_and_an_image_changed_between_rounds_is_refused(store):
@@ -272,7 +301,8 @@ def test_digest_covers_the_mealv2_attributes(store):
     meta = json.loads((store.path / "zarr.json").read_text())["attributes"]
     assert set(meta) == {"mealv2", DIGEST_KEY, ARRAYS_KEY}
     assert len(meta[DIGEST_KEY]) == 64
-    assert set(meta[ARRAYS_KEY]) == set(REQUIRED_ARRAYS) == {p.parent.name for p in store.path.glob("*/zarr.json")}
+    arrays = {str(p.parent.relative_to(store.path)) for p in store.path.rglob("*/zarr.json")} - {"staged"}
+    assert set(meta[ARRAYS_KEY]) == set(REQUIRED_ARRAYS) == arrays
 
 
 def test_the_paths_array_is_covered_too(tmp_path):
@@ -340,9 +370,10 @@ def test_whitespace_and_an_interrupted_append_keep_the_metadata_valid(store):
 
 def test_verify_checks_only_the_shards_asked_and_shares_cover_the_store(store):
     _fill(store)
-    (store.path / chunk_key("ids", 4, 1, 2)).unlink()
+    flip_chunk_byte(store.path, "ids", 1, 2)
     assert store.verify([0, 1]) == []
-    assert store.verify([2]) == ["ids/c/1/2/0/0: missing chunk file of a completed shard"]
+    assert store.verify([2]) == ["ids/c/1/0/0/0[2]: unreadable chunk (its CRC32C does not match its bytes: the file "
+                                 "is damaged)"]
     shares = [store.verify(range(rank, store.num_shards, 2)) for rank in (0, 1)]
     assert sorted(shares[0] + shares[1]) == sorted(store.verify())
     np.testing.assert_array_equal(store.done_mask([2, 0]), store.done_mask()[:, [2, 0]])
@@ -352,7 +383,7 @@ def test_every_chunk_file_and_folder_of_a_shard_is_fsynced_before_its_done_mark(
     """Durability: after a power loss a shard marked done must have its data (a commit record)."""
     synced = []   # (path, was the shard's done mark already written?)
     real_fsync = os.fsync
-    mark = store.path / chunk_key("done", 2, 1, 2)
+    mark = store.path / chunk_key("staged/done", 2, 1, 2)
 
     def recording_fsync(fd):
         synced.append((os.readlink(f"/proc/self/fd/{fd}"), mark.exists()))
@@ -360,8 +391,8 @@ def test_every_chunk_file_and_folder_of_a_shard_is_fsynced_before_its_done_mark(
 
     _fill(store, rounds=[0])
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    keys = [chunk_key(name, ndim, 1, 2) for name, ndim in
-            (("boxes", 4), ("flips", 3), ("ids", 4), ("probs", 4), ("crc32c", 1))]
+    keys = [chunk_key("staged/" + name, ndim, 1, 2) for name, ndim in
+            (("boxes", 4), ("flips", 3), ("ids", 4), ("probs", 4))]   # crc32c: packed with round 0
     existed = {str(p) for p in store.path.rglob("*") if p.is_dir()}
     store.write_shard(1, 2, *_shard_data(store, 1, 2))
     before = {path for path, marked in synced if not marked}
@@ -381,3 +412,81 @@ def test_fsync_can_be_turned_off_for_measuring(store, monkeypatch):
     store.fsync = False
     _fill(store, rounds=[0])
     assert calls == [] and store.done_mask()[0].all()
+
+
+def _round_arrays(store, r):
+    rd = store.read_round(r)
+    return rd.boxes, rd.flips, rd.ids, rd.probs
+
+
+def test_a_damaged_chunk_of_a_packed_round_redoes_only_its_shard(store):
+    _fill(store)
+    want = [_round_arrays(store, r) for r in (0, 1)]
+    flip_chunk_byte(store.path, "probs", 1, 1)
+    again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
+    assert again.repairs == ["probs/c/1/0/0/0[1]: damaged or missing; shard 1 of round(s) 1 will be labelled again"]
+    # round 1 unpacked: its sound shards staged again from the object, the damaged one to be labelled
+    assert again.done_mask().tolist() == [[True] * 3, [True, False, True]] and again.rounds_complete() == 1
+    assert again.verify() == ["round 1 shard 1: not complete (staged/done/c/1/1 unset)"]
+    again.write_shard(1, 1, *_shard_data(store, 1, 1))
+    assert again.pack() == [1] and again.verify() == []
+    assert [f for f in (store.path / "staged").rglob("*") if f.is_file() and f.name != "zarr.json"] == []
+    for r in (0, 1):
+        for got, expected in zip(_round_arrays(again, r), want[r]):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_damaged_image_crcs_of_a_packed_store_redo_their_shard_in_every_round(store):
+    _fill(store)
+    flip_chunk_byte(store.path, "crc32c", 0, 2)
+    again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
+    assert again.repairs == ["crc32c/c/0[2]: damaged or missing; shard 2 of round(s) 0, 1 will be labelled again"]
+    assert again.done_mask().tolist() == [[True, True, False]] * 2 and not again.packed().any()
+    np.testing.assert_array_equal(again.crcs()[:8], image_crcs(0, 8))   # the sound ones staged again
+    for r in (0, 1):
+        again.write_shard(r, 2, *_shard_data(store, r, 2))
+    assert again.pack() == [0, 1] and again.verify() == []
+    np.testing.assert_array_equal(again.crcs(), image_crcs(0, N))
+
+
+def test_damaged_image_crcs_and_another_damaged_chunk_keep_the_sound_crcs(store):
+    _fill(store)
+    flip_chunk_byte(store.path, "probs", 0, 1)
+    flip_chunk_byte(store.path, "crc32c", 0, 2)
+    again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
+    assert again.done_mask().tolist() == [[True, False, False], [True, True, False]]
+    np.testing.assert_array_equal(again.crcs()[:8], image_crcs(0, 8))   # shard 1's too: round 1 has it
+    for r, s in ((0, 1), (0, 2), (1, 2)):
+        again.write_shard(r, s, *_shard_data(store, r, s))
+    assert again.pack() == [0, 1] and again.verify() == []
+
+
+def test_a_full_disk_while_packing_names_the_object_and_keeps_the_shards(store, monkeypatch):
+    import errno
+    from mealv2.common import store as store_module
+
+    def full(path, data, fsync):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name(path.name + ".partial").write_bytes(data[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _fill(store, rounds=[0], pack=False)
+    monkeypatch.setattr(store_module, "_write_file", full)
+    with pytest.raises(StoreError, match=rf"{store.path}/boxes/c/0/0/0/0: cannot pack round 0 of {store.path} "
+                                         r"\(No space left on device; .* MiB free there.*re-run the same command"):
+        store.pack()
+    assert store.done_mask()[0].all() and store.rounds_complete() == 0
+    assert not list(store.path.rglob("*.partial"))
+    monkeypatch.undo()
+    assert store.pack() == [0] and store.verify([0, 1, 2]) == [f"round 1 shard {s}: not complete (staged/done/c/1/{s} "
+                                                               f"unset)" for s in range(3)]
+
+
+def test_a_damaged_packed_done_row_redoes_its_round(store):
+    _fill(store)
+    flip_chunk_byte(store.path, "done", 1, 0)
+    with pytest.raises(StoreError, match="done marks .* cannot be read"):
+        store.done_mask()
+    again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
+    assert again.repairs == ["done/c/1/0: damaged done mark; its shard(s) will be labelled again"]
+    assert again.rounds_complete() == 1 and not again.done_mask()[1].any()

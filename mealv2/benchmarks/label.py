@@ -123,6 +123,7 @@ def imagenet_like_case(folder: Path, num_images: int, crops: int, k: int, shard_
             t = time.perf_counter()
             target.write_shard(0, s, boxes[a:b], flips[a:b], ids_np[a:b], codes_np[a:b], np.zeros(b - a, np.uint32))
             seconds[target.fsync].append(time.perf_counter() - t)
+    store.pack()
     rd = LabelStore.open(store.path).read_round(0)
     kl = kl_to_stored(p, torch.from_numpy(rd.ids.reshape(-1, k).astype(np.int64)),
                       torch.from_numpy(rd.probs.reshape(-1, k + 1)))
@@ -217,6 +218,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
         cpu = time.process_time()
         done, seconds = label_shards(run_cfg, store, index, ensemble, DistInfo())
         assert done == n
+        store.pack()   # as `mealv2 label` does once its shards are written
         return {"rate": n / seconds, "cpu": (time.process_time() - cpu) / n, "store": store,
                 "forward_share": in_forward[0] / seconds, "write_s": sum(writes), "seconds": seconds}
 

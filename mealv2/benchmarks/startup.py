@@ -135,6 +135,7 @@ def make_case(folder: Path, images: int, files: int, rounds: int, crops: int, k:
     with ThreadPoolExecutor(threads) as pool:
         for r in range(rounds):
             list(pool.map(write, [(r, s) for s in range(store.num_shards)]))
+    store.pack()
     return csv, store.path, index
 
 
@@ -203,6 +204,7 @@ def bench_startup(images, files, rounds, crops, topk, shard_size, arch, batch_si
         warm = time_to_first_step(csv, store, folder / "warm", cache, args)
         reference = header_pass(csv, max(workers, 8), folder)
         store_mib = LabelStore.open(store).bytes_on_disk() / 2**20
+        store_files = sum(1 for f in store.rglob("*") if f.is_file())
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -213,8 +215,8 @@ def bench_startup(images, files, rounds, crops, topk, shard_size, arch, batch_si
         f"`{command}` on {machine_description(device)}",
         "",
         f"Case: a CSV of {images:,} rows over {files} small JPEG files (1000 classes) and a complete store of "
-        f"{rounds} rounds x {crops} crops, k={topk}, shards of {shard_size} ({store_mib:.0f} MiB, written through "
-        f"LabelStore.write_shard in {made:.0f} s); `mealv2 train {' '.join(args)}`, timed from process creation "
+        f"{rounds} rounds x {crops} crops, k={topk}, shards of {shard_size} ({store_mib:.0f} MiB in {store_files:,} "
+        f"files, written through LabelStore.write_shard and packed in {made:.0f} s); `mealv2 train {' '.join(args)}`, timed from process creation "
         f"to the loader's first batch.",
         "",
         "| measure | value | reference | target | met |",

@@ -1,4 +1,4 @@
-"""The label store: the one module that knows its schema (format ``mealv2-labels`` v4).
+"""The label store: the one module that knows its schema (format ``mealv2-labels`` v5).
 
 A zarr v3 group on local disk, or read from a URL (common/remote.py; docs/STORE.md documents it
 for plain zarr readers)::
@@ -14,10 +14,19 @@ for plain zarr readers)::
                                        changed when a dataset's fingerprint differs; optional)
 
 The round is the leading axis so a training epoch reads its round as one slab. Data
-chunks are (1 round, ``shard_size`` images): a shard is exactly one chunk per array, so
-writers on different shards never touch the same file, and ``done`` has one chunk per
-(round, shard) that is written only after the shard's data. Every chunk carries a CRC32C
-and every chunk of a completed shard exists as a file, even one equal to the fill value.
+chunks are (1 round, ``shard_size`` images), each with its CRC32C. They are written twice:
+
+* while labelled, in the ``staged/`` arrays (same chunks and codecs, one file per array, round and
+  shard): writers on different shards never touch the same file, and ``staged/done`` has one chunk
+  per (round, shard), written only after the shard's data. A kill loses at most the shards in flight.
+* once every shard of a round is labelled, :meth:`LabelStore.pack` (one process, the lock holder)
+  joins that round's staged chunk files, bytes unchanged, into one object per array: a shard of
+  zarr's sharding codec spanning the whole round, inner chunks = the staged chunks. Its row of the
+  main ``done`` array (one object) is the commit; then the staged files go. A finished store is
+  a few objects per round, not arrays x shards x rounds files, and zarr readers see plain arrays.
+
+Every chunk of a completed shard exists (as a file or in its round's object), even one equal to
+the fill value.
 """
 from __future__ import annotations
 
@@ -44,12 +53,14 @@ from .locks import hold_lock, lock_path_beside
 from .remote import LocalObjects, open_objects
 
 FORMAT = "mealv2-labels"
+# v5: a round of an array is one object (zarr's sharding codec), shards are staged under `staged/` while
+# labelled and packed once their round is complete (the module docstring).
 # v4: a SHA-256 of each array's metadata (its zarr.json: shape, chunks, codecs, transpose order, dtype),
 # which v3 stores lack, so they cannot be verified. v3: CRC32C of every image's bytes (stage 2 refuses an
 # image changed since labelling) and the teachers' precision. v2: 7-bit square-root codes plus a code for
 # the leftover mass, per-array codecs. v1 (8-bit codes, no leftover code) was never released. Older
 # stores are refused.
-VERSION = 4
+VERSION = 5
 PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/targets.py encodes and decodes
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
@@ -60,8 +71,12 @@ _IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temper
                   "shard_size", "crop", "teachers", "teacher_precision", "dataset")
 SHARD_ARRAYS = ("boxes", "flips", "ids", "probs", "crc32c")   # written per (round, shard); crc32c per shard
 ROUND_ARRAYS = ("boxes", "flips", "ids", "probs", "done")       # leading axis: rounds (grows on append)
-ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c", "paths")   # paths: optional (stores made from an index without paths)
+STAGED = "staged"   # group of the arrays written per shard while labelled, packed per round
+STAGED_ARRAYS = tuple(f"{STAGED}/{name}" for name in (*ROUND_ARRAYS, "crc32c"))
+DATA_ARRAYS = ROUND_ARRAYS[:-1]   # per-crop arrays, whose bytes per crop are counted
+ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c", *STAGED_ARRAYS, "paths")   # paths: optional (index without paths)
 REQUIRED_ARRAYS = ARRAYS[:-1]
+INDEX_ENTRY = 16    # a sharding index entry: (offset, nbytes), two little-endian uint64s
 
 
 class StoreError(MealV2Error):
@@ -139,9 +154,13 @@ def _array_meta_digest(name: str, meta: dict) -> str:
     chunk grid, key encoding, dtype, fill value, codecs (transpose order, compressor, checksum). The
     leading size of a per-round array is left out: an append grows it (before ``rounds_planned``,
     so a kill in between leaves it larger), and :meth:`LabelStore.open` bounds it by ``rounds_planned``."""
-    if name in ROUND_ARRAYS:
+    if _per_round(name):
         meta = {**meta, "shape": [None, *meta["shape"][1:]]}
     return _digest(meta)
+
+
+def _per_round(name: str) -> bool:
+    return name.removeprefix(f"{STAGED}/") in ROUND_ARRAYS
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -222,7 +241,8 @@ class LabelStore:
         Smaller shrinks the plan back, down to the rounds already complete, never below. Call
         on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
         ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
-        A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was).
+        A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was), then its
+        labelled rounds are packed (:meth:`pack`).
         """
         path = Path(path)
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
@@ -238,13 +258,14 @@ class LabelStore:
                                  + "\n  ".join(problems)
                                  + "\nUse a new --out, or the settings the store was made with.")
             store.repairs = store.repair(labels, relpaths)   # before anything reads the done marks
+            store.pack()   # rounds a killed run labelled in full but did not pack
             planned, complete = store.rounds_planned, store.rounds_complete()
             if rounds < complete:
                 raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
                                  f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
             if rounds > planned and before_growing is not None:
                 before_growing(store)
-            if rounds != planned or store.group["done"].shape[0] != planned:   # or a resize was cut short
+            if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
                 store._resize(rounds)
             return store
         return cls._create(path, attrs, rounds, labels, relpaths)
@@ -258,17 +279,21 @@ class LabelStore:
         tmp = path.with_name(path.name + ".creating")
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
+        staged = group.create_group(STAGED)
         id_dtype = "uint16" if len(attrs["classes"]) <= 65536 else "int32"
+        shards, span = num_shards(n, s), num_shards(n, s) * s   # a packed object spans the round
         for name, tail, dtype in (("boxes", (c, 4), "uint16"), ("flips", (c,), "uint8"),
                                   ("ids", (c, k), id_dtype), ("probs", (c, k + 1), "uint8")):
-            group.create_array(name, shape=(rounds, n, *tail), chunks=(1, s, *tail), dtype=dtype,
-                               fill_value=0, **_encoding(name, c))
-        group.create_array("done", shape=(rounds, num_shards(n, s)), chunks=(1, 1), dtype="uint8",
-                           fill_value=0, compressors=_codecs())
+            for where, packed in ((group, (1, span, *tail)), (staged, None)):
+                where.create_array(name, shape=(rounds, n, *tail), chunks=(1, s, *tail), shards=packed,
+                                   dtype=dtype, fill_value=0, **_encoding(name, c))
+        for where, packed in ((group, (1, shards)), (staged, None)):
+            where.create_array("done", shape=(rounds, shards), chunks=(1, 1), shards=packed, dtype="uint8",
+                               fill_value=0, compressors=_codecs())
+            where.create_array("crc32c", shape=(n,), chunks=(s,), shards=packed and (span,), dtype="uint32",
+                               fill_value=0, compressors=[ZstdCodec(level=3), Crc32cCodec()])
         _writable(group.create_array("labels", shape=(n,), chunks=(max(n, 1),), dtype="int32", fill_value=0,
                                      compressors=_codecs()))[:] = labels
-        group.create_array("crc32c", shape=(n,), chunks=(s,), dtype="uint32", fill_value=0,
-                           compressors=[ZstdCodec(level=3), Crc32cCodec()])
         if relpaths is not None:
             _write_paths(group, relpaths)
         arrays = {name: _array_meta_digest(name, _array_meta(LocalObjects(tmp), name)) for name in ARRAYS
@@ -286,7 +311,7 @@ class LabelStore:
         store whose plan its arrays hold, completed by the next command (a round's labels are a
         pure function of the seed, so chunks left of a dropped round are still its labels)."""
         def arrays():
-            for name in ("boxes", "flips", "ids", "probs", "done"):
+            for name in (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if _per_round(n))):
                 arr = self.group[name]
                 arr.resize((rounds, *arr.shape[1:]))
                 fault_point("append")
@@ -326,44 +351,58 @@ class LabelStore:
 
     # ---- writing -----------------------------------------------------------------------
     def done_mask(self, shards: Sequence[int] | None = None) -> np.ndarray:
-        """(R, S) bool: which shards are complete; (R, len(shards)) for ``shards`` only."""
-        done = self.group["done"]
+        """(R, S) bool: which shards are labelled, staged or packed; (R, len(shards)) for ``shards`` only.
+        Staged marks are read for the rounds not packed only (a finished store has none to read)."""
+        done = self._marks("done", shards)
+        rows = np.flatnonzero(~done.all(axis=1))
+        if len(rows):
+            done[rows] |= self._marks(f"{STAGED}/done", shards, rows)
+        return done
+
+    def packed(self) -> np.ndarray:
+        """(R,) bool: the rounds packed into one object per array (their row of the main ``done``)."""
+        return self._marks("done").all(axis=1)
+
+    def _marks(self, name: str, shards: Sequence[int] | None = None, rows=None) -> np.ndarray:
+        done = self.group[name]
+        rows = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        shards = slice(None) if shards is None else np.asarray(shards, dtype=np.int64)
         try:
-            if shards is None:
-                return done[:].astype(bool)
-            return done.get_orthogonal_selection((slice(None), np.asarray(shards, dtype=np.int64))).astype(bool)
+            return done.get_orthogonal_selection((rows, shards)).astype(bool)
         except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
-            raise StoreError(f"{self.path}: the shards' done marks (array `done`) cannot be read ({type(e).__name__}: "
-                             f"{e}); the store is damaged: re-run the store's `mealv2 label` command, which "
-                             f"drops damaged marks and labels their shards again:\n  {self.label_command()}") from e
+            raise StoreError(f"{self.path}: the shards' done marks (array `{name}`) cannot be read "
+                             f"({type(e).__name__}: {e}); the store is damaged: re-run the store's `mealv2 label` "
+                             f"command, which drops damaged marks and labels their shards again:\n  "
+                             f"{self.label_command()}") from e
 
     @property
     def id_dtype(self) -> np.dtype:
         return self.group["ids"].dtype
 
     def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None) -> None:
-        """Write one shard's data, then mark it complete (never the other way round).
+        """Write one shard's data into the staged arrays, then mark it labelled (never the other way round).
 
         ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
         another round already completed must have read the same bytes (``names``: the images'
         paths, to name a changed one)."""
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
-        if self.group["done"][:, shard].any():     # R marks, not the whole array
-            changed = np.flatnonzero(self.group["crc32c"][a:b] != crcs)
+        keys = self._chunk_keys(round_, [shard])
+        if self.done_mask([shard]).any():     # R marks, not the whole array
+            changed = np.flatnonzero(self._crc_array()[a:b] != crcs)
             if len(changed):
                 raise self.images_changed(a + changed, crcs[changed], names)
+            keys = [key for key in keys if not key.startswith(f"{STAGED}/crc32c/")]   # kept as they are
         else:
-            _writable(self.group["crc32c"])[a:b] = crcs
-        keys = self._chunk_keys(round_, [shard])
+            _writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
         folders = _folders_to_sync(self.path, keys)
         writing = self.path
         try:
             for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
-                writing = self.path / name
+                writing = self.path / STAGED / name
                 if i:
                     fault_point("chunk_write")     # some of the shard's arrays written, not all
-                _writable(self.group[name])[round_, a:b] = values
+                _writable(self.group[f"{STAGED}/{name}"])[round_, a:b] = values
             writing = self.path
             if self.fsync:   # as a database before its commit record: a shard marked done has its data
                 with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
@@ -373,12 +412,61 @@ class LabelStore:
                              f"({e.strerror or e}; {shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there); "
                              f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
-        _writable(self.group["done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
+        _writable(self.group[f"{STAGED}/done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
+
+    def pack(self) -> list[int]:
+        """Pack every round whose shards are all labelled and staged: join each array's staged chunk
+        files, bytes unchanged, into the round's object (zarr's sharding format), make them durable,
+        commit by writing the round's row of the main ``done``, then delete the staged files. A kill
+        anywhere leaves the round staged (packed again next time) or committed (its staged leftovers
+        go next time). One process, holding the writer lock; returns the rounds packed."""
+        packed, labelled = self.packed(), self.done_mask().all(axis=1)
+        rounds = [r for r in range(len(packed)) if labelled[r] and not packed[r]]
+        for r in rounds:   # the images' CRC32Cs are packed with the first round (all shards then have them)
+            for name in (*DATA_ARRAYS, *([] if packed.any() else ["crc32c"])):
+                self._pack_object(name, r)
+            fault_point("pack")                # objects written, round not committed
+            _writable(self.group["done"])[r] = 1
+            if self.fsync:                     # the staged files are deleted next
+                _fsync(self.path / chunk_key("done", 2, r, 0))
+            packed[r] = True
+        for r in np.flatnonzero(packed):
+            for name in ROUND_ARRAYS:
+                shutil.rmtree(self.path / STAGED / name / "c" / str(r), ignore_errors=True)
+        if packed.any():
+            shutil.rmtree(self.path / STAGED / "crc32c" / "c", ignore_errors=True)
+        return rounds
+
+    def _pack_object(self, name: str, round_: int) -> None:
+        ndim = self.group[name].ndim
+        parts = []
+        for s in range(self.num_shards):
+            key = chunk_key(f"{STAGED}/{name}", ndim, round_, s)
+            problem = self._check_chunk(key)
+            if problem:
+                raise StoreError(f"{self.path / key}: {problem}; round {round_} cannot be packed. Re-run the store's "
+                                 f"`mealv2 label` command, which labels such shards again:\n  {self.label_command()}")
+            parts.append((self.path / key).read_bytes())
+        sizes = np.array([len(p) for p in parts], dtype="<u8")
+        index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
+        target = self.path / chunk_key(name, ndim, round_, 0)
+        try:
+            _write_file(target, b"".join([*parts, index, crc32c.crc32c(index).to_bytes(4, "little")]), self.fsync)
+        except OSError as e:
+            target.with_name(target.name + ".partial").unlink(missing_ok=True)
+            raise StoreError(f"{target}: cannot pack round {round_} of {self.path} ({e.strerror or e}; "
+                             f"{shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there, the object takes "
+                             f"{sum(len(p) for p in parts) / 2**20:.1f} MiB); its shards are kept: free some space "
+                             f"and re-run the same command, which packs it") from e
+
+    def _crc_array(self) -> zarr.Array:
+        """The images' CRC32Cs: packed with the first packed round, staged until then."""
+        return self.group["crc32c" if self.packed().any() else f"{STAGED}/crc32c"]
 
     # ---- reading -----------------------------------------------------------------------
     def rounds_complete(self) -> int:
-        """Number of leading rounds whose every shard is complete."""
-        full = self.done_mask().all(axis=1)
+        """Number of leading rounds that are complete: every shard labelled and the round packed."""
+        full = self.packed()
         return int(np.argmin(full)) if not full.all() else len(full)
 
     @property
@@ -386,12 +474,11 @@ class LabelStore:
         return self.rounds_complete() == self.rounds_planned
 
     def read_round(self, round_: int) -> RoundData:
-        """Load one complete round into RAM in one read per array."""
-        done = self.group["done"][round_].astype(bool)
-        if not done.all():
+        """Load one complete round into RAM in one read per array (one object each)."""
+        if not self._marks("done")[round_].all():
             raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
                              f"the same `mealv2 label` command")
-        missing = self.missing_chunks(round_, done)   # done read once, above
+        missing = self.missing_chunks(round_)
         if missing:
             raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
         g = self.group
@@ -427,7 +514,7 @@ class LabelStore:
 
     def crcs(self) -> np.ndarray:
         """(N,) uint32: CRC32C of each image's bytes when it was labelled."""
-        return self.group["crc32c"][:]
+        return self._crc_array()[:]
 
     def changed_images(self, crcs: np.ndarray) -> np.ndarray:
         """Ids of the images whose bytes (``crcs``: every image's CRC32C) differ from those a completed
@@ -437,7 +524,7 @@ class LabelStore:
 
     def images_changed(self, ids: np.ndarray, crcs: np.ndarray, names=None) -> StoreError:
         """The refusal of images ``ids`` (now ``crcs``) changed since labelled, by path when ``names``."""
-        stored = self.group["crc32c"].get_coordinate_selection(np.asarray(ids, dtype=np.int64))
+        stored = self._crc_array().get_coordinate_selection(np.asarray(ids, dtype=np.int64))
         first = [f"{names[i] if names is not None else f'image {i}'} (CRC32C {crc:08x}, the store has {old:08x})"
                  for i, crc, old in list(zip(ids, crcs, stored))[:5]]
         return StoreError(f"{self.path}: {len(ids)} image(s) changed since earlier rounds were labelled: "
@@ -445,24 +532,27 @@ class LabelStore:
                           + "; labels of one image must describe one set of pixels. Restore the images, or "
                             "label into a new --out")
 
-    def missing_chunks(self, round_: int, done: np.ndarray) -> list[str]:
-        """Data chunk files of round ``round_``'s completed shards (``done``: its row of marks)
-        that are absent (zarr would read them as zeros)."""
-        return [key for key in self._chunk_keys(round_, np.flatnonzero(done)) if not self.objects.exists(key)]
+    def missing_chunks(self, round_: int) -> list[str]:
+        """The objects of packed round ``round_`` that are absent (zarr would read them as zeros)."""
+        return [key for key in self._object_keys(round_) if not self.objects.exists(key)]
+
+    def _object_keys(self, round_: int, names=DATA_ARRAYS) -> list[str]:
+        return [chunk_key(name, self.group[name].ndim, round_, 0) for name in names]
 
     def _chunk_keys(self, round_: int, shards) -> list[str]:
-        """The data chunk files of (round, shard) for ``shards``, array by array."""
+        """The staged chunk files of (round, shard) for ``shards``, array by array."""
         ndims = {name: len(self.group[name].shape) for name in SHARD_ARRAYS}   # one metadata read per array
-        return [chunk_key(name, ndims[name], round_, int(s)) for name in SHARD_ARRAYS for s in shards]
+        return [chunk_key(f"{STAGED}/{name}", ndims[name], round_, int(s)) for name in SHARD_ARRAYS for s in shards]
 
     def bytes_on_disk(self) -> int | None:
         """The store's bytes; None for a URL whose host cannot list its objects."""
         return self.objects.size()
 
     def data_bytes(self) -> int | None:
-        """Bytes of the chunk files of the per-crop arrays (what bytes-per-crop figures divide);
-        the arrays' few-hundred-byte zarr.json metadata files are not counted. None as bytes_on_disk."""
-        sizes = [self.objects.size(f"{name}/c") for name in ("boxes", "flips", "ids", "probs")]
+        """Bytes of the objects and staged chunk files of the per-crop arrays (what bytes-per-crop
+        figures divide); the arrays' few-hundred-byte zarr.json metadata files are not counted. None as
+        bytes_on_disk."""
+        sizes = [self.objects.size(f"{where}{name}/c") for name in DATA_ARRAYS for where in ("", f"{STAGED}/")]
         return None if None in sizes else sum(sizes)
 
     def verify(self, shards: Sequence[int] | None = None, done: np.ndarray | None = None,
@@ -471,34 +561,56 @@ class LabelStore:
 
         Ranks of a job each verify a share of the shards. Completeness comes from the done marks
         (``done``: ``done_mask(shards)`` when already read) and the chunk files; integrity from
-        each chunk file's CRC32C trailer (the ``crc32c`` codec's), checked on the raw bytes
-        without decoding: damage changes the bytes, and this reads ImageNet's store in seconds
-        where decoding takes minutes. zarr checks the same CRC32C on every read, so a chunk damaged
+        each chunk's CRC32C trailer (the ``crc32c`` codec's; in a packed round's object, found
+        through the object's index, itself under a CRC32C), checked on the raw bytes without
+        decoding: damage changes the bytes, and this reads ImageNet's store in seconds where
+        decoding takes minutes. zarr checks the same CRC32C on every read, so a chunk damaged
         later is still refused when its round is loaded.
         """
         shards = np.arange(self.num_shards) if shards is None else np.asarray(shards, dtype=np.int64)
         done = self.done_mask(shards) if done is None else done
-        problems = [f"round {r} shard {shards[j]}: not complete (done/c/{r}/{shards[j]} unset)"
+        problems = [f"round {r} shard {shards[j]}: not complete ({STAGED}/done/c/{r}/{shards[j]} unset)"
                     for r, j in zip(*np.nonzero(~done))]
-        return problems + [f"{key}: {problem}" for key, problem in self._bad_chunks(shards, done, threads).items()]
+        if 0 in shards:   # a round labelled but not packed (a kill before its packing), said once
+            problems += [f"round {r}: every shard labelled, not packed; re-run the store's `mealv2 label` command"
+                         for r in np.flatnonzero(self.done_mask().all(axis=1) & ~self.packed())]
+        return problems + [f"{key}: {bad[0]}" for key, bad in self._bad_chunks(shards, done, threads).items()]
 
-    def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, str]:
-        """{chunk key: problem} over the data chunks of the completed shards among ``shards``."""
-        keys = dict.fromkeys(key for r in range(done.shape[0]) for key in self._chunk_keys(r, shards[done[r]]))
+    def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, tuple]:
+        """{chunk: (problem, array, round, shard, packed)} over the data chunks of the labelled shards
+        among ``shards``; a chunk of a packed round's object is named ``OBJECT[shard]``."""
+        packed = self.packed()
+        places = {}   # name shown: (file key, index in its object or None, array, round, shard)
+        for r in range(done.shape[0]):
+            for s in shards[done[r]]:
+                s = int(s)
+                if packed[r]:
+                    places.update({f"{key}[{s}]": (key, s, key.split("/")[0], r, s) for key in self._object_keys(r)})
+                else:
+                    places.update({key: (key, None, key.split("/")[1], r, s) for key in self._chunk_keys(r, [s])
+                                   if not (packed.any() and key.startswith(f"{STAGED}/crc32c/"))})
+        if packed.any():
+            key = chunk_key("crc32c", 1, 0, 0)
+            places.update({f"{key}[{s}]": (key, int(s), "crc32c", None, int(s)) for s in shards})
         if 0 in shards:   # the one chunk of the per-image labels (and of the paths) goes with shard 0
-            keys.update(dict.fromkeys(chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group))
+            places.update({key: (key, None, key.split("/")[0], None, 0)
+                           for key in (chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group)})
         with ThreadPoolExecutor(threads) as pool:
-            return {key: problem for key, problem in zip(keys, pool.map(self._check_chunk, keys)) if problem}
+            found = pool.map(lambda p: self._check_chunk(p[0], p[1]), places.values())
+            return {shown: (problem, *place[2:], place[1] is not None)
+                    for (shown, place), problem in zip(places.items(), found) if problem}
 
     def repair(self, labels: np.ndarray, relpaths: Sequence[str] | None = None) -> list[str]:
-        """Undo the done marks of completed shards whose chunks are missing or damaged (what
+        """Undo the done marks of labelled shards whose chunks are missing or damaged (what
         :meth:`verify` finds), so labelling redoes exactly those shards, and rewrite damaged
-        per-image labels and paths; returns one line per repair. A damaged done mark counts as unset. A shard's
+        per-image labels and paths; returns one line per repair. A damaged done mark counts as unset.
+        A packed round with a bad chunk is unpacked: its sound chunks are staged again. A shard's
         image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
         the shard in every round. Call with the writer lock held."""
-        lines = [f"{key}: damaged done mark; its shard will be labelled again" for key in self._drop_damaged_marks()]
-        for key in self._bad_chunks(np.arange(self.num_shards), self.done_mask()):
-            array, _, *place = key.split("/")
+        lines = [f"{key}: damaged done mark; its shard(s) will be labelled again" for key in self._drop_damaged_marks()]
+        unpack: dict[int, set[int]] = {}   # packed round: its shards with a bad chunk
+        packed = self.packed()
+        for key, (_, array, round_, shard, _) in self._bad_chunks(np.arange(self.num_shards), self.done_mask()).items():
             if array == "labels":
                 _writable(self.group["labels"])[:] = labels
             elif array == "paths" and relpaths is not None:
@@ -507,29 +619,64 @@ class LabelStore:
                 lines.append(f"{key}: damaged or missing; " + ("rewritten" if array == "labels" or relpaths
                                                                  else "left (no paths given)"))
                 continue
-            shard = int(place[0] if array == "crc32c" else place[1])
-            rounds = range(self.rounds_planned) if array == "crc32c" else [int(place[0])]
+            rounds = range(self.rounds_planned) if array == "crc32c" else [round_]
             for r in rounds:
-                self.group["done"][r, shard] = 0
+                if packed[r]:
+                    unpack.setdefault(r, set()).add(shard)
+                else:
+                    self.group[f"{STAGED}/done"][r, shard] = 0
             lines.append(f"{key}: damaged or missing; shard {shard} of round(s) "
                          f"{', '.join(map(str, rounds))} will be labelled again")
+        self._unpack(unpack, all_packed=set(unpack) == set(np.flatnonzero(packed)))
         return lines
 
+    def _unpack(self, rounds: dict[int, set[int]], all_packed: bool) -> None:
+        """Stage again the sound chunks of packed rounds ``rounds`` (round: its bad shards), then
+        uncommit each round; ``all_packed``: no packed round remains, so the images' sound CRC32Cs are
+        staged again first."""
+        def stage(name: str, round_: int, shard: int) -> None:
+            key = chunk_key(name, self.group[name].ndim, round_, shard)
+            _write_file(self.path / f"{STAGED}/{key}",
+                        _inner_chunk(self.path / chunk_key(name, self.group[name].ndim, round_, 0), shard,
+                                     self.num_shards), self.fsync)
+
+        if all_packed and rounds:
+            for s in range(self.num_shards):
+                if not self._check_chunk(chunk_key("crc32c", 1, 0, 0), s):
+                    stage("crc32c", 0, s)
+        for r, bad in rounds.items():
+            marks = sorted(set(range(self.num_shards)) - bad)
+            for s in marks:
+                for name in DATA_ARRAYS:
+                    stage(name, r, s)
+            if marks:
+                _writable(self.group[f"{STAGED}/done"]).set_orthogonal_selection((r, np.array(marks)), 1)
+            (self.path / chunk_key("done", 2, r, 0)).unlink(missing_ok=True)   # the round's commit undone
+
     def _drop_damaged_marks(self) -> list[str]:
-        """Delete the done marks whose chunk file is damaged (a deleted mark reads as unset); their keys."""
-        keys = [str(f.relative_to(self.path)) for f in (self.path / "done" / "c").rglob("*") if f.is_file()]
+        """Delete the done marks whose chunk file (or packed row) is damaged (a deleted mark reads as
+        unset); their keys."""
+        keys = [str(f.relative_to(self.path)) for f in (self.path / STAGED / "done" / "c").rglob("*") if f.is_file()]
         bad = [key for key in keys if self._check_chunk(key)]
+        for r in range(self.group["done"].shape[0]):
+            key = chunk_key("done", 2, r, 0)
+            if (self.path / key).is_file() and any(self._check_chunk(key, s) for s in range(self.num_shards)):
+                bad.append(key)
         for key in bad:
             (self.path / key).unlink()
         return bad
 
-    def _check_chunk(self, key: str) -> str | None:
+    def _check_chunk(self, key: str, inner: int | None = None) -> str | None:
+        """What is wrong with chunk file ``key`` (or chunk ``inner`` of object ``key``), None if sound."""
         try:
-            raw = self.objects.file(key).read_bytes()
+            raw = self.objects.file(key).read_bytes() if inner is None else _inner_chunk(
+                self.objects.file(key), inner, self.num_shards)
         except FileNotFoundError:
             return "missing chunk file of a completed shard"
         except OSError as e:
             return f"unreadable chunk ({e.strerror or e})"
+        except ValueError as e:
+            return f"unreadable object ({e}: the file is damaged)"
         if len(raw) < 4 or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             return "unreadable chunk (its CRC32C does not match its bytes: the file is damaged)"
         return None
@@ -571,7 +718,7 @@ def _check_arrays(objects, digests: dict, rounds: int) -> None:
                              f"transpose order, dtype) was changed after the store was made (SHA-256 does not "
                              f"match): its chunks would decode to other labels; restore the file from a copy of "
                              f"the store, or re-label into a new --out")
-        if name in ROUND_ARRAYS and meta["shape"][0] < rounds:
+        if _per_round(name) and meta["shape"][0] < rounds:
             raise StoreError(f"{objects.where(f'{name}/zarr.json')}: array '{name}' holds {meta['shape'][0]} "
                              f"rounds, the store plans {rounds} (rounds_planned); restore the file from a copy of the store, "
                              f"or re-label into a new --out")
@@ -602,6 +749,39 @@ def _folders_to_sync(root: Path, keys: list[str]) -> list[Path]:
             out[folder.parent] = None
             folder = folder.parent
     return list(out)
+
+
+def _inner_chunk(file: Path, inner: int, count: int) -> bytes:
+    """The bytes of chunk ``inner`` of a packed object of ``count`` chunks (zarr's sharding format: the
+    chunks, then their index of (offset, nbytes) little-endian uint64 pairs, then the index's CRC32C),
+    read without the rest of the object."""
+    size_index = count * INDEX_ENTRY + 4
+    with open(file, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < size_index:
+            raise ValueError(f"{size} bytes, shorter than its index")
+        f.seek(size - size_index)
+        index = f.read(size_index)
+        if crc32c.crc32c(index[:-4]) != int.from_bytes(index[-4:], "little"):
+            raise ValueError("its index's CRC32C does not match")
+        offset, nbytes = (int(v) for v in np.frombuffer(index[:-4], dtype="<u8").reshape(count, 2)[inner])
+        if offset + nbytes > size - size_index:
+            raise ValueError(f"its index places chunk {inner} outside the data")
+        f.seek(offset)
+        return f.read(nbytes)
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed), durable when ``fsync``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:

@@ -193,6 +193,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                 store = LabelStore.open(out, mode="r+")
             crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
+            if info.is_main:   # every rank's shards are written: one process joins each round into its objects
+                store.pack()
         finally:
             if lock is not None:
                 lock.release()
