@@ -401,6 +401,7 @@ def test_ctrl_c_in_train_prints_the_resume_command(setup, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT when the interrupt lands in interpreter teardown: a shell shows both as 130
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert f"{run / 'last.pt'} holds the last finished epoch" in err
     assert shlex.join(["mealv2", *args, "--resume"]) in err
