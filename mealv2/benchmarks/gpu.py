@@ -41,7 +41,7 @@ import torch
 from ..common.cli_options import POSITIVE
 from ..common.dataset import build_index
 from ..common.errors import MealV2Error
-from ..common.loaders import LOADERS, installed
+from ..common.loaders import LOADERS, installed, resolve
 from ..common.models import create_timm_model
 from ..common.runtime import Runtime
 from ..common.teachers import Ensemble, load_teacher
@@ -151,14 +151,6 @@ def last_img_per_s(run: Path) -> float:
         return float(list(csv.DictReader(f))[-1]["img_per_s"])
 
 
-def has_dali() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def smoke_run(folder: Path, device: str, *, images: int, rows: int, files: int, res: int, batch: int, epochs: int,
               compile: bool, gpus: int, workers: int, stage1_teachers=STAGE1_TEACHERS,
               online_teachers=ONLINE_TEACHERS, student: str = STUDENT, shard_size: int = 256) -> dict:
@@ -226,7 +218,7 @@ def smoke_run(folder: Path, device: str, *, images: int, rows: int, files: int, 
         evaluated = json.loads(out)["top1"] if out is not None else None
         run_step("export onnx", mealv2_command("export", folder / f"run-{best}" / "best.pt", "--format", "onnx"), log)
     precision_kl = (measure_step("teacher precision", log, precision.measure, build_index(val), precision.ARCHS, res,
-                                 1, TOPK, device, "dali" if has_dali() else "torch", images=64)
+                                 1, TOPK, device, resolve("auto"), images=64)
                     if device == "cuda" else None)
     return {"device": str(runtime.device), "gpus": gpus, "student": student, "res": res, "batch": batch,
             "student_precision": runtime.resolved_precision, "memory_format": str(runtime.memory_format),
