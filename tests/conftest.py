@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -191,3 +192,52 @@ def in_process(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
     return call
+
+
+SECRET = "mealv2-fake-secret-7Hq2ZpX"   # the fake S3 secret of ``moto_s3``: must never appear in a run, a cache or a log
+BUCKET = "stores"                       # the bucket ``moto_s3`` makes
+
+
+class _Requests(logging.Handler):
+    """Collects (method, path) of the requests werkzeug (moto's server) logs."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def emit(self, record):
+        method, path = record.getMessage().split('"')[1].split()[:2]
+        self.into.append((method, path))
+
+
+@pytest.fixture
+def moto_s3(tmp_path, monkeypatch):
+    """moto's S3 server (real HTTP, botocore, s3fs) on localhost with an empty bucket ``BUCKET``.
+    ``env`` holds the credentials (a fake secret), the endpoint and ``MEALV2_CACHE`` as a user's
+    environment would, for the CLI; they are also set in this process, for in-process calls.
+    ``requests`` lists the (method, path) the server received; ``client`` is boto3's."""
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    s3fs.S3FileSystem.clear_instance_cache()   # an earlier test's filesystem would talk to its server
+    requests = []
+    log, handler = logging.getLogger("werkzeug"), _Requests(requests)   # moto's server logs each request there
+    level, propagate = log.level, log.propagate
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "mealv2-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "MEALV2_CACHE": str(tmp_path / "cache")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield SimpleNamespace(env=env, client=client, requests=requests, endpoint=env["AWS_ENDPOINT_URL_S3"])
+    server.stop()
+    log.removeHandler(handler)
+    log.setLevel(level)
+    log.propagate = propagate

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shutil
 import socket
@@ -16,19 +15,16 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import run_cli
+from conftest import BUCKET, SECRET, run_cli
 
 from mealv2.common.crops import CropParams
 from mealv2.common.store import LabelStore
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 
-boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 pytest.importorskip("aiohttp")   # fsspec's HTTP filesystem
 
-SECRET = "mealv2-fake-secret-7Hq2ZpX"       # must never appear in a run, a cache or a log
-BUCKET = "stores"
 DAMAGED = "probs/c/1/0/0/0"                 # round 1's object of probs; _damage hits its shard 0
 TRAIN = ["-a", "test_resnet", "--epochs", 1, "--batch-size", 8, "--device", "cpu", "--workers", 1, "--seed", 3]
 
@@ -64,43 +60,14 @@ def http(store, tmp_path):
     server.shutdown()
 
 
-class _Requests(logging.Handler):
-    """Collects (method, path) of the requests werkzeug (moto's server) logs."""
-
-    def __init__(self, into: list):
-        super().__init__()
-        self.into = into
-
-    def emit(self, record):
-        method, path = record.getMessage().split('"')[1].split()[:2]
-        self.into.append((method, path))
-
-
 @pytest.fixture
-def s3(store, tmp_path):
-    """The store uploaded to moto's S3 server at s3://stores/store.zarr; ``env`` for the CLI holds the
-    credentials (a fake secret) and the endpoint, as a user's environment would."""
-    requests = []
-    log, handler = logging.getLogger("werkzeug"), _Requests(requests)   # moto's server logs each request there
-    level, log.propagate = log.level, False
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "mealv2-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "MEALV2_CACHE": str(tmp_path / "cache")}
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
+def s3(store, moto_s3):
+    """The store uploaded to moto's S3 server at s3://stores/store.zarr (conftest's ``moto_s3``)."""
     for f in store.rglob("*"):
         if f.is_file():
-            client.put_object(Bucket=BUCKET, Key=f"store.zarr/{f.relative_to(store)}", Body=f.read_bytes())
-    yield SimpleNamespace(url=f"s3://{BUCKET}/store.zarr", env=env, client=client, requests=requests)
-    server.stop()
-    log.removeHandler(handler)
-    log.setLevel(level)
-    log.propagate = True
+            moto_s3.client.put_object(Bucket=BUCKET, Key=f"store.zarr/{f.relative_to(store)}", Body=f.read_bytes())
+    return SimpleNamespace(url=f"s3://{BUCKET}/store.zarr", env=moto_s3.env, client=moto_s3.client,
+                           requests=moto_s3.requests)
 
 
 def _damage(data: bytes) -> bytes:
@@ -113,11 +80,8 @@ def _inspect(store, env) -> dict:
     return json.loads(r.stdout)
 
 
-def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cache(store, http, s3, tmp_path,
-                                                                                 monkeypatch):
+def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cache(store, http, s3, tmp_path):
     env = {"MEALV2_CACHE": str(tmp_path / "cache")}
-    for name, value in s3.env.items():   # the Python reader, in this process
-        monkeypatch.setenv(name, value)
     on_disk = LabelStore.open(store)
     for url in (http.url, s3.url):
         remote = LabelStore.open(url)
