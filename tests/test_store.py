@@ -14,6 +14,7 @@ import pytest
 import zarr
 from filelock import FileLock
 
+from mealv2.common.errors import MealV2Error
 from mealv2.common.store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
                                  acquire_writer_lock, chunk_key)
 from mealv2.common.targets import PROB_LEVELS
@@ -212,6 +213,15 @@ def test_other_format_versions_are_refused_naming_both(store):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=f"v{VERSION + 1}, this mealv2 reads {FORMAT} v{VERSION}"):
         LabelStore.open(store.path)
+
+
+def test_a_new_store_is_never_made_over_other_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MealV2Error, match=r"out is not empty and not a label store \(no zarr.json; it holds notes.txt\)"):
+        LabelStore.create_or_resume(out, _attrs(), 2, np.arange(N) % 7)
+    assert [f.name for f in out.iterdir()] == ["notes.txt"] and not out.with_name("out.creating").exists()
 
 
 def test_not_a_store_is_refused(tmp_path):
@@ -463,15 +473,12 @@ def test_damaged_image_crcs_and_another_damaged_chunk_keep_the_sound_crcs(store)
 
 def test_a_full_disk_while_packing_names_the_object_and_keeps_the_shards(store, monkeypatch):
     import errno
-    from mealv2.common import store as store_module
 
-    def full(path, data, fsync):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_name(path.name + ".partial").write_bytes(data[:3])
+    def full(fd):   # the object's bytes do not fit: a file system may say so only when they are flushed
         raise OSError(errno.ENOSPC, "No space left on device")
 
     _fill(store, rounds=[0], pack=False)
-    monkeypatch.setattr(store_module, "_write_file", full)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(StoreError, match=rf"{store.path}/boxes/c/0/0/0/0: cannot pack round 0 of {store.path} "
                                          r"\(No space left on device; .* MiB free there.*re-run the same command"):
         store.pack()

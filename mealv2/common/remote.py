@@ -1,5 +1,7 @@
-"""Label stores read from URLs (``https://``, ``s3://``, any fsspec protocol whose package is
-installed), through a local cache that never serves an object the remote has changed.
+"""Where a label store's objects live: files on disk (:class:`LocalObjects`), or objects at a URL
+(:class:`RemoteObjects`: ``https://``, ``s3://``, any fsspec protocol whose package is installed),
+read through a local cache that never serves an object the remote has changed. common/store.py
+reads and writes a store only through these two, so a store is written to S3 as to disk.
 
 Transport is fsspec (its filesystems bring the protocols, and credentials from where each one
 looks: for S3, botocore's environment variables, ``~/.aws`` profiles and instance roles). zarr
@@ -14,6 +16,11 @@ Last-Modified, generation...). A process asks the remote for each object's versi
 before it serves a cached copy (from one listing on an object store, else a HEAD); another
 version on the remote is fetched again, and said. What is read is
 then checked as from disk: zarr checks every chunk's CRC32C, ``mealv2 verify`` every trailer.
+
+Writing: a file is whole or absent (a temporary file renamed) and durable once :meth:`sync`
+(fsync) returns; an object is whole or absent, and durable once its PUT returns. The store
+commits a shard (its done mark) only after its data is durable either way. A writer knows the
+objects it wrote; those other processes (ranks) write, it sees after :meth:`refresh`.
 """
 from __future__ import annotations
 
@@ -21,8 +28,11 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -89,6 +99,10 @@ class LocalObjects:
     def __init__(self, root):
         self.location = Path(root)
 
+    @property
+    def name(self) -> str:
+        return self.location.name
+
     def where(self, key: str) -> str:
         return str(self.location / key)
 
@@ -98,11 +112,101 @@ class LocalObjects:
     def exists(self, key: str) -> bool:
         return (self.location / key).is_file()
 
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys of the files under ``prefix``."""
+        return [str(f.relative_to(self.location)) for f in (self.location / prefix).rglob("*") if f.is_file()]
+
     def size(self, prefix: str = "") -> int:
         return sum(f.stat().st_size for f in (self.location / prefix).rglob("*") if f.is_file())
 
     def zarr_store(self, read_only: bool) -> Store:
         return LocalStore(self.location, read_only=read_only)
+
+    def write(self, key: str, data: bytes, fsync: bool = True) -> None:
+        _write_file(self.location / key, data, fsync)
+
+    def sync(self, keys: list[str], folders: list[Path] = ()) -> None:
+        """Make files ``keys`` (written by zarr) durable, with the folder entries naming them and
+        ``folders`` (the parents of folders made for them: :meth:`folders_to_sync`)."""
+        paths = [self.location / key for key in keys]
+        with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
+            list(pool.map(_fsync, {*paths, *(p.parent for p in paths), *folders}))
+
+    def folders_to_sync(self, keys: list[str]) -> list[Path]:
+        """The folders whose entries writing ``keys`` will change besides their own: the parent of
+        each folder zarr will have to make (call before writing)."""
+        out = []
+        for key in keys:
+            folder = (self.location / key).parent
+            while not folder.exists() and folder != self.location:
+                out.append(folder.parent)
+                folder = folder.parent
+        return out
+
+    def delete(self, key: str) -> None:
+        (self.location / key).unlink(missing_ok=True)
+
+    def delete_tree(self, prefix: str) -> None:
+        shutil.rmtree(self.location / prefix, ignore_errors=True)
+
+    def refresh(self) -> None:
+        """Files are read as they are now: nothing to forget."""
+
+    def build_folder(self) -> Path:
+        """Where a new store is made before :meth:`publish`: beside the location, on its file system."""
+        return self.location.with_name(self.location.name + ".creating")
+
+    def publish(self, built: Path) -> None:
+        """Put the store made in folder ``built`` at the location, in one rename; the location may hold
+        only what a creation cut short left (the files ``built`` has)."""
+        foreign = _foreign(self.keys() if self.location.exists() else [], built)
+        if foreign:
+            raise RemoteError(f"{self.location} is not empty and not a label store (no zarr.json; it holds "
+                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
+        shutil.rmtree(self.location, ignore_errors=True)
+        os.replace(built, self.location)
+
+    def free_space(self) -> str:
+        """What to say of the space left where the store is written."""
+        return f"{shutil.disk_usage(self.location).free / 2**20:.1f} MiB free there"
+
+    def remove_partials(self) -> int:
+        """Delete the temporary files a killed writer left behind (zarr and :meth:`write` write
+        through a temporary file and a rename); their number."""
+        partials = list(self.location.rglob("*.partial"))
+        for f in partials:
+            f.unlink(missing_ok=True)
+        return len(partials)
+
+
+def _foreign(keys: list[str], built: Path) -> list[str]:
+    """``keys`` that making the store in ``built`` would not write."""
+    return sorted(set(keys) - {str(f.relative_to(built)) for f in built.rglob("*") if f.is_file()})
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed), durable when ``fsync``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_objects(location) -> LocalObjects | RemoteObjects:
@@ -125,13 +229,110 @@ class RemoteObjects:
         self.lists = not set(protocols) & {"http", "https"}
         self._lock = threading.Lock()
 
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
     def where(self, key: str) -> str:
         return f"{self.url}/{key}"
 
     def zarr_store(self, read_only: bool) -> Store:
-        if not read_only:
-            raise RemoteError(f"{self.url}: stores at a URL are read only; write the store to a local path")
-        return CachedStore(self)
+        return CachedStore(self, read_only=read_only)
+
+    # ---- writing (what the lease in common/lease.py allows: s3://) ------------------------
+    def write(self, key: str, data: bytes, fsync: bool = True) -> None:
+        """PUT one object: whole or absent, and durable once the call returns (``fsync`` is moot)."""
+        path = f"{self.root}/{key}"
+        try:
+            reply = self.fs.pipe_file(path, bytes(data))
+        except Exception as e:
+            raise self._unwritable(key, e) from None
+        tag = reply.get("ETag") if isinstance(reply, dict) else None
+        with self._lock:
+            if self._listed is not None:
+                self._listed.pop(path, None)
+        if tag is None:   # a version we cannot name: read it back from the remote when asked
+            self._checked.pop(key, None)
+            return
+        local = self._cached(key, {"size": len(data), "ETag": tag})
+        self._store_locally(local, data)
+        self._checked[key] = local
+
+    def sync(self, keys: list[str], folders=()) -> None:
+        """Objects are durable once written: nothing to do."""
+
+    def folders_to_sync(self, keys: list[str]) -> list:
+        return []
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(f"{self.root}/{key}")
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._unwritable(key, e) from None
+        self._forget(key)
+
+    def delete_tree(self, prefix: str) -> None:
+        keys = self.keys(prefix)
+        if keys:
+            try:
+                self.fs.rm([f"{self.root}/{key}" for key in keys])
+            except Exception as e:
+                raise self._unwritable(prefix, e) from None
+        for key in keys:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._checked[key] = None
+        with self._lock:
+            if self._listed is not None:
+                self._listed.pop(f"{self.root}/{key}", None)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys of the objects under ``prefix``, listed now."""
+        if not self.lists:
+            raise RemoteError(f"{self.url}: the objects of an {self.fs.protocol} URL cannot be listed")
+        try:
+            found = self.fs.find(f"{self.root}/{prefix}".rstrip("/"))
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._unreadable(e) from None
+        return [path[len(self.root) + 1:] for path in found]
+
+    def refresh(self) -> None:
+        """Forget the versions and listing read so far: see what other processes wrote since."""
+        with self._lock:
+            self._checked.clear()
+            self._listed = None
+
+    def build_folder(self) -> Path:
+        """Where a new store is made before :meth:`publish` uploads it."""
+        return Path(tempfile.mkdtemp(prefix="mealv2-store-"))
+
+    def publish(self, built: Path) -> None:
+        """Upload the store made in folder ``built``, its root ``zarr.json`` last: a store is found at the
+        URL only once all of it is there. The URL may hold only what an upload cut short left (keys
+        ``built`` has), which is overwritten."""
+        foreign = _foreign(self.keys(), built)
+        if foreign:
+            raise RemoteError(f"{self.url} is not empty and not a label store (no zarr.json; it holds "
+                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
+        files = sorted((f for f in built.rglob("*") if f.is_file()), key=lambda f: f == built / "zarr.json")
+        for f in files:
+            self.write(str(f.relative_to(built)), f.read_bytes())
+
+    def free_space(self) -> str:
+        return "an object store"
+
+    def remove_partials(self) -> int:
+        """An object store has no partial objects: a PUT cut short leaves nothing."""
+        return 0
+
+    def _unwritable(self, key: str, e: Exception) -> RemoteError:
+        return RemoteError(f"{self.where(key)} cannot be written ({type(e).__name__}: {e}); check the bucket, the "
+                           f"network and the credentials' write permission (README: Share a store)")
 
     def file(self, key: str) -> Path:
         """The local file holding the remote's current bytes of ``key``; FileNotFoundError when the
@@ -194,8 +395,7 @@ class RemoteObjects:
         info = self._listing().get(path) or self._info(path)
         if info is None:
             return None
-        version = hashlib.sha256(f"{info.get('size')} {_tag(info)}".encode()).hexdigest()[:16]
-        local = self.cache / f"{key}@{version}"
+        local = self._cached(key, info)
         if local.is_file():
             return local
         # Other versions of the object; not this one (another rank may have written it meanwhile), nor
@@ -203,23 +403,35 @@ class RemoteObjects:
         stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(".partial")]
         try:
             data = self.fs.cat_file(path)
+        except FileNotFoundError as e:   # deleted since listed (a writer packing staged objects)...
+            if e.__cause__ is None or isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise self._unreadable(e.__cause__) from None   # ...or fsspec's HTTP saying another failure
         except Exception as e:   # the transport's own errors (botocore's, aiohttp's) share no base class
             raise self._unreadable(e) from None
         if info.get("size") is not None and len(data) != info["size"]:   # replaced between the HEAD and the GET
             raise RemoteError(f"{self.where(key)} changed while it was being read ({info['size']} bytes announced, "
                               f"{len(data)} read): the store is being replaced; run again once it is published")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, local)
+        self._store_locally(local, data)
         if stale:
             print(f"mealv2: {self.where(key)} changed on the remote since it was cached; read it again",
                   file=sys.stderr)
             for old in stale:
                 old.unlink(missing_ok=True)
+        return local
+
+    def _cached(self, key: str, info: dict) -> Path:
+        """The cache file of ``key`` in the version ``info`` (fsspec's, or a PUT's reply) describes."""
+        version = hashlib.sha256(f"{info.get('size')} {_tag(info)}".encode()).hexdigest()[:16]
+        return self.cache / f"{key}@{version}"
+
+    def _store_locally(self, local: Path, data: bytes) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, local)
         if not (self.cache / "URL").is_file():   # says whose objects a cache folder holds
             (self.cache / "URL").write_text(self.url + "\n")
-        return local
 
 
 def _tag(info: dict) -> str:
@@ -240,16 +452,20 @@ def _byte_range(size: int, request: ByteRequest | None) -> tuple[int, int]:
 
 
 class CachedStore(Store):
-    """Read-only zarr store over :class:`RemoteObjects`: zarr's reads come from the local cache."""
+    """zarr store over :class:`RemoteObjects`: zarr's reads come from the local cache, its writes
+    are PUTs (which also fill the cache)."""
 
-    supports_writes = False
-    supports_deletes = False
+    supports_writes = True
+    supports_deletes = True
     supports_partial_writes = False
-    supports_listing = False
 
-    def __init__(self, objects: RemoteObjects):
-        super().__init__(read_only=True)
+    def __init__(self, objects: RemoteObjects, read_only: bool = True):
+        super().__init__(read_only=read_only)
         self.objects = objects
+
+    @property
+    def supports_listing(self) -> bool:
+        return self.objects.lists
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CachedStore) and other.objects.url == self.objects.url
@@ -276,11 +492,25 @@ class CachedStore(Store):
 
     async def set(self, key, value):
         self._check_writable()
+        await asyncio.to_thread(self.objects.write, key, value.to_bytes())
 
     async def delete(self, key):
         self._check_writable()
+        await asyncio.to_thread(self.objects.delete, key)
 
-    def list(self, *_):
-        raise NotImplementedError("a store read from a URL is not listed")
+    async def list(self):
+        for key in await asyncio.to_thread(self.objects.keys):
+            yield key
 
-    list_prefix = list_dir = list
+    async def list_prefix(self, prefix: str):
+        for key in await asyncio.to_thread(self.objects.keys, prefix.rstrip("/")):
+            yield key
+
+    async def list_dir(self, prefix: str):
+        prefix = prefix.rstrip("/")
+        seen = set()
+        for key in await asyncio.to_thread(self.objects.keys, prefix):
+            child = key[len(prefix):].lstrip("/").split("/", 1)[0]
+            if child not in seen:
+                seen.add(child)
+                yield child

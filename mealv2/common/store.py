@@ -206,6 +206,7 @@ class LabelStore:
     def __init__(self, path: Path, group: zarr.Group, objects=None):
         self.objects = objects or LocalObjects(path)   # the store's files, or a URL's objects (common/remote.py)
         self.path = self.objects.location              # Path, or the URL
+        self.name = self.objects.name
         self.group = group
         self.attrs: dict = dict(group.attrs[ATTR_KEY])
 
@@ -244,9 +245,10 @@ class LabelStore:
         A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was), then its
         labelled rounds are packed (:meth:`pack`).
         """
-        path = Path(path)
+        objects = open_objects(path)
+        path = objects.location
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
-        if path.exists() and any(path.iterdir()):
+        if objects.exists("zarr.json"):
             store = cls.open(path, mode="r+")
             problems = _diff({k: store.attrs.get(k) for k in _IDENTITY_KEYS},
                              {k: attrs.get(k) for k in _IDENTITY_KEYS})
@@ -268,15 +270,15 @@ class LabelStore:
             if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
                 store._resize(rounds)
             return store
-        return cls._create(path, attrs, rounds, labels, relpaths)
+        return cls._create(objects, attrs, rounds, labels, relpaths)
 
     @classmethod
-    def _create(cls, path: Path, attrs: dict, rounds: int, labels: np.ndarray,
+    def _create(cls, objects, attrs: dict, rounds: int, labels: np.ndarray,
                 relpaths: Sequence[str] | None) -> "LabelStore":
         n, c, k = attrs["dataset"]["num_images"], attrs["crops_per_image"], attrs["topk"]
         s = attrs["shard_size"]
         attrs = {**attrs, "rounds_planned": rounds}
-        tmp = path.with_name(path.name + ".creating")
+        tmp = objects.build_folder()
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
         staged = group.create_group(STAGED)
@@ -299,11 +301,11 @@ class LabelStore:
         arrays = {name: _array_meta_digest(name, _array_meta(LocalObjects(tmp), name)) for name in ARRAYS
                   if name in group}
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs), ARRAYS_KEY: arrays})
-        # The store appears under its name only once its metadata is complete.
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-        return cls.open(path, mode="r+")
+        try:
+            objects.publish(tmp)   # the store appears under its name only once its metadata is complete
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(objects.location, mode="r+")
 
     def _resize(self, rounds: int) -> None:
         """Plan ``rounds`` rounds. Growing resizes the arrays, then records the plan; shrinking
@@ -395,21 +397,20 @@ class LabelStore:
             keys = [key for key in keys if not key.startswith(f"{STAGED}/crc32c/")]   # kept as they are
         else:
             _writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
-        folders = _folders_to_sync(self.path, keys)
+        folders = self.objects.folders_to_sync(keys)
         writing = self.path
         try:
             for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
-                writing = self.path / STAGED / name
+                writing = self.objects.where(f"{STAGED}/{name}")
                 if i:
                     fault_point("chunk_write")     # some of the shard's arrays written, not all
                 _writable(self.group[f"{STAGED}/{name}"])[round_, a:b] = values
             writing = self.path
             if self.fsync:   # as a database before its commit record: a shard marked done has its data
-                with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
-                    list(pool.map(_fsync, [self.path / key for key in keys] + folders))
+                self.objects.sync(keys, folders)
         except OSError as e:   # zarr's and fsync's errors often name no file
             raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {self.path} "
-                             f"({e.strerror or e}; {shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there); "
+                             f"({e.strerror or e}; {self.objects.free_space()}); "
                              f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
         _writable(self.group[f"{STAGED}/done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
@@ -420,6 +421,7 @@ class LabelStore:
         commit by writing the round's row of the main ``done``, then delete the staged files. A kill
         anywhere leaves the round staged (packed again next time) or committed (its staged leftovers
         go next time). One process, holding the writer lock; returns the rounds packed."""
+        self.objects.refresh()   # the shards other ranks wrote
         packed, labelled = self.packed(), self.done_mask().all(axis=1)
         rounds = [r for r in range(len(packed)) if labelled[r] and not packed[r]]
         for r in rounds:   # the images' CRC32Cs are packed with the first round (all shards then have them)
@@ -428,13 +430,13 @@ class LabelStore:
             fault_point("pack")                # objects written, round not committed
             _writable(self.group["done"])[r] = 1
             if self.fsync:                     # the staged files are deleted next
-                _fsync(self.path / chunk_key("done", 2, r, 0))
+                self.objects.sync([chunk_key("done", 2, r, 0)])
             packed[r] = True
         for r in np.flatnonzero(packed):
             for name in ROUND_ARRAYS:
-                shutil.rmtree(self.path / STAGED / name / "c" / str(r), ignore_errors=True)
+                self.objects.delete_tree(f"{STAGED}/{name}/c/{r}")
         if packed.any():
-            shutil.rmtree(self.path / STAGED / "crc32c" / "c", ignore_errors=True)
+            self.objects.delete_tree(f"{STAGED}/crc32c/c")
         return rounds
 
     def _pack_object(self, name: str, round_: int) -> None:
@@ -444,18 +446,19 @@ class LabelStore:
             key = chunk_key(f"{STAGED}/{name}", ndim, round_, s)
             problem = self._check_chunk(key)
             if problem:
-                raise StoreError(f"{self.path / key}: {problem}; round {round_} cannot be packed. Re-run the store's "
-                                 f"`mealv2 label` command, which labels such shards again:\n  {self.label_command()}")
-            parts.append((self.path / key).read_bytes())
+                raise StoreError(f"{self.objects.where(key)}: {problem}; round {round_} cannot be packed. Re-run the "
+                                 f"store's `mealv2 label` command, which labels such shards again:\n  "
+                                 f"{self.label_command()}")
+            parts.append(self.objects.file(key).read_bytes())
         sizes = np.array([len(p) for p in parts], dtype="<u8")
         index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
-        target = self.path / chunk_key(name, ndim, round_, 0)
+        target = chunk_key(name, ndim, round_, 0)
         try:
-            _write_file(target, b"".join([*parts, index, crc32c.crc32c(index).to_bytes(4, "little")]), self.fsync)
+            self.objects.write(target, b"".join([*parts, index, crc32c.crc32c(index).to_bytes(4, "little")]),
+                               self.fsync)
         except OSError as e:
-            target.with_name(target.name + ".partial").unlink(missing_ok=True)
-            raise StoreError(f"{target}: cannot pack round {round_} of {self.path} ({e.strerror or e}; "
-                             f"{shutil.disk_usage(self.path).free / 2**20:.1f} MiB free there, the object takes "
+            raise StoreError(f"{self.objects.where(target)}: cannot pack round {round_} of {self.path} "
+                             f"({e.strerror or e}; {self.objects.free_space()}, the object takes "
                              f"{sum(len(p) for p in parts) / 2**20:.1f} MiB); its shards are kept: free some space "
                              f"and re-run the same command, which packs it") from e
 
@@ -635,10 +638,10 @@ class LabelStore:
         uncommit each round; ``all_packed``: no packed round remains, so the images' sound CRC32Cs are
         staged again first."""
         def stage(name: str, round_: int, shard: int) -> None:
-            key = chunk_key(name, self.group[name].ndim, round_, shard)
-            _write_file(self.path / f"{STAGED}/{key}",
-                        _inner_chunk(self.path / chunk_key(name, self.group[name].ndim, round_, 0), shard,
-                                     self.num_shards), self.fsync)
+            ndim = self.group[name].ndim
+            self.objects.write(f"{STAGED}/{chunk_key(name, ndim, round_, shard)}",
+                               _inner_chunk(self.objects.file(chunk_key(name, ndim, round_, 0)), shard, self.num_shards),
+                               self.fsync)
 
         if all_packed and rounds:
             for s in range(self.num_shards):
@@ -651,19 +654,18 @@ class LabelStore:
                     stage(name, r, s)
             if marks:
                 _writable(self.group[f"{STAGED}/done"]).set_orthogonal_selection((r, np.array(marks)), 1)
-            (self.path / chunk_key("done", 2, r, 0)).unlink(missing_ok=True)   # the round's commit undone
+            self.objects.delete(chunk_key("done", 2, r, 0))   # the round's commit undone
 
     def _drop_damaged_marks(self) -> list[str]:
         """Delete the done marks whose chunk file (or packed row) is damaged (a deleted mark reads as
         unset); their keys."""
-        keys = [str(f.relative_to(self.path)) for f in (self.path / STAGED / "done" / "c").rglob("*") if f.is_file()]
-        bad = [key for key in keys if self._check_chunk(key)]
+        bad = [key for key in self.objects.keys(f"{STAGED}/done/c") if self._check_chunk(key)]
         for r in range(self.group["done"].shape[0]):
             key = chunk_key("done", 2, r, 0)
-            if (self.path / key).is_file() and any(self._check_chunk(key, s) for s in range(self.num_shards)):
+            if self.objects.exists(key) and any(self._check_chunk(key, s) for s in range(self.num_shards)):
                 bad.append(key)
         for key in bad:
-            (self.path / key).unlink()
+            self.objects.delete(key)
         return bad
 
     def _check_chunk(self, key: str, inner: int | None = None) -> str | None:
@@ -702,10 +704,7 @@ class LabelStore:
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
-        partials = list(self.path.rglob("*.partial"))
-        for f in partials:
-            f.unlink(missing_ok=True)
-        return len(partials)
+        return self.objects.remove_partials()
 
 
 def _check_arrays(objects, digests: dict, rounds: int) -> None:
@@ -738,19 +737,6 @@ def _write_paths(group: zarr.Group, relpaths: Sequence[str]) -> None:
                                  overwrite=True))[:] = joined
 
 
-def _folders_to_sync(root: Path, keys: list[str]) -> list[Path]:
-    """Folders whose entries writing ``keys`` changes: each chunk's folder (zarr renames the file
-    into it) and the parent of each folder zarr will have to make."""
-    out = {}
-    for key in keys:
-        folder = (root / key).parent
-        out[folder] = None
-        while not folder.exists() and folder != root:
-            out[folder.parent] = None
-            folder = folder.parent
-    return list(out)
-
-
 def _inner_chunk(file: Path, inner: int, count: int) -> bytes:
     """The bytes of chunk ``inner`` of a packed object of ``count`` chunks (zarr's sharding format: the
     chunks, then their index of (offset, nbytes) little-endian uint64 pairs, then the index's CRC32C),
@@ -769,27 +755,6 @@ def _inner_chunk(file: Path, inner: int, count: int) -> bytes:
             raise ValueError(f"its index places chunk {inner} outside the data")
         f.seek(offset)
         return f.read(nbytes)
-
-
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed), durable when ``fsync``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def num_shards(num_images: int, shard_size: int) -> int:

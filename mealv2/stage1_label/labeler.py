@@ -252,7 +252,7 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
                       ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
                       device=ensemble.device.type, threads=cfg.workers)
     bar = tqdm(total=int(crops_todo), unit="crop", unit_scale=True, dynamic_ncols=True,
-               disable=not cfg.progress or not info.is_main, desc=f"label {store.path.name}")
+               disable=not cfg.progress or not info.is_main, desc=f"label {store.name}")
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes

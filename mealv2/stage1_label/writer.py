@@ -33,7 +33,7 @@ class ShardWriter:
         self._slots = threading.Semaphore(max(depth, 1))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"mealv2-writer:{store.path.name}") if depth else None
+        self._thread = threading.Thread(target=self._run, name=f"mealv2-writer:{store.name}") if depth else None
 
     def __enter__(self) -> "ShardWriter":
         if self._thread is not None:
