@@ -202,6 +202,7 @@ class LabelStore:
 
     fsync = True   # make each shard durable before its done mark; False only to measure what that costs
     repairs: list[str] = []   # what create_or_resume repaired
+    guard = None              # raises when this process may no longer commit: its lease was lost (common/lease.py)
 
     def __init__(self, path: Path, group: zarr.Group, objects=None):
         self.objects = objects or LocalObjects(path)   # the store's files, or a URL's objects (common/remote.py)
@@ -413,6 +414,7 @@ class LabelStore:
                              f"({e.strerror or e}; {self.objects.free_space()}); "
                              f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
+        self._check_guard()
         _writable(self.group[f"{STAGED}/done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
 
     def pack(self) -> list[int]:
@@ -428,6 +430,7 @@ class LabelStore:
             for name in (*DATA_ARRAYS, *([] if packed.any() else ["crc32c"])):
                 self._pack_object(name, r)
             fault_point("pack")                # objects written, round not committed
+            self._check_guard()
             _writable(self.group["done"])[r] = 1
             if self.fsync:                     # the staged files are deleted next
                 self.objects.sync([chunk_key("done", 2, r, 0)])
@@ -461,6 +464,10 @@ class LabelStore:
                              f"({e.strerror or e}; {self.objects.free_space()}, the object takes "
                              f"{sum(len(p) for p in parts) / 2**20:.1f} MiB); its shards are kept: free some space "
                              f"and re-run the same command, which packs it") from e
+
+    def _check_guard(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     def _crc_array(self) -> zarr.Array:
         """The images' CRC32Cs: packed with the first packed round, staged until then."""

@@ -25,6 +25,7 @@ from ..common.dataset import build_index_shared, image_crcs, in_classes, refuse_
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
+from ..common.remote import is_url, open_objects
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
 from ..common.targets import encode_topk
@@ -147,7 +148,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
 
         store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50.a1_in1k"], "store.zarr", rounds=4))
     """
-    refuse_nested(cfg.data, cfg.out, "--out")
+    if not is_url(cfg.out):
+        refuse_nested(cfg.data, cfg.out, "--out")
     check_shard_size(cfg)
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
@@ -169,8 +171,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         # The dataset's labels in the label space: the teacher check's and the store's `labels` (-1: none).
         in_space = in_classes(index, classes) if index.labelled else index
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
-        out = Path(cfg.out)
-        new_store = not (out.exists() and any(out.iterdir()))
+        out = cfg.out
+        new_store = not open_objects(out).exists("zarr.json")
         checks = None
         if new_store:   # a store being resumed was checked when it was made
             checks = info.broadcast_object(_check(cfg, ensemble, in_space, out) if info.is_main else None)
@@ -217,7 +219,7 @@ def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
         raise store.images_changed(changed, crcs[changed], index.relpaths)
 
 
-def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict] | MealV2Error:
+def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: str) -> list[dict] | MealV2Error:
     """The teacher check's records, or the error to raise on every rank."""
     if not cfg.teacher_check:
         print("teacher check: skipped (--no-teacher-check)")
@@ -227,7 +229,8 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: Path) -> list[dict]
         return [{"teacher": t.spec, "skipped": True, "why": "no labels"} for t in ensemble.teachers]
     try:
         checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
-                                cfg.workers, loader=cfg.loader, suggest_dir=out.parent)
+                                cfg.workers, loader=cfg.loader,
+                                suggest_dir=Path.cwd() if is_url(out) else Path(out).parent)
     except MealV2Error as e:
         return e
     for c in checks:
