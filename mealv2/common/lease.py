@@ -1,0 +1,397 @@
+"""One writer per store at a URL: a lease object, where object storage has no file lock.
+
+A store on disk is guarded by a ``flock`` (locks.py), which the kernel drops when its holder dies.
+Object stores have no locks; what they do have is conditional writes: a PUT with ``If-None-Match: *``
+creates an object only where none exists, and a PUT or DELETE with ``If-Match: ETAG`` replaces or
+deletes it only if it is unchanged since it was read, each decided atomically by the server. AWS S3
+has them since late 2024, as do MinIO and moto (the tests' server); other S3-compatible servers may
+not, and one that ignores ``If-None-Match`` is refused when the lease is taken (a probe PUT must fail),
+rather than let two writers interleave.
+
+The lease is the object ``STORE.lease`` beside the store's prefix (like ``STORE.lock``, so copying the
+store's prefix to publish it never copies the lease). Its holder renews it every quarter of its
+duration with a conditional PUT on its last ETag; another writer may take it over once the server's
+own clock (the response's ``Date`` against the object's ``Last-Modified``: no clock skew between
+machines) says it went unrenewed for its duration. A writer that dies holding the lease therefore
+keeps the store for at most that duration (``MEALV2_LEASE_SECONDS``, default 60 s), and nothing
+is left to clean up by hand. A holder that cannot renew (taken over, or the network down for the
+whole duration) has lost the lease: ``Lease.check``, called before each commit, then stops it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec.asyn import sync
+
+from .errors import MealV2Error
+from .remote import RemoteError, check_url, redact
+
+SECONDS_VARIABLE = "MEALV2_LEASE_SECONDS"
+DEFAULT_SECONDS = 60.0
+MIN_SECONDS = 2.0
+# S3's Last-Modified and Date are whole seconds: an age read from them may be up to this much short.
+CLOCK_RESOLUTION = 1.0
+ATTEMPTS = 3          # tries to take a lease that changes under each (another writer starting at once)
+# Error codes of a condition that did not hold: 412, and AWS's 409 for conditional writes racing.
+CONFLICTS = {"PreconditionFailed", "ConditionalRequestConflict"}
+ABSENT = {"NoSuchKey"}
+CONDITIONS = {"PutObject": ("IfNoneMatch", "IfMatch"), "DeleteObject": ("IfMatch",)}   # S3 arguments used
+
+
+class LeaseError(MealV2Error):
+    """A store's lease refused (another writer holds it) or lost (taken over, or not renewed)."""
+
+
+class _Conflict(Exception):
+    """A conditional write or delete whose condition did not hold."""
+
+
+class _Absent(Exception):
+    """No lease object."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The lease object as read: its ETag, its body (None when it is not a mealv2 lease) and its age
+    by the server's clock."""
+    etag: str
+    body: dict | None
+    age: float
+
+    @property
+    def expired(self) -> bool:
+        return self.age >= self.body["seconds"] + CLOCK_RESOLUTION
+
+    @property
+    def holder(self) -> str:
+        b = self.body
+        return f"{b['holder']}, `mealv2 {b['command']}`, since {b['since']}"
+
+
+def lease_seconds(seconds: float | None, error: type[MealV2Error]) -> float:
+    """The lease duration: ``seconds``, else ``$MEALV2_LEASE_SECONDS``, else 60; a finite number >= 2."""
+    if seconds is None:
+        raw = os.environ.get(SECONDS_VARIABLE, "")
+        if not raw.strip():
+            return DEFAULT_SECONDS
+        where = f"{SECONDS_VARIABLE}={raw!r}"
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+    else:
+        where = f"lease seconds = {seconds!r}"
+    if not (math.isfinite(seconds) and seconds >= MIN_SECONDS):
+        raise error(f"{where} is not a lease duration; expected a finite number of seconds >= {MIN_SECONDS:g} "
+                    f"(how long a writer that died holding a store keeps others out of it). Unset "
+                    f"{SECONDS_VARIABLE} for the default, {DEFAULT_SECONDS:g}")
+    return seconds
+
+
+def _is_lease(body) -> bool:
+    return (isinstance(body, dict) and {"holder", "command", "since", "seconds", "token"} <= body.keys()
+            and isinstance(body["seconds"], (int, float)) and math.isfinite(body["seconds"]))
+
+
+class Lease(ABC):
+    """A held lease on the store at ``store_url``; renewed by a daemon thread until :meth:`release`.
+    Subclasses give the object operations of one protocol (registry ``LEASES``)."""
+
+    def __init__(self, store_url: str, command: str, *, seconds: float, error: type[MealV2Error]):
+        self.store = redact(store_url)
+        self.url = f"{store_url}.lease"
+        self.command, self.seconds, self.error = command, seconds, error
+        self.token = secrets.token_hex(16)
+        self._since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        self.etag = ""
+        self._beats = 0                # renewals written: each body differs, so each ETag does
+        self._renewed = 0.0            # time.monotonic() when the last successful write was sent
+        self._lost: str | None = None  # why the lease was lost, once it was
+        self._last_error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"mealv2-lease {self.store}", daemon=True)
+        self._released = False
+
+    # -- object operations, per protocol --------------------------------------------------------------
+    @abstractmethod
+    def _create(self, body: bytes) -> str:
+        """Write the lease object if none exists; its ETag. _Conflict if one exists."""
+
+    @abstractmethod
+    def _replace(self, body: bytes, etag: str) -> str:
+        """Overwrite the lease object if its ETag is ``etag``; the new ETag. _Conflict, _Absent."""
+
+    @abstractmethod
+    def _read(self) -> _Seen:
+        """The lease object now. _Absent."""
+
+    @abstractmethod
+    def _delete(self, etag: str) -> None:
+        """Delete the lease object if its ETag is ``etag``. _Conflict, _Absent."""
+
+    # -- the lease --------------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        self._beats += 1
+        return json.dumps({"holder": f"pid {os.getpid()} on {socket.gethostname()}", "command": self.command,
+                           "since": self._since, "seconds": self.seconds, "token": self.token,
+                           "beat": self._beats}).encode()
+
+    def _acquire(self) -> None:
+        try:
+            self._take()
+        except MealV2Error:
+            raise
+        except Exception as e:   # s3fs's, botocore's and aiohttp's errors share no base class
+            raise self._unwritable(e) from None
+        self._thread.start()
+
+    def _unwritable(self, e: Exception) -> MealV2Error:
+        return self.error(f"{self.store}: its lease {redact(self.url)} cannot be written ({type(e).__name__}: {e}); "
+                          f"check that the bucket exists, that the credentials (AWS_ACCESS_KEY_ID/"
+                          f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws) may read, write and delete objects there, "
+                          f"and that the endpoint (AWS_ENDPOINT_URL_S3 if set) is reachable")
+
+    def _take(self) -> None:
+        seen = None
+        for _ in range(ATTEMPTS):
+            sent = time.monotonic()
+            body = self._body()
+            try:
+                self.etag = self._create(body)
+            except _Conflict:
+                pass
+            else:
+                self._renewed = sent
+                return self._probe(body)
+            try:
+                seen = self._read()
+            except _Absent:   # released between our write and our read: try again
+                continue
+            if seen.body is None:
+                raise self.error(f"{self.store} cannot be written: {redact(self.url)} exists but is not a mealv2 "
+                                 f"lease; if no mealv2 command writes {self.store}, delete that object and run "
+                                 f"again")
+            if seen.body["token"] == self.token:   # our write landed; its reply was lost (and retried)
+                self.etag, self._renewed = seen.etag, sent
+                return
+            if not seen.expired:
+                raise self._refusal(seen)
+            try:
+                self.etag = self._replace(self._body(), seen.etag)
+            except (_Conflict, _Absent):   # another writer took it, or its holder renewed it: read again
+                continue
+            self._renewed = sent
+            print(f"mealv2: took over {self.store} from {seen.holder}: its lease was not renewed for "
+                  f"{seen.age:.0f} s (its duration: {seen.body['seconds']:g} s)", file=sys.stderr)
+            return
+        if seen is not None and seen.body is not None and not seen.expired:
+            raise self._refusal(seen)
+        raise self.error(f"{self.store}: its lease {redact(self.url)} changed under each of {ATTEMPTS} attempts to "
+                         f"take it (other writers starting at once?); make sure only one `mealv2 "
+                         f"{self.command}` writes {self.store}, then run again")
+
+    def _probe(self, body: bytes) -> None:
+        """Refuse a server that ignores If-None-Match: it would let a second writer in silently. The probe
+        writes the same body again, so where it is not refused the lease is unchanged."""
+        try:
+            self._create(body)
+        except _Conflict:
+            return
+        self._delete_quietly()
+        raise self.error(f"{self.store}: the object store ignores conditional writes (a PUT with If-None-Match: * "
+                         f"over the existing {redact(self.url)} succeeded), so mealv2 cannot keep a second writer "
+                         f"out of the store there. Write the store to a local path and copy it to the bucket "
+                         f"once labelled, or use a server with conditional writes (AWS S3, MinIO)")
+
+    def _refusal(self, seen: _Seen) -> MealV2Error:
+        left = math.ceil(seen.body["seconds"] + CLOCK_RESOLUTION - seen.age)
+        return self.error(f"{self.store} is being written by another `mealv2 {seen.body['command']}` process "
+                          f"({seen.holder}; its lease {redact(self.url)} was renewed {seen.age:.0f} s ago); "
+                          f"refusing to interleave writes. Wait for it to finish, or stop it, or use another URL; "
+                          f"if that process is dead, its lease expires in {left} s: run the same command again then")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            sent = time.monotonic()
+            try:
+                self.etag = self._replace(self._body(), self.etag)
+                self._renewed = sent
+            except _Absent:
+                self._lost = f"its lease {redact(self.url)} was deleted by someone else"
+            except _Conflict:
+                self._conflicted(sent)
+            except Exception as e:   # the network, the server: retried at the next beat
+                self._last_error = e
+            if self._lost is None and time.monotonic() - self._renewed >= self.seconds:
+                self._lost = self._unrenewed()
+            if self._lost is not None:
+                return
+
+    def _conflicted(self, sent: float) -> None:
+        try:
+            seen = self._read()
+        except _Absent:
+            self._lost = f"its lease {redact(self.url)} was deleted by someone else"
+            return
+        except Exception as e:
+            self._last_error = e
+            return
+        if seen.body is not None and seen.body["token"] == self.token:   # our renewal landed; its reply was lost
+            self.etag, self._renewed = seen.etag, sent
+        else:
+            self._lost = (f"its lease {redact(self.url)} was taken over by "
+                          f"{seen.holder if seen.body else 'an object that is not a mealv2 lease'}")
+
+    def _unrenewed(self) -> str:
+        why = f"; last error: {type(self._last_error).__name__}: {self._last_error}" if self._last_error else ""
+        return (f"its lease {redact(self.url)} could not be renewed for {self.seconds:g} s, its duration, so "
+                f"another writer may have taken it over{why}")
+
+    def check(self) -> None:
+        """Raise ``error`` if the lease is lost; the writer calls it before each commit and then stops."""
+        lost = self._lost
+        if lost is None and time.monotonic() - self._renewed >= self.seconds:
+            lost = self._unrenewed()
+        if lost is not None:
+            raise self.error(f"`mealv2 {self.command}` lost its hold on {self.store}: {lost}. Another writer may "
+                             f"be writing it now, so this one stops; what it committed is kept. Make sure no other "
+                             f"`mealv2 {self.command}` writes {self.store}, then run the same command again to "
+                             f"resume")
+
+    def release(self) -> None:
+        """Stop renewing; delete the lease object if it is still ours."""
+        if self._released:
+            return
+        self._released = True
+        self._stop.set()
+        self._thread.join()
+        if self._lost is None:
+            self._delete_quietly()
+
+    def _delete_quietly(self) -> None:
+        try:
+            self._delete(self.etag)
+        except (_Conflict, _Absent):   # no longer ours: another writer's now, or gone
+            pass
+        except Exception as e:   # it expires by itself; the next writer is told when
+            print(f"mealv2: could not delete the lease {redact(self.url)} ({type(e).__name__}: {e}); the next "
+                  f"writer of {self.store} waits until it expires, {self.seconds:g} s after its last renewal",
+                  file=sys.stderr)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _code(e: BaseException) -> str | None:
+    """The S3 error code behind ``e`` (s3fs raises OSErrors with botocore's ClientError as their cause)."""
+    for _ in range(8):   # a chain is short; bounded against a cycle
+        if e is None:
+            return None
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        if isinstance(e, FileExistsError):   # s3fs's word for a failed If-None-Match
+            return "PreconditionFailed"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class S3Lease(Lease):
+    """The lease object on S3 (or an S3-compatible server), through s3fs: credentials and endpoint come
+    from where reading a store gets them (AWS_* variables, profiles, instance roles)."""
+
+    def __init__(self, store_url: str, command: str, **kw):
+        super().__init__(store_url, command, **kw)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(self.url)
+            self.bucket, self.key, _ = self.fs.split_path(path)
+            model = self.fs.s3.meta.service_model   # connects: a missing profile, a bad region... say so here
+        except Exception as e:
+            raise self._unwritable(e) from None
+        import botocore   # optional (mealv2[remote]); s3fs, just loaded, brings it
+
+        # s3fs drops the arguments its botocore does not know: the writes would go unconditional, silently.
+        missing = [f"{op}({arg})" for op, args in CONDITIONS.items() for arg in args
+                   if arg not in model.operation_model(op).input_shape.members]
+        if missing:
+            raise self.error(f"{self.store}: the installed botocore {botocore.__version__} (under s3fs) cannot send "
+                             f"conditional writes ({', '.join(missing)}), which keep a second writer out of the "
+                             f"store; `pip install -U s3fs` to get a newer aiobotocore and botocore")
+
+    def _call(self, method: str, **kw) -> dict:
+        try:
+            return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kw)
+        except Exception as e:
+            code = _code(e)
+            if code in CONFLICTS:
+                raise _Conflict(code) from None
+            if code in ABSENT:
+                raise _Absent(code) from None
+            raise
+
+    def _create(self, body: bytes) -> str:
+        return self._call("put_object", Body=body, IfNoneMatch="*")["ETag"]
+
+    def _replace(self, body: bytes, etag: str) -> str:
+        return self._call("put_object", Body=body, IfMatch=etag)["ETag"]
+
+    def _delete(self, etag: str) -> None:
+        self._call("delete_object", IfMatch=etag)
+
+    def _read(self) -> _Seen:
+        async def get():
+            response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            try:
+                return response, await response["Body"].read()
+            finally:
+                response["Body"].close()
+
+        try:
+            response, data = sync(self.fs.loop, get)
+        except Exception as e:
+            if _code(e) in ABSENT:
+                raise _Absent() from None
+            raise
+        now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        return _Seen(etag=response["ETag"], body=body if _is_lease(body) else None,
+                     age=(now - response["LastModified"]).total_seconds())
+
+
+LEASES: dict[str, type[Lease]] = {"s3": S3Lease}
+
+
+def hold_lease(url: str, command: str, *, error: type[MealV2Error] = LeaseError,
+               seconds: float | None = None) -> Lease:
+    """Take the lease of the store at ``url`` for ``mealv2 COMMAND``, or raise ``error`` naming its holder
+    and when it expires. Renewed in the background until :meth:`Lease.release` (or the ``with`` block's end)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in LEASES:
+        raise error(f"{redact(url)}: stores are written to a local path or to "
+                    f"{', '.join(f'{p}://' for p in LEASES)} URLs only, not to '{scheme}://' URLs (mealv2 cannot keep "
+                    f"a second writer out there); write the store to a local path and copy it there once labelled")
+    try:
+        url = check_url(url)
+    except RemoteError as e:
+        raise error(str(e)) from None
+    lease = LEASES[scheme](url, command, seconds=lease_seconds(seconds, error), error=error)
+    lease._acquire()
+    return lease
