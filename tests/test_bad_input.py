@@ -529,19 +529,18 @@ def test_a_diverged_run_stops_naming_step_lr_and_last_good_checkpoint(work, tmp_
 # ---- where things run and live ------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,named", [
-    (["label", "{data}", "-t", "{spec}", "-o", "s3://bucket/labels.zarr"], "'--out' / '-o': s3://bucket/labels.zarr"),
     (["label", "gs://bucket/train", "-t", "{spec}", "-o", "{out}"], "'DATA': gs://bucket/train"),
     (["train", "{data}", "--hard-labels", "-o", "https://host/run"], "'--out' / '-o': https://host/run"),
     (["eval", "s3://bucket/val", "--checkpoint", "{spec_file}"], "'DATA': s3://bucket/val"),
     (["verify", "{data}", "--data", "s3://bucket/train"], "'--data': s3://bucket/train"),
 ])
 def test_urls_are_refused_not_taken_as_local_folders(work, tmp_path, mealv2, args, named):
-    """Except as label stores to read (tests/test_remote.py)."""
+    """Except as label stores (tests/test_remote.py, tests/test_remote_write.py)."""
     _, data, spec = work
     out = tmp_path / "out"
     values = {"data": data, "spec": spec, "out": out, "spec_file": spec.split("=")[1].split("@")[0]}
     r = mealv2(*(a.format(**values) for a in args), *(TRAIN_FLAGS if args[0] == "train" else []))
-    refused(r, named, "is a URL; here mealv2 takes a local path: URLs are read only as label stores")
+    refused(r, named, "is a URL; here mealv2 takes a local path: URLs are taken only as label stores")
     assert not out.exists() and not Path("s3:").exists() and not Path("https:").exists()
 
 

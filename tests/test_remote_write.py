@@ -83,17 +83,21 @@ def test_a_store_labelled_into_s3_is_the_store_labelled_on_disk(tiny_data, teach
 
 def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_the_same_store(
         tiny_data, teacher, on_disk, moto_s3):
-    # killed between a shard's data and its done mark (the 4th shard of 6), then while packing round 0
-    for kill_at in ("shard_mark:4", "pack:1"):
-        r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_KILL_AT": kill_at})
-        assert r.returncode == -9, r.stderr[-2000:]
-        # the dead writer's lease is still there: the next run is refused until it expires
-        r = run_cli(*_args(tiny_data, teacher), env=ENV)
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert re.search(rf"{URL} is being written by another `mealv2 label` process \(pid \d+ on ", r.stderr), r.stderr
-        assert "expires in" in r.stderr and "Traceback" not in r.stderr
-        time.sleep(3.5)
+    # killed between a shard's data and its done mark (the 4th shard of 6), holding a 15 s lease
+    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "15", "MEALV2_KILL_AT": "shard_mark:4"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert f"labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
+    # the dead writer's lease is still there: the next run is refused until it expires
     r = run_cli(*_args(tiny_data, teacher), env=ENV)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(rf"{URL} is being written by another `mealv2 label` process \(pid \d+ on ", r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+    time.sleep(int(re.search(r"its lease expires in (\d+) s: run the same command again then", r.stderr)[1]))
+    # taken over; killed again while packing round 0 (its objects written, the round not committed)
+    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_KILL_AT": "pack:1"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert f"took over {URL} from pid" in r.stderr
+    r = run_cli(*_args(tiny_data, teacher), env=ENV)   # its 3 s lease has expired by the time it is asked
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2/2 rounds complete" in r.stdout
     _assert_equals_disk(moto_s3.client, on_disk)
@@ -133,6 +137,10 @@ def test_a_student_trained_from_the_store_made_in_s3_is_the_one_trained_from_dis
 
 
 def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_data, teacher, moto_s3):
-    for out, said in (("http://127.0.0.1:1/x.zarr", "http://"), (f"s3://no-such-bucket/x.zarr", "no-such-bucket")):
+    for out, said in (("http://127.0.0.1:1/x.zarr", "stores are written to a local path or to s3:// URLs only, "
+                                                    "not to 'http://' URLs"),
+                      ("s3://no-such-bucket/x.zarr", "no-such-bucket")):
         with pytest.raises(MealV2Error, match=re.escape(said)):
             run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=out, **SETTINGS))
+    r = run_cli(*_args(tiny_data, teacher, "gs://bucket/x.zarr"), env=ENV)
+    assert r.returncode == 2 and "not to 'gs://' URLs" in r.stderr and "Traceback" not in r.stderr

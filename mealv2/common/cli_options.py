@@ -11,6 +11,7 @@ import click
 from .crops import CropParams
 from .errors import MealV2Error
 from .loaders import LOADER_CHOICES
+from .lease import writable_url
 from .remote import READ_BY, check_url, is_url, redact
 
 POSITIVE = click.IntRange(min=1)
@@ -70,7 +71,7 @@ class LocalPath(click.Path):
 
     def convert(self, value, param, ctx):
         if is_url(value):
-            self.fail(f"{redact(value)} is a URL; here mealv2 takes a local path: URLs are read only as label stores "
+            self.fail(f"{redact(value)} is a URL; here mealv2 takes a local path: URLs are taken only as label stores "
                       f"({READ_BY}). Mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path",
                       param, ctx)
         return super().convert(value, param, ctx)
@@ -78,13 +79,18 @@ class LocalPath(click.Path):
 
 class StorePath(LocalPath):
     """A label store to read: a local path, or a URL (https://, s3://, other fsspec protocols) that
-    common/remote.py reads through its cache."""
+    common/remote.py reads through its cache; ``write``: to write, a local path or a URL whose
+    protocol has a lease (common/lease.py: s3://)."""
+
+    def __init__(self, *args, write: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.write = write
 
     def convert(self, value, param, ctx):
         if not is_url(value):
             return super().convert(value, param, ctx)
         try:
-            return check_url(value)
+            return writable_url(value, MealV2Error) if self.write else check_url(value)
         except MealV2Error as e:
             self.fail(str(e), param, ctx)
 

@@ -383,15 +383,20 @@ def hold_lease(url: str, command: str, *, error: type[MealV2Error] = LeaseError,
                seconds: float | None = None) -> Lease:
     """Take the lease of the store at ``url`` for ``mealv2 COMMAND``, or raise ``error`` naming its holder
     and when it expires. Renewed in the background until :meth:`Lease.release` (or the ``with`` block's end)."""
+    url = writable_url(url, error)
+    lease = LEASES[urlsplit(url).scheme](url, command, seconds=lease_seconds(seconds, error), error=error)
+    lease._acquire()
+    return lease
+
+
+def writable_url(url: str, error: type[MealV2Error] = LeaseError) -> str:
+    """``url`` checked as a store to write: a protocol with a lease (and its package), no credentials."""
     scheme = urlsplit(url).scheme
     if scheme not in LEASES:
         raise error(f"{redact(url)}: stores are written to a local path or to "
                     f"{', '.join(f'{p}://' for p in LEASES)} URLs only, not to '{scheme}://' URLs (mealv2 cannot keep "
                     f"a second writer out there); write the store to a local path and copy it there once labelled")
     try:
-        url = check_url(url)
+        return check_url(url)
     except RemoteError as e:
         raise error(str(e)) from None
-    lease = LEASES[scheme](url, command, seconds=lease_seconds(seconds, error), error=error)
-    lease._acquire()
-    return lease

@@ -49,7 +49,8 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # it reads the same from a listing and from a HEAD, where a modification time may differ in precision.
 VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "Last-Modified", "LastModified", "last_modified",
                   "mtime")
-READ_BY = "`mealv2 train --labels`, `mealv2 inspect` and `mealv2 verify` (label stores)"
+READ_BY = ("`mealv2 train --labels`, `mealv2 inspect` and `mealv2 verify` read them, `mealv2 label --out` "
+           "writes them to s3://")
 
 
 class RemoteError(MealV2Error):

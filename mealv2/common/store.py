@@ -50,7 +50,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 from .errors import MealV2Error
 from .faults import fault_point
 from .locks import hold_lock, lock_path_beside
-from .remote import LocalObjects, open_objects
+from .lease import Lease, hold_lease
+from .remote import LocalObjects, is_url, open_objects
 
 FORMAT = "mealv2-labels"
 # v5: a round of an array is one object (zarr's sharding codec), shards are staged under `staged/` while
@@ -730,9 +731,13 @@ def _check_arrays(objects, digests: dict, rounds: int) -> None:
                              f"or re-label into a new --out")
 
 
-def acquire_writer_lock(path: str | Path) -> FileLock:
+def acquire_writer_lock(path: str | Path) -> FileLock | Lease:
     """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job
-    (common/locks.py): not inside it, since a new store is made elsewhere and renamed into place."""
+    (common/locks.py): not inside it, since a new store is made elsewhere and renamed into place.
+    A store at a URL has its lease ``STORE.lease`` instead (common/lease.py), whose ``check`` is
+    then the store's guard."""
+    if is_url(path):
+        return hold_lease(path, "label", error=StoreError)
     return hold_lock(lock_path_beside(path), path, "label", StoreError)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_options, crop_params, device_option,
+from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, StorePath, crop_options, crop_params, device_option,
                                   loader_option, teacher_options, trust_option, workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
@@ -12,7 +12,8 @@ from ..common.cli_options import (POSITIVE, POSITIVE_FLOAT, LocalPath, crop_opti
 @click.command()
 @click.argument("data", type=LocalPath(exists=True))
 @teacher_options(required=True)
-@click.option("--out", "-o", required=True, type=LocalPath(), help="Label store to create or resume.")
+@click.option("--out", "-o", required=True, type=StorePath(write=True),
+              help="Label store to create, resume or append to: a local path, or s3://BUCKET/PREFIX.zarr.")
 @click.option("--rounds", type=POSITIVE, default=4, show_default=True,
               help="Label rounds; training pass p (each image with its crops) replays round p mod R. More than "
                    "the store has appends.")

@@ -25,6 +25,7 @@ from ..common.dataset import build_index_shared, image_crcs, in_classes, refuse_
 from ..common.distributed import distributed
 from ..common.errors import MealV2Error, require_finite, require_in_range
 from ..common.faults import fault_point
+from ..common.lease import writable_url
 from ..common.remote import is_url, open_objects
 from ..common.runtime import Runtime
 from ..common.store import LabelStore, acquire_writer_lock
@@ -87,6 +88,8 @@ class LabelConfig:
         require_in_range("label", LABEL_RANGES, **{name: getattr(self, name) for name in LABEL_RANGES})
         if not self.teachers:
             raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
+        if is_url(self.out):
+            writable_url(self.out, MealV2Error)
 
 
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
@@ -188,6 +191,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                                                     before_growing=lambda s: _check_unchanged(s, index, cfg),
                                                     relpaths=index.relpaths)
                 store.remove_partial_writes()
+                store.guard = getattr(lock, "check", None)   # a lease can be lost; a file lock cannot
                 for line in store.repairs:
                     say(f"repair: {line}")
             info.barrier()
