@@ -1,7 +1,8 @@
 """The label store: the one module that knows its schema (format ``mealv2-labels`` v5).
 
-A zarr v3 group on local disk, or read from a URL (common/remote.py; docs/STORE.md documents it
-for plain zarr readers)::
+A zarr v3 group on local disk or in S3, read from either or from any URL; every file or object
+is read and written through common/remote.py's objects (docs/STORE.md documents the format for
+plain zarr readers)::
 
     labels      (N,)           int32   dataset class ids, for inspect's agreement figure
     crc32c      (N,)           uint32  CRC32C of each image file's bytes as labelled
