@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -74,6 +75,9 @@ def test_a_store_labelled_into_s3_is_the_store_labelled_on_disk(tiny_data, teach
     _assert_equals_disk(moto_s3.client, on_disk)
     again = LabelStore.open(URL)
     assert again.digest == LabelStore.open(on_disk).digest and again.verify() == []
+    # the credentials came from the environment: none is in an object or the cache
+    cached = [f.read_bytes() for f in Path(moto_s3.env["MEALV2_CACHE"]).rglob("*") if f.is_file()]
+    assert cached and not [b for b in [*_objects(moto_s3.client).values(), *cached] if SECRET.encode() in b]
     # labelling it again finds it complete: nothing is written
     moto_s3.requests.clear()
     run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=URL, **SETTINGS))
