@@ -107,6 +107,22 @@ def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_
     _assert_equals_disk(moto_s3.client, on_disk)
 
 
+def test_damaged_objects_of_an_s3_store_are_repaired_by_the_next_label_run(tiny_data, teacher, on_disk, moto_s3,
+                                                                          capsys):
+    config = LabelConfig(data=str(tiny_data), teachers=[teacher], out=URL, **SETTINGS)
+    run_label(config)
+    for key in ("labels.zarr/paths/c/0", "labels.zarr/probs/c/1/0/0/0"):   # the images' paths; round 1 of probs
+        body = bytearray(moto_s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        body[5] ^= 0xFF
+        moto_s3.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    capsys.readouterr()
+    run_label(config)
+    out = capsys.readouterr().out
+    assert "repair: probs/c/1/0/0/0[0]: damaged or missing; shard 0 of round(s) 1 will be labelled again" in out
+    assert "repair: paths/c/0: damaged or missing; rewritten" in out
+    _assert_equals_disk(moto_s3.client, on_disk)
+
+
 def test_a_second_writer_is_refused_while_the_lease_is_held_and_writes_nothing(tiny_data, teacher, moto_s3):
     with hold_lease(URL, "label", seconds=30):
         r = run_cli(*_args(tiny_data, teacher), env=ENV)
