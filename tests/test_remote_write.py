@@ -159,7 +159,9 @@ def test_a_student_trained_from_the_store_made_in_s3_is_the_one_trained_from_dis
 def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_data, teacher, moto_s3):
     for out, said in (("http://127.0.0.1:1/x.zarr", "stores are written to a local path or to s3:// URLs only, "
                                                     "not to 'http://' URLs"),
-                      ("s3://no-such-bucket/x.zarr", "no-such-bucket")):
+                      ("s3://no-such-bucket/x.zarr", "no-such-bucket"),
+                      (f"s3://{BUCKET}/", f"s3://{BUCKET}/ names a bucket, not a store in it; give the store a "
+                                          f"name: s3://{BUCKET}/NAME.zarr")):
         with pytest.raises(MealV2Error, match=re.escape(said)):
             run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=out, **SETTINGS))
     r = run_cli(*_args(tiny_data, teacher, "gs://bucket/x.zarr"), env=ENV)

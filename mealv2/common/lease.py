@@ -396,6 +396,9 @@ def writable_url(url: str, error: type[MealV2Error] = LeaseError) -> str:
         raise error(f"{redact(url)}: stores are written to a local path or to "
                     f"{', '.join(f'{p}://' for p in LEASES)} URLs only, not to '{scheme}://' URLs (mealv2 cannot keep "
                     f"a second writer out there); write the store to a local path and copy it there once labelled")
+    if not urlsplit(url).path.strip("/"):   # the lease lives beside the store: a store needs a name in its bucket
+        raise error(f"{redact(url)} names a bucket, not a store in it; give the store a name: "
+                    f"{redact(url).rstrip('/')}/NAME.zarr")
     try:
         return check_url(url)
     except RemoteError as e:
