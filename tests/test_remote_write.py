@@ -86,13 +86,13 @@ def test_a_store_labelled_into_s3_is_the_store_labelled_on_disk(tiny_data, teach
 
 
 def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_the_same_store(
-        tiny_data, teacher, on_disk, moto_s3):
+        tiny_data, teacher, on_disk, moto_s3, in_process, monkeypatch):
     # killed between a shard's data and its done mark (the 4th shard of 6), holding a 15 s lease
     r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "15", "MEALV2_KILL_AT": "shard_mark:4"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert f"labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
     # the dead writer's lease is still there: the next run is refused until it expires
-    r = run_cli(*_args(tiny_data, teacher), env=ENV)
+    r = in_process(*_args(tiny_data, teacher))
     assert r.returncode == 2, r.stderr[-2000:]
     assert re.search(rf"{URL} is being written by another `mealv2 label` process \(pid \d+ on ", r.stderr), r.stderr
     assert "Traceback" not in r.stderr
@@ -101,7 +101,9 @@ def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_
     r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_KILL_AT": "pack:1"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert f"took over {URL} from pid" in r.stderr
-    r = run_cli(*_args(tiny_data, teacher), env=ENV)   # its 3 s lease has expired by the time it is asked
+    time.sleep(4)   # its 3 s lease expires
+    monkeypatch.setenv("MEALV2_LEASE_SECONDS", "3")
+    r = in_process(*_args(tiny_data, teacher))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2/2 rounds complete" in r.stdout
     _assert_equals_disk(moto_s3.client, on_disk)
@@ -123,9 +125,10 @@ def test_damaged_objects_of_an_s3_store_are_repaired_by_the_next_label_run(tiny_
     _assert_equals_disk(moto_s3.client, on_disk)
 
 
-def test_a_second_writer_is_refused_while_the_lease_is_held_and_writes_nothing(tiny_data, teacher, moto_s3):
+def test_a_second_writer_is_refused_while_the_lease_is_held_and_writes_nothing(tiny_data, teacher, moto_s3,
+                                                                             in_process):
     with hold_lease(URL, "label", seconds=30):
-        r = run_cli(*_args(tiny_data, teacher), env=ENV)
+        r = in_process(*_args(tiny_data, teacher))
         assert r.returncode == 2
         assert f"{URL} is being written by another `mealv2 label` process (pid {os.getpid()} on " in r.stderr
         assert list(_objects(moto_s3.client)) == [f"labels.zarr.lease"]
@@ -142,12 +145,12 @@ def test_two_ranks_label_into_s3_as_one_process_does(tiny_data, teacher, on_disk
 
 
 def test_a_student_trained_from_the_store_made_in_s3_is_the_one_trained_from_disk(tiny_data, teacher, on_disk,
-                                                                                 moto_s3, tmp_path):
+                                                                                 moto_s3, tmp_path, in_process):
     run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=URL, **SETTINGS))
     weights, outputs = {}, []
     for name, labels in (("disk", on_disk), ("s3", URL)):
-        r = run_cli("train", tiny_data, "--labels", labels, "-o", tmp_path / name, "-a", "test_resnet", "--epochs", 1,
-                    "--batch-size", 4, "--device", "cpu", "--workers", 1, "--seed", 3, env=ENV)
+        r = in_process("train", tiny_data, "--labels", labels, "-o", tmp_path / name, "-a", "test_resnet", "--epochs", 1,
+                       "--batch-size", 4, "--device", "cpu", "--workers", 1, "--seed", 3)
         assert r.returncode == 0, r.stderr[-2000:]
         outputs += [r.stdout, r.stderr]
         weights[name] = torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=False)["model"]
@@ -156,7 +159,7 @@ def test_a_student_trained_from_the_store_made_in_s3_is_the_one_trained_from_dis
     assert not [o for o in outputs if SECRET in o]
 
 
-def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_data, teacher, moto_s3):
+def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_data, teacher, moto_s3, in_process):
     for out, said in (("http://127.0.0.1:1/x.zarr", "stores are written to a local path or to s3:// URLs only, "
                                                     "not to 'http://' URLs"),
                       ("s3://no-such-bucket/x.zarr", "no-such-bucket"),
@@ -164,5 +167,5 @@ def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_d
                                           f"name: s3://{BUCKET}/NAME.zarr")):
         with pytest.raises(MealV2Error, match=re.escape(said)):
             run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=out, **SETTINGS))
-    r = run_cli(*_args(tiny_data, teacher, "gs://bucket/x.zarr"), env=ENV)
+    r = in_process(*_args(tiny_data, teacher, "gs://bucket/x.zarr"))
     assert r.returncode == 2 and "not to 'gs://' URLs" in r.stderr and "Traceback" not in r.stderr
