@@ -90,7 +90,7 @@ def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_
     # killed between a shard's data and its done mark (the 4th shard of 6), holding a 15 s lease
     r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "15", "MEALV2_KILL_AT": "shard_mark:4"})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert f"labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
+    assert "labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
     # the dead writer's lease is still there: the next run is refused until it expires
     r = in_process(*_args(tiny_data, teacher))
     assert r.returncode == 2, r.stderr[-2000:]
@@ -131,7 +131,7 @@ def test_a_second_writer_is_refused_while_the_lease_is_held_and_writes_nothing(t
         r = in_process(*_args(tiny_data, teacher))
         assert r.returncode == 2
         assert f"{URL} is being written by another `mealv2 label` process (pid {os.getpid()} on " in r.stderr
-        assert list(_objects(moto_s3.client)) == [f"labels.zarr.lease"]
+        assert list(_objects(moto_s3.client)) == ["labels.zarr.lease"]
     assert _objects(moto_s3.client) == {}   # released: the lease object is gone
 
 
