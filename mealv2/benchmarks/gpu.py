@@ -263,8 +263,8 @@ def report(r: dict, seconds: float) -> str:
                      f"| {x:.2f}, ideal (teachers + student) / student {ideal:.2f}: {x / ideal:.2f} of it | "
                      f">= 0.9 of the ideal | {met(x >= 0.9 * ideal)} |")
     else:
-        lines.append(f"| stored / online img/s against (teachers + student) / student | not measured: failed "
-                     f"(steps below) | >= 0.9 of the ideal | |")
+        lines.append("| stored / online img/s against (teachers + student) / student | not measured: failed "
+                     "(steps below) | >= 0.9 of the ideal | |")
     lines += ["", "| step | seconds | outcome |", "|---|---|---|",
               *(f"| {s['step']} | {s['seconds']} | {'ok' if s['ok'] else 'failed: ' + s['error']} |"
                 for s in r["steps"])]

@@ -539,7 +539,7 @@ def build_index_shared(data: str | Path, info, *, skip_bad: bool = False, worker
     if other:
         raise DatasetError(f"DATA {data} differs between ranks: rank 0 has {seen[0][1]} images, fingerprint "
                            f"{fingerprint[:16]}; " + "; ".join(other) + ". Every rank must see the same files "
-                           f"(the same DATA on a shared filesystem, or identical copies)")
+                           "(the same DATA on a shared filesystem, or identical copies)")
     return index
 
 
