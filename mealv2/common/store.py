@@ -444,17 +444,17 @@ class LabelStore:
             self.objects.delete_tree(f"{STAGED}/crc32c/c")
         return rounds
 
-    def _pack_object(self, name: str, round_: int) -> None:
+    def _pack_object(self, name: str, round_: int, threads: int = 16) -> None:
         ndim = self.group[name].ndim
-        parts = []
-        for s in range(self.num_shards):
-            key = chunk_key(f"{STAGED}/{name}", ndim, round_, s)
-            problem = self._check_chunk(key)
+        keys = [chunk_key(f"{STAGED}/{name}", ndim, round_, s) for s in range(self.num_shards)]
+        with ThreadPoolExecutor(threads) as pool:   # at a URL, the other ranks' chunks are downloaded at once
+            problems = list(pool.map(self._check_chunk, keys))
+        for key, problem in zip(keys, problems):
             if problem:
                 raise StoreError(f"{self.objects.where(key)}: {problem}; round {round_} cannot be packed. Re-run the "
                                  f"store's `mealv2 label` command, which labels such shards again:\n  "
                                  f"{self.label_command()}")
-            parts.append(self.objects.file(key).read_bytes())
+        parts = [self.objects.file(key).read_bytes() for key in keys]
         sizes = np.array([len(p) for p in parts], dtype="<u8")
         index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
         target = chunk_key(name, ndim, round_, 0)
