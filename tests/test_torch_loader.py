@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset
 from mealv2.common import torch_loader
 from mealv2.common.cli_options import available_cores
 from mealv2.common.crop_loader import CropRequest, View, iterate_crops
@@ -121,14 +121,20 @@ def test_loader_names_resolve_by_what_is_installed(monkeypatch):
         resolve("dali")
 
 
-def test_workers_default_to_the_cores_this_process_may_use(tiny_data, tmp_path):
-    """Not a fixed 4: on a machine (or taskset) of one core, `train` renders on one thread."""
-    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "mealv2.cli", "train", tiny_data, "-o",
-                        tmp_path / "run", "-a", "test_resnet", "--hard-labels", "--device", "cpu", "--dry-run"],
-                       capture_output=True, text=True)
+def test_workers_default_to_the_cores_this_process_may_use(tiny_data, tmp_path, in_process):
+    """Not a fixed 4: on a machine (or taskset) of one core, `train` renders on one thread. Here this
+    process is pinned to one core while the command runs, as taskset would."""
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        r = in_process("train", tiny_data, "-o", tmp_path / "run", "-a", "test_resnet", "--hard-labels", "--device",
+                       "cpu", "--dry-run")
+        assert available_cores() == 1
+    finally:
+        os.sched_setaffinity(0, cores)
     assert r.returncode == 0, r.stderr
     assert "loader: " in r.stdout and ", 1 threads" in r.stdout, r.stdout
-    assert available_cores() == len(os.sched_getaffinity(0))
+    assert available_cores() == len(cores)
 
 
 # A Python without DALI: importing nvidia.dali fails as it does where the package is absent. It runs
