@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import mealv2
-from conftest import run_cli
 from mealv2.common.dataset import DatasetError
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models import load_checkpoint_file
@@ -54,7 +53,7 @@ def loader(labelled, **kw) -> "mealv2.ReplayLoader":
 
 
 @pytest.mark.slow
-def test_the_readme_loop_trains_what_mealv2_train_trains_and_resumes(labelled, tmp_path):
+def test_the_readme_loop_trains_what_mealv2_train_trains_and_resumes(labelled, tmp_path, in_process):
     """Same crops, targets, mixing and discriminator: the losses of every epoch and the final weights agree.
     The loop is run for 2 epochs, then again with 3: the second run resumes from its checkpoint."""
     (tmp_path / "data").symlink_to(labelled.data)
@@ -63,9 +62,9 @@ def test_the_readme_loop_trains_what_mealv2_train_trains_and_resumes(labelled, t
     first = run_readme_loop(tmp_path, epochs=2, batch=24)
     resumed = run_readme_loop(tmp_path, epochs=3, batch=24)
     assert [line.split(":")[0] for line in first + resumed] == ["epoch 0", "epoch 1", "epoch 2"]
-    r = run_cli("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", tmp_path / "run",
-                "--epochs", 3, "--batch-size", 24, "--use-discriminator-loss", "--w-cutmix", "--device", "cpu",
-                "--workers", 2, env=ONE_THREAD)
+    r = in_process("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", tmp_path / "run",
+                   "--epochs", 3, "--batch-size", 24, "--use-discriminator-loss", "--w-cutmix", "--device", "cpu",
+                   "--workers", 2)
     assert r.returncode == 0, r.stderr
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

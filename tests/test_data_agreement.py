@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
 from mealv2.common.dataset import DatasetError, build_index, build_index_shared
 
 
@@ -46,7 +45,7 @@ def test_ranks_that_indexed_different_files_all_refuse_with_one_message(tiny_dat
     assert f"rank 0 has {len(full)} images" in messages[0] and f"rank 1: {len(partial)} images" in messages[0]
 
 
-def test_a_csv_that_lists_a_file_twice_is_refused_naming_the_lines(tiny_data, tmp_path):
+def test_a_csv_that_lists_a_file_twice_is_refused_naming_the_lines(tiny_data, tmp_path, in_process):
     csv = shutil.copytree(tiny_data, tmp_path / "data") / "twice.csv"
     csv.write_text("path,label\nclass_0/img_03.jpg,class_0\nclass_1/img_03.jpg,class_1\n"
                    "class_0/img_03.jpg,class_1\n./class_1/img_03.jpg,class_1\n")
@@ -55,6 +54,6 @@ def test_a_csv_that_lists_a_file_twice_is_refused_naming_the_lines(tiny_data, tm
     assert "lists 2 file(s) on more than one row" in str(e.value)
     assert "class_0/img_03.jpg: lines 2, 4 (labels class_0, class_1)" in str(e.value)
     assert "class_1/img_03.jpg: lines 3, 5 (labels class_1, class_1)" in str(e.value)
-    r = run_cli("train", csv, "--hard-labels", "-a", "test_resnet", "-o", tmp_path / "run", "--dry-run",
-                "--device", "cpu")
+    r = in_process("train", csv, "--hard-labels", "-a", "test_resnet", "-o", tmp_path / "run", "--dry-run",
+                   "--device", "cpu")
     assert r.returncode == 2 and "lines 2, 4" in r.stderr and str(csv) in r.stderr, r.stderr

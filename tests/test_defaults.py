@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import run_cli
 from mealv2.common.models import load_checkpoint_file
 from mealv2.stage2_train.commands import train
 
@@ -36,11 +35,10 @@ def test_readme_table_of_defaults_is_the_commands():
         assert _same(default, text), f"README says {flag} defaults to {text}, `mealv2 train` has {default!r}"
 
 
-def test_default_optimizer_is_plain_sgd_with_momentum_and_no_weight_decay(tiny_data, tmp_path):
+def test_default_optimizer_is_plain_sgd_with_momentum_and_no_weight_decay(tiny_data, tmp_path, in_process):
     run = tmp_path / "run"
-    r = run_cli("train", tiny_data, "--hard-labels", "-a", "test_resnet", "-o", run, "--epochs", 1, "--res", 32,
-                "--crops-per-image", 2, "--batch-size", 8, "--device", "cpu", "--workers", 2, "--loader", "torch",
-                env={"OMP_NUM_THREADS": "1"})
+    r = in_process("train", tiny_data, "--hard-labels", "-a", "test_resnet", "-o", run, "--epochs", 1, "--res", 32,
+                   "--crops-per-image", 2, "--batch-size", 8, "--device", "cpu", "--workers", 2, "--loader", "torch")
     assert r.returncode == 0, r.stderr
     groups = load_checkpoint_file(run / "last.pt")["optimizer"]["param_groups"]
     assert all(g["nesterov"] is False and g["momentum"] == 0.9 and g["weight_decay"] == 0 for g in groups)

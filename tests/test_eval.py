@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset
 from mealv2.common.dataset import build_index
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models import save_checkpoint
@@ -21,7 +21,6 @@ from mealv2.stage2_train import evaluate as ev
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ARCH = "test_resnet"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}   # tiny models: threads only add contention
 
 
 @pytest.fixture(autouse=True)
@@ -85,15 +84,14 @@ def _invoke(*args):
     return CliRunner().invoke(ev.evaluate, [str(a) for a in args], catch_exceptions=True)
 
 
-def test_eval_json_mealv2_checkpoint_matches_independent_loop(six_class_data, tmp_path):
+def test_eval_json_mealv2_checkpoint_matches_independent_loop(six_class_data, tmp_path, in_process):
     classes = [f"class_{c}" for c in range(6)]
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
     model = _model(6, data=six_class_data, norm=(mean, std))
     ckpt = tmp_path / "best.pt"
     save_checkpoint(ckpt, model=model, arch=ARCH, classes=classes, res=32, mean=mean, std=std, epoch=3)
 
-    r = run_cli("eval", six_class_data, "--checkpoint", ckpt, "--json", "--workers", "1", "--device", "cpu",
-                env=ONE_THREAD)
+    r = in_process("eval", six_class_data, "--checkpoint", ckpt, "--json", "--workers", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     want = _independent_eval(model, six_class_data, 32, mean, std)

@@ -14,14 +14,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from mealv2.common.models import save_checkpoint
 from mealv2.stage2_train import export as ex
 
 CLASSES = ["cat", "dog", "owl", "yak"]
 MEAN, STD = (0.5, 0.45, 0.4), (0.2, 0.25, 0.3)
 RES = 32
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -57,9 +55,9 @@ def _reported_diff(output: str) -> float:
     return float(line.split(": ")[1].split()[0])
 
 
-def test_export_onnx_runs_in_onnxruntime_with_dynamic_batch(tmp_path):
+def test_export_onnx_runs_in_onnxruntime_with_dynamic_batch(tmp_path, in_process):
     model = _checkpoint(tmp_path / "best.pt", "test_resnet")
-    r = run_cli("export", tmp_path / "best.pt", "--format", "onnx", env=ONE_THREAD)
+    r = in_process("export", tmp_path / "best.pt", "--format", "onnx")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "best.onnx"
     assert f"wrote {out}" in r.stdout and _reported_diff(r.stdout) < 1e-4

@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_dataset, run_cli, train_outside_mealv2
+from conftest import make_image_dataset, train_outside_mealv2
 from mealv2.common.models import save_checkpoint
 from mealv2.common.store import LabelStore
 
@@ -28,7 +28,6 @@ RAW = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 # the teachers' class ids: not the folders' sorted order
 TEACHER_ORDER = ["class_2", "class_0", "class_3", "class_1"]
 LABEL = ["--rounds", 1, "--res", 32, "--crops-per-image", 2, "--topk", 2, "--device", "cpu", "--workers", 2]
-ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +43,17 @@ def ext(tmp_path_factory):
         folders=train_outside_mealv2(data, work / "folders.pth", sorted(TEACHER_ORDER), *IMAGENET, seed=2))
 
 
-def cli(*args):
-    return run_cli(*args, env=ENV)
+@pytest.fixture
+def cli(in_process):
+    """The commands run in this process: these tests are about what they print and write, not about the process."""
+    return in_process
 
 
 def _percentages(text: str) -> list[str]:
     return re.findall(r"([0-9.]+)% ", text)
 
 
-def test_folders_in_another_order_than_the_teachers_classes_are_refused(ext, tmp_path):
+def test_folders_in_another_order_than_the_teachers_classes_are_refused(ext, tmp_path, cli):
     out = tmp_path / "store"
     r = cli("label", ext.data, "-t", f"test_resnet={ext.imagenet}", "-o", out, *LABEL)
     assert r.returncode == 2, r.stdout
@@ -68,7 +69,7 @@ def test_folders_in_another_order_than_the_teachers_classes_are_refused(ext, tmp
     assert configured < 40 and fixed > 80
 
 
-def test_a_teacher_trained_on_raw_pixels_is_refused_under_imagenet_normalisation(ext, tmp_path):
+def test_a_teacher_trained_on_raw_pixels_is_refused_under_imagenet_normalisation(ext, tmp_path, cli):
     r = cli("label", ext.data, "-t", f"test_resnet={ext.raw}", "--classes", ext.order, "-o", tmp_path / "s", *LABEL)
     assert r.returncode == 2, r.stdout
     assert "mean/std imagenet: default for state dicts" in r.stderr
@@ -78,7 +79,7 @@ def test_a_teacher_trained_on_raw_pixels_is_refused_under_imagenet_normalisation
     assert fixed > configured + 10
 
 
-def test_stated_inputs_label_a_store_whose_teachers_agree_with_the_labels(ext, tmp_path):
+def test_stated_inputs_label_a_store_whose_teachers_agree_with_the_labels(ext, tmp_path, cli):
     out = tmp_path / "store"
     spec = f"test_resnet={ext.imagenet},test_resnet={ext.raw}%none"
     r = cli("label", ext.data, "-t", spec, "--classes", ext.order, "-o", out, *LABEL)
@@ -109,7 +110,7 @@ def _fixed_command(stderr: str) -> list[str]:
     return shlex.split(line)[1:]
 
 
-def test_an_ensemble_with_one_permuted_teacher_is_fixed_by_the_printed_command(ext, tmp_path):
+def test_an_ensemble_with_one_permuted_teacher_is_fixed_by_the_printed_command(ext, tmp_path, cli):
     """Teacher 2, a mealv2 checkpoint whose recorded classes are not its outputs' (another order
     than the truth and than the folders), is the only one refused; the printed command gives it its
     own class file and leaves teacher 1, a correct state dict, as it is."""
@@ -134,7 +135,7 @@ def test_an_ensemble_with_one_permuted_teacher_is_fixed_by_the_printed_command(e
     assert a["teacher_check"][1]["agreement"] > 0.8, a["teacher_check"]
 
 
-def test_no_teacher_check_labels_as_configured_and_says_so(ext, tmp_path):
+def test_no_teacher_check_labels_as_configured_and_says_so(ext, tmp_path, cli):
     out = tmp_path / "store"
     r = cli("label", ext.data, "-t", f"test_resnet={ext.imagenet}", "--no-teacher-check", "-o", out, *LABEL)
     assert r.returncode == 0, r.stderr
@@ -143,7 +144,7 @@ def test_no_teacher_check_labels_as_configured_and_says_so(ext, tmp_path):
                                                             "skipped": True}]
 
 
-def test_online_training_applies_the_same_rule_and_check(ext, tmp_path):
+def test_online_training_applies_the_same_rule_and_check(ext, tmp_path, cli):
     args = ["train", ext.data, "-a", "test_resnet", "--epochs", 1, "--batch-size", 8, "--res", 32,
             "--crops-per-image", 2, "--device", "cpu", "--workers", 2]
     r = cli(*args, "-t", f"test_resnet={ext.imagenet}", "-o", tmp_path / "wrong")
@@ -154,7 +155,7 @@ def test_online_training_applies_the_same_rule_and_check(ext, tmp_path):
     assert "32 px (--res)" in r.stdout and "teacher check:" in r.stdout and (tmp_path / "right" / "last.pt").exists()
 
 
-def test_a_pretrained_timm_name_with_another_class_count_is_refused(ext, tmp_path):
+def test_a_pretrained_timm_name_with_another_class_count_is_refused(ext, tmp_path, cli):
     r = cli("label", ext.data, "-t", "resnet18", "-o", tmp_path / "s", *LABEL)
     assert r.returncode == 2
     assert "timm's pretrained weights have 1000 classes, the dataset has 4" in r.stderr

@@ -68,26 +68,28 @@ KILLS = ["decode:1", "decode:4", "forward:1", "forward:5", "chunk_write:1", "chu
          "shard_mark:1", "shard_mark:9", "pack:1", "pack:3"]
 
 
+# The killed runs are processes of their own (SIGKILL); what comes after a kill (resume, verify) is the
+# same code in this process, without an interpreter start each.
 @pytest.mark.parametrize("kill_at", KILLS)
-def test_label_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at):
+def test_label_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at, in_process):
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
     killed = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
-    resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    resumed = in_process(*label_args(data, teachers, out))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)
-    assert run_cli("verify", str(out)).returncode == 0
+    assert in_process("verify", str(out)).returncode == 0
 
 
 @pytest.mark.parametrize("kill_at", ["append:1", "append:3"])
-def test_append_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at):
+def test_append_killed_then_resumed_equals_uninterrupted(setup, reference, tmp_path, kill_at, in_process):
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
-    assert run_cli(*label_args(data, teachers, out, rounds=2), env=ONE_THREAD).returncode == 0
+    assert in_process(*label_args(data, teachers, out, rounds=2)).returncode == 0
     killed = run_cli(*label_args(data, teachers, out, rounds=3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
-    resumed = run_cli(*label_args(data, teachers, out, rounds=3), env=ONE_THREAD)
+    resumed = in_process(*label_args(data, teachers, out, rounds=3))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)
 
@@ -103,37 +105,45 @@ def losses(run) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+@pytest.fixture(scope="module")
+def full_run(setup, reference):
+    """The uninterrupted 3-epoch run every killed-and-resumed one must reproduce."""
+    root, data, _ = setup
+    assert run_cli(*train_args(data, reference, root / "full", 3), env=ONE_THREAD).returncode == 0
+    return root / "full"
+
+
 @pytest.mark.parametrize("kill_at", ["train_step:5", "checkpoint_write:2", "checkpoint_write:3"])
-def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, tmp_path, kill_at):
+def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, full_run, tmp_path, kill_at,
+                                                             in_process):
     _, data, _ = setup
-    full = tmp_path / "full"
-    assert run_cli(*train_args(data, reference, full, 3), env=ONE_THREAD).returncode == 0
     run = tmp_path / "run"
     killed = run_cli(*train_args(data, reference, run, 3), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
     for ckpt in run.glob("*.pt"):  # whatever is in place is a whole, loadable checkpoint
         torch.load(ckpt, map_location="cpu", weights_only=True)
-    resumed = run_cli(*train_args(data, reference, run, 3), "--resume", env=ONE_THREAD)
+    resumed = in_process(*train_args(data, reference, run, 3), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(run) == pytest.approx(losses(full), abs=1e-6)
+    assert losses(run) == pytest.approx(losses(full_run), abs=1e-6)
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp files left behind"
 
 
-def test_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(setup, tmp_path):
+def test_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(setup, tmp_path, in_process):
+    """The second writer here is this process (another process: test_label_cli's concurrent writer)."""
     from mealv2.common.store import acquire_writer_lock
 
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
     lock = acquire_writer_lock(out)
     try:
-        second = run_cli(*label_args(data, teachers, out, rounds=1))
+        second = in_process(*label_args(data, teachers, out, rounds=1))
         assert second.returncode != 0
         assert "being written by another" in second.stderr and str(out) in second.stderr
     finally:
         lock.release()
     killed = run_cli(*label_args(data, teachers, out, rounds=1), env={"MEALV2_KILL_AT": "shard_mark:1"})
     assert killed.returncode == -signal.SIGKILL
-    assert run_cli(*label_args(data, teachers, out, rounds=1)).returncode == 0
+    assert in_process(*label_args(data, teachers, out, rounds=1)).returncode == 0
 
 
 def test_full_disk_is_a_clear_error_and_the_store_resumes_after(setup, tmp_path, monkeypatch, capsys):
@@ -215,9 +225,10 @@ def hard_label_train(data, run, *extra, epochs=1):
             "--batch-size", "8", "--res", "32", "--workers", "1", "--device", "cpu", *extra]
 
 
-def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_path):
+def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_path, in_process):
     """A second `train` into a run folder in use, or a `label` into a store in use, is refused
-    naming the holder's pid, also when it reaches the folder through a symlink (`--dry-run` too)."""
+    naming the holder's pid, also when it reaches the folder through a symlink (`--dry-run` too).
+    The first `train` is another process; the others are this one, holding the lock by another handle."""
     from mealv2.common.locks import hold_lock
     from mealv2.common.store import acquire_writer_lock
     from mealv2.stage2_train.trainer import RUN_LOCK
@@ -228,9 +239,8 @@ def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_p
     (tmp_path / "run_link").symlink_to(run)
     lock = hold_lock(run / RUN_LOCK, run, "train")
     try:
-        for args in (hard_label_train(data, tmp_path / "run_link"),
-                     hard_label_train(data, tmp_path / "run_link", "--dry-run")):
-            second = run_cli(*args, env=ONE_THREAD)
+        for second in (run_cli(*hard_label_train(data, tmp_path / "run_link"), env=ONE_THREAD),
+                       in_process(*hard_label_train(data, tmp_path / "run_link", "--dry-run"))):
             assert second.returncode == 2, second.stderr
             assert "being written by another `mealv2 train` process" in second.stderr
             assert f"pid {os.getpid()} on" in second.stderr
@@ -242,7 +252,7 @@ def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_p
     (tmp_path / "store_link.zarr").symlink_to(store, target_is_directory=True)
     lock = acquire_writer_lock(store)
     try:
-        second = run_cli(*label_args(data, teachers, tmp_path / "store_link.zarr", rounds=1), env=ONE_THREAD)
+        second = in_process(*label_args(data, teachers, tmp_path / "store_link.zarr", rounds=1))
         assert second.returncode == 2 and "being written by another `mealv2 label` process" in second.stderr
         assert f"pid {os.getpid()} on" in second.stderr
     finally:
@@ -266,7 +276,7 @@ def flip_byte(path, at=-6):
     path.write_bytes(bytes(raw))
 
 
-def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path):
+def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path, in_process):
     from mealv2.common.store import LabelStore
 
     """Chunks damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
@@ -282,7 +292,7 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     flip_chunk_byte(out, "probs", 0, 1)
     flip_chunk_byte(out, "crc32c", 0, 5)
     flip_byte(out / "paths/c/0")
-    found = run_cli("verify", str(out))
+    found = in_process("verify", str(out))
     assert found.returncode == 1
     for place in ("ids/c/1/0/0/0[2]: unreadable", "probs/c/0/0/0/0[1]: unreadable", "crc32c/c/0[5]: unreadable",
                   "paths/c/0: unreadable"):
@@ -290,7 +300,7 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     flip_chunk_byte(out, "done", 2, 4)   # verify refuses to read such a store (test_bad_input); label repairs it
     command = found.stderr.split("repair: ", 1)[1].splitlines()[1].strip()
     args = [str(data) if w == "DATA" else w for w in shlex.split(command)[1:]]
-    repaired = run_cli(*args, "--workers", "1", "--device", "cpu", env=ONE_THREAD)
+    repaired = in_process(*args, "--workers", "1", "--device", "cpu")
     assert repaired.returncode == 0, repaired.stderr
     for line in ("done/c/2/0: damaged done mark", "ids/c/1/0/0/0[2]: damaged or missing; shard 2 of round(s) 1 ",
                  "probs/c/0/0/0/0[1]: damaged or missing; shard 1 of round(s) 0 ",
@@ -300,7 +310,7 @@ def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, refer
     assert "3/3 rounds complete" in repaired.stdout
     assert_same_store(out, reference)
     assert LabelStore.open(out).relpaths() == LabelStore.open(reference).relpaths() is not None
-    assert run_cli("verify", str(out)).returncode == 0
+    assert in_process("verify", str(out)).returncode == 0
 
 
 def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_rounds(setup, reference, tmp_path,
@@ -320,16 +330,16 @@ def test_a_refused_append_changes_nothing_and_a_store_shrinks_to_its_complete_ro
     assert refused.returncode == 2, refused.stderr
     assert "1 image(s) changed since earlier rounds were labelled: class_1/img_03.jpg (CRC32C" in refused.stderr
     assert_same_store(out, reference)
-    assert run_cli("verify", str(out)).returncode == 0
+    assert in_process("verify", str(out)).returncode == 0
 
     killed = run_cli(*label_args(data, teachers, out, rounds=4), env={**ONE_THREAD, "MEALV2_KILL_AT": "shard_mark:2"})
     assert killed.returncode == -signal.SIGKILL
-    assert run_cli("verify", str(out)).returncode == 1   # 3/4 rounds
-    shrunk = run_cli(*label_args(data, teachers, out, rounds=3), env=ONE_THREAD)
+    assert in_process("verify", str(out)).returncode == 1   # 3/4 rounds
+    shrunk = in_process(*label_args(data, teachers, out, rounds=3))
     assert shrunk.returncode == 0, shrunk.stderr
     assert "3/3 rounds complete" in shrunk.stdout
     assert_same_store(out, reference)
-    assert run_cli("verify", str(out)).returncode == 0
+    assert in_process("verify", str(out)).returncode == 0
     two = in_process(*label_args(data, teachers, out, rounds=2))
     assert two.returncode == 2 and "would drop some of its 3 complete rounds; pass --rounds 3" in two.stderr
 
@@ -357,7 +367,7 @@ def test_a_changed_dataset_is_named_by_path_and_verify_data_checks_the_images_by
     assert "1 image(s) changed since earlier rounds were labelled: class_2/img_03.jpg" in found.stderr
 
 
-def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_last_pt(setup, tmp_path):
+def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_last_pt(setup, tmp_path, in_process):
     _, data, _ = setup
     run = tmp_path / "run"
     full = run_cli(*hard_label_train(data, run, epochs=2),
@@ -368,19 +378,19 @@ def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_las
     assert "Traceback" not in full.stderr
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp file left behind"
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
-    resumed = run_cli(*hard_label_train(data, run, "--resume", epochs=2), env=ONE_THREAD)
+    resumed = in_process(*hard_label_train(data, run, "--resume", epochs=2))
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
 
 
-def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup, reference, tmp_path):
+def test_a_full_disk_in_label_names_the_store_and_the_same_command_resumes(setup, reference, tmp_path, in_process):
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
     full = run_cli(*label_args(data, teachers, out), env={**ONE_THREAD, "MEALV2_DISK_FULL_AT": "chunk_write:2"})
     assert full.returncode == 2, full.stderr
     assert f"{out / 'staged' / 'ids'}: cannot write round 0 shard 0 of {out} (No space left on device;" in full.stderr
     assert "MiB free there); free some space and re-run the same command" in full.stderr
-    resumed = run_cli(*label_args(data, teachers, out), env=ONE_THREAD)
+    resumed = in_process(*label_args(data, teachers, out))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_store(out, reference)
 

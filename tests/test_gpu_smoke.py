@@ -2,28 +2,38 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import run_cli
 from mealv2.benchmarks import gpu
 from mealv2.benchmarks.gpu import loader_backends, report, smoke_run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_bench_gpu_says_there_is_no_gpu_and_exits_non_zero():
-    r = run_cli("bench", "gpu")
+def test_bench_gpu_says_there_is_no_gpu_and_exits_non_zero(in_process):
+    r = in_process("bench", "gpu")
     assert r.returncode != 0
     assert "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
-def test_smoke_run_steps_work_on_the_cpu(tmp_path, monkeypatch):
+def test_smoke_run_steps_work_on_the_cpu(tmp_path, monkeypatch, in_process):
     """Every measure of the GPU run, tiny, on the CPU: the script a GPU session runs is known to work.
-    A backend that fails (here one that no loader has) is recorded in the table and the run goes on."""
+    A backend that fails (here one that no loader has) is recorded in the table and the run goes on.
+    Its `mealv2` commands run in this process (an interpreter start each would be most of the time)."""
     backends = [*loader_backends(), "no-such-backend"]
     monkeypatch.setattr(gpu, "loader_backends", lambda: backends)
+
+    def run_here(command, **kwargs):
+        assert command[:3] == [sys.executable, "-m", "mealv2.cli"] and all(isinstance(a, str) for a in command)
+        r = in_process(*command[3:])
+        return subprocess.CompletedProcess(command, r.returncode, r.stdout, r.stderr)
+
+    monkeypatch.setattr(gpu, "subprocess", SimpleNamespace(run=run_here))
     r = smoke_run(tmp_path, "cpu", images=12, rows=24, files=4, res=32, batch=8, epochs=1, compile=False, gpus=1,
                   workers=1, stage1_teachers=("test_resnet",), online_teachers=("test_resnet", "test_efficientnet"),
                   student="test_resnet", shard_size=4)

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset
 from mealv2.common.targets import encode_topk
 from mealv2.benchmarks.label import (fkd_bytes_per_crop, fkd_file_bytes_per_crop, imagenet_like_case, kl_to_stored,
                                        synthetic_ensemble_probs)
@@ -49,16 +49,16 @@ def test_imagenet_like_case_meets_the_targets(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_label_prints_its_table(tmp_path):
+def test_bench_label_prints_its_table(tmp_path, in_process):
     data = make_image_dataset(tmp_path / "data", num_classes=3, per_class=4)
     specs = []
     for i, arch in enumerate(["test_resnet", "test_efficientnet"]):
         torch.manual_seed(i)
         torch.save(timm.create_model(arch, num_classes=3).state_dict(), tmp_path / f"{arch}.pth")
         specs.append(f"{arch}={tmp_path / arch}.pth@32")
-    result = run_cli("bench", "label", data, "-t", ",".join(specs), "--images", 6, "--crops-per-image", 2,
-                     "--topk", 2, "--batch-size", 4, "--imagenet-images", 256, "--repeats", 1, "--device", "cpu",
-                     "--shard-size", 2, env={"OMP_NUM_THREADS": "1"})
+    result = in_process("bench", "label", data, "-t", ",".join(specs), "--images", 6, "--crops-per-image", 2,
+                        "--topk", 2, "--batch-size", 4, "--imagenet-images", 256, "--repeats", 1, "--device", "cpu",
+                        "--shard-size", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "| measure | value | reference | target | met |" in out

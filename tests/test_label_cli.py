@@ -194,8 +194,8 @@ def test_stored_labels_are_the_weighted_ensemble_of_the_stored_crops(reference, 
     assert ((stored[:, :TOPK] - unweighted.gather(1, stored_ids)).abs() > bound[:, :TOPK]).any()
 
 
-def test_inspect_json_and_text(reference, teachers):
-    result = run_cli("inspect", reference, "--json")
+def test_inspect_json_and_text(reference, teachers, in_process):
+    result = in_process("inspect", reference, "--json")
     assert result.returncode == 0, result.stderr
     s = json.loads(result.stdout)
     assert s["complete"] is True
@@ -205,7 +205,7 @@ def test_inspect_json_and_text(reference, teachers):
     assert s["bytes_per_crop"] == round(store.data_bytes() / (ROUNDS * 12 * CROPS), 2)
     assert 0 < s["bytes_per_crop"] < 100
     assert 0 <= s["top1_agreement"] <= 1
-    text = run_cli("inspect", reference)
+    text = in_process("inspect", reference)
     assert text.returncode == 0
     assert teachers[0] in text.stdout and "rounds_complete: 3" in text.stdout
 
@@ -237,7 +237,7 @@ def _kill_mid_run(args: list[str], out: Path, total: int, at_least: int) -> int:
     return proc.returncode
 
 
-def test_sigkilled_run_resumes_to_the_identical_store(tmp_path, data, teachers, reference):
+def test_sigkilled_run_resumes_to_the_identical_store(tmp_path, data, teachers, reference, in_process):
     out = tmp_path / "store"
     args = _args(data, teachers, out)
     total = ROUNDS * 4
@@ -255,23 +255,27 @@ def test_sigkilled_run_resumes_to_the_identical_store(tmp_path, data, teachers, 
             shutil.rmtree(out)
             kills = 0
     assert kills == 2, "could not kill the run mid-way"
-    result = _label(*args)
+    result = in_process(*args)   # the resume: the same code in this process
+    assert result.returncode == 0, result.stderr
     assert "3/3 rounds complete" in result.stdout
     assert not list(out.rglob("*.partial"))
     _assert_same_store(out, reference)
-    assert run_cli("verify", out).returncode == 0
+    assert in_process("verify", out).returncode == 0
 
 
-def test_appending_rounds_equals_a_direct_run(tmp_path, data, teachers, reference):
+def test_appending_rounds_equals_a_direct_run(tmp_path, data, teachers, reference, in_process):
+    """In-process runs: the store they make is compared with the reference process's."""
     out = tmp_path / "store"
-    _label(*_args(data, teachers, out, rounds=2))
-    s = json.loads(run_cli("inspect", out, "--json").stdout)
+    r = in_process(*_args(data, teachers, out, rounds=2))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(in_process("inspect", out, "--json").stdout)
     assert (s["rounds_complete"], s["rounds_planned"], s["complete"]) == (2, 2, True)
-    _label(*_args(data, teachers, out, rounds=3))
+    r = in_process(*_args(data, teachers, out, rounds=3))
+    assert r.returncode == 0, r.stderr
     _assert_same_store(out, reference)
     # re-running a complete store changes nothing
-    result = _label(*_args(data, teachers, out))
-    assert "nothing left to do" in result.stdout
+    r = in_process(*_args(data, teachers, out))
+    assert r.returncode == 0 and "nothing left to do" in r.stdout, r.stderr
     _assert_same_store(out, reference)
 
 
@@ -287,9 +291,9 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path, data, teachers, referen
 
 # ---- refusals -------------------------------------------------------------------------------------
 
-def test_cli_refusal_exits_2_naming_both_values(tmp_path, data, teachers, reference):
+def test_cli_refusal_exits_2_naming_both_values(tmp_path, data, teachers, reference, in_process):
     out = _copy(reference, tmp_path)
-    result = run_cli(*_args(data, teachers, out, topk=3), env=ENV)
+    result = in_process(*_args(data, teachers, out, topk=3))
     assert result.returncode == 2
     assert "topk: store has 2, this run has 3" in result.stderr
     assert "Traceback" not in result.stderr
@@ -409,26 +413,26 @@ def test_verify_names_each_problem(tmp_path, reference, damage, named):
     assert any(named in p for p in problems), problems
 
 
-def test_verify_cli_exit_status_and_places(tmp_path, reference):
-    ok = run_cli("verify", reference)
+def test_verify_cli_exit_status_and_places(tmp_path, reference, in_process):
+    ok = in_process("verify", reference)
     assert ok.returncode == 0 and "OK" in ok.stdout
     out = _copy(reference, tmp_path)
     flip_chunk_byte(out, "probs", 0, 1)
     (out / "boxes/c/2/0/0/0").unlink()
     (out / "done/c/1/0").unlink()
-    bad = run_cli("verify", out)
+    bad = in_process("verify", out)
     assert bad.returncode != 0
     for place in ("probs/c/0/0/0/0[1]", "boxes/c/2/0/0/0[0]", "round 1 shard 3"):
         assert place in bad.stderr, bad.stderr
     meta = json.loads((out / "zarr.json").read_text())
     meta["attributes"]["mealv2"]["topk"] = 5
     (out / "zarr.json").write_text(json.dumps(meta))
-    edited = run_cli("verify", out)
+    edited = in_process("verify", out)
     assert edited.returncode != 0 and f"{out}/zarr.json" in edited.stderr
 
 
-def test_verify_with_data_recomputes_and_reports_the_deviation(tmp_path, data, reference):
-    good = run_cli("verify", reference, "--data", data, "--recompute", 6, "--device", "cpu", env=ENV)
+def test_verify_with_data_recomputes_and_reports_the_deviation(tmp_path, data, reference, in_process):
+    good = in_process("verify", reference, "--data", data, "--recompute", 6, "--device", "cpu")
     assert good.returncode == 0, good.stderr
     assert "recomputed 12 crops of round" in good.stdout
     deviation = float(good.stdout.split("probability ")[1].split()[0])

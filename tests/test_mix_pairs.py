@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
 from mealv2.common.errors import MealV2Error
 from mealv2.stage2_train.trainer import TrainConfig, train
 
@@ -12,8 +11,8 @@ ARGS = ["--hard-labels", "-a", "test_resnet", "--res", 32, "--crops-per-image", 
         "--loader", "torch", "--workers", 1, "--dry-run"]
 
 
-def test_one_image_per_rank_and_step_is_refused_naming_the_batch_that_pairs(tiny_data, tmp_path):
-    r = run_cli("train", tiny_data, "-o", tmp_path / "run", "--w-cutmix", "--batch-size", 2, *ARGS)
+def test_one_image_per_rank_and_step_is_refused_naming_the_batch_that_pairs(tiny_data, tmp_path, in_process):
+    r = in_process("train", tiny_data, "-o", tmp_path / "run", "--w-cutmix", "--batch-size", 2, *ARGS)
     assert r.returncode == 2, r.stdout
     assert "--w-cutmix mixes each crop with the same crop of another image" in r.stderr
     assert "gives each rank 1 image per step: every crop would be mixed with itself" in r.stderr

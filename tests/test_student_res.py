@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-from conftest import run_cli
 from mealv2.common.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models import load_checkpoint_file
@@ -20,7 +19,6 @@ from mealv2.stage2_train.res_schedule import ResSchedule, res_schedule
 from mealv2.stage2_train.trainer import TrainConfig, train
 
 FAST = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 STORE_RES = 32
 
 
@@ -100,14 +98,16 @@ def test_bad_schedules_are_refused_naming_flag_and_value(kw, message):
 
 
 @pytest.mark.slow
-def test_one_store_trains_students_at_two_other_resolutions(store32, tmp_path, recorded_steps, capsys):
+def test_one_store_trains_students_at_two_other_resolutions(store32, tmp_path, recorded_steps, capsys, in_process):
     # 48 px through the CLI (a typed --res that differs from the store's is let through)
     high = tmp_path / "high"
-    r = run_cli("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", high, "--epochs", 1,
-                "--res", 48, *FAST, env=ONE_THREAD)
+    r = in_process("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", high, "--epochs", 1,
+                   "--res", 48, *FAST)
     assert r.returncode == 0, r.stderr
     assert f"student at 48 px, labels made at {STORE_RES} px" in r.stdout
-    # 24 px in process, to see what the student is given
+    assert [tuple(images.shape) for images, _ in recorded_steps] == [(8, 3, 48, 48)] * 2
+    recorded_steps.clear()
+    # 24 px through train(), to see what the student is given
     low = tmp_path / "low"
     train(config(store32, low, epochs=1, **student_at(24)))
     assert f"student at 24 px, labels made at {STORE_RES} px" in capsys.readouterr().out
@@ -124,8 +124,8 @@ def test_one_store_trains_students_at_two_other_resolutions(store32, tmp_path, r
 
     # eval at the checkpoint's res, and at another (FixRes: test at a higher res than trained)
     for run, args, res in ((low, [], 24), (high, ["--res", 64], 64)):
-        r = run_cli("eval", store32.data, "--checkpoint", run / "last.pt", "--json", "--device", "cpu",
-                    "--workers", 2, *args, env=ONE_THREAD)
+        r = in_process("eval", store32.data, "--checkpoint", run / "last.pt", "--json", "--device", "cpu",
+                       "--workers", 2, *args)
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout)
         assert result["res"] == res and result["num_images"] == 12 and 0 <= result["top1"] <= 100
@@ -192,14 +192,14 @@ def test_progressive_in_hard_and_online_modes(store32, tmp_path, recorded_steps,
     assert all(target.dtype == torch.int64 for _, target in recorded_steps[:4])   # hard: dataset labels
 
 
-def test_resume_keeps_the_runs_student_res_or_names_both(store32, tmp_path):
+def test_resume_keeps_the_runs_student_res_or_names_both(store32, tmp_path, in_process):
     """--res defaults to 224 and is the store's when not typed: a run at the store's 32 px resumed with
     --res 224 once trained, validated and checkpointed at 224 px without a word."""
     run = tmp_path / "run"
     train(config(store32, run, epochs=1))
     assert load_checkpoint_file(run / "last.pt")["res"] == STORE_RES
-    r = run_cli("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", run, "--epochs", 2,
-                "--resume", "--res", 224, *FAST, env=ONE_THREAD)
+    r = in_process("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", run, "--epochs", 2,
+                   "--resume", "--res", 224, *FAST)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"student resolution: the run has {STORE_RES} px, this command 224 px" in r.stderr
     assert load_checkpoint_file(run / "last.pt")["epoch"] == 1
@@ -216,9 +216,9 @@ def test_resume_keeps_the_runs_student_res_or_names_both(store32, tmp_path):
     assert train(config(store32, typed, epochs=2, resume=True, dry_run=True, **student_at(48))) == []
 
 
-def test_store_crop_flags_other_than_res_are_refused(store32, tmp_path):
-    r = run_cli("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", tmp_path / "run",
-                "--scale", "0.5,1", "--res", 48, *FAST, env=ONE_THREAD)
+def test_store_crop_flags_other_than_res_are_refused(store32, tmp_path, in_process):
+    r = in_process("train", store32.data, "--labels", store32.store, "-a", "test_resnet", "-o", tmp_path / "run",
+                   "--scale", "0.5,1", "--res", 48, *FAST)
     assert r.returncode == 2
     assert "--scale [0.5, 1.0] differs from the [0.08, 1.0]" in r.stderr
     assert "only --res, the student's resolution, may differ" in r.stderr

@@ -6,7 +6,6 @@ import timm
 import torch
 import pytest
 
-from conftest import run_cli
 from mealv2.common.models import ModelSpecError, save_checkpoint
 from mealv2.common.teacher_check import corrected_command
 from mealv2.common.teachers import load_teachers, read_teacher_classes
@@ -60,17 +59,17 @@ def test_a_timm_teachers_names_are_overridden(monkeypatch):
         load_teachers(["resnet18"], CLASSES, stated_classes={1: CLASSES})
 
 
-def test_counts_and_numbers_are_checked(files):
+def test_counts_and_numbers_are_checked(files, in_process):
     with pytest.raises(ModelSpecError, match=r"has 3 outputs, its --teacher-classes file names 2 classes"):
         load_teachers([str(files / "ckpt.pt")], CLASSES, stated_classes=read_teacher_classes(
             {1: str(files / "two.txt")}, 1))
     with pytest.raises(ModelSpecError, match=r"--teacher-classes 3=.*there are 2 teacher\(s\)"):
         read_teacher_classes({3: str(files / "own.txt")}, 2)
-    r = run_cli("label", files, "-t", str(files / "ckpt.pt"), "-o", files / "s", "--teacher-classes",
-                f"one={files / 'own.txt'}")
+    r = in_process("label", files, "-t", str(files / "ckpt.pt"), "-o", files / "s", "--teacher-classes",
+                   f"one={files / 'own.txt'}")
     assert r.returncode == 2 and "expected N=FILE" in r.stderr, r.stderr
-    r = run_cli("train", files, "--labels", files, "-a", "test_resnet", "-o", files / "r", "--teacher-classes",
-                f"1={files / 'own.txt'}")
+    r = in_process("train", files, "--labels", files, "-a", "test_resnet", "-o", files / "r", "--teacher-classes",
+                   f"1={files / 'own.txt'}")
     assert r.returncode == 2 and f"--teacher-classes 1={files / 'own.txt'} applies to online mode" in r.stderr, r.stderr
 
 

@@ -1,5 +1,6 @@
 """The loader without DALI (common/torch_loader.py) against DALI's CPU path, its no-DALI install, its
 uint8 crops and its default workers."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset
 from mealv2.common import torch_loader
 from mealv2.common.cli_options import available_cores
 from mealv2.common.crop_loader import CropRequest, View, iterate_crops
@@ -120,31 +121,53 @@ def test_loader_names_resolve_by_what_is_installed(monkeypatch):
         resolve("dali")
 
 
-def test_workers_default_to_the_cores_this_process_may_use(tiny_data, tmp_path):
-    """Not a fixed 4: on a machine (or taskset) of one core, `train` renders on one thread."""
-    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "mealv2.cli", "train", tiny_data, "-o",
-                        tmp_path / "run", "-a", "test_resnet", "--hard-labels", "--device", "cpu", "--dry-run"],
-                       capture_output=True, text=True)
+def test_workers_default_to_the_cores_this_process_may_use(tiny_data, tmp_path, in_process):
+    """Not a fixed 4: on a machine (or taskset) of one core, `train` renders on one thread. Here this
+    process is pinned to one core while the command runs, as taskset would."""
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        r = in_process("train", tiny_data, "-o", tmp_path / "run", "-a", "test_resnet", "--hard-labels", "--device",
+                       "cpu", "--dry-run")
+        assert available_cores() == 1
+    finally:
+        os.sched_setaffinity(0, cores)
     assert r.returncode == 0, r.stderr
     assert "loader: " in r.stdout and ", 1 threads" in r.stdout, r.stdout
-    assert available_cores() == len(os.sched_getaffinity(0))
+    assert available_cores() == len(cores)
 
 
-# A Python without DALI: importing nvidia.dali fails as it does where the package is absent.
+# A Python without DALI: importing nvidia.dali fails as it does where the package is absent. It runs
+# the commands of argv[1] (JSON) one after another, as `mealv2` would, and prints what each printed.
 NO_DALI = """
-import runpy, sys
+import contextlib, io, json, sys
 class NoDali:
     def find_spec(self, name, path=None, target=None):
         if name == "nvidia.dali" or name.startswith("nvidia.dali."):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NoDali())
-runpy.run_module("mealv2.cli", run_name="__main__", alter_sys=True)
+from mealv2.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["mealv2", *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
 """
 
 
-def no_dali(*args):
-    return subprocess.run([sys.executable, "-c", NO_DALI, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def no_dali(*commands) -> list[dict]:
+    """Run ``commands`` (argument lists) in one Python without DALI (one interpreter start for all)."""
+    r = subprocess.run([sys.executable, "-c", NO_DALI, json.dumps([list(map(str, c)) for c in commands])],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -160,10 +183,10 @@ def test_every_command_runs_without_dali(tiny_data, tmp_path):
              ("train", tiny_data, "--labels", store, "-o", run, "-a", "test_resnet", "--epochs", 1, *fast),
              ("eval", tiny_data, "--checkpoint", run / "last.pt", "--device", "cpu", "--workers", 1),
              ("verify", store, "--data", tiny_data, "--recompute", 4, "--device", "cpu")]
-    for args in steps:
-        r = no_dali(*args)
-        assert r.returncode == 0, f"{args[0]}: {r.stderr[-2000:]}"
+    results = no_dali(*steps)
+    assert [r["returncode"] for r in results] == [0] * len(steps), [r["stderr"][-2000:] for r in results]
+    for args, r in zip(steps, results):
         if args[0] != "eval":   # eval scores centre crops, no stored ones
-            assert "loader: torch (" in r.stdout and "dali not installed" in r.stdout, (args[0], r.stdout)
+            assert "loader: torch (" in r["stdout"] and "dali not installed" in r["stdout"], (args[0], r["stdout"])
         if args[0] == "label":
-            assert "teacher check: test_resnet" in r.stdout
+            assert "teacher check: test_resnet" in r["stdout"]

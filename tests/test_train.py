@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models import load_checkpoint_file
 from mealv2.common.store import LabelStore
@@ -28,8 +28,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def cli(*args):
-    return run_cli(*args, env=ONE_THREAD)
+@pytest.fixture
+def cli(in_process):
+    """`mealv2` commands in this process: what they print and write is the same, without an interpreter start
+    each; the runs that must be processes (killed, torchrun) are started as such below."""
+    return in_process
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -52,7 +55,7 @@ def assert_run_outputs(run: Path, epochs: int, arch: str, val: bool) -> list[dic
 
 
 @pytest.mark.slow
-def test_stored_labels_with_discriminator_and_cutmix(labelled, tmp_path):
+def test_stored_labels_with_discriminator_and_cutmix(labelled, tmp_path, cli):
     run = tmp_path / "run"
     r = cli("train", labelled.data, "--labels", labelled.store, "-a", "test_resnet", "-o", run, "--epochs", 3,
                 "--val", labelled.data, "--use-discriminator-loss", "--w-cutmix", *FAST)
@@ -71,7 +74,7 @@ def test_stored_labels_with_discriminator_and_cutmix(labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_hard_labels_run_makes_a_teacher_for_label(labelled, tmp_path):
+def test_hard_labels_run_makes_a_teacher_for_label(labelled, tmp_path, cli):
     run = tmp_path / "run"
     r = cli("train", labelled.data, "--hard-labels", "-a", "test_efficientnet", "-o", run, "--epochs", 2,
                 "--res", 32, "--crops-per-image", 2, "--mixup", 0.4, "--cos", "--warmup-epochs", 1, *FAST)
@@ -88,7 +91,7 @@ def test_hard_labels_run_makes_a_teacher_for_label(labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_online_teachers_with_torch_loader(labelled, tmp_path):
+def test_online_teachers_with_torch_loader(labelled, tmp_path, cli):
     run = tmp_path / "run"
     r = cli("train", labelled.data, "--teachers", labelled.teacher, "-a", "test_convnext", "-o", run,
                 "--epochs", 1, "--res", 32, "--crops-per-image", 2, "--w-cutmix", "--use-discriminator-loss",
@@ -190,7 +193,7 @@ def test_compile_trains_the_same_and_checkpoints_the_bare_model(labelled, tmp_pa
     assert saved.keys() == load_checkpoint_file(tmp_path / "plain" / "last.pt")["model"].keys()
 
 
-def test_store_mismatches_are_refused(labelled, tmp_path):
+def test_store_mismatches_are_refused(labelled, tmp_path, cli):
     other = shutil.copytree(labelled.data, tmp_path / "other")
     shutil.copy(other / "class_0" / "img_03.jpg", other / "class_0" / "img_99.jpg")
     both = r"fingerprint [0-9a-f]{16} \(12 images\).*fingerprint [0-9a-f]{16} \(13 images\)"
@@ -217,7 +220,7 @@ def test_store_mismatches_are_refused(labelled, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_reproduces_the_loss_curve(labelled, tmp_path):
+def test_resume_after_a_kill_reproduces_the_loss_curve(labelled, tmp_path, cli):
     straight = train(config(labelled, tmp_path / "straight", epochs=4, use_discriminator_loss=True, w_cutmix=True,
                             lr=0.05, model_ema=True, model_ema_decay=0.7))
     flags = ["--epochs", 4, "--use-discriminator-loss", "--w-cutmix", "--lr", 0.05, "--model-ema", "--model-ema-decay",
@@ -328,7 +331,7 @@ def test_model_ema_leaves_the_raw_run_as_it_was(labelled, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_path):
+def test_ddp_two_processes_take_equal_steps_and_validate_as_one(labelled, tmp_path, cli):
     run = tmp_path / "run"
     val = make_image_dataset(tmp_path / "val", num_classes=3, per_class=3, seed=5)   # 9: ranks score 5 and 4
     # 12 images, 4 per step and rank on 2 ranks: 2 steps each, the second padded by wrapping around.

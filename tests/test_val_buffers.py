@@ -33,8 +33,9 @@ def _rank(rank: int, world: int, port: int, val: str, out: str) -> None:
             m.running_mean += 0.5
             m.running_var *= 3.0
     index, runtime = build_index(val), Runtime(torch.device("cpu"))
+    # workers=0: the scores do not depend on who decodes, and a loader worker of a spawned rank took ~5 s to start
     args = dict(index=index, res=ckpt["res"], mean=ckpt["mean"], std=ckpt["std"], runtime=runtime, batch_size=10,
-                workers=1)
+                workers=0)
     rank0_model = None
     if rank == 0:
         rank0_model = {k: v.clone() for k, v in model.state_dict().items()}
