@@ -134,12 +134,11 @@ def test_a_store_changed_on_the_server_is_read_again_and_a_damaged_remote_chunk_
 
 @pytest.mark.slow
 def test_students_trained_from_s3_and_http_equal_the_one_from_the_local_copy_and_no_secret_is_written(
-        store, http, s3, tiny_data, tmp_path):
-    runs, outputs = {}, []
-    for name, labels, env in (("local", store, s3.env), ("http", http.url, s3.env), ("s3", s3.url, s3.env)):
+        store, http, s3, tiny_data, tmp_path, in_process):
+    runs, outputs = {}, []   # s3.env (the credentials, the endpoint, the cache) is this process's environment
+    for name, labels in (("local", store), ("http", http.url), ("s3", s3.url)):
         runs[name] = tmp_path / name
-        r = run_cli("train", tiny_data, "--labels", labels, "-o", runs[name], *TRAIN,
-                    env={**env, "OMP_NUM_THREADS": "1"})
+        r = in_process("train", tiny_data, "--labels", labels, "-o", runs[name], *TRAIN)
         assert r.returncode == 0, r.stderr
         outputs += [r.stdout, r.stderr]
     weights = {name: torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]

@@ -87,8 +87,8 @@ def test_a_store_labelled_into_s3_is_the_store_labelled_on_disk(tiny_data, teach
 
 def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_the_same_store(
         tiny_data, teacher, on_disk, moto_s3, in_process, monkeypatch):
-    # killed between a shard's data and its done mark (the 4th shard of 6), holding a 15 s lease
-    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "15", "MEALV2_KILL_AT": "shard_mark:4"})
+    # killed between a shard's data and its done mark (the 4th shard of 6), holding a 10 s lease
+    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "10", "MEALV2_KILL_AT": "shard_mark:4"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert "labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
     # the dead writer's lease is still there: the next run is refused until it expires
