@@ -160,10 +160,7 @@ class LocalObjects:
     def publish(self, built: Path) -> None:
         """Put the store made in folder ``built`` at the location, in one rename; the location may hold
         only what a creation cut short left (the files ``built`` has)."""
-        foreign = _foreign(self.keys() if self.location.exists() else [], built)
-        if foreign:
-            raise RemoteError(f"{self.location} is not empty and not a label store (no zarr.json; it holds "
-                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
+        _refuse_foreign(self, built)
         shutil.rmtree(self.location, ignore_errors=True)
         os.replace(built, self.location)
 
@@ -180,9 +177,13 @@ class LocalObjects:
         return len(partials)
 
 
-def _foreign(keys: list[str], built: Path) -> list[str]:
-    """``keys`` that making the store in ``built`` would not write."""
-    return sorted(set(keys) - {str(f.relative_to(built)) for f in built.rglob("*") if f.is_file()})
+def _refuse_foreign(objects, built: Path) -> None:
+    """Refuse a location holding anything that making the store in ``built`` would not write (a
+    creation cut short leaves only such files or objects, which publishing overwrites)."""
+    foreign = sorted(set(objects.keys()) - {str(f.relative_to(built)) for f in built.rglob("*") if f.is_file()})
+    if foreign:
+        raise RemoteError(f"{objects.location} is not empty and not a label store (no zarr.json; it holds "
+                          f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
 
 
 def _write_file(path: Path, data: bytes, fsync: bool) -> None:
@@ -316,10 +317,7 @@ class RemoteObjects:
         """Upload the store made in folder ``built``, its root ``zarr.json`` last: a store is found at the
         URL only once all of it is there. The URL may hold only what an upload cut short left (keys
         ``built`` has), which is overwritten."""
-        foreign = _foreign(self.keys(), built)
-        if foreign:
-            raise RemoteError(f"{self.url} is not empty and not a label store (no zarr.json; it holds "
-                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
+        _refuse_foreign(self, built)
         files = sorted((f for f in built.rglob("*") if f.is_file()), key=lambda f: f == built / "zarr.json")
         for f in files:
             self.write(str(f.relative_to(built)), f.read_bytes())
