@@ -437,11 +437,13 @@ class LabelStore:
             if self.fsync:                     # the staged files are deleted next
                 self.objects.sync([chunk_key("done", 2, r, 0)])
             packed[r] = True
-        for r in np.flatnonzero(packed):
-            for name in ROUND_ARRAYS:
-                self.objects.delete_tree(f"{STAGED}/{name}/c/{r}")
-        if packed.any():
-            self.objects.delete_tree(f"{STAGED}/crc32c/c")
+        # The staged chunks of packed rounds, found in one listing (at a URL, one request per 1,000 keys
+        # instead of one per array and round): the folders `STAGED/ARRAY/c/ROUND` and `STAGED/crc32c/c`.
+        staged = {"/".join(key.split("/")[:depth]) for key in self.objects.keys(STAGED) for depth in (3, 4)}
+        leftovers = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed) for name in ROUND_ARRAYS]
+        for prefix in [*leftovers, *([f"{STAGED}/crc32c/c"] if packed.any() else [])]:
+            if prefix in staged:
+                self.objects.delete_tree(prefix)
         return rounds
 
     def _pack_object(self, name: str, round_: int, threads: int = 16) -> None:
