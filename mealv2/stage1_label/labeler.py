@@ -174,20 +174,19 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         # The dataset's labels in the label space: the teacher check's and the store's `labels` (-1: none).
         in_space = in_classes(index, classes) if index.labelled else index
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
-        out = cfg.out
-        new_store = not open_objects(out).exists("zarr.json")
+        new_store = not open_objects(cfg.out).exists("zarr.json")
         checks = None
         if new_store:   # a store being resumed was checked when it was made
-            checks = info.broadcast_object(_check(cfg, ensemble, in_space, out) if info.is_main else None)
+            checks = info.broadcast_object(_check(cfg, ensemble, in_space) if info.is_main else None)
             if isinstance(checks, MealV2Error):
                 raise checks
         attrs = store_attrs(cfg, index, teachers, classes)
         if checks is not None:
             attrs["teacher_check"] = checks
-        lock = acquire_writer_lock(out) if info.is_main else None
+        lock = acquire_writer_lock(cfg.out) if info.is_main else None
         try:  # a refused store releases the lock too (matters when called in-process)
             if info.is_main:
-                store = LabelStore.create_or_resume(out, attrs, cfg.rounds, in_space.labels,
+                store = LabelStore.create_or_resume(cfg.out, attrs, cfg.rounds, in_space.labels,
                                                     before_growing=lambda s: _check_unchanged(s, index, cfg),
                                                     relpaths=index.relpaths)
                 store.remove_partial_writes()
@@ -196,7 +195,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                     say(f"repair: {line}")
             info.barrier()
             if not info.is_main:
-                store = LabelStore.open(out, mode="r+")
+                store = LabelStore.open(cfg.out, mode="r+")
             crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
             if info.is_main:   # every rank's shards are written: one process joins each round into its objects
@@ -223,7 +222,7 @@ def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
         raise store.images_changed(changed, crcs[changed], index.relpaths)
 
 
-def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: str) -> list[dict] | MealV2Error:
+def _check(cfg: LabelConfig, ensemble: Ensemble, index) -> list[dict] | MealV2Error:
     """The teacher check's records, or the error to raise on every rank."""
     if not cfg.teacher_check:
         print("teacher check: skipped (--no-teacher-check)")
@@ -234,7 +233,7 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index, out: str) -> list[dict] 
     try:
         checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
                                 cfg.workers, loader=cfg.loader,
-                                suggest_dir=Path.cwd() if is_url(out) else Path(out).parent)
+                                suggest_dir=Path.cwd() if is_url(cfg.out) else Path(cfg.out).parent)
     except MealV2Error as e:
         return e
     for c in checks:
