@@ -35,8 +35,10 @@ from pathlib import Path
 
 import click
 
-from .common.cli_options import POSITIVE, config_args, float_pair
-from .common.crops import CropParams
+from .cli.options import config_args
+
+from .cli.params import POSITIVE, float_pair
+from .common.data.crops import CropParams
 
 SHIPPED_TEACHERS = Path(__file__).parent / "demo_teachers"
 # (file name, arch, optimizer, lr, seed, res) of the shipped teachers: two ResNets of different
@@ -157,10 +159,10 @@ def ensemble_accuracy(teacher_specs: list[str], val: Path, batch_size: int, devi
     import torch
     from torch import nn
 
-    from .common.dataset import build_index
-    from .common.runtime import Runtime
-    from .common.targets import ensemble_probs
-    from .common.teachers import load_teachers
+    from .common.data.dataset import build_index
+    from .common.models.runtime import Runtime
+    from .common.data.targets import ensemble_probs
+    from .common.models.teachers import load_teachers
     from .stage2_train.validate import validate
 
     index = build_index(val)
@@ -284,7 +286,7 @@ DEFAULTS = Settings()
 def run_demo(s: Settings) -> dict:
     """Every stage; returns results.json's content (also written, with report.md and curves.png)."""
     from . import LabelConfig, TrainConfig
-    from .common.teachers import split_specs
+    from .common.models.teachers import split_specs
     from .stage1_label.report import store_summary
     from .stage2_train.evaluate import evaluate_model
     from .synthetic import SyntheticConfig, generate
@@ -401,15 +403,15 @@ def run_demo(s: Settings) -> dict:
 
 
 def _arch_of(spec: str) -> str:
-    from .common.models import load_checkpoint_file
-    from .common.teachers import Spec
+    from .common.models.checkpoints import load_checkpoint_file
+    from .common.models.teachers import Spec
 
     return str(load_checkpoint_file(Spec.parse(spec).body)["arch"])
 
 
 def _teacher_info(spec: str) -> dict | None:
     """The shipped teachers' entry in demo_teachers/teachers.json (None for other checkpoints)."""
-    from .common.teachers import Spec
+    from .common.models.teachers import Spec
 
     path = Path(Spec.parse(spec).body)
     if path.parent != SHIPPED_TEACHERS:
@@ -432,7 +434,7 @@ def machine(device: str = "auto") -> str:
     """The machine, as the benchmarks describe it (with the GPU's name when one is used)."""
     import torch
 
-    from .common.runtime import machine_description
+    from .common.models.runtime import machine_description
 
     return machine_description("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
@@ -546,7 +548,7 @@ def write_teachers(dest: Path, runs: list[tuple[str, str, Path, str, float]]) ->
     """Slim fp16 mealv2 checkpoints DEST/NAME.pt (weights, res, mean/std, classes: no optimizer
     state) of the runs (name, arch, run folder, command, seconds), and teachers.json: what each
     saw, its commands, time and top-1 on its own val split, and the machine that built it."""
-    from .common.models import load_checkpoint_file, model_from_mealv2_checkpoint, save_checkpoint
+    from .common.models.checkpoints import load_checkpoint_file, model_from_mealv2_checkpoint, save_checkpoint
 
     dest.mkdir(parents=True, exist_ok=True)
     n = TEACHER_DATA["train_per_class"] * 10

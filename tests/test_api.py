@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 import mealv2
-from mealv2.common.dataset import DatasetError
+from mealv2.common.data.dataset import DatasetError
 from mealv2.common.errors import MealV2Error
-from mealv2.common.models import load_checkpoint_file
+from mealv2.common.models.checkpoints import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from conftest import flip_chunk_byte, make_image_dataset, run_cli
-from mealv2.common.dataset import build_index
-from mealv2.common.store import LabelStore
+from mealv2.common.data.dataset import build_index
+from mealv2.common.store.label_store import LabelStore
 
 pytestmark = pytest.mark.slow
 
@@ -345,7 +345,7 @@ def test_a_csv_label_typo_is_named_by_its_line_when_the_teacher_has_fewer_classe
 
 
 def test_eval_with_a_class_the_checkpoint_does_not_know_blames_the_data(tmp_path, mealv2):
-    from mealv2.common.models import save_checkpoint
+    from mealv2.common.models.checkpoints import save_checkpoint
 
     data = plain_data(tmp_path / "val")
     shutil.copytree(data / "class_2", data / "class_9")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import mealv2
-from mealv2.common.crops import CropParams
+from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
-from mealv2.common.targets import reconstruct_targets
+from mealv2.common.data.targets import reconstruct_targets
 from test_bad_input import mealv2 as mealv2_cli, refused  # noqa: F401 (a fixture: mealv2 ARGS in this process)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -161,7 +161,7 @@ def test_config_args_is_the_command_that_builds_the_same_config(files):
     """The demo's report prints config_args(cfg) for every Python call: click parses it back to cfg."""
     from click.core import ParameterSource
 
-    from mealv2.common.cli_options import config_args
+    from mealv2.cli.options import config_args
     from mealv2.stage2_train.commands import train
     from mealv2.stage2_train.run_config import config_from_flags
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mealv2.common.crops import BOX_GRID, CropParams, boxes_to_relative, sample_crops, snap_to_grid
+from mealv2.common.data.crops import BOX_GRID, CropParams, boxes_to_relative, sample_crops, snap_to_grid
 
 
 def _sizes(n: int, seed: int = 0) -> np.ndarray:

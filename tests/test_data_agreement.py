@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from mealv2.common.dataset import DatasetError, build_index, build_index_shared
+from mealv2.common.data.dataset import DatasetError, build_index, build_index_shared
 
 
 class _Rank:
@@ -37,7 +37,7 @@ def test_ranks_that_indexed_different_files_all_refuse_with_one_message(tiny_dat
     messages = []
     for rank, other in ((1, (full.fingerprint, len(full))), (0, (partial.fingerprint, len(partial)))):
         if rank == 0:
-            monkeypatch.setattr("mealv2.common.dataset.build_index", lambda *a, **k: full)
+            monkeypatch.setattr("mealv2.common.data.dataset.build_index", lambda *a, **k: full)
         with pytest.raises(DatasetError, match="differs between ranks") as e:
             build_index_shared(data, _Rank(rank, full.fingerprint, other))
         messages.append(str(e.value))

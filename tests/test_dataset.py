@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image_dataset
-from mealv2.common.dataset import IMG_EXTENSIONS, BadImagesError, DatasetError, build_index
+from mealv2.common.data.dataset import IMG_EXTENSIONS, BadImagesError, DatasetError, build_index
 
 
 def dali_decoded_hw(paths) -> list[tuple[int, int]]:
@@ -296,7 +296,7 @@ def test_csv_paths_are_normalised_as_pathlib_does():
     from itertools import product
     from pathlib import PurePath
 
-    from mealv2.common.dataset import _posix
+    from mealv2.common.data.dataset import _posix
 
     parts = ["a", ".", "", "..", "b.jpg"]
     for n in range(1, 5):

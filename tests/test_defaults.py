@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mealv2.common.models import load_checkpoint_file
+from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.stage2_train.commands import train
 
 ROOT = Path(__file__).resolve().parents[1]

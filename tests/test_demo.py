@@ -54,7 +54,7 @@ def test_synthetic_is_deterministic_balanced_varied_and_decodable(tmp_path):
     assert np.array_equal(make_image(SMALL, "val", 5, 1)[0], make_image(SMALL, "val", 5, 1)[0])
 
     # the dataset index (header probe, bad-file detection) accepts every file
-    from mealv2.common.dataset import build_index
+    from mealv2.common.data.dataset import build_index
     index = build_index(a["train"])
     assert list(index.classes) == sorted(CLASSES) and len(index) == len(CLASSES) * SMALL.train_per_class
 
@@ -200,9 +200,9 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
     assert results["passes"] == summary["rounds_complete"] == 2 and summary["crops"] == 2 * 60 * 2
     # ... and round p holds the crops that the online and hard-label runs of the seed draw in pass p
     # (the report's "same crops in the same order"; the order is the loader's, drawn from the seed alike)
-    from mealv2.common.crops import CropParams
-    from mealv2.common.dataset import build_index
-    from mealv2.common.store import LabelStore
+    from mealv2.common.data.crops import CropParams
+    from mealv2.common.data.dataset import build_index
+    from mealv2.common.store.label_store import LabelStore
     from mealv2.stage2_train.loader import FreshLabels
 
     store = LabelStore.open(out / "labels" / "store.zarr")
@@ -240,8 +240,8 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
 def _ensemble_top1(specs: list[str], val: Path) -> float:
     import torch
 
-    from mealv2.common.crop_loader import decode_rgb
-    from mealv2.common.dataset import build_index
+    from mealv2.common.data.loaders.base import decode_rgb
+    from mealv2.common.data.dataset import build_index
     from mealv2.stage2_train.evaluate import load_model
     from mealv2.stage2_train.validate import eval_crop, normalise
 

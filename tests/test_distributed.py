@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mealv2
-from mealv2.common.distributed import backend_for, check_backend_has
+from mealv2.common.models.distributed import backend_for, check_backend_has
 
 PACKAGE = Path(mealv2.__file__).parent
 
@@ -46,7 +46,7 @@ def test_every_collective_goes_through_common_distributed():
 def test_the_simulated_group_sees_every_collective_and_a_plain_nccl_one_refuses_cpu_tensors(monkeypatch):
     """MEALV2_CHECK_COLLECTIVES checks tensor sums, object collectives and barriers; a simulated plain
     NCCL group (no CPU backend) refuses the CPU metrics sum that a CUDA run's cpu:gloo,cuda:nccl serves."""
-    import mealv2.common.distributed as d
+    import mealv2.common.models.distributed as d
 
     for name in ("all_reduce", "barrier", "all_gather_object", "broadcast_object_list"):
         monkeypatch.setattr(d.dist, name, lambda *a, **k: None)

@@ -14,9 +14,9 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from conftest import make_image_dataset
-from mealv2.common.dataset import build_index
+from mealv2.common.data.dataset import build_index
 from mealv2.common.errors import MealV2Error
-from mealv2.common.models import save_checkpoint
+from mealv2.common.models.checkpoints import save_checkpoint
 from mealv2.stage2_train import evaluate as ev
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -224,7 +224,7 @@ def test_eval_refuses_disagreeing_arch_and_class_names(tiny_data, tmp_path):
 def test_eval_timm_pretrained_path(tiny_data, monkeypatch):
     """-a ARCH --pretrained asks timm for its pretrained weights and uses timm's mean/std.
     No network here: the weight download is replaced by a seeded model."""
-    from mealv2.common import models as M
+    from mealv2.common.models import checkpoints as M
 
     cfg = timm.models.get_pretrained_cfg(ARCH)
     monkeypatch.setattr(M, "pretrained_cfg", lambda arch: dataclasses.replace(cfg, num_classes=3))
@@ -252,7 +252,7 @@ def test_eval_timm_pretrained_path(tiny_data, monkeypatch):
 
 
 def test_a_trainers_later_validations_read_the_decoded_images_and_score_the_same(six_class_data, monkeypatch):
-    from mealv2.common.runtime import Runtime
+    from mealv2.common.models.runtime import Runtime
     from mealv2.stage2_train import validate as val
 
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

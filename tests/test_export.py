@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mealv2.common.models import save_checkpoint
+from mealv2.common.models.checkpoints import save_checkpoint
 from mealv2.stage2_train import export as ex
 
 CLASSES = ["cat", "dog", "owl", "yak"]

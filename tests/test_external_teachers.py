@@ -18,8 +18,8 @@ import timm
 import torch
 
 from conftest import make_image_dataset, train_outside_mealv2
-from mealv2.common.models import save_checkpoint
-from mealv2.common.store import LabelStore
+from mealv2.common.models.checkpoints import save_checkpoint
+from mealv2.common.store.label_store import LabelStore
 
 pytestmark = pytest.mark.slow
 

@@ -130,7 +130,7 @@ def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, f
 
 def test_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(setup, tmp_path, in_process):
     """The second writer here is this process (another process: test_label_cli's concurrent writer)."""
-    from mealv2.common.store import acquire_writer_lock
+    from mealv2.common.store.label_store import acquire_writer_lock
 
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
@@ -152,7 +152,7 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes_after(setup, tmp_path,
     import errno
 
     from mealv2.cli import main
-    from mealv2.common import store as store_module
+    from mealv2.common.store import label_store as store_module
 
     _, data, teachers = setup
     out = tmp_path / "store.zarr"
@@ -229,8 +229,8 @@ def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_p
     """A second `train` into a run folder in use, or a `label` into a store in use, is refused
     naming the holder's pid, also when it reaches the folder through a symlink (`--dry-run` too).
     The first `train` is another process; the others are this one, holding the lock by another handle."""
-    from mealv2.common.locks import hold_lock
-    from mealv2.common.store import acquire_writer_lock
+    from mealv2.common.store.locks import hold_lock
+    from mealv2.common.store.label_store import acquire_writer_lock
     from mealv2.stage2_train.trainer import RUN_LOCK
 
     _, data, teachers = setup
@@ -277,7 +277,7 @@ def flip_byte(path, at=-6):
 
 
 def test_label_repairs_what_verify_finds_to_an_undamaged_runs_store(setup, reference, tmp_path, in_process):
-    from mealv2.common.store import LabelStore
+    from mealv2.common.store.label_store import LabelStore
 
     """Chunks damaged, a damaged done mark and damaged image CRC32Cs: `verify` names them
     and the `mealv2 label` command that repairs them; that command, run as printed, labels exactly

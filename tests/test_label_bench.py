@@ -7,7 +7,7 @@ import timm
 import torch
 
 from conftest import make_image_dataset
-from mealv2.common.targets import encode_topk
+from mealv2.common.data.targets import encode_topk
 from mealv2.benchmarks.label import (fkd_bytes_per_crop, fkd_file_bytes_per_crop, imagenet_like_case, kl_to_stored,
                                        synthetic_ensemble_probs)
 

@@ -26,10 +26,10 @@ import zarr
 from filelock import FileLock
 
 from conftest import flip_chunk_byte, make_image_dataset, run_cli
-from mealv2.common.crops import CropParams, sample_crops
-from mealv2.common.dataset import build_index
-from mealv2.common.store import LabelStore, StoreError
-from mealv2.common.targets import PROB_LEVELS, decode_probs
+from mealv2.common.data.crops import CropParams, sample_crops
+from mealv2.common.data.dataset import build_index
+from mealv2.common.store.label_store import LabelStore, StoreError
+from mealv2.common.data.targets import PROB_LEVELS, decode_probs
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage1_label.report import verify_store
 
@@ -162,9 +162,10 @@ def test_store_layout_and_attributes(reference, data, teachers):
 
 
 def test_stored_labels_are_the_weighted_ensemble_of_the_stored_crops(reference, data, teachers):
-    from mealv2.common.crop_loader import CropRequest, iterate_crops
-    from mealv2.common.runtime import Runtime
-    from mealv2.common.teachers import Ensemble, load_teacher
+    from mealv2.common.data.loaders.dali import iterate_crops
+    from mealv2.common.data.loaders.base import CropRequest
+    from mealv2.common.models.runtime import Runtime
+    from mealv2.common.models.teachers import Ensemble, load_teacher
 
     index = build_index(data)
     store = LabelStore.open(reference)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mealv2.common.targets import PROB_LEVELS, decode_probs, encode_topk, ensemble_probs, reconstruct_targets
+from mealv2.common.data.targets import PROB_LEVELS, decode_probs, encode_topk, ensemble_probs, reconstruct_targets
 
 
 def _topk_target(p: torch.Tensor, k: int) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch
 
 from conftest import make_image_dataset
 from mealv2.benchmarks.label import synthetic_store_attrs
-from mealv2.common.crops import CropParams
-from mealv2.common.store import LabelStore
-from mealv2.common.teachers import Ensemble
-from mealv2.stage1_label.writer import ShardWriter
+from mealv2.common.data.crops import CropParams
+from mealv2.common.store.label_store import LabelStore
+from mealv2.common.models.teachers import Ensemble
+from mealv2.common.store.writer import ShardWriter
 
 WAIT = 20   # seconds a test waits for something that happens at once when the code is right
 

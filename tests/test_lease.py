@@ -11,9 +11,9 @@ import time
 import pytest
 from conftest import BUCKET
 
-from mealv2.common import lease as lease_module
+from mealv2.common.store import lease as lease_module
 from mealv2.common.errors import MealV2Error
-from mealv2.common.lease import LeaseError, hold_lease
+from mealv2.common.store.lease import LeaseError, hold_lease
 
 pytest.importorskip("boto3")
 s3fs = pytest.importorskip("s3fs")

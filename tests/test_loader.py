@@ -6,12 +6,12 @@ import pytest
 import timm
 import torch
 
-from mealv2.common.crop_loader import View
-from mealv2.common.crops import CropParams, sample_crops
-from mealv2.common.dataset import DatasetError, build_index
+from mealv2.common.data.loaders.base import View
+from mealv2.common.data.crops import CropParams, sample_crops
+from mealv2.common.data.dataset import DatasetError, build_index
 from mealv2.common.errors import MealV2Error
-from mealv2.common.store import LabelStore
-from mealv2.common.targets import reconstruct_targets
+from mealv2.common.store.label_store import LabelStore
+from mealv2.common.data.targets import reconstruct_targets
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage2_train.loader import FreshLabels, StoredLabels, TrainLoader, epoch_order, steps_per_epoch
 

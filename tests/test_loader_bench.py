@@ -4,8 +4,8 @@ import torch
 
 from mealv2.benchmarks import loader as bench
 from mealv2.benchmarks.common import make_photo_dataset
-from mealv2.common.crop_loader import View
-from mealv2.common.dataset import build_index
+from mealv2.common.data.loaders.base import View
+from mealv2.common.data.dataset import build_index
 
 
 @pytest.mark.slow   # spawns the process pool it compares threads with

@@ -17,8 +17,8 @@ import timm
 import torch
 from conftest import BUCKET, SECRET, run_cli
 
-from mealv2.common.crops import CropParams
-from mealv2.common.store import LabelStore
+from mealv2.common.data.crops import CropParams
+from mealv2.common.store.label_store import LabelStore
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 
 pytest.importorskip("boto3")

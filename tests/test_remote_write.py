@@ -16,10 +16,10 @@ import timm
 import torch
 
 from conftest import BUCKET, SECRET, run_cli
-from mealv2.common.crops import CropParams
+from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
-from mealv2.common.lease import hold_lease
-from mealv2.common.store import LabelStore
+from mealv2.common.store.lease import hold_lease
+from mealv2.common.store.label_store import LabelStore
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 
 pytestmark = pytest.mark.slow

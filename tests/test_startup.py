@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from mealv2.common import dataset
-from mealv2.common.dataset import DatasetIndex, build_index, build_index_shared, cache_file
-from mealv2.common.distributed import DistInfo
+from mealv2.common.data import dataset
+from mealv2.common.data.dataset import DatasetIndex, build_index, build_index_shared, cache_file
+from mealv2.common.models.distributed import DistInfo
 
 from conftest import flip_chunk_byte
 
@@ -128,9 +128,9 @@ def test_the_bench_case_repeats_paths_and_its_store_matches_the_index(tmp_path, 
 def _rank(rank: int, world: int, port: int, csv: str, store: str, out: str, cache: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), MEALV2_CACHE=cache)
-    from mealv2.common.distributed import distributed
+    from mealv2.common.models.distributed import distributed
     from mealv2.common.errors import MealV2Error
-    from mealv2.common.store import LabelStore
+    from mealv2.common.store.label_store import LabelStore
     from mealv2.stage2_train.trainer import TrainConfig, open_store
 
     probed, checked = [], []

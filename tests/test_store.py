@@ -15,9 +15,9 @@ import zarr
 from filelock import FileLock
 
 from mealv2.common.errors import MealV2Error
-from mealv2.common.store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
+from mealv2.common.store.label_store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
                                  acquire_writer_lock, chunk_key)
-from mealv2.common.targets import PROB_LEVELS
+from mealv2.common.data.targets import PROB_LEVELS
 
 from conftest import flip_chunk_byte
 

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 
-from mealv2.common.crops import CropParams
+from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
-from mealv2.common.models import load_checkpoint_file
-from mealv2.common.store import LabelStore
-from mealv2.common.teachers import Ensemble
+from mealv2.common.models.checkpoints import load_checkpoint_file
+from mealv2.common.store.label_store import LabelStore
+from mealv2.common.models.teachers import Ensemble
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage2_train import trainer
 from mealv2.stage2_train.loader import StoredLabels, epoch_order

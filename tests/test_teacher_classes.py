@@ -6,9 +6,9 @@ import timm
 import torch
 import pytest
 
-from mealv2.common.models import ModelSpecError, save_checkpoint
-from mealv2.common.teacher_check import corrected_command
-from mealv2.common.teachers import load_teachers, read_teacher_classes
+from mealv2.common.models.checkpoints import ModelSpecError, save_checkpoint
+from mealv2.common.models.teacher_check import corrected_command
+from mealv2.common.models.teachers import load_teachers, read_teacher_classes
 
 CLASSES = ["class_0", "class_1", "class_2"]
 OWN = ["class_2", "class_0", "class_1"]
@@ -46,7 +46,7 @@ def test_each_teacher_gets_its_own_names_over_classes_and_the_checkpoints_record
 
 
 def test_a_timm_teachers_names_are_overridden(monkeypatch):
-    import mealv2.common.teachers as teachers
+    import mealv2.common.models.teachers as teachers
 
     names = list(timm.data.ImageNetInfo().label_names())
     names[:3] = OWN          # a fine-tuned head whose first outputs are the dataset's, in its own order

@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from mealv2.common.models import ModelSpecError, save_checkpoint, state_dict_sha256
-from mealv2.common.teachers import Spec, load_teacher, split_specs, teacher_table
+from mealv2.common.models.checkpoints import ModelSpecError, save_checkpoint, state_dict_sha256
+from mealv2.common.models.teachers import Spec, load_teacher, split_specs, teacher_table
 
 CLASSES = ("class_0", "class_1", "class_2")
 
@@ -135,7 +135,7 @@ def test_state_dict_classes_map_outputs_by_name(tmp_path, resnet_state):
 
 def test_a_timm_name_with_another_class_count_is_refused_before_any_download(monkeypatch):
     """timm would silently give the pretrained model a random head for 3 classes."""
-    import mealv2.common.teachers as teachers
+    import mealv2.common.models.teachers as teachers
 
     def no_download(*a, **k):
         raise AssertionError("asked timm for weights")

@@ -11,14 +11,15 @@ import timm
 import torch
 
 from conftest import make_image_dataset
-from mealv2.common import torch_loader
-from mealv2.common.cli_options import available_cores
-from mealv2.common.crop_loader import CropRequest, View, iterate_crops
-from mealv2.common.crops import CropParams, sample_crops
-from mealv2.common.dataset import DatasetError, build_index
+from mealv2.common.data.loaders import torch as torch_loader
+from mealv2.common.data.loaders.registry import available_cores
+from mealv2.common.data.loaders.dali import iterate_crops
+from mealv2.common.data.loaders.base import CropRequest, View
+from mealv2.common.data.crops import CropParams, sample_crops
+from mealv2.common.data.dataset import DatasetError, build_index
 from mealv2.common.errors import MealV2Error
-from mealv2.common.loaders import describe, iterate, resolve
-from mealv2.common.torch_loader import iterate_crops_torch
+from mealv2.common.data.loaders.registry import describe, iterate, resolve
+from mealv2.common.data.loaders.torch import iterate_crops_torch
 
 RAW = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 VIEWS = [View(64, *RAW), View(24, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]

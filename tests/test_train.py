@@ -16,8 +16,8 @@ import torch
 
 from conftest import make_image_dataset
 from mealv2.common.errors import MealV2Error
-from mealv2.common.models import load_checkpoint_file
-from mealv2.common.store import LabelStore
+from mealv2.common.models.checkpoints import load_checkpoint_file
+from mealv2.common.store.label_store import LabelStore
 from mealv2.stage2_train.trainer import TrainConfig, train
 from mealv2.stage2_train.utils import METRICS
 

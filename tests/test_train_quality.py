@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_dataset
-from mealv2.common.crops import CropParams
+from mealv2.common.data.crops import CropParams
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage2_train.trainer import TrainConfig, train
 

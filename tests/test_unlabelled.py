@@ -20,13 +20,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_image_dataset, train_outside_mealv2
-from mealv2.common.crops import CropParams
-from mealv2.common.dataset import build_index
+from mealv2.common.data.crops import CropParams
+from mealv2.common.data.dataset import build_index
 from mealv2.common.errors import MealV2Error
-from mealv2.common.models import ModelSpecError, load_checkpoint_file, save_checkpoint
-from mealv2.common.runtime import Runtime
-from mealv2.common.store import LabelStore
-from mealv2.common.teachers import timm_class_names
+from mealv2.common.models.checkpoints import ModelSpecError, load_checkpoint_file, save_checkpoint
+from mealv2.common.models.runtime import Runtime
+from mealv2.common.store.label_store import LabelStore
+from mealv2.common.models.teachers import timm_class_names
 from mealv2.stage1_label.labeler import LabelConfig, run_label
 from mealv2.stage1_label.store_commands import inspect
 from mealv2.stage2_train.evaluate import evaluate

@@ -18,10 +18,10 @@ def _rank(rank: int, world: int, port: int, val: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), MEALV2_CHECK_COLLECTIVES="cuda")
     torch.set_num_threads(1)
-    from mealv2.common.dataset import build_index
-    from mealv2.common.distributed import DistInfo, distributed
-    from mealv2.common.models import load_checkpoint_file, model_from_mealv2_checkpoint
-    from mealv2.common.runtime import Runtime
+    from mealv2.common.data.dataset import build_index
+    from mealv2.common.models.distributed import DistInfo, distributed
+    from mealv2.common.models.checkpoints import load_checkpoint_file, model_from_mealv2_checkpoint
+    from mealv2.common.models.runtime import Runtime
     from mealv2.stage2_train.validate import validate
 
     ckpt = load_checkpoint_file(SHIPPED_TEACHERS / "test_resnet_s0.pt")   # a trained model: its predictions vary

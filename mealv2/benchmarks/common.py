@@ -8,7 +8,7 @@ import timm
 import torch
 from PIL import Image
 
-from ..common.runtime import machine_description  # noqa: F401 (the benchmarks' and the demo's)
+from ..common.models.runtime import machine_description  # noqa: F401 (the benchmarks' and the demo's)
 
 DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from ..common.cli_options import POSITIVE
+from ..cli.params import POSITIVE
 from ..demo import DEFAULTS, Settings, markdown_table, run_demo
 
 GAPS = {"stored_minus_hard": ("A: stored - hard (top-1 points)", "+.2f", ">= +2"),

@@ -38,13 +38,13 @@ from pathlib import Path
 import click
 import torch
 
-from ..common.cli_options import POSITIVE
-from ..common.dataset import build_index
+from ..cli.params import POSITIVE
+from ..common.data.dataset import build_index
 from ..common.errors import MealV2Error
-from ..common.loaders import LOADERS, installed, resolve
-from ..common.models import create_timm_model
-from ..common.runtime import Runtime
-from ..common.teachers import Ensemble, load_teacher
+from ..common.data.loaders.registry import LOADERS, installed, resolve
+from ..common.models.checkpoints import create_timm_model
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import Ensemble, load_teacher
 from ..stage2_train.losses import soft_cross_entropy
 from .common import machine_description, make_photo_dataset, met, random_teachers
 from .label import labeller_case

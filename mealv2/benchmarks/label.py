@@ -31,14 +31,14 @@ import click
 import numpy as np
 import torch
 
-from ..common.cli_options import POSITIVE, LocalPath, device_option
-from ..common.crops import CropParams, sample_crops
-from ..common.dataset import DatasetIndex, build_index
-from ..common.distributed import DistInfo
-from ..common.runtime import Runtime
-from ..common.store import LabelStore
-from ..common.targets import encode_topk, reconstruct_targets
-from ..common.teachers import Ensemble, load_teacher, split_specs
+from ..cli.params import POSITIVE, LocalPath, device_option
+from ..common.data.crops import CropParams, sample_crops
+from ..common.data.dataset import DatasetIndex, build_index
+from ..common.models.distributed import DistInfo
+from ..common.models.runtime import Runtime
+from ..common.store.label_store import LabelStore
+from ..common.data.targets import encode_topk, reconstruct_targets
+from ..common.models.teachers import Ensemble, load_teacher, split_specs
 from ..stage1_label.labeler import LabelConfig, label_shards, store_attrs
 from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, met, random_teachers
 

@@ -27,14 +27,16 @@ import click
 import numpy as np
 import torch
 
-from ..common.cli_options import POSITIVE, available_cores, device_option
-from ..common.crop_loader import CropRequest, View, normalise
-from ..common.crops import CropParams, boxes_to_relative, sample_crops
-from ..common.dataset import build_index
-from ..common.loaders import LOADERS, installed, iterate
-from ..common.runtime import resolve_device
-from ..common.teachers import NORMS
-from ..common.torch_loader import decode_jpeg_rgb, decode_cpu, jpeg_kind, render_crops
+from ..cli.params import POSITIVE, device_option
+
+from ..common.data.loaders.registry import available_cores
+from ..common.data.loaders.base import CropRequest, View, normalise
+from ..common.data.crops import CropParams, boxes_to_relative, sample_crops
+from ..common.data.dataset import build_index
+from ..common.data.loaders.registry import LOADERS, installed, iterate
+from ..common.models.runtime import resolve_device
+from ..common.models.teachers import NORMS
+from ..common.data.loaders.torch import decode_jpeg_rgb, decode_cpu, jpeg_kind, render_crops
 from .common import machine_description, make_photo_dataset, met
 
 TARGET = 0.8

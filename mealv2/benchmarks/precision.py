@@ -25,14 +25,16 @@ import numpy as np
 import timm
 import torch
 
-from ..common.cli_options import POSITIVE, available_cores
-from ..common.crop_loader import CropRequest, View
-from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index
-from ..common.loaders import iterate
-from ..common.targets import encode_topk
-from ..common.runtime import Runtime
-from ..common.teachers import NORMS
+from ..cli.params import POSITIVE
+
+from ..common.data.loaders.registry import available_cores
+from ..common.data.loaders.base import CropRequest, View
+from ..common.data.crops import CropParams, sample_crops
+from ..common.data.dataset import build_index
+from ..common.data.loaders.registry import iterate
+from ..common.data.targets import encode_topk
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import NORMS
 from .common import machine_description, make_photo_dataset
 from .label import kl_to_stored
 

@@ -34,11 +34,11 @@ import crc32c
 import numpy as np
 from PIL import Image
 
-from ..common.cli_options import POSITIVE, loader_option
-from ..common.crops import CropParams, sample_crops
-from ..common.dataset import DatasetIndex
-from ..common.store import LabelStore
-from ..common.targets import encode_topk
+from ..cli.params import POSITIVE, loader_option
+from ..common.data.crops import CropParams, sample_crops
+from ..common.data.dataset import DatasetIndex
+from ..common.store.label_store import LabelStore
+from ..common.data.targets import encode_topk
 from .common import machine_description, make_photo_dataset, met
 from .label import synthetic_ensemble_probs, synthetic_store_attrs
 
@@ -64,7 +64,7 @@ main()
 
 _PROBE = """
 import json, os, resource, sys, time
-from mealv2.common.dataset import probe_images
+from mealv2.common.data.dataset import probe_images
 paths = open(sys.argv[1]).read().split("\\n")
 t = time.perf_counter()
 probe_images(paths, int(sys.argv[2]))

@@ -24,13 +24,13 @@ import click
 import crc32c
 import torch
 
-from ..common.cli_options import POSITIVE, LocalPath, device_option
-from ..common.crop_loader import View
-from ..common.crops import CropParams
-from ..common.dataset import build_index
-from ..common.models import create_timm_model, default_data_config
-from ..common.runtime import Runtime
-from ..common.teachers import Ensemble, load_teacher, split_specs
+from ..cli.params import POSITIVE, LocalPath, device_option
+from ..common.data.loaders.base import View
+from ..common.data.crops import CropParams
+from ..common.data.dataset import build_index
+from ..common.models.checkpoints import create_timm_model, default_data_config
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import Ensemble, load_teacher, split_specs
 from ..stage1_label.labeler import LabelConfig, run_label
 from ..stage2_train.loader import FreshLabels, TrainLoader
 from ..stage2_train.losses import soft_cross_entropy

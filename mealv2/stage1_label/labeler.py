@@ -17,23 +17,23 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.cli_options import available_cores
-from ..common.crop_loader import CropRequest
-from ..common.loaders import describe, iterate, resolve
-from ..common.crops import CropParams, sample_crops
-from ..common.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
-from ..common.distributed import distributed
+from ..common.data.loaders.registry import available_cores
+from ..common.data.loaders.base import CropRequest
+from ..common.data.loaders.registry import describe, iterate, resolve
+from ..common.data.crops import CropParams, sample_crops
+from ..common.data.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
+from ..common.models.distributed import distributed
 from ..common.errors import MealV2Error, require_finite, require_in_range
-from ..common.faults import fault_point
-from ..common.lease import writable_url
-from ..common.remote import is_url, open_objects
-from ..common.runtime import Runtime
-from ..common.store import LabelStore, acquire_writer_lock
-from ..common.targets import encode_topk
-from ..common.teacher_check import check_teachers
-from ..common.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file, read_teacher_classes,
+from ..common.store.faults import fault_point
+from ..common.store.lease import writable_url
+from ..common.store.objects import is_url, open_objects
+from ..common.models.runtime import Runtime
+from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.data.targets import encode_topk
+from ..common.models.teacher_check import check_teachers
+from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file, read_teacher_classes,
                                teacher_table)
-from .writer import DEPTH, ShardWriter
+from ..common.store.writer import DEPTH, ShardWriter
 
 
 # The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..common.cli_options import available_cores
-from ..common.store import LabelStore, StoreError
+from ..common.data.loaders.registry import available_cores
+from ..common.store.label_store import LabelStore, StoreError
 
 # torch, timm and DALI are imported only by `verify --data`: inspect and verify stay quick.
 
@@ -82,9 +82,9 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
     if data is None or problems:
         return problems
     store = LabelStore.open(path)
-    from ..common.dataset import build_index, image_crcs
-    from ..common.runtime import Runtime
-    from ..common.teachers import load_teacher
+    from ..common.data.dataset import build_index, image_crcs
+    from ..common.models.runtime import Runtime
+    from ..common.models.teachers import load_teacher
 
     index = build_index(data)
     a = store.attrs
@@ -113,10 +113,10 @@ def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, run
     """Re-run the teachers on the stored crops of ``n`` random images of a random round."""
     import torch
 
-    from ..common.crop_loader import CropRequest
-    from ..common.loaders import describe, iterate, resolve
-    from ..common.targets import decode_probs
-    from ..common.teachers import Ensemble
+    from ..common.data.loaders.base import CropRequest
+    from ..common.data.loaders.registry import describe, iterate, resolve
+    from ..common.data.targets import decode_probs
+    from ..common.models.teachers import Ensemble
 
     a = store.attrs
     c = a["crops_per_image"]

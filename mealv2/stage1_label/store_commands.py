@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
+from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
 from .report import store_problems, store_summary, verify_store
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..common.cli_options import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath,
-                                  crop_options, device_option, loader_option, teacher_options, trust_option,
-                                  workers_option)
+from ..cli.options import crop_options, teacher_options
+
+from ..cli.params import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath, device_option, loader_option, trust_option, workers_option)
 from .run_config import config_from_flags
 from .trainer import TrainConfig, train as run_train
 

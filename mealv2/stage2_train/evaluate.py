@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import click
 import timm
 
-from ..common import models as M
-from ..common.cli_options import POSITIVE, LocalPath, device_option, trust_option, workers_option
-from ..common.dataset import build_index
+from ..common.models import checkpoints as M
+from ..cli.params import POSITIVE, LocalPath, device_option, trust_option, workers_option
+from ..common.data.dataset import build_index
 from ..common.errors import MealV2Error
-from ..common.runtime import Runtime
-from ..common.teachers import NORMS, STATE_DICT_NORM, parse_norm, read_classes_file
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import NORMS, STATE_DICT_NORM, parse_norm, read_classes_file
 from .validate import class_order, validate
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from ..common.cli_options import NON_NEGATIVE, POSITIVE, LocalPath, trust_option
+from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, trust_option
 from ..common.errors import MealV2Error
 from .evaluate import EvalError, LoadedModel, load_model
 
@@ -116,7 +116,7 @@ def load_safetensors_model(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..common.models import create_timm_model, load_weights
+    from ..common.models.checkpoints import create_timm_model, load_weights
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "arch" not in meta or "num_classes" not in meta:

@@ -29,13 +29,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..common.crop_loader import CropRequest, View
-from ..common.crops import CropParams, sample_crops
-from ..common.dataset import DatasetError, DatasetIndex
+from ..common.data.loaders.base import CropRequest, View
+from ..common.data.crops import CropParams, sample_crops
+from ..common.data.dataset import DatasetError, DatasetIndex
 from ..common.errors import MealV2Error
-from ..common.loaders import iterate, resolve
-from ..common.store import LabelStore, RoundData, StoreError
-from ..common.targets import reconstruct_targets
+from ..common.data.loaders.registry import iterate, resolve
+from ..common.store.label_store import LabelStore, RoundData, StoreError
+from ..common.data.targets import reconstruct_targets
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.distributed import DistInfo
+from ..common.models.distributed import DistInfo
 from ..common.errors import MealV2Error, require_finite
 
 

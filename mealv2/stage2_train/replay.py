@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.cli_options import available_cores
-from ..common.crop_loader import View
-from ..common.dataset import DatasetIndex, build_index_shared
-from ..common.distributed import DistInfo
+from ..common.data.loaders.registry import available_cores
+from ..common.data.loaders.base import View
+from ..common.data.dataset import DatasetIndex, build_index_shared
+from ..common.models.distributed import DistInfo
 from ..common.errors import MealV2Error
-from ..common.loaders import resolve
-from ..common.models import default_data_config, preview_classes
-from ..common.runtime import Runtime, resolve_device
-from ..common.store import LabelStore
+from ..common.data.loaders.registry import resolve
+from ..common.models.checkpoints import default_data_config, preview_classes
+from ..common.models.runtime import Runtime, resolve_device
+from ..common.store.label_store import LabelStore
 from .loader import StoredLabels, TrainLoader, images_per_step
 from .losses import mix_batch
 

@@ -11,10 +11,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..common.crops import CropParams
+from ..common.data.crops import CropParams
 from ..common.errors import MealV2Error
-from ..common.models import load_checkpoint_file
-from ..common.teachers import split_specs
+from ..common.models.checkpoints import load_checkpoint_file
+from ..common.models.teachers import split_specs
 from .trainer import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
 from .utils import CONFIG_FILE
 

@@ -53,21 +53,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.cli_options import available_cores, field_defaults, flag_name
-from ..common.crop_loader import View
-from ..common.crops import CropParams
-from ..common.dataset import build_index_shared, refuse_nested, skipped_report
-from ..common.distributed import DistInfo, distributed
+from ..common.config import field_defaults, flag_name
+from ..common.data.loaders.registry import available_cores
+from ..common.data.loaders.base import View
+from ..common.data.crops import CropParams
+from ..common.data.dataset import build_index_shared, refuse_nested, skipped_report
+from ..common.models.distributed import DistInfo, distributed
 from ..common.errors import MealV2Error, require_finite, require_in_range
-from ..common.faults import fault_point
-from ..common.loaders import describe, resolve
-from ..common.locks import check_writable, hold_lock
-from ..common.models import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
+from ..common.store.faults import fault_point
+from ..common.data.loaders.registry import describe, resolve
+from ..common.store.locks import check_writable, hold_lock
+from ..common.models.checkpoints import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                              save_checkpoint, unwrap_state_dict)
-from ..common.runtime import Runtime
-from ..common.store import LabelStore
-from ..common.teacher_check import check_teachers
-from ..common.teachers import (Ensemble, load_teacher, naming_extra_classes, read_classes_file, read_teacher_classes,
+from ..common.models.runtime import Runtime
+from ..common.store.label_store import LabelStore
+from ..common.models.teacher_check import check_teachers
+from ..common.models.teachers import (Ensemble, load_teacher, naming_extra_classes, read_classes_file, read_teacher_classes,
                                teacher_table)
 from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses

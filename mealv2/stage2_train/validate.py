@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..common.crop_loader import decode_rgb, normalise
-from ..common.dataset import DatasetIndex
-from ..common.distributed import DistInfo
+from ..common.data.loaders.base import decode_rgb, normalise
+from ..common.data.dataset import DatasetIndex
+from ..common.models.distributed import DistInfo
 from ..common.errors import MealV2Error
-from ..common.models import preview_classes
-from ..common.runtime import Runtime
-from ..common.teachers import output_index
+from ..common.models.checkpoints import preview_classes
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import output_index
 
 CROP_PCT = 0.875
 # A trainer keeps its val images decoded (uint8, at the val res) from one epoch to the next when

@@ -16,7 +16,7 @@ copied without blocking: no float work on the CPU. For a CPU run the CPU is the 
 thread normalises its own image's crops into its slice of the batch, so that work scales with
 the threads too instead of running on the thread that yields.
 
-Decoding matches DALI's (and :func:`~mealv2.common.crop_loader.decode_rgb`'s): EXIF orientation
+Decoding matches DALI's (and :func:`~mealv2.common.data.loaders.dali.decode_rgb`'s): EXIF orientation
 applied, grayscale expanded to RGB, 16-bit scaled to 8-bit. JPEGs in RGB or grayscale go through
 libjpeg-turbo on the CPU (PIL's pixels exactly) or nvJPEG on a GPU (whose IDCT may round a level
 differently); an EXIF-rotated JPEG is decoded on the CPU (torchvision's device decoder does not
@@ -37,11 +37,11 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from .crop_loader import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes
-from .crops import boxes_to_relative
+from .base import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes
+from ..crops import boxes_to_relative
 
 if TYPE_CHECKING:
-    from .dataset import DatasetIndex
+    from ..dataset import DatasetIndex
 
 _JPEG = b"\xff\xd8\xff"
 _ORIENTATION = 0x0112
@@ -76,7 +76,7 @@ def decode_cpu(data: np.ndarray, kind: str, path) -> torch.Tensor:
             return F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
         return decode_jpeg_rgb(torch.from_numpy(data), apply_exif_orientation=True)
     except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # PIL's and libjpeg's "corrupt data"
-        from .dataset import DatasetError
+        from ..dataset import DatasetError
         raise DatasetError(f"cannot decode {path}: {e}; expected a decodable image") from None
 
 
@@ -142,7 +142,7 @@ def decode_on_device(index: DatasetIndex, ids: np.ndarray, loaded: list, device:
 def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], views: list[View], crops: int,
                         device: str = "cpu", threads: int = 4, prefetch: int = 2, decode_on: str | None = None,
                         **_) -> Iterator[CropBatch]:
-    """Yield a :class:`CropBatch` per request, as :func:`~mealv2.common.crop_loader.iterate_crops`
+    """Yield a :class:`CropBatch` per request, as :func:`~mealv2.common.data.loaders.dali.iterate_crops`
     does. ``decode_on`` (``threads`` or ``device``) defaults to the device for CUDA and to the
     threads for a CPU."""
     dev = torch.device(device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import MealV2Error
+from ..errors import MealV2Error
 
 
 def lock_path_beside(path: str | Path) -> Path:

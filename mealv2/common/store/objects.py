@@ -41,7 +41,8 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Sto
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
-from .errors import MealV2Error
+from ..errors import MealV2Error
+from .files import cache_root
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Fields of fsspec's info() that change with an object's bytes (S3, HTTP, GCS, Azure, local), in order of
@@ -85,13 +86,6 @@ def redact(url: str) -> str:
     """``url`` without user, password and query: what may be printed."""
     parts = urlsplit(url)
     return parts._replace(netloc=parts.hostname or "", query="").geturl()
-
-
-def cache_root() -> Path:
-    """``$MEALV2_CACHE``, else ``$XDG_CACHE_HOME/mealv2``, else ``~/.cache/mealv2``."""
-    if os.environ.get("MEALV2_CACHE"):
-        return Path(os.environ["MEALV2_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mealv2"
 
 
 class LocalObjects:

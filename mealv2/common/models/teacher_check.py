@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .crop_loader import CropRequest, View
-from .crops import CropParams, sample_crops
-from .dataset import DatasetIndex
-from .errors import MealV2Error
-from .loaders import iterate
+from ..data.loaders.base import CropRequest, View
+from ..data.crops import CropParams, sample_crops
+from ..data.dataset import DatasetIndex
+from ..errors import MealV2Error
+from ..data.loaders.registry import iterate
 from .teachers import NORMS, Ensemble, Spec, Teacher, norm_name
 
 SAMPLE_IMAGES = 1024          # about this many images, at least 2 per class where there are 2

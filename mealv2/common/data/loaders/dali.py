@@ -12,44 +12,17 @@ the same things, and ``loaders.LOADERS`` picks one.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import crc32c
 import numpy as np
 import torch
 
-from .crops import boxes_to_relative
+from ..crops import boxes_to_relative
+from .base import CropBatch, CropRequest, View, read_bytes
 
 if TYPE_CHECKING:
-    from .dataset import DatasetIndex
-
-
-@dataclass(frozen=True)
-class View:
-    """One normalised rendering of the crops."""
-
-    res: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@dataclass
-class CropRequest:
-    ids: np.ndarray     # (b,) int64 dataset image ids
-    boxes: np.ndarray   # (b, C, 4) uint16 grid boxes
-    flips: np.ndarray   # (b, C) bool
-
-
-@dataclass
-class CropBatch:
-    ids: np.ndarray                 # (b,) image ids
-    views: list[torch.Tensor]       # per view: (b * C, 3, res, res) float32, on the pipeline's device
-    crcs: np.ndarray                # (b,) uint32 CRC32C of each image file's bytes as read
-
-
-def read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
-    return np.fromfile(index.path(int(image_id)), dtype=np.uint8)
+    from ..dataset import DatasetIndex
 
 
 def _meta(image_id: int, data: np.ndarray) -> np.ndarray:
@@ -138,7 +111,7 @@ def _undecodable(paths: list) -> Exception:
     """A DatasetError naming the file(s) among ``paths`` that DALI's CPU decoder rejects."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from .dataset import DatasetError
+    from ..dataset import DatasetError
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
                   exec_async=False, exec_pipelined=False)
@@ -161,23 +134,3 @@ def _undecodable(paths: list) -> Exception:
     return DatasetError(f"cannot decode {named}: its header is valid but DALI's image decoder fails on "
                         f"its data (a corrupt image); expected a decodable image. Replace it with a "
                         f"readable copy of the same size and run the command again")
-
-
-def decode_rgb(path_or_file) -> "Image.Image":
-    """Decode as DALI does: EXIF orientation applied, 16-bit scaled to 8-bit, RGB."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path_or_file) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.uint32) >> 8
-            im = Image.fromarray(arr.astype(np.uint8))
-        return im.convert("RGB")
-
-
-def normalise(images: torch.Tensor, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, as torchvision's ToTensor + Normalize compute it (into ``out``
-    when given: a loader thread's slice of its batch)."""
-    m, s = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in (mean, std))
-    out = images.float() if out is None else out.copy_(images)
-    return out.div_(255).sub_(m).div_(s)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import MealV2Error
+from ..errors import MealV2Error
 
 BOX_GRID = 1023          # relative coordinates are q / BOX_GRID, q in [0, BOX_GRID]: 10 bits
 _TRIES = 10              # torchvision's RandomResizedCrop makes 10 attempts before its fallback

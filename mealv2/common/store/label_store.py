@@ -48,11 +48,11 @@ import zarr
 from filelock import FileLock
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
-from .errors import MealV2Error
+from ..errors import MealV2Error
 from .faults import fault_point
 from .locks import hold_lock, lock_path_beside
 from .lease import Lease, hold_lease
-from .remote import LocalObjects, is_url, open_objects
+from .objects import LocalObjects, is_url, open_objects
 
 FORMAT = "mealv2-labels"
 # v5: a round of an array is one object (zarr's sharding codec), shards are staged under `staged/` while

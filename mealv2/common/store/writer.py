@@ -13,8 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from ..common.errors import MealV2Error
-from ..common.store import LabelStore, StoreError
+from ..errors import MealV2Error
+from .label_store import LabelStore, StoreError
 
 DEPTH = 2   # shards in flight: one being written, one waiting; a kill loses at most these
 

@@ -46,15 +46,15 @@ from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INC
                        infer_imagenet_subset)
 from torch import nn
 
-from .crop_loader import View
-from .dataset import class_sources
-from .errors import MealV2Error
-from .faults import fault_point
-from .models import (ClassCountError, ModelSpecError, create_timm_model, default_data_config, is_mealv2_checkpoint,
+from ..data.loaders.base import View
+from ..data.dataset import class_sources
+from ..errors import MealV2Error
+from ..store.faults import fault_point
+from .checkpoints import (ClassCountError, ModelSpecError, create_timm_model, default_data_config, is_mealv2_checkpoint,
                      load_checkpoint_file, load_weights, model_from_mealv2_checkpoint, pretrained_cfg,
                      preview_classes, state_dict_sha256, unwrap_state_dict)
 from .runtime import Runtime
-from .targets import ensemble_probs
+from ..data.targets import ensemble_probs
 
 NORMS = {  # named normalisations a spec can state with %NAME
     "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),

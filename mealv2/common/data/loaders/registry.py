@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import MealV2Error
+from ...errors import MealV2Error
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,14 @@ class Loader:
 
 
 LOADERS = {
-    "dali": Loader("mealv2.common.crop_loader:iterate_crops", "nvidia.dali", "pip install nvidia-dali-cuda130 (x86-64 Linux)",
+    "dali": Loader("mealv2.common.data.loaders.dali:iterate_crops", "nvidia.dali", "pip install nvidia-dali-cuda130 (x86-64 Linux)",
                    {"cpu": "DALI decodes and resizes on the CPU threads",
                     "cuda": "DALI decodes (nvJPEG) and resizes on the GPU"}),
-    "torch": Loader("mealv2.common.torch_loader:iterate_crops_torch", None, "",
+    "torch": Loader("mealv2.common.data.loaders.torch:iterate_crops_torch", None, "",
                     {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
                      "cuda": "torchvision decodes (nvJPEG) and resizes on the GPU; files read on the CPU threads"}),
     # the torch loader with decoding kept on the CPU on a GPU too: where nvJPEG is missing or slower
-    "torch-cpu": Loader("mealv2.common.torch_loader:iterate_crops_torch_cpu", None, "",
+    "torch-cpu": Loader("mealv2.common.data.loaders.torch:iterate_crops_torch_cpu", None, "",
                         {"cpu": "torchvision/PIL decode and resize to uint8 on the CPU threads",
                          "cuda": "torchvision/PIL decode and resize on the CPU threads; uint8 to the GPU "
                                  "(pinned), normalised there"}),
@@ -73,9 +74,18 @@ def describe(name: str, device_type: str, threads: int) -> str:
 
 def iterate(name: str, index, requests: Iterable, views: list, crops: int, *, batch_size: int, device: str,
             threads: int, prefetch: int = 2):
-    """The :class:`~mealv2.common.crop_loader.CropBatch` of each of ``requests``, rendered by backend
+    """The :class:`~mealv2.common.data.loaders.dali.CropBatch` of each of ``requests``, rendered by backend
     ``name`` (``auto`` or a name: see :func:`resolve`)."""
     module, function = LOADERS[resolve(name)].render.split(":")
     render = getattr(importlib.import_module(module), function)
     return render(index, requests, views, crops, batch_size=batch_size, device=device, threads=threads,
                   prefetch=prefetch)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, as a container or taskset limits it): the
+    default number of decoding workers, so a 2-core machine does not start 4 of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1

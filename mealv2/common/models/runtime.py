@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli_options import PRECISIONS
-from .errors import MealV2Error
+from ..errors import MealV2Error
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")   # forward precisions, applied by Runtime
+
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -20,8 +20,8 @@ import timm
 import torch
 from torch import nn
 
-from .errors import MealV2Error
-from .faults import fault_point
+from ..errors import MealV2Error
+from ..store.faults import fault_point
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
 TRUST_FLAG = "--trust-checkpoint"

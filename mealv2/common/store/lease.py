@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.asyn import sync
 
-from .errors import MealV2Error
-from .remote import RemoteError, check_url, redact
+from ..errors import MealV2Error
+from .objects import RemoteError, check_url, redact
 
 SECONDS_VARIABLE = "MEALV2_LEASE_SECONDS"
 DEFAULT_SECONDS = 60.0

@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .errors import MealV2Error
-from .remote import cache_root
+from ..errors import MealV2Error
+from ..store.files import cache_root
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (copied: importing torchvision costs seconds)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

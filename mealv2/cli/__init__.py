@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from . import __version__
-from .common.errors import MealV2Error
+from .. import __version__
+from ..common.errors import MealV2Error
 
 COMMANDS = {  # name: (module, attribute, one-line help)
     "label": ("mealv2.stage1_label.commands", "label", "Stage 1: store the teacher ensemble's soft labels."),
@@ -84,6 +84,3 @@ def main() -> None:
         click.echo(f"mealv2: error: {e.strerror or e}{where}", err=True)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""The data path: the dataset index, crop geometry, soft-label targets, and the crop loaders."""
