@@ -32,9 +32,9 @@ _PUBLIC = {  # name -> module defining it
 # The stages as functions: name -> (module, attribute).
 _STAGES = {
     "label": ("mealv2.stage1_label.labeler", "run_label"),
-    "LabelConfig": ("mealv2.stage1_label.labeler", "LabelConfig"),
+    "LabelConfig": ("mealv2.stage1_label.config", "LabelConfig"),
     "train": ("mealv2.stage2_train.trainer", "train"),
-    "TrainConfig": ("mealv2.stage2_train.trainer", "TrainConfig"),
+    "TrainConfig": ("mealv2.stage2_train.config", "TrainConfig"),
     "resume_config": ("mealv2.stage2_train.run_config", "resume_config"),
 }
 

@@ -30,7 +30,8 @@ from mealv2.common.data.crops import CropParams, sample_crops
 from mealv2.common.data.dataset import build_index
 from mealv2.common.store.label_store import LabelStore, StoreError
 from mealv2.common.data.targets import PROB_LEVELS, decode_probs
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 from mealv2.stage1_label.report import verify_store
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,8 @@ from mealv2.common.data.dataset import DatasetError, build_index
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store.label_store import LabelStore
 from mealv2.common.data.targets import reconstruct_targets
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 from mealv2.stage2_train.loader import FreshLabels, StoredLabels, TrainLoader, epoch_order, steps_per_epoch
 
 CPU = torch.device("cpu")

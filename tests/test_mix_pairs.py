@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mealv2.common.errors import MealV2Error
-from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage2_train.config import TrainConfig
+from mealv2.stage2_train.trainer import train
 
 ARGS = ["--hard-labels", "-a", "test_resnet", "--res", 32, "--crops-per-image", 2, "--device", "cpu",
         "--loader", "torch", "--workers", 1, "--dry-run"]

@@ -19,7 +19,8 @@ from conftest import BUCKET, SECRET, run_cli
 
 from mealv2.common.data.crops import CropParams
 from mealv2.common.store.label_store import LabelStore
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 
 pytest.importorskip("boto3")
 pytest.importorskip("s3fs")

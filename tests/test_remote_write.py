@@ -20,7 +20,8 @@ from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store.lease import hold_lease
 from mealv2.common.store.label_store import LabelStore
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("s3fs")

@@ -12,11 +12,13 @@ from mealv2.common.errors import MealV2Error
 from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.common.store.label_store import LabelStore
 from mealv2.common.models.teachers import Ensemble
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 from mealv2.stage2_train import trainer
 from mealv2.stage2_train.loader import StoredLabels, epoch_order
 from mealv2.stage2_train.res_schedule import ResSchedule, res_schedule
-from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage2_train.config import TrainConfig
+from mealv2.stage2_train.trainer import train
 
 FAST = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
 STORE_RES = 32

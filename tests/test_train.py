@@ -18,7 +18,8 @@ from conftest import make_image_dataset
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.common.store.label_store import LabelStore
-from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage2_train.config import TrainConfig
+from mealv2.stage2_train.trainer import train
 from mealv2.stage2_train.utils import METRICS
 
 FAST = ["--device", "cpu", "--workers", "2", "--batch-size", "8"]
@@ -168,7 +169,7 @@ def test_resume_names_every_setting_that_would_change_the_run(labelled, tmp_path
 
 @pytest.mark.parametrize("field", ["lr", "momentum", "wd", "d_lr", "temperature", "cutmix_prob", "mixup"])
 def test_non_finite_settings_are_refused_in_python_too(field):
-    from mealv2.stage1_label.labeler import LabelConfig
+    from mealv2.stage1_label.config import LabelConfig
     for value in (float("nan"), float("inf")):
         with pytest.raises(MealV2Error, match=rf"train: {field} = {value!r} is not a finite number"):
             TrainConfig(data="d", out="o", arch="a", hard_labels=True, **{field: value})

@@ -14,8 +14,10 @@ import pytest
 
 from conftest import make_image_dataset
 from mealv2.common.data.crops import CropParams
-from mealv2.stage1_label.labeler import LabelConfig, run_label
-from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
+from mealv2.stage2_train.config import TrainConfig
+from mealv2.stage2_train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,10 +27,12 @@ from mealv2.common.models.checkpoints import ModelSpecError, load_checkpoint_fil
 from mealv2.common.models.runtime import Runtime
 from mealv2.common.store.label_store import LabelStore
 from mealv2.common.models.teachers import timm_class_names
-from mealv2.stage1_label.labeler import LabelConfig, run_label
+from mealv2.stage1_label.config import LabelConfig
+from mealv2.stage1_label.labeler import run_label
 from mealv2.stage1_label.store_commands import inspect
 from mealv2.stage2_train.evaluate import evaluate
-from mealv2.stage2_train.trainer import TrainConfig, train
+from mealv2.stage2_train.config import TrainConfig
+from mealv2.stage2_train.trainer import train
 from mealv2.stage2_train.validate import class_order, validate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

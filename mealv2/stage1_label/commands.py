@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from ..cli.options import crop_options, crop_params, teacher_options
-
-from ..cli.params import (POSITIVE, POSITIVE_FLOAT, LocalPath, StorePath, device_option, loader_option, trust_option, workers_option)
+from ..cli.params import (POSITIVE, POSITIVE_FLOAT, LocalPath, StorePath, device_option, loader_option, trust_option,
+                          workers_option)
 
 # The labeller (torch, timm, DALI) is imported when `label` runs: `--help` stays quick.
 
@@ -38,6 +38,7 @@ def label(teachers, res, scale, ratio, **flags):
     Before the first crop it prints each teacher's input (resolution, mean/std, class order)
     and, on labelled data, checks it against the labels (see --no-teacher-check)."""
     from ..common.models.teachers import split_specs
-    from .labeler import LabelConfig, run_label
+    from .config import LabelConfig
+    from .labeler import run_label
 
     run_label(LabelConfig(**flags, teachers=split_specs(teachers), crop=crop_params(res, scale, ratio)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -17,81 +16,25 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.data.loaders.registry import available_cores
+from ..common.data.crops import sample_crops
+from ..common.data.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
 from ..common.data.loaders.base import CropRequest
 from ..common.data.loaders.registry import describe, iterate, resolve
-from ..common.data.crops import CropParams, sample_crops
-from ..common.data.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
-from ..common.models.distributed import distributed
-from ..common.errors import MealV2Error, require_finite, require_in_range
-from ..common.store.faults import fault_point
-from ..common.store.lease import writable_url
-from ..common.store.objects import is_url, open_objects
-from ..common.models.runtime import Runtime
-from ..common.store.label_store import LabelStore, acquire_writer_lock
 from ..common.data.targets import encode_topk
+from ..common.errors import MealV2Error
+from ..common.models.distributed import distributed
+from ..common.models.runtime import Runtime
 from ..common.models.teacher_check import check_teachers
-from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file, read_teacher_classes,
-                               teacher_table)
-from ..common.store.writer import DEPTH, ShardWriter
+from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
+                                      read_teacher_classes, teacher_table)
+from ..common.store.faults import fault_point
+from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.store.objects import is_url, open_objects
+from ..common.store.writer import ShardWriter
+from .config import LabelConfig
 
 
 # The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
-LABEL_RANGES = {**{name: (1, None, False) for name in ("rounds", "crops_per_image", "topk", "batch_size", "workers",
-                                                       "shard_size")},
-                "seed": (0, None, False), "temperature": (0, None, True)}
-
-
-@dataclass
-class LabelConfig:
-    """Everything ``mealv2 label`` does; each field is the flag of the same name (``mealv2 label --help``),
-    refused here when it cannot run, so Python callers meet the CLI's refusals.
-
-    Args:
-        data: images to label (ImageFolder, CSV or a folder of loose images); DATA.
-        teachers: teacher specs (ARCH, ARCH=CKPT, CKPT with @RES, %NORM, *WEIGHT suffixes); --teachers.
-        out: the store to create, resume or append rounds to; --out.
-        rounds, crops_per_image, crop, topk, temperature, ...: as the flags of the same name
-            (``crop`` holds --res/--scale/--ratio).
-
-    Example::
-
-        import mealv2
-        store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50", "convnext_tiny"], "store", rounds=2))
-    """
-
-    data: str
-    teachers: list[str]
-    out: str
-    rounds: int = 4
-    crops_per_image: int = 4
-    crop: CropParams = CropParams()
-    topk: int = 10
-    temperature: float = 1.0
-    batch_size: int = 256
-    seed: int = 0
-    loader: str = "auto"
-    device: str = "auto"
-    workers: int = field(default_factory=available_cores)
-    shard_size: int = 1024
-    skip_bad: bool = False
-    classes_file: str | None = None     # a state-dict teacher's class names in output order
-    teacher_classes: dict[int, str] = field(default_factory=dict)  # teacher N's class names (--teacher-classes)
-    teacher_check: bool = True
-    teacher_precision: str = "fp32"
-    progress: bool = True
-    write_depth: int = DEPTH            # shards in flight on the background writer; 0 writes in the loop
-
-    def __post_init__(self):
-        resolve(self.loader)   # a backend that is not installed is refused before any work
-        require_finite("label", temperature=self.temperature)
-        require_in_range("label", LABEL_RANGES, **{name: getattr(self, name) for name in LABEL_RANGES})
-        if not self.teachers:
-            raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
-        if is_url(self.out):
-            writable_url(self.out, MealV2Error)
-
-
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
     """Everything that identifies a store's labels (see common/store.py); ``classes`` are the
     label space's (default the dataset's; the teachers' for unlabelled data or fewer dataset classes)."""

@@ -10,10 +10,11 @@ import click
 from click.core import ParameterSource
 
 from ..cli.options import crop_options, teacher_options
-
-from ..cli.params import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath, device_option, loader_option, trust_option, workers_option)
+from ..cli.params import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, FiniteFloat, LocalPath, StorePath, device_option,
+                          loader_option, trust_option, workers_option)
+from .config import TrainConfig
 from .run_config import config_from_flags
-from .trainer import TrainConfig, train as run_train
+from .trainer import train as run_train
 
 
 @click.command()

@@ -15,7 +15,7 @@ from ..common.data.crops import CropParams
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import load_checkpoint_file
 from ..common.models.teachers import split_specs
-from .trainer import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
+from .config import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
 from .utils import CONFIG_FILE
 
 CROP_FIELDS = ("res", "scale", "ratio")   # flags that make up TrainConfig.crop
