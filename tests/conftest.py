@@ -5,6 +5,7 @@ import colorsys
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,25 @@ def tiny_csv(tiny_data) -> Path:
     path = tiny_data / "subset.csv"
     path.write_text("path,label\n" + "\n".join(rows) + "\n")
     return path
+
+
+def record_fsyncs(monkeypatch, seen=lambda: None) -> list[tuple[str, object]]:
+    """Make os.fsync record the path of each file or folder it syncs (its name at that moment, through
+    /proc/self/fd), with ``seen()`` then."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), seen()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def partial_of(path) -> re.Pattern:
+    """The names common/store/files.py writes ``path`` under before renaming it."""
+    return re.compile(rf"{re.escape(str(path))}\.\d+\.\d+\.partial")
 
 
 def flip_chunk_byte(store: Path, array: str, round_: int, shard: int, mask: int = 0x01) -> str:

@@ -305,7 +305,7 @@ class LabelStore:
                   if name in group}
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: _digest(attrs), ARRAYS_KEY: arrays})
         try:
-            objects.publish(tmp)   # the store appears under its name only once its metadata is complete
+            objects.publish(tmp)   # the store appears under its name only once complete and durable
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(objects.location, mode="r+")
@@ -393,16 +393,17 @@ class LabelStore:
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
         keys = self._chunk_keys(round_, [shard])
-        if self.done_mask([shard]).any():     # R marks, not the whole array
+        labelled = self.done_mask([shard]).any()     # R marks, not the whole array
+        if labelled:
             changed = np.flatnonzero(self._crc_array()[a:b] != crcs)
             if len(changed):
                 raise self.images_changed(a + changed, crcs[changed], names)
             keys = [key for key in keys if not key.startswith(f"{STAGED}/crc32c/")]   # kept as they are
-        else:
-            _writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
-        folders = self.objects.folders_to_sync(keys)
         writing = self.path
         try:
+            self.objects.make_parents(keys, fsync=self.fsync)   # the new folders' entries durable too
+            if not labelled:
+                _writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
             for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
                 writing = self.objects.where(f"{STAGED}/{name}")
                 if i:
@@ -410,7 +411,7 @@ class LabelStore:
                 _writable(self.group[f"{STAGED}/{name}"])[round_, a:b] = values
             writing = self.path
             if self.fsync:   # as a database before its commit record: a shard marked done has its data
-                self.objects.sync(keys, folders)
+                self.objects.sync(keys)
         except OSError as e:   # zarr's and fsync's errors often name no file
             raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {self.path} "
                              f"({e.strerror or e}; {self.objects.free_space()}); "
@@ -433,9 +434,11 @@ class LabelStore:
                 self._pack_object(name, r)
             fault_point("pack")                # objects written, round not committed
             self._check_guard()
+            commit = [chunk_key("done", 2, r, 0)]
+            self.objects.make_parents(commit, fsync=self.fsync)
             _writable(self.group["done"])[r] = 1
             if self.fsync:                     # the staged files are deleted next
-                self.objects.sync([chunk_key("done", 2, r, 0)])
+                self.objects.sync(commit)
             packed[r] = True
         # The staged chunks of packed rounds, found in one listing (at a URL, one request per 1,000 keys
         # instead of one per array and round): the folders `STAGED/ARRAY/c/ROUND` and `STAGED/crc32c/c`.
