@@ -124,7 +124,7 @@ def partial_of(path) -> re.Pattern:
 def flip_chunk_byte(store: Path, array: str, round_: int, shard: int, mask: int = 0x01) -> str:
     """Flip a bit in the middle of chunk (round, shard) of ``array`` inside its round's packed object
     (found through the object's index); returns the chunk's name as verify names it."""
-    from mealv2.common.store.label_store import chunk_key
+    from mealv2.common.store.schema import chunk_key
 
     attrs = json.loads((store / "zarr.json").read_text())["attributes"]["mealv2"]
     count = -(-attrs["dataset"]["num_images"] // attrs["shard_size"])

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ import zarr
 from filelock import FileLock
 
 from mealv2.common.errors import MealV2Error
-from mealv2.common.store.label_store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
-                                 acquire_writer_lock, chunk_key)
+from mealv2.common.store.label_store import LabelStore, StoreError, acquire_writer_lock
+from mealv2.common.store.schema import ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, chunk_key
 from mealv2.common.data.targets import PROB_LEVELS
 
 from conftest import flip_chunk_byte, partial_of, record_fsyncs
@@ -527,4 +528,15 @@ def test_a_damaged_packed_done_row_redoes_its_round(store):
     again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
     assert again.repairs == ["done/c/1/0: damaged done mark; its shard(s) will be labelled again"]
     assert again.rounds_complete() == 1 and not again.done_mask()[1].any()
+
+
+def test_the_store_loads_neither_torch_nor_click_and_its_schema_not_zarr():
+    """`inspect` and `verify` start without torch, and targets.py takes PROB_LEVELS from the schema cheaply."""
+    import mealv2.common.store as package
+
+    modules = sorted(f"{package.__name__}.{p.stem}" for p in Path(package.__file__).parent.glob("*.py"))
+    code = ("import importlib, sys; importlib.import_module('mealv2.common.store.schema'); print('zarr' in sys.modules); "
+            f"[importlib.import_module(m) for m in {modules}]; print(sorted({{'torch', 'click'}} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert len(modules) > 8 and out.split("\n")[:2] == ["False", "[]"], out
 
