@@ -5,6 +5,7 @@ import colorsys
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,10 +102,29 @@ def tiny_csv(tiny_data) -> Path:
     return path
 
 
+def record_fsyncs(monkeypatch, seen=lambda: None) -> list[tuple[str, object]]:
+    """Make os.fsync record the path of each file or folder it syncs (its name at that moment, through
+    /proc/self/fd), with ``seen()`` then."""
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), seen()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def partial_of(path) -> re.Pattern:
+    """The names common/store/files.py writes ``path`` under before renaming it."""
+    return re.compile(rf"{re.escape(str(path))}\.\d+\.\d+\.partial")
+
+
 def flip_chunk_byte(store: Path, array: str, round_: int, shard: int, mask: int = 0x01) -> str:
     """Flip a bit in the middle of chunk (round, shard) of ``array`` inside its round's packed object
     (found through the object's index); returns the chunk's name as verify names it."""
-    from mealv2.common.store.label_store import chunk_key
+    from mealv2.common.store.schema import chunk_key
 
     attrs = json.loads((store / "zarr.json").read_text())["attributes"]["mealv2"]
     count = -(-attrs["dataset"]["num_images"] // attrs["shard_size"])

@@ -125,7 +125,7 @@ def test_train_killed_then_resumed_reproduces_the_loss_curve(setup, reference, f
     resumed = in_process(*train_args(data, reference, run, 3), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == pytest.approx(losses(full_run), abs=1e-6)
-    assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp files left behind"
+    assert not [p.name for p in run.iterdir() if ".partial" in p.name], "temp files left behind"
 
 
 def test_second_writer_is_refused_and_a_dead_one_leaves_no_stale_lock(setup, tmp_path, in_process):
@@ -376,7 +376,7 @@ def test_a_full_disk_in_train_names_the_file_removes_the_temp_file_and_keeps_las
     assert f"{run / 'last.pt'}: cannot write the checkpoint (No space left on device)" in full.stderr
     assert "MiB free, the checkpoint needs about" in full.stderr and "continue with --resume" in full.stderr
     assert "Traceback" not in full.stderr
-    assert not [p.name for p in run.iterdir() if ".tmp" in p.name], "temp file left behind"
+    assert not [p.name for p in run.iterdir() if ".partial" in p.name], "temp file left behind"
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     resumed = in_process(*hard_label_train(data, run, "--resume", epochs=2))
     assert resumed.returncode == 0, resumed.stderr

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,11 @@ import zarr
 from filelock import FileLock
 
 from mealv2.common.errors import MealV2Error
-from mealv2.common.store.label_store import (ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, LabelStore, StoreError,
-                                 acquire_writer_lock, chunk_key)
+from mealv2.common.store.label_store import LabelStore, StoreError, acquire_writer_lock
+from mealv2.common.store.schema import ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, chunk_key
 from mealv2.common.data.targets import PROB_LEVELS
 
-from conftest import flip_chunk_byte
+from conftest import flip_chunk_byte, partial_of, record_fsyncs
 
 N, C, K, SHARD = 10, 3, 4, 4        # 3 shards: [0, 4), [4, 8), [8, 10)
 
@@ -391,16 +392,9 @@ def test_verify_checks_only_the_shards_asked_and_shares_cover_the_store(store):
 
 def test_every_chunk_file_and_folder_of_a_shard_is_fsynced_before_its_done_mark(store, monkeypatch):
     """Durability: after a power loss a shard marked done must have its data (a commit record)."""
-    synced = []   # (path, was the shard's done mark already written?)
-    real_fsync = os.fsync
     mark = store.path / chunk_key("staged/done", 2, 1, 2)
-
-    def recording_fsync(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), mark.exists()))
-        real_fsync(fd)
-
     _fill(store, rounds=[0])
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch, mark.exists)   # (path, was the shard's done mark already written?)
     keys = [chunk_key("staged/" + name, ndim, 1, 2) for name, ndim in
             (("boxes", 4), ("flips", 3), ("ids", 4), ("probs", 4))]   # crc32c: packed with round 0
     existed = {str(p) for p in store.path.rglob("*") if p.is_dir()}
@@ -414,6 +408,43 @@ def test_every_chunk_file_and_folder_of_a_shard_is_fsynced_before_its_done_mark(
             assert str(folder.parent) in before, folder
             folder = folder.parent
     assert "boxes/c/1/2" in " ".join(before) and mark.exists()   # round 1 shard 2's folders were new
+
+
+def test_packing_makes_each_new_folder_durable_up_to_one_that_existed(store, monkeypatch):
+    """A power cut after a round's commit must not lose the new folders above its objects (`boxes/c/1`
+    ...): packing synced each object's own folder only (issue 28)."""
+    _fill(store, rounds=[0])
+    _fill(store, rounds=[1], pack=False)
+    commit = store.path / chunk_key("done", 2, 1, 0)
+    existed = {p for p in store.path.rglob("*") if p.is_dir()}
+    synced = record_fsyncs(monkeypatch, commit.exists)   # (path, was the round committed?)
+    assert store.pack() == [1]
+    before_commit = {path for path, committed in synced if not committed}
+    objects = [store.path / chunk_key(name, ndim, 1, 0) for name, ndim in
+               (("boxes", 4), ("flips", 3), ("ids", 4), ("probs", 4))]
+    for new in {p for p in store.path.rglob("*") if p.is_dir()} - existed:
+        assert str(new.parent) in {path for path, _ in synced}, new
+        if new not in commit.parents:
+            assert str(new.parent) in before_commit, new
+    for f in objects:
+        assert str(f.parent) in before_commit and any(partial_of(f).fullmatch(path) for path in before_commit), f
+    assert {str(commit), str(commit.parent)} <= {path for path, _ in synced}
+    assert str(store.path / "boxes" / "c") in before_commit   # boxes/c/1 was new
+
+
+def test_a_new_store_is_durable_before_it_appears_under_its_name(tmp_path, monkeypatch):
+    """Every file and folder of a new store synced before the rename that publishes it, then the rename
+    itself (issue 28), and the folders made for it."""
+    out = tmp_path / "new" / "deeper" / "s"
+    synced = record_fsyncs(monkeypatch, out.exists)   # (path, was the store visible?)
+    LabelStore.create_or_resume(out, _attrs(), 2, np.arange(N) % 7, relpaths=[f"{i}.jpg" for i in range(N)])
+    hidden = {path for path, visible in synced if not visible}
+    built = out.with_name(out.name + ".creating")
+    assert not built.exists()
+    for path in (out, *out.rglob("*")):
+        assert str(built / path.relative_to(out)) in hidden, path
+    assert (str(out.parent), True) in synced
+    assert {str(tmp_path), str(tmp_path / "new")} <= hidden
 
 
 def test_fsync_can_be_turned_off_for_measuring(store, monkeypatch):
@@ -497,3 +528,15 @@ def test_a_damaged_packed_done_row_redoes_its_round(store):
     again = LabelStore.create_or_resume(store.path, _attrs(), 2, np.arange(N) % 7)
     assert again.repairs == ["done/c/1/0: damaged done mark; its shard(s) will be labelled again"]
     assert again.rounds_complete() == 1 and not again.done_mask()[1].any()
+
+
+def test_the_store_loads_neither_torch_nor_click_and_its_schema_not_zarr():
+    """`inspect` and `verify` start without torch, and targets.py takes PROB_LEVELS from the schema cheaply."""
+    import mealv2.common.store as package
+
+    modules = sorted(f"{package.__name__}.{p.stem}" for p in Path(package.__file__).parent.glob("*.py"))
+    code = ("import importlib, sys; importlib.import_module('mealv2.common.store.schema'); print('zarr' in sys.modules); "
+            f"[importlib.import_module(m) for m in {modules}]; print(sorted({{'torch', 'click'}} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert len(modules) > 8 and out.split("\n")[:2] == ["False", "[]"], out
+

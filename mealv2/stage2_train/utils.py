@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 import time
 from pathlib import Path
 
 from ..common.errors import MealV2Error
+from ..common.store.files import write_file
 
 # res: the student's input resolution that epoch (progressive resizing changes it).
 # val_ema_*: the --model-ema weights' scores (empty without it).
@@ -21,13 +22,12 @@ CONFIG_FILE = "config.json"
 
 
 def write_run_config(run: Path, cfg, resolved: dict) -> Path:
-    """RUN/config.json, atomically: ``settings`` (every field of the TrainConfig ``cfg``, typed or default:
+    """RUN/config.json, whole and durably (common/store/files.py): ``settings`` (every field of the TrainConfig ``cfg``, typed or default:
     what --resume continues with, run_config.py) and ``resolved`` (what they came to: the store's crops, the
     student's res per epoch, ...)."""
     path = run / CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"settings": dataclasses.asdict(cfg), "resolved": resolved}, indent=1) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({"settings": dataclasses.asdict(cfg), "resolved": resolved}, indent=1) + "\n"
+    write_file(path, text.encode(), sole_writer=True)
     return path
 
 
@@ -47,13 +47,12 @@ class RunLog:
             self.tb = SummaryWriter(run / "tensorboard")
 
     def write(self, rows: list[dict], final: bool = False) -> None:
-        tmp = self.run / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRICS)
-            writer.writeheader()
-            # .get: rows resumed from a checkpoint written before a column existed leave it empty
-            writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in METRICS} for row in rows)
-        os.replace(tmp, self.run / "metrics.csv")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRICS)
+        writer.writeheader()
+        # .get: rows resumed from a checkpoint written before a column existed leave it empty
+        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in METRICS} for row in rows)
+        write_file(self.run / "metrics.csv", text.getvalue().encode(), sole_writer=True)
         if final or time.monotonic() - self.plotted >= PLOT_EVERY_S:
             plot_curves(rows, self.run / "curves.png")
             self.plotted = time.monotonic()

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import MealV2Error
-from ..store.files import cache_root
+from ..store.files import cache_root, write_file
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (copied: importing torchvision costs seconds)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -454,23 +453,16 @@ def _join(relpaths) -> bytes:
 
 
 def _save_cache(path: Path, key: str, index: DatasetIndex) -> None:
-    """Checksummed file, written to a temp file and renamed: readers see all of it or none."""
+    """Checksummed file, written whole and durably (common/store/files.py): readers see all of it or none."""
     meta = {"key": key, "fingerprint": index.fingerprint, "classes": list(index.classes),
             "skipped": [list(s) for s in index.skipped]}
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), labels=index.labels, sizes=index.sizes,
              relpaths=np.frombuffer(_join(index.relpaths), np.uint8))
     body = buf.getvalue()
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            f.write(hashlib.sha256(body).digest() + body)
-        os.replace(tmp, path)
+        write_file(path, hashlib.sha256(body).digest() + body)
     except OSError as err:   # a read-only or full cache folder costs the next start time, not this run
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
         print(f"mealv2: warning: cannot write the dataset index cache {path} ({err.strerror or err}); "
               "the next start reads every image header again (set MEALV2_CACHE to a writable folder)",
               file=sys.stderr)

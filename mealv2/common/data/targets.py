@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..store.label_store import PROB_LEVELS
+from ..store.schema import PROB_LEVELS
 
 # Code 0 covers p in [0, (0.5/127)^2); it decodes to that bin's mean under a uniform sqrt,
 # (0.5/127)^2 / 3, never to 0, so no class of a rebuilt target has zero probability.

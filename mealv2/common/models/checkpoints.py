@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import contextvars
 import hashlib
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..errors import MealV2Error
 from ..store.faults import fault_point
+from ..store.files import write_file
 
 CHECKPOINT_FORMAT = "mealv2-checkpoint"
 TRUST_FLAG = "--trust-checkpoint"
@@ -197,23 +197,19 @@ def _tensors(obj):
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, arch: str, classes, res: int, mean, std,
                     **state) -> None:
-    """Write a mealv2 checkpoint atomically (temp file + rename): never a half-written file."""
+    """Write a mealv2 checkpoint whole and durably (common/store/files.py): never a half-written file, and
+    the temporary files of runs killed while writing it are deleted."""
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     payload = {"format": CHECKPOINT_FORMAT, "arch": arch, "classes": list(classes), "res": int(res),
                "mean": list(mean), "std": list(std), "model": model.state_dict(), **state}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+    def write(f) -> None:
+        torch.save(payload, f)
+        fault_point("checkpoint_bytes")   # bytes written, not yet synced
+
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            fault_point("checkpoint_bytes")   # bytes written, not yet synced
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(path, write, fault="checkpoint_write", sole_writer=True)
     except (OSError, RuntimeError) as e:   # a full disk: OSError, or torch's "unexpected pos" RuntimeError
-        tmp.unlink(missing_ok=True)        # a partial temp file would keep the disk full
         raise _write_error(path, payload, e) from e
-    fault_point("checkpoint_write")
-    os.replace(tmp, path)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)

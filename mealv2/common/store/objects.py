@@ -1,6 +1,6 @@
 """Where a label store's objects live: files on disk (:class:`LocalObjects`), or objects at a URL
 (:class:`RemoteObjects`: ``https://``, ``s3://``, any fsspec protocol whose package is installed),
-read through a local cache that never serves an object the remote has changed. common/store.py
+read through a local cache that never serves an object the remote has changed. label_store.py
 reads and writes a store only through these two, so a store is written to S3 as to disk.
 
 Transport is fsspec (its filesystems bring the protocols, and credentials from where each one
@@ -17,8 +17,9 @@ before it serves a cached copy (from one listing on an object store, else a HEAD
 version on the remote is fetched again, and said. What is read is
 then checked as from disk: zarr checks every chunk's CRC32C, ``mealv2 verify`` every trailer.
 
-Writing: a file is whole or absent (a temporary file renamed) and durable once :meth:`sync`
-(fsync) returns; an object is whole or absent, and durable once its PUT returns. The store
+Writing: a file is whole or absent and durable once :meth:`write` returns (files.py's
+``write_file``), or, written by zarr, once :meth:`sync` returns; a new store's files once
+:meth:`publish` returns. An object is whole or absent, and durable once its PUT returns. The store
 commits a shard (its done mark) only after its data is durable either way. A writer knows the
 objects it wrote; those other processes (ranks) write, it sees after :meth:`refresh`.
 """
@@ -32,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,7 +42,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 from ..errors import MealV2Error
-from .files import cache_root
+from .files import PARTIAL, cache_root, make_folders, publish_folder, sync_paths, write_file
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Fields of fsspec's info() that change with an object's bytes (S3, HTTP, GCS, Azure, local), in order of
@@ -118,25 +118,18 @@ class LocalObjects:
         return LocalStore(self.location, read_only=read_only)
 
     def write(self, key: str, data: bytes, fsync: bool = True) -> None:
-        _write_file(self.location / key, data, fsync)
+        write_file(self.location / key, data, fsync=fsync)
 
-    def sync(self, keys: list[str], folders: list[Path] = ()) -> None:
-        """Make files ``keys`` (written by zarr) durable, with the folder entries naming them and
-        ``folders`` (the parents of folders made for them: :meth:`folders_to_sync`)."""
+    def make_parents(self, keys: list[str], fsync: bool = True) -> None:
+        """Make the folders that will hold files ``keys``, durably (before zarr writes them)."""
+        for folder in {(self.location / key).parent for key in keys}:
+            make_folders(folder, fsync=fsync)
+
+    def sync(self, keys: list[str]) -> None:
+        """Make files ``keys`` (written by zarr, in folders :meth:`make_parents` made) durable, with
+        the folder entries naming them."""
         paths = [self.location / key for key in keys]
-        with ThreadPoolExecutor(8) as pool:   # concurrent fsyncs share the file system's journal commits
-            list(pool.map(_fsync, {*paths, *(p.parent for p in paths), *folders}))
-
-    def folders_to_sync(self, keys: list[str]) -> list[Path]:
-        """The folders whose entries writing ``keys`` will change besides their own: the parent of
-        each folder zarr will have to make (call before writing)."""
-        out = []
-        for key in keys:
-            folder = (self.location / key).parent
-            while not folder.exists() and folder != self.location:
-                out.append(folder.parent)
-                folder = folder.parent
-        return out
+        sync_paths([*paths, *(p.parent for p in paths)])
 
     def delete(self, key: str) -> None:
         (self.location / key).unlink(missing_ok=True)
@@ -148,15 +141,17 @@ class LocalObjects:
         """Files are read as they are now: nothing to forget."""
 
     def build_folder(self) -> Path:
-        """Where a new store is made before :meth:`publish`: beside the location, on its file system."""
+        """Where a new store is made before :meth:`publish`: beside the location, on its file system
+        (whose missing folders are made, durably)."""
+        make_folders(self.location.parent)
         return self.location.with_name(self.location.name + ".creating")
 
     def publish(self, built: Path) -> None:
-        """Put the store made in folder ``built`` at the location, in one rename; the location may hold
-        only what a creation cut short left (the files ``built`` has)."""
+        """Put the store made in folder ``built`` at the location, in one rename once all of it is
+        durable; the location may hold only what a creation cut short left (the files ``built`` has)."""
         _refuse_foreign(self, built)
         shutil.rmtree(self.location, ignore_errors=True)
-        os.replace(built, self.location)
+        publish_folder(built, self.location)
 
     def free_space(self) -> str:
         """What to say of the space left where the store is written."""
@@ -165,7 +160,7 @@ class LocalObjects:
     def remove_partials(self) -> int:
         """Delete the temporary files a killed writer left behind (zarr and :meth:`write` write
         through a temporary file and a rename); their number."""
-        partials = list(self.location.rglob("*.partial"))
+        partials = list(self.location.rglob(f"*{PARTIAL}"))
         for f in partials:
             f.unlink(missing_ok=True)
         return len(partials)
@@ -178,31 +173,6 @@ def _refuse_foreign(objects, built: Path) -> None:
     if foreign:
         raise RemoteError(f"{objects.location} is not empty and not a label store (no zarr.json; it holds "
                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
-
-
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed), durable when ``fsync``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_objects(location) -> LocalObjects | RemoteObjects:
@@ -235,7 +205,7 @@ class RemoteObjects:
     def zarr_store(self, read_only: bool) -> Store:
         return CachedStore(self, read_only=read_only)
 
-    # ---- writing (what the lease in common/lease.py allows: s3://) ------------------------
+    # ---- writing (what the lease in lease.py allows: s3://) ------------------------
     def write(self, key: str, data: bytes, fsync: bool = True) -> None:
         """PUT one object: whole or absent, and durable once the call returns (``fsync`` is moot)."""
         path = f"{self.root}/{key}"
@@ -254,11 +224,11 @@ class RemoteObjects:
         self._store_locally(local, data)
         self._checked[key] = local
 
-    def sync(self, keys: list[str], folders=()) -> None:
-        """Objects are durable once written: nothing to do."""
+    def make_parents(self, keys: list[str], fsync: bool = True) -> None:
+        """An object store has no folders: nothing to make."""
 
-    def folders_to_sync(self, keys: list[str]) -> list:
-        return []
+    def sync(self, keys: list[str]) -> None:
+        """Objects are durable once written: nothing to do."""
 
     def delete(self, key: str) -> None:
         try:
@@ -393,7 +363,7 @@ class RemoteObjects:
             return local
         # Other versions of the object; not this one (another rank may have written it meanwhile), nor
         # another process's file still being written.
-        stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(".partial")]
+        stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(PARTIAL)]
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError as e:   # deleted since listed (a writer packing staged objects)...
@@ -419,10 +389,7 @@ class RemoteObjects:
         return self.cache / f"{key}@{version}"
 
     def _store_locally(self, local: Path, data: bytes) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, local)
+        write_file(local, data)
         if not (self.cache / "URL").is_file():   # says whose objects a cache folder holds
             (self.cache / "URL").write_text(self.url + "\n")
 
