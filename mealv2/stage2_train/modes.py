@@ -203,12 +203,12 @@ class StoredMode(Mode):
                 f"to keep the run's)")
 
 
-def fresh_data(cfg: TrainConfig, info: DistInfo, say: Callable, mode: str) -> tuple[ResSchedule, DatasetIndex]:
+def fresh_data(cfg: TrainConfig, info: DistInfo, say: Callable, flag: str) -> tuple[ResSchedule, DatasetIndex]:
     """The schedule and index of a mode that draws new crops; DATA must have labels (its classes)."""
     schedule = student_schedule(cfg, None)
     index = read_index(cfg, None, info, say)
     if not index.labelled:
-        raise MealV2Error(f"{mode}: DATA {cfg.data} has no labels (a folder of loose images or a CSV without a "
+        raise MealV2Error(f"{flag}: DATA {cfg.data} has no labels (a folder of loose images or a CSV without a "
                           f"'label' column), and its classes would come from teachers; label a store with "
                           f"`mealv2 label` and train with --labels STORE")
     return schedule, index
