@@ -63,7 +63,7 @@ def test_meal_v2_table_commands_spend_the_published_budget(tmp_path, monkeypatch
     x0.1 at epoch 100, pretrained; and the replay figures README states follow from its label commands."""
     import shlex
 
-    from mealv2.stage2_train.trainer import replays
+    from mealv2.stage2_train.modes import replays
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The MEAL V2 table, as mealv2 commands", 1)[1].split("\n## ", 1)[0]

@@ -110,7 +110,8 @@ def test_an_unwritable_cache_folder_warns_and_still_indexes(tmp_path, tiny_data,
 def test_the_bench_case_repeats_paths_and_its_store_matches_the_index(tmp_path, probes):
     from mealv2.benchmarks.startup import make_case
     from mealv2.stage2_train.config import TrainConfig
-    from mealv2.stage2_train.trainer import check_store_matches, open_store
+    from mealv2.stage2_train.modes import open_store
+    from mealv2.stage2_train.replay import check_store_matches
 
     csv, store_path, expected = make_case(tmp_path / "case", images=700, files=5, rounds=2, crops=2, k=3,
                                           shard_size=256)
@@ -133,7 +134,7 @@ def _rank(rank: int, world: int, port: int, csv: str, store: str, out: str, cach
     from mealv2.common.errors import MealV2Error
     from mealv2.common.store.label_store import LabelStore
     from mealv2.stage2_train.config import TrainConfig
-    from mealv2.stage2_train.trainer import open_store
+    from mealv2.stage2_train.modes import open_store
 
     probed, checked = [], []
     real_probe, real_check = dataset._probe, LabelStore._check_chunk

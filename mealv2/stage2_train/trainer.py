@@ -1,6 +1,7 @@
 """Stage 2: train a timm student, in the style of torchvision's references/classification.
 
-Three modes share one loader and one loop:
+Three modes share one loader and one loop; each is an object (modes.py) that gives the loop its
+labels, views, targets and objective, so the loop never asks which mode it runs:
   stored labels (--labels STORE)   replay the store's crops; target = stored top-k + residual
   hard labels   (--hard-labels)    fresh crops each pass; cross-entropy on dataset labels
   online        (--teachers SPEC)  fresh crops; the teachers run on every step's crops
@@ -37,7 +38,6 @@ are reduced to the store's top-k form (losses.discriminator_loss says why).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -53,8 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.data.crops import CropParams
-from ..common.data.dataset import build_index_shared, refuse_nested, skipped_report
+from ..common.data.dataset import build_index_shared, refuse_nested
 from ..common.data.loaders.base import View
 from ..common.data.loaders.registry import describe
 from ..common.errors import MealV2Error
@@ -62,38 +61,16 @@ from ..common.models.checkpoints import (create_timm_model, default_data_config,
                                          save_checkpoint, unwrap_state_dict)
 from ..common.models.distributed import DistInfo, distributed
 from ..common.models.runtime import Runtime
-from ..common.models.teacher_check import check_teachers
-from ..common.models.teachers import (Ensemble, load_teacher, naming_extra_classes, read_classes_file,
-                                      read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import LabelStore
 from ..common.store.locks import check_writable, hold_lock
-from .config import CROP_FLAGS, RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
-from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
-from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
-from .replay import check_store_matches, check_student_res, data_index, open_checked_store
+from .config import RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
+from .loader import TrainLoader, images_per_step
+from .losses import Discriminator, Mix, draw_step_mix, mix_images
+from .modes import EpochViews, Mode, Objective, make_mode, shown_res
+from .replay import check_student_res
 from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
-
-
-# ---- label sources ----------------------------------------------------------------------------
-def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
-    """The store, refused unless complete and made with the crop flags typed (replay.open_checked_store)."""
-    ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
-    given = {name: (f"{CROP_FLAGS[name]} {ours[name]}", ours[name]) for name in cfg.crop_given if name != "res"}
-    return open_checked_store(cfg.labels, info, given)
-
-
-def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
-    """The student's resolution per epoch. Its final res is --res; with --labels the store's unless
-    --res is given: the stored boxes are relative and a soft label describes the box's content, so a
-    student renders them at any res (the store's labelling res stays in its attrs)."""
-    if store is None or "res" in cfg.crop_given:
-        final, where = cfg.crop.res, "--res"
-    else:
-        final, where = int(store.attrs["crop"]["res"]), f"the res {store.path} was labelled at; --res sets another"
-    return res_schedule(final, cfg.epochs, cfg.min_res, cfg.ramp_start, cfg.ramp_end, cfg.res_step, where)
 
 
 # ---- training state -----------------------------------------------------------------------------
@@ -149,14 +126,6 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-@dataclass(frozen=True)
-class Objective:
-    """What the student is trained against, beyond the target itself."""
-
-    temperature: float = 1.0           # the targets' softmax temperature (the store's, or online --temperature)
-    topk: int | None = None            # stored targets: the store's k (the discriminator's input form)
-
-
 # ---- one step and one epoch -------------------------------------------------------------------------
 def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, runtime: Runtime,
                objective: Objective = Objective()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,7 +137,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     """
     with runtime.autocast():
         logits = state.forward(images)
-    loss, d_loss = objective_losses(logits, target, objective.temperature, state.disc, objective.topk)
+    loss, d_loss = objective.losses(logits, target, state.disc)
     state.optimizer.zero_grad(set_to_none=True)
     if d_loss is not None:
         state.d_optimizer.zero_grad(set_to_none=True)
@@ -180,19 +149,19 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     return loss.detach(), d_loss
 
 
-def epoch_views(student: View, ensemble: Ensemble | None) -> tuple[list[View], list[int]]:
-    """The views one pipeline call renders, the student's first, and the index of each teacher's:
-    a teacher that sees what the student sees shares its rendering."""
-    views = [student] + ([v for v in ensemble.views if v != student] if ensemble else [])
-    return views, [views.index(v) for v in ensemble.views] if ensemble else []
+def mix_views(mix: Mix | None, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    """Every view mixed alike (the CutMix box is relative), and the weight of each crop's own image
+    in them; the views unchanged at a step that draws no mixing."""
+    if mix is None:
+        return views, 1.0
+    mixed = [mix_images(mix, v) for v in views]
+    return [v for v, _ in mixed], mixed[0][1]
 
 
-def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[View], list[int]], scheduler,
-                    epoch: int, cfg: TrainConfig, num_classes: int, ensemble: Ensemble | None, info: DistInfo,
-                    runtime: Runtime, objective: Objective) -> dict:
-    """One epoch's steps with ``views`` from :func:`epoch_views` (the student's at this epoch's
+def train_one_epoch(state: TrainState, loader: TrainLoader, views: EpochViews, scheduler, epoch: int,
+                    cfg: TrainConfig, mode: Mode, info: DistInfo, runtime: Runtime) -> dict:
+    """One epoch's steps with ``views`` from :meth:`Mode.views` (the student's at this epoch's
     res); returns this epoch's row of metrics (rank-averaged)."""
-    rendered, teacher_views = views
     state.forward.train()
     if state.disc is not None:
         state.disc.train()
@@ -205,24 +174,16 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
     first_bad = torch.full((), -1, dtype=torch.int64, device=runtime.device)   # no sync per step: read at the end
     done = 0
     started, started_cpu = time.perf_counter(), time.process_time()
-    for step, batch in enumerate(loader.epoch(epoch, rendered)):
+    for step, batch in enumerate(loader.epoch(epoch, views.rendered)):
         update = epoch * steps + step
         scheduler.step_update(num_updates=update)  # the lr is a function of the update count
         if step == 0:
             lr = state.optimizer.param_groups[0]["lr"]
-        views, target = batch.views, batch.target
         mix = draw_step_mix(cfg.seed, update, info.rank, loader.crops_per_image,
                             cfg.cutmix_alpha if cfg.w_cutmix else 0.0, cfg.cutmix_prob, cfg.mixup)
-        if mix is not None:
-            # Online, every view is mixed and the teachers label the mixed crops (MEAL V2's --w-cutmix);
-            # otherwise the stored / dataset targets are mixed by the area each crop keeps.
-            mixed = [mix_images(mix, v) for v in views]
-            views, lam = [v for v, _ in mixed], mixed[0][1]
-            if ensemble is None:
-                target = mix_targets(mix, lam, target, num_classes)
-        if ensemble is not None:
-            target = ensemble.probs([views[i] for i in teacher_views])
-        loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
+        rendered, lam = mix_views(mix, batch.views)
+        target = mode.targets(batch.target, rendered, views, mix, lam)
+        loss, d_loss = train_step(state, runtime.input(rendered[0]), target, runtime, mode.objective)
         if state.ema is not None:
             # The decay is a function of the update count (timm's train.py passes it too): resume stays exact.
             state.ema.update(state.model, step=update + 1)
@@ -243,7 +204,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
     cpu_seconds = time.process_time() - (first_cpu if done > 1 else started_cpu)
     timed_steps = done - 1 if done > 1 else done
     loss_mean, d_loss_mean = info.all_mean([float(v) / max(done, 1) for v in (loss_sum, d_loss_sum)])
-    return {"epoch": epoch, "res": rendered[0].res, "lr": lr, "loss": loss_mean,
+    return {"epoch": epoch, "res": views.rendered[0].res, "lr": lr, "loss": loss_mean,
             "d_loss": d_loss_mean if state.disc is not None else None,
             "img_per_s": round(timed_steps * loader.crops_per_step / max(seconds, 1e-9), 1),
             "crops_seen": (epoch + 1) * steps * loader.crops_per_step,
@@ -325,30 +286,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     run = Path(cfg.out)
     say = print if info.is_main else (lambda *a, **k: None)
 
-    # Data and labels: refuse mismatches before anything is trained.
-    store = open_store(cfg, info) if cfg.mode == "stored" else None
-    schedule = student_schedule(cfg, store)
-    index = data_index(cfg.data, store, info, workers=cfg.workers, progress=cfg.progress and info.is_main)
-    if skipped := skipped_report(index):
-        say(skipped)
-    if not index.labelled and store is None:
-        raise MealV2Error(f"{'--hard-labels' if cfg.mode == 'hard' else 'online training (--teachers)'}: DATA "
-                          f"{cfg.data} has no labels (a folder of loose images or a CSV without a 'label' column), "
-                          f"and its classes would come from teachers; label a store with `mealv2 label` and train "
-                          f"with --labels STORE")
-    classes = index.classes
-    objective = Objective(temperature=cfg.temperature if cfg.mode == "online" else 1.0)
-    if store is not None:
-        classes, note = check_store_matches(store, index, cfg.data)
-        if note:
-            say(note)
-        crop = dataclasses.replace(CropParams.from_attrs(store.attrs["crop"]), res=schedule.final)
-        labels = StoredLabels(store)
-        objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"])
-    else:
-        crop = cfg.crop
-        labels = FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, crop,
-                             index.labels if cfg.mode == "hard" else None)
+    # Data and labels: the mode reads its labels and refuses mismatches before anything is trained.
+    mode = make_mode(cfg, info, say)
+    classes, crop, schedule = mode.classes, mode.crop, mode.schedule
     val_index = build_index_shared(cfg.val, info, workers=max(cfg.workers, 8)) if cfg.val else None
     val_order = class_order(classes, val_index, f"--val {cfg.val}") if val_index is not None else None
     val_decoded = DecodedVal()   # decoded at the first validation, reused at every later one
@@ -357,9 +297,10 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
             f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    checkpoint = _resume_checkpoint(run, cfg, store, schedule) if cfg.resume else None
-    per_step = images_per_step(cfg.batch_size, labels.crops_per_image, info.world_size)
-    check_mix_pairs(cfg, per_step, labels.crops_per_image, info.world_size)
+    checkpoint = _resume_checkpoint(run, cfg, mode) if cfg.resume else None
+    crops_per_image = mode.labels.crops_per_image
+    per_step = images_per_step(cfg.batch_size, crops_per_image, info.world_size)
+    check_mix_pairs(cfg, per_step, crops_per_image, info.world_size)
 
     # Student: timm model, its own normalisation, the crop resolution of the labels.
     torch.manual_seed(cfg.seed)
@@ -368,28 +309,14 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     if cfg.init:
         load_weights(model, unwrap_state_dict(load_checkpoint_file(cfg.init), cfg.init), f"--init {cfg.init}")
     _, mean, std = default_data_config(model)
-    student_view = View(crop.res, mean, std)
     runtime.model(model)
     check_student_res(model, {schedule.at(e) for e in range(cfg.epochs)}, runtime, where=f"-a {cfg.arch}",
                       fix="--res, --min-res")
+    mode.prepare(device=device, run=run, info=info, say=say, resuming=checkpoint is not None)
 
-    ensemble = None
-    if cfg.mode == "online":
-        names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
-        stated = read_teacher_classes(cfg.teacher_classes, len(cfg.teachers))
-        with naming_extra_classes(cfg.data, index, names):
-            teachers = [load_teacher(spec, classes, crop.res, names, stated_classes=stated.get(i))
-                        for i, spec in enumerate(cfg.teachers, 1)]
-        say(teacher_table(teachers, crop.res))
-        ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
-        if checkpoint is None:
-            _check_online_teachers(cfg, ensemble, index, crop, run, info, say)
-    views, _ = epoch_views(student_view, ensemble)
-
-    loader = TrainLoader(index, labels, views, per_step, cfg.seed, device, backend=cfg.loader, workers=cfg.workers,
-                         rank=info.rank, world_size=info.world_size,
-                         expected_crcs=store.crcs() if store is not None else None,
-                         store_path=store.path if store is not None else None)
+    loader = TrainLoader(mode.index, mode.labels, mode.views(View(crop.res, mean, std)).rendered, per_step, cfg.seed,
+                         device, backend=cfg.loader, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
+                         **mode.loader_checks())
 
     try:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.wd,
@@ -400,17 +327,17 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         optimizer, sched="cosine" if cfg.cos else "step", num_epochs=cfg.epochs, decay_epochs=cfg.lr_step,
         decay_rate=0.1, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(loader))
 
-    say(plan_text(cfg, index, loader, labels, crop, info, scheduler, objective, schedule))
+    say(plan_text(cfg, loader, mode, info, scheduler))
     if cfg.dry_run:
         return []
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        stored = store and dict(path=str(store.path), digest=store.digest, rounds=labels.rounds, attrs=store.attrs)
-        resolved = dict(mode=cfg.mode, classes=list(classes), crop=crop.to_attrs(),
-                        crops_per_image=labels.crops_per_image, student_res=[schedule.at(e) for e in range(cfg.epochs)],
-                        mean=list(mean), std=list(std), temperature=objective.temperature, topk=objective.topk,
+        resolved = dict(mode=mode.name, classes=list(classes), crop=crop.to_attrs(), crops_per_image=crops_per_image,
+                        student_res=[schedule.at(e) for e in range(cfg.epochs)], mean=list(mean), std=list(std),
+                        temperature=mode.objective.temperature, topk=mode.objective.topk,
                         world_size=info.world_size, images_per_step_per_rank=per_step, steps_per_epoch=len(loader),
-                        loader=loader.backend, device=device.type, store=stored, mealv2_version=__version__)
+                        loader=loader.backend, device=device.type, store=mode.store_record(),
+                        mealv2_version=__version__)
         write_run_config(run, cfg, resolved)
 
     forward = _ddp(model, info, device)
@@ -430,8 +357,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     log = RunLog(run, cfg.tensorboard) if info.is_main else None
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
-        row = train_one_epoch(state, loader, epoch_views(View(schedule.at(epoch), mean, std), ensemble), scheduler,
-                              epoch, cfg, len(classes), ensemble, info, runtime, objective)
+        row = train_one_epoch(state, loader, mode.views(View(schedule.at(epoch), mean, std)), scheduler, epoch, cfg,
+                              mode, info, runtime)
         steps_per_rank = row.pop("steps_per_rank")
         check_finite(state.model, row.pop("first_nonfinite_update"), epoch, len(loader), scheduler, run, info)
         row["val_top1"] = row["val_top5"] = row["val_ema_top1"] = row["val_ema_top5"] = None
@@ -452,7 +379,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         extra = state.checkpoint_state(info)  # collective (RNG gather): every rank takes part
         if info.is_main:
             meta = dict(arch=cfg.arch, classes=classes, res=crop.res, mean=mean, std=std,
-                        train_config=dataclasses.asdict(cfg), store_digest=store.digest if store else None)
+                        train_config=dataclasses.asdict(cfg), store_digest=mode.store_digest)
             save_checkpoint(run / "last.pt", model=model, **meta, **extra)
             if improved:
                 save_checkpoint(run / "best.pt", model=model, **meta, **extra)
@@ -485,40 +412,19 @@ def check_finite(model: nn.Module, first_bad: int, epoch: int, steps: int, sched
                       f"lower --lr (or --warmup-epochs); --resume would repeat the same steps")
 
 
-def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: CropParams, run: Path,
-                           info: DistInfo, say) -> None:
-    """The teacher check of `mealv2 label` (common/teacher_check.py), before the first step."""
-    if not cfg.teacher_check:
-        say("teacher check: skipped (--no-teacher-check)")
-        return
-    outcome = None
-    if info.is_main:
-        try:
-            for check in check_teachers(ensemble, index, crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
-                                        cfg.workers, loader=cfg.loader, suggest_dir=run):
-                say(f"teacher check: {check.line()}")
-        except MealV2Error as e:
-            outcome = e
-    outcome = info.broadcast_object(outcome)
-    if outcome is not None:
-        raise outcome
-
-
-def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropParams, info: DistInfo, scheduler,
-              objective: Objective, schedule: ResSchedule) -> str:
+def plan_text(cfg: TrainConfig, loader: TrainLoader, mode: Mode, info: DistInfo, scheduler) -> str:
     """What the run will do, in the units users plan in (printed at start; all of --dry-run)."""
-    n, steps = len(index), len(loader)
+    n, steps, crops = len(mode.index), len(loader), loader.crops_per_image
     passes = loader.passes(cfg.epochs)
-    res = f"{schedule.min_res}-{crop.res}" if schedule.progressive else crop.res
-    lines = [f"mealv2 train: {cfg.mode} labels, {cfg.arch} at {res} px, {n} images x {labels.crops_per_image} "
+    lines = [f"mealv2 train: {mode.name} labels, {cfg.arch} at {shown_res(mode.schedule)} px, {n} images x {crops} "
              f"crops per image; device {loader.device.type}",
              f"  {describe(loader.backend, loader.device.type, loader.workers)}",
              f"  batch: {loader.crops_per_step} crops per step globally (--batch-size) = {info.world_size} rank(s) x "
-             f"{loader.images_per_step} images x {labels.crops_per_image} crops",
+             f"{loader.images_per_step} images x {crops} crops",
              f"  epoch = {n} crops (one per image, as MEAL V2 and FKD count): {steps} steps of "
              f"{loader.crops_per_step} crops = {steps * loader.crops_per_step} crops; {cfg.epochs} epochs = "
              f"{cfg.epochs * steps} steps = {passes:.2f} passes over the images (a pass: each image with its "
-             f"{labels.crops_per_image} crops)"]
+             f"{crops} crops)"]
     turns = sorted({0, cfg.warmup_epochs, cfg.epochs - 1, *([] if cfg.cos else range(cfg.lr_step, cfg.epochs,
                                                                                      cfg.lr_step))} - {cfg.epochs})
     lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
@@ -527,43 +433,7 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
     if cfg.model_ema:
         lines.append(f"  weight EMA (timm's ModelEmaV3): decay {cfg.model_ema_decay:g} per step, validated and "
                      f"checkpointed beside the raw weights (`mealv2 eval --ema` scores it)")
-    stored = isinstance(labels, StoredLabels)
-    if stored or schedule.progressive:
-        ramp = (f" (progressive, multiples of {schedule.step}: {schedule.describe(cfg.epochs)}; "
-                f"{100 * schedule.pixel_fraction(cfg.epochs):.0f}% of the pixels of {crop.res} px throughout)"
-                if schedule.progressive else "")
-        made = f", labels made at {labels.store.attrs['crop']['res']} px" if stored else ""
-        lines.append(f"  resolution: student at {res} px{ramp}{made}; validation and checkpoints at {crop.res} px")
-    if stored:
-        a = labels.store.attrs
-        round_bytes = n * labels.crops_per_image * (4 * 2 + 1 + a["topk"] * labels.store.id_dtype.itemsize
-                                                   + a["topk"] + 1)
-        lines.append(f"  labels: {labels.store.path}, {labels.rounds} rounds (pass p replays round p mod "
-                     f"{labels.rounds}: {replays(passes, labels.rounds)}), top-{a['topk']}, "
-                     f"T = {objective.temperature:g}; one round in RAM per rank: {round_bytes / 2**20:.1f} MiB")
-        if passes > labels.rounds:
-            lines.append(f"  note: {passes:.2f} passes over {labels.rounds} rounds replay a round "
-                         f"{passes / labels.rounds:.2f} times on average; `mealv2 label ... --rounds N` appends "
-                         f"rounds")
-    return "\n".join(lines)
-
-
-def replays(passes: float, rounds: int) -> str:
-    """How often each round is replayed when pass p replays round p mod ``rounds`` (the last pass
-    may be partial): the first rounds get one pass more than the others when the passes do not
-    divide evenly."""
-    times = [sum(min(1.0, passes - p) for p in range(r, math.ceil(passes), rounds)) for r in range(rounds)]
-    shown = [f"{t:.1f}" for t in times]
-    if len(set(shown)) == 1:
-        return f"each round {passes / rounds:.2f} times"
-    groups: list[list] = []      # [first round, last round, times shown]
-    for r, text in enumerate(shown):
-        if groups and groups[-1][2] == text:
-            groups[-1][1] = r
-        else:
-            groups.append([r, r, text])
-    parts = ", ".join(f"{f'round {a}' if a == b else f'rounds {a}-{b}'} {t} times" for a, b, t in groups)
-    return f"{parts}; {passes / rounds:.2f} on average"
+    return "\n".join(lines + mode.plan_lines(passes))
 
 
 def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) -> str:
@@ -578,7 +448,7 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
     return "  ".join(parts)
 
 
-def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, schedule: ResSchedule) -> dict:
+def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
     """RUN/last.pt, refused when this command would train differently from the run it continues."""
     path = run / "last.pt"
     if not path.is_file():
@@ -595,14 +465,10 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, sc
     # The run's schedule from its checkpoint: its final res is the one it recorded (checkpoints are at the final res).
     was = res_schedule(int(ckpt["res"]), int(saved.get("epochs", cfg.epochs)),
                        *(saved.get(k) for k in RESOLVED_ON_RESUME))
-    if was != schedule:
-        hint = (f" (with --labels, --res defaults to the store's {schedule.final} px; pass --res {was.final} to "
-                f"keep the run's)" if store is not None and "res" not in cfg.crop_given and was.final != schedule.final
-                else "")
+    if was != mode.schedule:
         diff.append(f"student resolution: the run has {_describe(was, cfg.epochs)}, this command "
-                    f"{_describe(schedule, cfg.epochs)}{hint}")
-    if store is not None and ckpt.get("store_digest") != store.digest:
-        diff.append(f"labels: the run was trained on another label store than {store.path} (store digests differ)")
+                    f"{_describe(mode.schedule, cfg.epochs)}{mode.res_hint(was)}")
+    diff += mode.resume_diffs(ckpt)
     if diff:
         raise MealV2Error(f"--resume {path}: this command differs from the run's settings, so it would not "
                           f"continue the run exactly:\n  " + "\n  ".join(diff)
