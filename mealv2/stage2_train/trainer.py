@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ from ..common.data.crops import CropParams
 from ..common.data.dataset import build_index_shared, refuse_nested, skipped_report
 from ..common.data.loaders.base import View
 from ..common.data.loaders.registry import describe
+from ..common.config import command_args, config_args
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                                          save_checkpoint, unwrap_state_dict)
@@ -68,29 +71,32 @@ from ..common.models.teachers import (Ensemble, load_teacher, naming_extra_class
 from ..common.store.faults import fault_point
 from ..common.store.label_store import LabelStore
 from ..common.store.locks import check_writable, hold_lock
-from .config import CROP_FLAGS, RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
+from .config import RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
 from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
 from .replay import check_store_matches, check_student_res, data_index, open_checked_store
 from .res_schedule import ResSchedule, res_schedule
+from .run_config import current_settings
 from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
 
 
 # ---- label sources ----------------------------------------------------------------------------
 def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
-    """The store, refused unless complete and made with the crop flags typed (replay.open_checked_store)."""
-    ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
-    given = {name: (f"{CROP_FLAGS[name]} {ours[name]}", ours[name]) for name in cfg.crop_given if name != "res"}
-    return open_checked_store(cfg.labels, info, given)
+    """The store, refused unless complete and made with the scale, ratio and crops per image given
+    (replay.open_checked_store); the res given is the student's and may differ from the store's."""
+    given = {name: getattr(cfg, name) for name in ("scale", "ratio", "crops_per_image")}
+    return open_checked_store(cfg.labels, info, {name: (" ".join(command_args({name: value})),
+                                                        list(value) if isinstance(value, tuple) else value)
+                                                 for name, value in given.items() if value is not None})
 
 
 def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
     """The student's resolution per epoch. Its final res is --res; with --labels the store's unless
     --res is given: the stored boxes are relative and a soft label describes the box's content, so a
     student renders them at any res (the store's labelling res stays in its attrs)."""
-    if store is None or "res" in cfg.crop_given:
-        final, where = cfg.crop.res, "--res"
+    if store is None or cfg.res is not None:
+        final, where = cfg.fresh_crop.res, "--res"
     else:
         final, where = int(store.attrs["crop"]["res"]), f"the res {store.path} was labelled at; --res sets another"
     return res_schedule(final, cfg.epochs, cfg.min_res, cfg.ramp_start, cfg.ramp_end, cfg.res_step, where)
@@ -270,8 +276,22 @@ def train(cfg: TrainConfig) -> list[dict]:
         print(rows[-1]["val_top1"])
     """
     refuse_nested(cfg.data, cfg.out, "--out")
-    with distributed(cfg.device) as (info, device), run_folder(cfg, info):
-        return _train(cfg, info, device)
+    try:
+        with distributed(cfg.device) as (info, device), run_folder(cfg, info):
+            return _train(cfg, info, device)
+    except KeyboardInterrupt:
+        _say_how_to_continue(cfg)
+        raise
+
+
+def _say_how_to_continue(cfg: TrainConfig) -> None:
+    """After Ctrl-C, the command that continues the run from its last checkpoint (the user will want it):
+    this config's command, resumed (common.config.config_args)."""
+    last = Path(cfg.out) / "last.pt"
+    if last.is_file() and not cfg.dry_run and os.environ.get("RANK", "0") == "0":   # once, not per rank
+        command = shlex.join(["mealv2", "train", *config_args(dataclasses.replace(cfg, resume=True))])
+        print(f"\nmealv2 train: interrupted; {last} holds the last finished epoch. Continue the run with:\n"
+              f"  {command}", file=sys.stderr)
 
 
 RUN_LOCK = "train.lock"
@@ -346,8 +366,8 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         labels = StoredLabels(store)
         objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"])
     else:
-        crop = cfg.crop
-        labels = FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, crop,
+        crop = cfg.fresh_crop
+        labels = FreshLabels(cfg.seed, index.sizes, cfg.fresh_crops_per_image, crop,
                              index.labels if cfg.mode == "hard" else None)
     val_index = build_index_shared(cfg.val, info, workers=max(cfg.workers, 8)) if cfg.val else None
     val_order = class_order(classes, val_index, f"--val {cfg.val}") if val_index is not None else None
@@ -494,7 +514,7 @@ def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: Cr
     outcome = None
     if info.is_main:
         try:
-            for check in check_teachers(ensemble, index, crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
+            for check in check_teachers(ensemble, index, crop, cfg.fresh_crops_per_image, cfg.seed, cfg.batch_size,
                                         cfg.workers, loader=cfg.loader, suggest_dir=run):
                 say(f"teacher check: {check.line()}")
         except MealV2Error as e:
@@ -584,20 +604,18 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, sc
     if not path.is_file():
         raise MealV2Error(f"--resume: {path} does not exist; start the run without --resume")
     ckpt = load_checkpoint_file(path)
-    saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
     # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
-    saved = {**{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in TRAIN_DEFAULTS.items()},
-             **saved}
-    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | set(RESOLVED_ON_RESUME)
-    diff = [f"{k}: the run has {_without_res(k, saved.get(k))!r}, this command {_without_res(k, ours[k])!r}"
-            for k in ours if k not in may_change and _without_res(k, saved.get(k)) != _without_res(k, ours[k])]
+    saved = {**TRAIN_DEFAULTS, **current_settings(ckpt.get("train_config", {}))}
+    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | {"res", *RESOLVED_ON_RESUME}
+    diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}"
+            for k in ours if k not in may_change and saved.get(k) != ours[k]]
     # The run's schedule from its checkpoint: its final res is the one it recorded (checkpoints are at the final res).
     was = res_schedule(int(ckpt["res"]), int(saved.get("epochs", cfg.epochs)),
                        *(saved.get(k) for k in RESOLVED_ON_RESUME))
     if was != schedule:
         hint = (f" (with --labels, --res defaults to the store's {schedule.final} px; pass --res {was.final} to "
-                f"keep the run's)" if store is not None and "res" not in cfg.crop_given and was.final != schedule.final
+                f"keep the run's)" if store is not None and cfg.res is None and was.final != schedule.final
                 else "")
         diff.append(f"student resolution: the run has {_describe(was, cfg.epochs)}, this command "
                     f"{_describe(schedule, cfg.epochs)}{hint}")
@@ -609,11 +627,6 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, store: LabelStore | None, sc
                           + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
                             "a new run with another --out")
     return ckpt
-
-
-def _without_res(key: str, value):
-    """A config value with the crop's res left out: the resolved schedule stands for it."""
-    return {**value, "res": None} if key == "crop" and isinstance(value, dict) else value
 
 
 def _describe(schedule: ResSchedule, epochs: int) -> str:
