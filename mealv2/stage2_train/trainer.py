@@ -515,7 +515,8 @@ def _check_online_teachers(cfg: TrainConfig, ensemble: Ensemble, index, crop: Cr
     if info.is_main:
         try:
             for check in check_teachers(ensemble, index, crop, cfg.fresh_crops_per_image, cfg.seed, cfg.batch_size,
-                                        cfg.workers, loader=cfg.loader, suggest_dir=run):
+                                        cfg.workers, loader=cfg.loader, suggest_dir=run,
+                                        argv=["train", *config_args(cfg)]):
                 say(f"teacher check: {check.line()}")
         except MealV2Error as e:
             outcome = e
