@@ -180,27 +180,14 @@ class Instance(Setting):
 
 @dataclasses.dataclass(frozen=True)
 class OrNone(Setting):
-    """``inner``, or None for unset; ``means``: what unset means, as --help shows it."""
+    """``inner``, or None for unset; ``means``: what unset means, as --help shows it. A flag takes ``inner``
+    (cli/params.flag_type); unset is not typed."""
 
     inner: Setting
     means: str | None = None
 
-    @property
-    def metavar(self) -> str:
-        return self.inner.metavar
-
-    @property
-    def expected(self) -> str:
-        return f"{self.inner.expected} (or None)"
-
     def refusal(self, value) -> str | None:
         return None if value is None else self.inner.refusal(value)
-
-    def parse(self, text: str):
-        return self.inner.parse(text)
-
-    def show(self, value) -> str:
-        return self.inner.show(value)
 
 
 DEVICES = ("auto", "cpu", "cuda")   # auto = CUDA when present
