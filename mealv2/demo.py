@@ -18,7 +18,7 @@
 
 The demo is the Python API's first user: every stage calls the public function (``mealv2.label``,
 ``mealv2.train``) or the one behind a command (`mealv2 eval`, `mealv2 inspect`) and reads its result;
-each is printed before it runs as the equivalent `mealv2` shell line (common/cli_options.config_args),
+each is printed before it runs as the equivalent `mealv2` shell line (common/config.config_args),
 which report.md lists for every row, and every number in the table, report.md and results.json
 comes from those results (eval's, inspect's and the metrics rows train returns).
 """
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import click
 
-from .cli.options import config_args
-
-from .cli.params import POSITIVE, float_pair
+from .cli.params import POSITIVE
+from .common.config import Pair, config_args
 from .common.data.crops import CropParams
 
 SHIPPED_TEACHERS = Path(__file__).parent / "demo_teachers"
@@ -313,7 +312,7 @@ def run_demo(s: Settings) -> dict:
 
     where = dict(device=s.device, workers=s.workers)
     store = out / "labels" / "store.zarr"
-    crop = CropParams(res=s.res, scale=float_pair(s.scale))
+    crop = CropParams(res=s.res, scale=Pair().parse(s.scale))
     _, label_step = run.label("label", LabelConfig(
         data=str(train_dir), teachers=teachers, out=str(store), rounds=rounds, crops_per_image=s.crops_per_image,
         crop=crop, topk=min(s.topk, cfg.num_classes), seed=s.seed, **where))
@@ -321,7 +320,7 @@ def run_demo(s: Settings) -> dict:
 
     # Online: `mealv2 label` above already ran the teacher check of these teachers on these images
     # (its time is the labelling's), so neither timed training pays it.
-    fresh = dict(crop=crop, crops_per_image=s.crops_per_image, crop_given=("res", "scale", "crops_per_image"))
+    fresh = dict(res=crop.res, scale=crop.scale, crops_per_image=s.crops_per_image)
     modes = {"stored": dict(labels=str(store)), "online": dict(teachers=teachers, teacher_check=False, **fresh),
              "hard": dict(hard_labels=True, **fresh)}
     # Rows in table order; trained hard-label first, so that the one-off costs of a process's first
@@ -537,8 +536,8 @@ def train_teachers(dest: Path, device: str, workers: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         _, step = run.train("train teachers", TrainConfig(
             data=str(paths["train"]), out=str(folder), arch=arch, hard_labels=True, epochs=TEACHER_EPOCHS,
-            crop=CropParams(res=res, scale=float_pair(DEFAULTS.scale)), crops_per_image=DEFAULTS.crops_per_image,
-            crop_given=("res", "scale", "crops_per_image"), batch_size=DEFAULTS.batch_size, lr=lr, opt=opt, cos=True,
+            res=res, scale=Pair().parse(DEFAULTS.scale), crops_per_image=DEFAULTS.crops_per_image,
+            batch_size=DEFAULTS.batch_size, lr=lr, opt=opt, cos=True,
             warmup_epochs=1, val=str(paths["val"]), seed=seed, device=device, workers=workers))
         done.append((name, arch, folder, step.shell, step.seconds))
     write_teachers(dest, done)

@@ -450,7 +450,7 @@ def test_zero_or_negative_counts_are_refused(work, labelled, tmp_path, mealv2, c
     else:
         args = ["train", data, "--labels", labelled[1], "--out", out, *TRAIN_FLAGS]
     r = mealv2(*args, flag, value)          # the last value of a repeated option wins
-    refused(r, f"Invalid value for '{flag}': {value} is not in the range x>=1")
+    refused(r, f"Invalid value for '{flag}': {value} is out of range; expected an integer >= 1")
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 and runs remember their flags (RUN/config.json): --resume needs none retyped and changes nothing untyped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import mealv2
-from mealv2.common.data.crops import CropParams
+from mealv2.common.config import field_defaults, fields_from_flags, flag_name
+from mealv2.common.data.crops import CROP_FLAGS, CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.data.targets import reconstruct_targets
 from test_bad_input import mealv2 as mealv2_cli, refused  # noqa: F401 (a fixture: mealv2 ARGS in this process)
@@ -124,13 +126,15 @@ def test_a_resume_takes_every_setting_from_the_run(labelled, tmp_path, mealv2_cl
 def test_a_run_without_config_json_resumes_from_its_checkpoint(labelled, tmp_path):
     run = tmp_path / "old"
     cfg = mealv2.TrainConfig(str(labelled.data), str(run), "test_resnet", labels=str(labelled.store), epochs=1,
-                             batch_size=8, workers=1, device="cpu", progress=False, crop=CropParams(res=48),
-                             crop_given=("res",))
+                             batch_size=8, workers=1, device="cpu", progress=False, res=48)
     mealv2.train(cfg)
     (run / "config.json").unlink()
     resumed = mealv2.resume_config(run, epochs=2, progress=False)
-    assert resumed.crop.res == 48 and resumed.crop_given == ("res",) and resumed.resume
+    assert resumed.res == 48 and resumed.scale is None and resumed.resume
     assert [row["res"] for row in mealv2.train(resumed)] == [48, 48]
+    # A change of the res given to resume_config is the run's to refuse, not dropped (the store's is 32 px).
+    with pytest.raises(MealV2Error, match="student resolution: the run has 48 px, this command 32 px"):
+        mealv2.train(mealv2.resume_config(run, epochs=3, res=32, dry_run=True))
 
 
 def test_the_store_docs_plain_zarr_reader_matches_mealv2s(labelled):
@@ -155,56 +159,156 @@ def test_the_train_commands_untyped_flags_are_the_configs_defaults(files):
     ctx = train.make_context("train", [str(files / "data"), "-o", "run", "-a", "test_resnet", "--hard-labels"])
     assert config_from_flags(ctx.params, {"data", "out", "arch", "hard_labels"}) == mealv2.TrainConfig(
         str(files / "data"), "run", "test_resnet", hard_labels=True)
-
-
-def test_config_args_is_the_command_that_builds_the_same_config(files):
-    """The demo's report prints config_args(cfg) for every Python call: click parses it back to cfg."""
-    from click.core import ParameterSource
-
-    from mealv2.cli.options import config_args
-    from mealv2.stage2_train.commands import train
-    from mealv2.stage2_train.run_config import config_from_flags
-
-    names = files / "names.txt"
-    for cfg in (mealv2.TrainConfig(str(files / "data"), "run", "a", teachers=["x.pt", "y.pt*2"], teacher_check=False,
-                                   crop=CropParams(res=32, ratio=(3 / 4, 4 / 3)), lr=0.2, cos=True, workers=3,
-                                   crop_given=("res", "scale", "crops_per_image"), teacher_classes={1: str(names)}),
-                mealv2.TrainConfig(str(files / "data"), "run", "a", labels=str(files), crop_given=("res",))):
-        ctx = train.make_context("train", config_args(cfg))
-        typed = {n for n in ctx.params if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
-        assert config_from_flags(ctx.params, typed) == cfg
-
-
-def _ranged_options(command):
-    """(command name, flag name, a value just outside the option's range) of each ranged option."""
-    import click
-
     from mealv2.stage1_label.commands import label
-    from mealv2.stage2_train.commands import train
 
-    cmd = {"label": label, "train": train}[command]
-    for p in cmd.params:
-        if isinstance(p.type, click.types._NumberRangeBase) and p.type.min is not None:
-            yield p.name, p.opts[0], p.type.min if p.type.min_open else p.type.min - 1
-        if isinstance(p.type, click.types._NumberRangeBase) and p.type.max is not None:
-            yield p.name, p.opts[0], p.type.max + 1
+    ctx = label.make_context("label", [str(files / "data"), "-o", "store", "-t", "x"])
+    assert mealv2.LabelConfig(**fields_from_flags(mealv2.LabelConfig, ctx.params)) == mealv2.LabelConfig(
+        str(files / "data"), ["x"], "store")
 
 
-RANGED = [(command, *option) for command in ("label", "train") for option in _ranged_options(command)]
+def parsed(command: str, args: list, monkeypatch):
+    """The config `mealv2 COMMAND ARGS` builds and would run (its run function replaced)."""
+    from mealv2.cli import cli
+
+    built = []
+    monkeypatch.setattr("mealv2.stage1_label.labeler.run_label", built.append)
+    monkeypatch.setattr("mealv2.stage2_train.commands.run_train", built.append)
+    cli.main([command, *map(str, args)], standalone_mode=False)
+    return built[0]
 
 
-@pytest.mark.parametrize("command, name, flag, value", RANGED, ids=[f"{c} {f} {v}" for c, _, f, v in RANGED])
-def test_every_out_of_range_flag_is_refused_by_the_config_too(command, name, flag, value, files, mealv2_cli):
-    """The same value the CLI refuses (click's range) is refused by LabelConfig / TrainConfig, naming it."""
-    base = ({"data": "d", "teachers": ["t"], "out": "o"} if command == "label" else
-            {"data": "d", "out": "o", "arch": "a", "hard_labels": True})
-    if name == "temperature" and command == "train":
-        base = {**base, "hard_labels": False, "teachers": ["t"]}
-    config = mealv2.LabelConfig if command == "label" else mealv2.TrainConfig
-    with pytest.raises(MealV2Error, match=re.escape(f"{name} = {value!r} is out of range")
-                       if name != "res" else "--res must be a positive pixel count"):
-        config(**base, **({"crop": CropParams(res=value)} if name == "res" else {name: value}))
+@pytest.mark.parametrize("config", [mealv2.LabelConfig, mealv2.TrainConfig, CropParams])
+def test_every_config_field_declares_what_it_takes(config):
+    """The declaration each check and each flag's click type is built from (common/config.py)."""
+    assert [f.name for f in dataclasses.fields(config) if "setting" not in f.metadata] == []
+
+
+def every_field_set(configs) -> None:
+    """Each field of the configs' class differs from its default in one of ``configs``: a round trip of them
+    covers every flag."""
+    defaults = field_defaults(type(configs[0]))
+    unset = [f.name for f in dataclasses.fields(configs[0])
+             if all(f.name in defaults and getattr(c, f.name) == defaults[f.name] for c in configs)]
+    assert unset == []
+
+
+def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypatch):
+    """config_args(cfg), the command the demo prints for every Python call and a run for its continuation, parsed
+    back by the real commands gives ``cfg`` again, for every field of LabelConfig and TrainConfig, and for a
+    resumed run's config (`--resume` with the changes) too."""
+    from mealv2.common.config import config_args
+    from mealv2.stage2_train.utils import write_run_config
+
+    names, data, run = str(files / "names.txt"), str(files / "data"), files / "run"
+    label = mealv2.LabelConfig(data, ["x.pt", "y.pt*2"], str(files / "store"), rounds=2, crops_per_image=2,
+                               crop=CropParams(res=32, scale=(0.35, 1.0), ratio=(0.5, 2.0)), topk=3, temperature=2.0,
+                               batch_size=8, seed=1, loader="torch", device="cpu", workers=3, shard_size=4,
+                               skip_bad=True, classes_file=names, teacher_classes={1: names}, teacher_check=False,
+                               teacher_precision="bf16", progress=False, write_depth=0)
+    online = mealv2.TrainConfig(
+        data, str(run), "a", teachers=["x.pt", "y.pt*2"], classes_file=names, teacher_classes={2: names},
+        teacher_check=False, teacher_precision="bf16", temperature=2.0, res=32, scale=(0.35, 1.0),
+        ratio=(3 / 4, 4 / 3), crops_per_image=2, min_res=16, ramp_start=0, ramp_end=1, res_step=8, epochs=3,
+        batch_size=8, lr=0.2, momentum=0.8, wd=1e-4, opt="adamw", lr_step=2, cos=True, warmup_epochs=1,
+        use_discriminator_loss=True, d_lr=0.02, w_cutmix=True, cutmix_alpha=0.5, cutmix_prob=0.5, mixup=0.2,
+        model_ema=True, model_ema_decay=0.99, val=data, init=str(files / "w.pt"), loader="torch", device="cpu",
+        workers=3, seed=5, compile=True, tensorboard=True, dry_run=True, progress=False)
+    stored = mealv2.TrainConfig(data, str(run), "a", labels=str(files), res=48, pretrained=True)
+    hard = mealv2.TrainConfig(data, str(run), "a", hard_labels=True, workers=2)
+    run.mkdir()
+    write_run_config(run, hard, {})
+    resumed = mealv2.resume_config(run, epochs=5, res=64, workers=1)
+    every_field_set([label])
+    every_field_set([online, stored, hard, resumed])
+    for command, cfg in (("label", label), ("train", online), ("train", stored), ("train", hard),
+                         ("train", resumed)):
+        assert parsed(command, config_args(cfg), monkeypatch) == cfg, config_args(cfg)
+
+
+def number_cases():
+    """(command, config class, field, flag, bad value) for each number a config takes: just outside its range
+    at each bound, and a fraction where it takes integers."""
+    from mealv2.common.config import Number, OrNone
+
+    fields = [("label", mealv2.LabelConfig, f) for f in dataclasses.fields(mealv2.LabelConfig)]
+    fields += [("label", CropParams, f) for f in dataclasses.fields(CropParams) if f.name in CROP_FLAGS]
+    fields += [("train", mealv2.TrainConfig, f) for f in dataclasses.fields(mealv2.TrainConfig)]
+    for command, config, f in fields:
+        kind = f.metadata["setting"]
+        kind = kind.inner if isinstance(kind, OrNone) else kind
+        if not isinstance(kind, Number):
+            continue
+        bounds = ([kind.min if kind.min_open else kind.min - 1] if kind.min is not None else []) + (
+            [kind.max if kind.max_open else kind.max + 1] if kind.max is not None else [])
+        values = [kind.type(v) for v in bounds] + ([1.5] if kind.type is int else [])
+        yield from ((command, config, f.name, v) for v in values)
+
+
+NUMBERS = list(number_cases())
+
+
+@pytest.mark.parametrize("command, config, name, value", NUMBERS,
+                         ids=[f"{c} {n} {v}" for c, _, n, v in NUMBERS])
+def test_a_number_a_flag_refuses_is_refused_by_the_config_in_the_same_words(command, config, name, value, files,
+                                                                            mealv2_cli):
+    """Ranges and types are declared once, on the config's field: the config and the flag say the same."""
+    base = {mealv2.LabelConfig: {"data": "d", "teachers": ["t"], "out": "o"},
+            mealv2.TrainConfig: {"data": "d", "out": "o", "arch": "a", "hard_labels": True}, CropParams: {}}[config]
+    with pytest.raises(MealV2Error) as refused_in_python:
+        config(**base, **{name: value})
+    said = str(refused_in_python.value).split(f"{name} = ", 1)[1]
+    assert said.startswith(f"{value!r} is ")
     extra = ["-t", "t"] if command == "label" else ["-a", "a", "--hard-labels"]
-    r = mealv2_cli(command, files / "data", "-o", files / "o", *extra, flag, value)
-    refused(r, flag)
-    assert "Invalid value" in r.err, r.err
+    r = mealv2_cli(command, files / "data", "-o", files / "o", *extra, flag_name(name), value)
+    refused(r, f"Invalid value for '{flag_name(name)}': {said}")
+
+
+# (config, fields, what the refusal says): values of the wrong type or out of the choices, and URLs where a
+# local path is meant, each accepted until the run once (a store left as X.zarr.creating, a run folder ./s3:/...)
+BAD_VALUES = [
+    ("train", {"epochs": 1.5}, "train: epochs = 1.5 is not an integer; expected an integer >= 1"),
+    ("label", {"rounds": 2.5}, "label: rounds = 2.5 is not an integer; expected an integer >= 1"),
+    ("train", {"batch_size": 20.7}, "train: batch_size = 20.7 is not an integer"),
+    ("train", {"device": "gpu"}, "train: device = 'gpu' is not a choice; expected one of 'auto', 'cpu', 'cuda'"),
+    ("label", {"teacher_precision": "fp8"}, ("label: teacher_precision = 'fp8' is not a choice; expected one of "
+                                             "'fp32', 'tf32', 'bf16', 'fp16'")),
+    ("label", {"write_depth": -1}, "label: write_depth = -1 is out of range; expected an integer >= 0"),
+    ("train", {"lr": "0.1"}, "train: lr = '0.1' is not a number; expected a finite number >= 0"),
+    ("train", {"labels": 5, "hard_labels": False}, "train: labels = 5 is not a path"),
+    ("train", {"hard_labels": "no"}, "train: hard_labels = 'no' is not a bool; expected True or False"),
+    ("train", {"teachers": "a=b@32", "hard_labels": False}, "train: teachers = 'a=b@32' is a string, not a list"),
+    ("label", {"teachers": "a=b@32"}, "label: teachers = 'a=b@32' is a string, not a list"),
+    ("train", {"res": 1.5}, "train: res = 1.5 is not an integer"),
+    ("train", {"scale": (0.5, 0.4)}, "--scale must satisfy 0 < min <= max <= 1, got 0.5,0.4"),
+    ("train", {"out": "s3://bkt/run"}, "train: out = s3://bkt/run is a URL; here mealv2 takes a local path"),
+    ("train", {"val": "http://host/val"}, "train: val = http://host/val is a URL; here mealv2 takes a local path"),
+    ("train", {"data": "s3://bkt/train"}, "train: data = s3://bkt/train is a URL"),
+    ("label", {"data": "gs://bkt/train"}, "label: data = gs://bkt/train is a URL"),
+    ("label", {"out": "http://host/s.zarr"}, "label: out = http://host/s.zarr: stores are written to a local path"),
+]
+
+
+@pytest.mark.parametrize("command, fields, message", BAD_VALUES, ids=[str(f) for _, f, _ in BAD_VALUES])
+def test_a_value_of_the_wrong_type_or_place_is_refused_when_the_config_is_made(command, fields, message, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, base = {"label": (mealv2.LabelConfig, {"data": "d", "teachers": ["t"], "out": "o"}),
+                    "train": (mealv2.TrainConfig, {"data": "d", "out": "o", "arch": "a", "hard_labels": True})}[command]
+    with pytest.raises(MealV2Error, match=re.escape(message)):
+        config(**{**base, **fields})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_recorded_before_the_crop_settings_were_fields_resumes_with_its_crops(files):
+    """Runs once recorded a whole ``crop`` and the crop flags typed (``crop_given``): a fresh-crop run's crops
+    were all its own, a stored-label run's only those typed (the rest were the store's)."""
+    crop = {"res": 48, "scale": [0.35, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5, "interpolation": "bilinear"}
+    old = {"data": str(files / "data"), "arch": "a", "crop": crop, "crops_per_image": 2, "epochs": 3}
+    for name, settings, expected in (
+            ("hard", {"hard_labels": True, "crop_given": []}, (48, (0.35, 1.0), (0.75, 4 / 3), 2)),
+            ("stored", {"labels": str(files), "crop_given": ["res"]}, (48, None, None, None))):
+        run = files / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"settings": {**old, **settings}, "resolved": {}}))
+        cfg = mealv2.resume_config(run)
+        assert (cfg.res, cfg.scale, cfg.ratio, cfg.crops_per_image) == expected, name

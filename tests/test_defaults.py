@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mealv2.common.config import Pair
 from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.stage2_train.commands import train
+from mealv2.stage2_train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +23,16 @@ def readme_defaults() -> dict[str, str]:
 def _same(option_default, text: str) -> bool:
     if isinstance(option_default, str):
         return option_default == text
+    if isinstance(option_default, tuple):
+        return Pair().parse(text) == option_default
     return [float(v) for v in text.split(",")] == [float(option_default)]
+
+
+def unset_means(flag: str):
+    """What a crop flag left out means without --labels (with them, the store's)."""
+    fresh = TrainConfig("d", "o", "a", hard_labels=True)
+    return {"--crops-per-image": fresh.fresh_crops_per_image,
+            **{f"--{k}": v for k, v in vars(fresh.fresh_crop).items()}}[flag]
 
 
 def test_readme_table_of_defaults_is_the_commands():
@@ -31,7 +42,7 @@ def test_readme_table_of_defaults_is_the_commands():
             "--crops-per-image"} <= set(table)
     options = {opt: p for p in train.params for opt in getattr(p, "opts", ())}
     for flag, text in table.items():
-        default = options[flag].default
+        default = options[flag].default if options[flag].default is not None else unset_means(flag)
         assert _same(default, text), f"README says {flag} defaults to {text}, `mealv2 train` has {default!r}"
 
 

@@ -74,7 +74,7 @@ def test_a_teacher_trained_on_raw_pixels_is_refused_under_imagenet_normalisation
     assert r.returncode == 2, r.stdout
     assert "mean/std imagenet: default for state dicts" in r.stderr
     assert f"Fix: state its normalisation in the spec: test_resnet={ext.raw}%none." in r.stderr
-    assert _fixed_command(r.stderr)[:4] == ["label", str(ext.data), "-t", f"test_resnet={ext.raw}%none"]
+    assert _fixed_command(r.stderr)[:4] == ["label", str(ext.data), "--teachers", f"test_resnet={ext.raw}%none"]
     configured, fixed = (float(x) for x in _percentages(r.stderr)[:2])
     assert fixed > configured + 10
 

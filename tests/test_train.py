@@ -207,9 +207,13 @@ def test_store_mismatches_are_refused(labelled, tmp_path, cli):
     with pytest.raises(MealV2Error, match=both):
         train(config(labelled, tmp_path / "r2", epochs=1, data=str(renamed)))
 
-    # --res is the student's and may differ from the store's (test_student_res.py); the stored crops may not
-    with pytest.raises(MealV2Error, match=r"--crops-per-image 4 differs from the 2"):
-        train(config(labelled, tmp_path / "r3", epochs=1, crops_per_image=4, crop_given=("crops_per_image",)))
+    # --res is the student's and may differ from the store's (test_student_res.py); the stored crops may not,
+    # whether given as flags or to a TrainConfig in Python (which once trained on the store's without a word)
+    with pytest.raises(MealV2Error, match=r"--crops-per-image 8 differs from the 2 that .*store was labelled with"):
+        train(config(labelled, tmp_path / "r3", epochs=1, res=48, crops_per_image=8))
+    with pytest.raises(MealV2Error, match=r"--ratio 0.5,2 differs from the \[0\.75, 1\.3333333333333333\]"):
+        train(config(labelled, tmp_path / "r3", epochs=1, ratio=(0.5, 2.0)))
+    assert not (tmp_path / "r3").exists()
 
     incomplete = shutil.copytree(labelled.store, tmp_path / "incomplete")
     (incomplete / "done" / "c" / "1" / "0").unlink()

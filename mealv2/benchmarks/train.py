@@ -149,7 +149,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
                                       crops_per_image=crops, crop=crop, topk=topk, batch_size=batch_size,
                                       device=device, workers=workers, teacher_check=False, progress=False))
         round_bytes = store.read_round(0).nbytes / store.num_images
-        common = dict(arch=arch, crop=crop, crops_per_image=crops, batch_size=batch_size, epochs=epochs,
+        common = dict(arch=arch, res=res, crops_per_image=crops, batch_size=batch_size, epochs=epochs,
                       workers=workers, device=device)
         speed = {mode: [] for mode in MODES}
         at_res = {r: [] for r in students}
@@ -160,7 +160,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
             for r in students:
                 at_res[r].append(speed["stored"][-1] if r == res else mode_speed(
                     "stored", data, store.path, specs, folder / f"stored-{r}px-{run}",
-                    **{**common, "crop": CropParams(res=r), "crop_given": ("res",)}))
+                    **{**common, "res": r}))
             progressive.append(mode_speed("stored", data, store.path, specs, folder / f"progressive{run}",
                                           min_res=ramp.min_res, ramp_start=ramp.ramp_start,
                                           ramp_end=ramp.ramp_end, res_step=ramp.step, **common))

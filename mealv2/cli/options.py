@@ -1,19 +1,16 @@
-"""Option groups shared by the commands that label and train: crops, teachers, and a config printed
-back as the command that builds it."""
+"""A config's fields as click options: the flag of the same name, with the type, default and parsing its
+declaration gives (common/config.py), so a command only adds the help; and the groups label and train
+share (crops, teachers)."""
 from __future__ import annotations
 
 import dataclasses
 
 import click
 
-from ..common.config import field_defaults, flag_name
-from ..common.data.crops import CropParams
-from ..common.models.runtime import PRECISIONS
-from .params import POSITIVE, LocalPath, float_pair
-
-
-def _float_pair(ctx, param, value):
-    return float_pair(value)
+from ..common.config import ClassFiles, Flag, Specs, flag_name, word
+from ..common.data.crops import CROP_FLAGS
+from ..common.models.teachers import split_specs
+from .params import LocalPath, flag_type
 
 
 def _teacher_classes(ctx, param, values) -> dict[int, str]:
@@ -30,7 +27,57 @@ def _teacher_classes(ctx, param, values) -> dict[int, str]:
     return out
 
 
-def _stack(options: list):
+def _flag(flag, kind, default, checks) -> tuple[str, dict]:
+    """A bool: --name, or --name/--no-name when it is on by default."""
+    return (f"{flag}/--no-{flag[2:]}" if default else flag,
+            {"is_flag": True, "default": default, "show_default": bool(default)})
+
+
+def _specs(flag, kind, default, checks) -> tuple[str, dict]:
+    """Teacher specs: repeatable and comma separated."""
+    return flag, {"multiple": True, "callback": lambda ctx, param, values: split_specs(values)}
+
+
+def _class_files(flag, kind, default, checks) -> tuple[str, dict]:
+    return flag, {"multiple": True, "metavar": "N=FILE", "callback": _teacher_classes}
+
+
+def _valued(flag, kind, default, checks) -> tuple[str, dict]:
+    shown = getattr(kind, "means", None) if default is None else None if callable(default) else word(default)
+    return flag, {"type": flag_type(kind, **checks), "default": default, "show_default": shown}
+
+
+OPTION_FORMS = {Flag: _flag, Specs: _specs, ClassFiles: _class_files}   # any other kind takes a value
+
+
+def _field(config, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(config) if f.name == name)
+
+
+def config_option(config, name: str, *aliases: str, checks: dict | None = None, **kwargs):
+    """The click option of field ``name`` of the config class ``config``: its flag (common.config.flag_name),
+    type and default from the field's declaration; ``aliases`` (-o), ``checks`` (click.Path's exists=, ...)
+    and ``kwargs`` (help, required) are the command's."""
+    field = _field(config, name)
+    kind = field.metadata["setting"]
+    default = field.default if field.default is not dataclasses.MISSING else (
+        None if field.default_factory is dataclasses.MISSING else field.default_factory)
+    flag, attrs = OPTION_FORMS.get(type(kind), _valued)(flag_name(name), kind, default, checks or {})
+    return click.option(flag, *aliases, name, **attrs, **kwargs)
+
+
+def config_options(config, helps: dict):
+    """The click options of the fields ``helps`` names (field: its flag's help or None), in that order."""
+    return stack([config_option(config, name, help=text) for name, text in helps.items()])
+
+
+def config_argument(config, name: str, *, required: bool = True, **checks):
+    """The click argument of field ``name`` of ``config`` (DATA); ``checks``: click.Path's (exists=, ...)."""
+    return click.argument(name, type=flag_type(_field(config, name).metadata["setting"], **checks),
+                          required=required)
+
+
+def stack(options: list):
     """One decorator applying ``options`` in the order listed (as --help shows them)."""
     def decorate(f):
         for option in reversed(options):
@@ -39,81 +86,42 @@ def _stack(options: list):
     return decorate
 
 
-crop_options = _stack([
-    click.option("--res", type=POSITIVE, default=224, show_default=True,
-                 help="Side of the square crop fed to the network."),
-    click.option("--scale", default="0.08,1", show_default=True, callback=_float_pair,
-                 help="Range of the crop's area relative to the image (RandomResizedCrop)."),
-    click.option("--ratio", default="3/4,4/3", show_default=True, callback=_float_pair,
-                 help="Range of the crop's aspect ratio (RandomResizedCrop)."),
-    click.option("--crops-per-image", "crops_per_image", type=POSITIVE, default=4, show_default=True,
-                 help="Crops cut from one decoded image (FKD's num_crops)."),
-])
-"""--res, --scale, --ratio, --crops-per-image: the random-resized-crop distribution."""
+CROP_HELP = {
+    "res": "Side of the square crop fed to the network.",
+    "scale": "Range of the crop's area relative to the image (RandomResizedCrop).",
+    "ratio": "Range of the crop's aspect ratio (RandomResizedCrop).",
+    "crops_per_image": "Crops cut from one decoded image (FKD's num_crops).",
+}
 
 
-def crop_params(res: int, scale, ratio) -> CropParams:
-    try:
-        return CropParams(res=res, scale=tuple(scale), ratio=tuple(ratio))
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+def crop_options(config):
+    """--res, --scale, --ratio, --crops-per-image: the random-resized-crop distribution, as ``config`` declares
+    them (its own fields, or for --res/--scale/--ratio those of the CropParams it holds as ``crop``)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    owner = fields["crop"].metadata["setting"].cls if "crop" in fields else config
+    return stack([config_option(owner if name in CROP_FLAGS else config, name, help=CROP_HELP[name])
+                  for name in (*CROP_FLAGS, "crops_per_image")])
 
 
-def teacher_options(required: bool = False):
-    """--teachers, --classes, --no-teacher-check, --teacher-precision: who teaches and how they see
-    their input (common/teachers.py has the rule)."""
-    return _stack([
-        click.option("--teachers", "-t", multiple=True, required=required,
-                     help="ARCH (timm pretrained) | ARCH=CKPT (state dict, runs at --res, imagenet mean/std) | "
-                          "CKPT (mealv2 checkpoint); suffixes @RES, %NORM (imagenet, 0.5, clip, none, timm, "
-                          "M:M:M/S:S:S), *WEIGHT; repeatable or comma separated."),
-        click.option("--classes", "classes_file", type=LocalPath(exists=True, dir_okay=False),
-                     help="State-dict teachers' class names in their output order, one per line: mapped by "
-                          "name onto the dataset's classes, or the store's classes for unlabelled images."),
-        click.option("--teacher-classes", "teacher_classes", multiple=True, metavar="N=FILE",
-                     callback=_teacher_classes,
-                     help="Teacher N's class names in its output order, one per line (N from 1, in --teachers "
-                          "order; repeatable). Any kind of teacher; for it, overrides --classes and what a "
-                          "checkpoint or timm records. The teacher check writes such files and prints the command."),
-        click.option("--teacher-check/--no-teacher-check", default=True, show_default=True,
-                     help="On labelled data, stop when a teacher agrees clearly better with the labels under "
-                          "another normalisation or class order than configured."),
-        click.option("--teacher-precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Teachers' forward precision; fp32 keeps their rounding below the store's encoding "
-                          "error (bf16 does not: BENCHMARKS.md)."),
+def teacher_options(config, required: bool = False):
+    """--teachers, --classes, --teacher-classes, --teacher-check, --teacher-precision: who teaches and how they
+    see their input (common/models/teachers.py has the rule)."""
+    return stack([
+        config_option(config, "teachers", "-t", required=required,
+                      help="ARCH (timm pretrained) | ARCH=CKPT (state dict, runs at --res, imagenet mean/std) | "
+                           "CKPT (mealv2 checkpoint); suffixes @RES, %NORM (imagenet, 0.5, clip, none, timm, "
+                           "M:M:M/S:S:S), *WEIGHT; repeatable or comma separated."),
+        config_option(config, "classes_file", checks={"exists": True, "dir_okay": False},
+                      help="State-dict teachers' class names in their output order, one per line: mapped by "
+                           "name onto the dataset's classes, or the store's classes for unlabelled images."),
+        config_option(config, "teacher_classes",
+                      help="Teacher N's class names in its output order, one per line (N from 1, in --teachers "
+                           "order; repeatable). Any kind of teacher; for it, overrides --classes and what a "
+                           "checkpoint or timm records. The teacher check writes such files and prints the command."),
+        config_option(config, "teacher_check",
+                      help="On labelled data, stop when a teacher agrees clearly better with the labels under "
+                           "another normalisation or class order than configured."),
+        config_option(config, "teacher_precision",
+                      help="Teachers' forward precision; fp32 keeps their rounding below the store's encoding "
+                           "error (bf16 does not: BENCHMARKS.md)."),
     ])
-
-
-
-
-# ---- configs as flags: LabelConfig/TrainConfig fields are the flags of the same name ------------------------
-NOT_FLAGS = ("progress", "write_depth", "crop_given", "resume")   # set by callers, not typed
-ALWAYS_GIVEN = ("workers",)   # its default is the machine's, so a command given elsewhere states it
-
-
-def config_args(cfg) -> list[str]:
-    """The arguments of the `mealv2` command that builds ``cfg`` (a LabelConfig or TrainConfig): DATA, then
-    every setting that differs from its default (and the crop flags a TrainConfig's crop_given names), so a
-    report can print the command equivalent to a Python call."""
-    defaults, typed = field_defaults(type(cfg)), getattr(cfg, "crop_given", ())
-    args = [str(cfg.data)]
-    for f in dataclasses.fields(cfg):
-        name, value = f.name, getattr(cfg, f.name)
-        if name == "data" or name in NOT_FLAGS or (name in defaults and value == defaults[name] and name not in
-                                                   ("crop", *ALWAYS_GIVEN, *typed)):
-            continue
-        if name == "crop":
-            for key in ("res", "scale", "ratio"):
-                if getattr(value, key) != getattr(defaults["crop"], key) or key in typed:
-                    shown = getattr(value, key)
-                    args += [f"--{key}", ",".join(map(str, shown)) if isinstance(shown, tuple) else str(shown)]
-        elif isinstance(value, bool):
-            args.append(flag_name(name) if value else f"--no-{name.replace('_', '-')}")
-        elif isinstance(value, (list, tuple)):
-            args += [flag_name(name), ",".join(value)]
-        elif isinstance(value, dict):
-            for n, path in value.items():
-                args += [flag_name(name), f"{n}={path}"]
-        elif value is not None:
-            args += [flag_name(name), str(value)]
-    return args

@@ -1,85 +1,82 @@
-"""Click parameter types and the small options every command shares, so a flag means the same thing
-everywhere. Imports neither torch nor zarr: `inspect` and `verify` start without them."""
+"""Click parameter types, built from the Settings the configs declare (common/config.py), and the small
+options every command shares, so a flag means the same thing everywhere. Imports no torch: `inspect` and
+`verify` start without it."""
 from __future__ import annotations
-
-import math
-from fractions import Fraction
 
 import click
 
+from ..common.config import COUNT, DEVICE, FLOAT_FROM_0, Choice, OrNone, Setting
 from ..common.data.loaders.registry import LOADER_CHOICES, available_cores
-from ..common.errors import MealV2Error
-from ..common.store.lease import writable_url
-from ..common.store.objects import READ_BY, check_url, is_url, redact
+from ..common.store import locations
 
-POSITIVE = click.IntRange(min=1)
 
-class FiniteFloat(click.FloatRange):
-    """A float flag (optionally bounded, as click.FloatRange) that refuses nan and inf: click's own
-    float type takes them, and every comparison with nan is false, so a range never stops it."""
+class Declared(click.ParamType):
+    """The click type of a Setting (common/config.py): the flag's word parsed by the setting and refused
+    in its words, so the CLI and a config built in Python refuse a value alike."""
 
-    name = "finite float"
+    def __init__(self, kind: Setting):
+        self.kind = kind
+        self.name = kind.expected
+
+    def get_metavar(self, param, ctx=None):
+        return self.kind.metavar
 
     def convert(self, value, param, ctx):
-        rv = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value} is not a finite number; expected a finite float"
-                      + (f" in {self._describe_range()}" if self.min is not None or self.max is not None else ""),
-                      param, ctx)
-        return super().convert(rv, param, ctx)
-
-
-FINITE = FiniteFloat()
-NON_NEGATIVE = FiniteFloat(min=0)
-POSITIVE_FLOAT = FiniteFloat(min=0, min_open=True)
-
-
-def float_pair(value: str) -> tuple[float, float]:
-    """'MIN,MAX' with decimals or fractions ('3/4,4/3' is exactly torchvision's ratio range)."""
-    try:
-        lo, hi = (float(Fraction(v.strip())) for v in value.split(","))
-    except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected two numbers 'MIN,MAX', got '{value}'") from None
-    return lo, hi
+        value = self.kind.parse(value) if isinstance(value, str) else value
+        if refusal := self.kind.refusal(value):
+            self.fail(refusal, param, ctx)
+        return value
 
 
 class LocalPath(click.Path):
-    """click.Path that refuses URLs: ``--out s3://b/x.zarr`` would otherwise become the local
-    folder ``s3:/b/x.zarr`` without a word. Data, runs and checkpoints are local or mounted paths."""
+    """click.Path that refuses URLs (common/store/locations.py says why), as the configs do."""
+
+    kind = locations.LocalPath()
 
     def convert(self, value, param, ctx):
-        if is_url(value):
-            self.fail(f"{redact(value)} is a URL; here mealv2 takes a local path: URLs are taken only as label stores "
-                      f"({READ_BY}). Mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path",
-                      param, ctx)
+        if isinstance(value, str) and (refusal := self.kind.refusal(value)):
+            self.fail(refusal, param, ctx)
         return super().convert(value, param, ctx)
 
 
 class StorePath(LocalPath):
-    """A label store to read: a local path, or a URL (https://, s3://, other fsspec protocols) that
-    common/remote.py reads through its cache; ``write``: to write, a local path or a URL whose
-    protocol has a lease (common/lease.py: s3://)."""
+    """A label store: a local path (click.Path's checks), or a URL checked as the configs do (``write``: a
+    store to write, whose protocol has a lease)."""
 
     def __init__(self, *args, write: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.write = write
+        self.kind = locations.StorePath(write)
 
     def convert(self, value, param, ctx):
-        if not is_url(value):
+        if not locations.is_url(value):
             return super().convert(value, param, ctx)
-        try:
-            return writable_url(value, MealV2Error) if self.write else check_url(value)
-        except MealV2Error as e:
-            self.fail(str(e), param, ctx)
+        if refusal := self.kind.refusal(value):
+            self.fail(refusal, param, ctx)
+        return self.kind.parse(value)
 
 
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+PATH_TYPES = {locations.LocalPath: lambda kind, **checks: LocalPath(**checks),
+              locations.StorePath: lambda kind, **checks: StorePath(write=kind.write, **checks)}
+
+
+def flag_type(kind: Setting, **path_checks) -> click.ParamType:
+    """The click type of a flag that takes ``kind``; ``path_checks`` (click.Path's exists=, dir_okay=, ...) for a
+    path: whether a file is there is the CLI's to check, a config names files that are made later."""
+    kind = kind.inner if isinstance(kind, OrNone) else kind
+    return PATH_TYPES.get(type(kind), lambda kind, **_: Declared(kind))(kind, **path_checks)
+
+
+POSITIVE = flag_type(COUNT)
+NON_NEGATIVE = flag_type(FLOAT_FROM_0)
+
+
+device_option = click.option("--device", type=flag_type(DEVICE), default="auto",
                              show_default=True, help="auto = CUDA when present.")
 
 
 workers_option = click.option("--workers", type=POSITIVE, default=available_cores,
                               show_default="the cores this process may use", help="Decoding threads.")
-loader_option = click.option("--loader", type=click.Choice(LOADER_CHOICES), default="auto", show_default=True,
+loader_option = click.option("--loader", type=flag_type(Choice(LOADER_CHOICES)), default="auto", show_default=True,
                              help="Crop loader: auto = DALI where installed, else torch (README: which runs where).")
 
 

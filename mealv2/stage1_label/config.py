@@ -2,18 +2,16 @@
 Python callers meet the CLI's refusals."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, INT_FROM_0, SPECS, Choice, Instance,
+                             OrNone, check_settings, setting)
 from ..common.data.crops import CropParams
-from ..common.data.loaders.registry import available_cores, resolve
-from ..common.errors import MealV2Error, require_finite, require_in_range
-from ..common.store.lease import writable_url
-from ..common.store.objects import is_url
+from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
+from ..common.errors import MealV2Error
+from ..common.models.runtime import PRECISIONS
+from ..common.store.locations import LOCAL_PATH, StorePath
 from ..common.store.writer import DEPTH
-
-LABEL_RANGES = {**{name: (1, None, False) for name in ("rounds", "crops_per_image", "topk", "batch_size", "workers",
-                                                       "shard_size")},
-                "seed": (0, None, False), "temperature": (0, None, True)}
 
 
 @dataclass
@@ -34,33 +32,30 @@ class LabelConfig:
         store = mealv2.label(mealv2.LabelConfig("data/train", ["resnet50", "convnext_tiny"], "store", rounds=2))
     """
 
-    data: str
-    teachers: list[str]
-    out: str
-    rounds: int = 4
-    crops_per_image: int = 4
-    crop: CropParams = CropParams()
-    topk: int = 10
-    temperature: float = 1.0
-    batch_size: int = 256
-    seed: int = 0
-    loader: str = "auto"
-    device: str = "auto"
-    workers: int = field(default_factory=available_cores)
-    shard_size: int = 1024
-    skip_bad: bool = False
-    classes_file: str | None = None     # a state-dict teacher's class names in output order
-    teacher_classes: dict[int, str] = field(default_factory=dict)  # teacher N's class names (--teacher-classes)
-    teacher_check: bool = True
-    teacher_precision: str = "fp32"
-    progress: bool = True
-    write_depth: int = DEPTH            # shards in flight on the background writer; 0 writes in the loop
+    data: str = setting(LOCAL_PATH)
+    teachers: list[str] = setting(SPECS)
+    out: str = setting(StorePath(write=True))
+    rounds: int = setting(COUNT, 4)
+    crops_per_image: int = setting(COUNT, 4)
+    crop: CropParams = setting(Instance(CropParams), CropParams())
+    topk: int = setting(COUNT, 10)
+    temperature: float = setting(FLOAT_ABOVE_0, 1.0)
+    batch_size: int = setting(COUNT, 256)
+    seed: int = setting(INT_FROM_0, 0)
+    loader: str = setting(Choice(LOADER_CHOICES), "auto")
+    device: str = setting(DEVICE, "auto")
+    workers: int = setting(COUNT, factory=available_cores)
+    shard_size: int = setting(COUNT, 1024)
+    skip_bad: bool = setting(FLAG, False)
+    classes_file: str | None = setting(OrNone(LOCAL_PATH), None)   # a state-dict teacher's class names in output order
+    teacher_classes: dict[int, str] = setting(CLASS_FILES, factory=dict)  # teacher N's class names (--teacher-classes)
+    teacher_check: bool = setting(FLAG, True)
+    teacher_precision: str = setting(Choice(PRECISIONS), "fp32")
+    progress: bool = setting(FLAG, True)
+    write_depth: int = setting(INT_FROM_0, DEPTH)   # shards in flight on the background writer; 0 writes in the loop
 
     def __post_init__(self):
+        check_settings("label", self)
         resolve(self.loader)   # a backend that is not installed is refused before any work
-        require_finite("label", temperature=self.temperature)
-        require_in_range("label", LABEL_RANGES, **{name: getattr(self, name) for name in LABEL_RANGES})
         if not self.teachers:
             raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
-        if is_url(self.out):
-            writable_url(self.out, MealV2Error)

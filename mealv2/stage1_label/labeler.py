@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
+from ..common.config import config_args
 from ..common.data.crops import sample_crops
 from ..common.data.dataset import build_index_shared, image_crcs, in_classes, refuse_nested, skipped_report
 from ..common.data.loaders.base import CropRequest
@@ -176,7 +177,8 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index) -> list[dict] | MealV2Er
     try:
         checks = check_teachers(ensemble, index, cfg.crop, cfg.crops_per_image, cfg.seed, cfg.batch_size,
                                 cfg.workers, loader=cfg.loader,
-                                suggest_dir=Path.cwd() if is_url(cfg.out) else Path(cfg.out).parent)
+                                suggest_dir=Path.cwd() if is_url(cfg.out) else Path(cfg.out).parent,
+                                argv=["label", *config_args(cfg)])
     except MealV2Error as e:
         return e
     for c in checks:

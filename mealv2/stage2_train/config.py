@@ -5,37 +5,39 @@ builds a TrainConfig from the flags.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
-from ..common.config import field_defaults, flag_name
-from ..common.data.crops import CropParams
-from ..common.data.loaders.registry import available_cores, resolve
-from ..common.errors import MealV2Error, require_finite, require_in_range
+from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, FLOAT_FROM_0, INT_FROM_0, SPECS, TEXT,
+                             Choice, Number, OrNone, check_settings, declared, field_defaults, flag_name, setting, word)
+from ..common.data.crops import CROP_FLAGS, CropParams
+from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
+from ..common.errors import MealV2Error
+from ..common.models.runtime import PRECISIONS
+from ..common.store.locations import LOCAL_PATH, StorePath
 
-CROP_FLAGS = {"res": "--res", "scale": "--scale", "ratio": "--ratio", "crops_per_image": "--crops-per-image"}
+FRESH_CROPS_PER_IMAGE = 4   # without --labels, when not given (FKD's num_crops)
 # Settings a resumed run may change: where things are and how the run is executed, not what it
 # computes. Every other TrainConfig field must equal the run's (``epochs`` too under --cos).
 RESUME_MAY_CHANGE = frozenset({"data", "out", "labels", "val", "resume", "device", "workers", "loader", "compile",
-                               "tensorboard", "progress", "init", "pretrained", "crop_given", "teacher_check",
-                               "dry_run"})
-# The student's resolution is compared as the schedule it resolves to (student_schedule), not as typed:
-# with --labels an untyped --res is the store's, so equal flags can mean another res and vice versa.
+                               "tensorboard", "progress", "init", "pretrained", "teacher_check", "dry_run"})
+# The student's resolution (res and these) is compared as the schedule it resolves to (student_schedule), not as
+# given: with --labels an unset res is the store's, so equal settings can mean another res and vice versa.
 RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
-# The ranges the flags take (min, max or None, min excluded), which TrainConfig applies in Python too.
-AT_LEAST_1, AT_LEAST_0, ABOVE_0 = (1, None, False), (0, None, False), (0, None, True)
-TRAIN_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr_step": AT_LEAST_1, "crops_per_image": AT_LEAST_1,
-                "min_res": AT_LEAST_1, "res_step": AT_LEAST_1, "workers": AT_LEAST_1, "warmup_epochs": AT_LEAST_0,
-                "ramp_start": AT_LEAST_0, "ramp_end": AT_LEAST_0, "seed": AT_LEAST_0, "lr": AT_LEAST_0,
-                "momentum": AT_LEAST_0, "wd": AT_LEAST_0, "d_lr": AT_LEAST_0, "mixup": AT_LEAST_0,
-                "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False),
-                "model_ema_decay": (0, 1, False)}   # 1 itself is refused by __post_init__, saying why
+
+
+def _crop_flag(name: str, fresh) -> dataclasses.Field:
+    """TrainConfig's crop setting ``name``: unset (None) by default, which means the store's with --labels and
+    ``fresh`` otherwise."""
+    kind = COUNT if name == "crops_per_image" else declared(CropParams, name)
+    return setting(OrNone(kind, means=f"the store's with --labels, else {word(fresh)}"), None)
 
 
 @dataclass
 class TrainConfig:
     """Everything ``mealv2 train`` does, refused here (not in the CLI) when a value cannot run, so Python
     callers meet every refusal the CLI gives. Each field is the flag of the same name (``mealv2 train
-    --help``); ``crop`` holds --res/--scale/--ratio. Give exactly one label source.
+    --help``), checked at construction against what the flag takes. Give exactly one label source.
 
     Args:
         data: images to train on (ImageFolder or CSV); DATA.
@@ -44,9 +46,10 @@ class TrainConfig:
         labels: a label store made by ``mealv2 label`` (stored-label mode); --labels.
         hard_labels: cross-entropy on the dataset's labels; --hard-labels.
         teachers: teacher specs run online on every step's crops; --teachers.
-        crop: the student's res and, without --labels, the crop distribution; --res/--scale/--ratio.
-        crop_given: the crop flags the user typed, checked against the store (with --labels an untyped
-            res is the store's).
+        res: the student's resolution; None: the store's with ``labels`` (another may be given: the
+            stored boxes are relative), else 224; --res.
+        scale, ratio, crops_per_image: the crops; None: the store's with ``labels`` (a value given must
+            equal it), else CropParams' defaults and 4; --scale, --ratio, --crops-per-image.
         epochs, batch_size, lr, ...: as the flags of the same name.
         resume: continue ``out``'s run; :func:`resume_config` builds a config from the run's own settings.
 
@@ -56,67 +59,79 @@ class TrainConfig:
         mealv2.train(mealv2.TrainConfig("data/train", "runs/r18", "resnet18", labels="store", epochs=4))
     """
 
-    data: str
-    out: str
-    arch: str
-    labels: str | None = None           # stored-label mode
-    hard_labels: bool = False           # hard-label mode
-    teachers: list[str] = field(default_factory=list)  # online mode
-    classes_file: str | None = None     # online mode: state-dict teachers' class names in output order
-    teacher_classes: dict[int, str] = field(default_factory=dict)  # online mode: teacher N's (--teacher-classes)
-    teacher_check: bool = True
-    teacher_precision: str = "fp32"
-    temperature: float = 1.0
-    crop: CropParams = CropParams()     # fresh-crop modes; with --labels the store's apply
-    crops_per_image: int = 4
-    crop_given: tuple[str, ...] = ()    # crop flags typed by the user: checked against the store
-    min_res: int | None = None          # progressive resizing (res_schedule.py): None = every epoch at --res
-    ramp_start: int | None = None
-    ramp_end: int | None = None
-    res_step: int | None = None
-    epochs: int = 180
-    batch_size: int = 512               # crops per step, over all ranks
-    lr: float = 0.01
-    momentum: float = 0.9
-    wd: float = 0.0
-    opt: str = "momentum"               # timm's plain SGD with momentum (its "sgd" is Nesterov)
-    lr_step: int = 100
-    cos: bool = False
-    warmup_epochs: int = 0
-    use_discriminator_loss: bool = False
-    d_lr: float = 0.01
-    w_cutmix: bool = False
-    cutmix_alpha: float = 1.0
-    cutmix_prob: float = 1.0
-    mixup: float = 0.0
-    model_ema: bool = False             # keep ModelEmaV3 weights beside the raw ones (timm's --model-ema)
-    model_ema_decay: float = 0.9998     # timm train.py's default
-    val: str | None = None
-    pretrained: bool = False
-    init: str | None = None
-    resume: bool = False
-    loader: str = "auto"
-    device: str = "auto"
-    workers: int = field(default_factory=available_cores)
-    seed: int = 0
-    compile: bool = False
-    tensorboard: bool = False
-    dry_run: bool = False
-    progress: bool = True
+    data: str = setting(OrNone(LOCAL_PATH))   # None or "": refused by TRAIN_RULES as missing, naming the fix
+    out: str = setting(OrNone(LOCAL_PATH))
+    arch: str = setting(OrNone(TEXT))
+    labels: str | None = setting(OrNone(StorePath()), None)   # stored-label mode
+    hard_labels: bool = setting(FLAG, False)                  # hard-label mode
+    teachers: list[str] = setting(SPECS, factory=list)        # online mode
+    classes_file: str | None = setting(OrNone(LOCAL_PATH), None)   # online: state-dict teachers' class names
+    teacher_classes: dict[int, str] = setting(CLASS_FILES, factory=dict)   # online: teacher N's (--teacher-classes)
+    teacher_check: bool = setting(FLAG, True)
+    teacher_precision: str = setting(Choice(PRECISIONS), "fp32")
+    temperature: float = setting(FLOAT_ABOVE_0, 1.0)
+    # The crops: None = the store's with --labels (a res given is the student's and may differ from it, the
+    # others must equal it), CropParams' defaults and FRESH_CROPS_PER_IMAGE otherwise (fresh_crop).
+    res: int | None = _crop_flag("res", CropParams.res)
+    scale: tuple[float, float] | None = _crop_flag("scale", CropParams.scale)
+    ratio: tuple[float, float] | None = _crop_flag("ratio", CropParams.ratio)
+    crops_per_image: int | None = _crop_flag("crops_per_image", FRESH_CROPS_PER_IMAGE)
+    min_res: int | None = setting(OrNone(COUNT), None)   # progressive resizing (res_schedule.py): None = off
+    ramp_start: int | None = setting(OrNone(INT_FROM_0), None)
+    ramp_end: int | None = setting(OrNone(INT_FROM_0), None)
+    res_step: int | None = setting(OrNone(COUNT), None)
+    epochs: int = setting(COUNT, 180)
+    batch_size: int = setting(COUNT, 512)              # crops per step, over all ranks
+    lr: float = setting(FLOAT_FROM_0, 0.01)
+    momentum: float = setting(FLOAT_FROM_0, 0.9)
+    wd: float = setting(FLOAT_FROM_0, 0.0)
+    opt: str = setting(TEXT, "momentum")               # timm's plain SGD with momentum (its "sgd" is Nesterov)
+    lr_step: int = setting(COUNT, 100)
+    cos: bool = setting(FLAG, False)
+    warmup_epochs: int = setting(INT_FROM_0, 0)
+    use_discriminator_loss: bool = setting(FLAG, False)
+    d_lr: float = setting(FLOAT_FROM_0, 0.01)
+    w_cutmix: bool = setting(FLAG, False)
+    cutmix_alpha: float = setting(FLOAT_ABOVE_0, 1.0)
+    cutmix_prob: float = setting(Number(float, 0, 1), 1.0)
+    mixup: float = setting(FLOAT_FROM_0, 0.0)
+    model_ema: bool = setting(FLAG, False)             # keep ModelEmaV3 weights beside the raw ones (--model-ema)
+    model_ema_decay: float = setting(Number(float, 0, 1), 0.9998)   # timm train.py's default; 1 refused below
+    val: str | None = setting(OrNone(LOCAL_PATH), None)
+    pretrained: bool = setting(FLAG, False)
+    init: str | None = setting(OrNone(LOCAL_PATH), None)
+    resume: bool = setting(FLAG, False)
+    loader: str = setting(Choice(LOADER_CHOICES), "auto")
+    device: str = setting(DEVICE, "auto")
+    workers: int = setting(COUNT, factory=available_cores)
+    seed: int = setting(INT_FROM_0, 0)
+    compile: bool = setting(FLAG, False)
+    tensorboard: bool = setting(FLAG, False)
+    dry_run: bool = setting(FLAG, False)
+    progress: bool = setting(FLAG, True)
 
     def __post_init__(self):
+        check_settings("train", self)
         resolve(self.loader)   # a backend that is not installed is refused before any work
-        require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
-                       d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup,
-                       model_ema_decay=self.model_ema_decay)
-        require_in_range("train", TRAIN_RANGES, **{name: getattr(self, name) for name in TRAIN_RANGES})
-        if not 0 <= self.model_ema_decay < 1:
-            raise MealV2Error(f"--model-ema-decay {self.model_ema_decay:g}: the EMA keeps this share of its weights "
-                              f"per update, so it must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's "
-                              f"default 0.9998 over 5,000; a short run wants a few percent of its updates)")
+        CropParams(**self.given_crop)   # refuses a scale or ratio out of order or bounds, naming it
         for rule in TRAIN_RULES:
             if message := rule(self):
                 raise MealV2Error(f"train: {message}")
+
+    @property
+    def fresh_crop(self) -> CropParams:
+        """The crops of the fresh-crop modes (--hard-labels, --teachers): the res, scale and ratio given,
+        CropParams' defaults for the others. With --labels the store's crops apply (trainer.open_store)."""
+        return CropParams(**self.given_crop)
+
+    @property
+    def given_crop(self) -> dict:
+        """The res, scale and ratio given (not None)."""
+        return {name: getattr(self, name) for name in CROP_FLAGS if getattr(self, name) is not None}
+
+    @property
+    def fresh_crops_per_image(self) -> int:
+        return FRESH_CROPS_PER_IMAGE if self.crops_per_image is None else self.crops_per_image
 
     @property
     def mode(self) -> str:
@@ -151,6 +166,9 @@ TRAIN_RULES = (
     if c.use_discriminator_loss and c.hard_labels else None,
     _online_only,
     lambda c: "--pretrained and --init both set the starting weights; give one" if c.pretrained and c.init else None,
+    lambda c: f"--model-ema-decay {c.model_ema_decay:g}: the EMA keeps this share of its weights per update, so it "
+              f"must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's default 0.9998 over 5,000; a "
+              f"short run wants a few percent of its updates)" if c.model_ema_decay == 1 else None,
     lambda c: f"--model-ema-decay {c.model_ema_decay:g} applies with --model-ema only"
     if c.model_ema_decay != TRAIN_DEFAULTS["model_ema_decay"] and not c.model_ema else None,
 )

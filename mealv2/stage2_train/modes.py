@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..common.config import command_args, config_args
 from ..common.data.crops import CropParams
 from ..common.data.dataset import DatasetIndex, skipped_report
 from ..common.data.loaders.base import View
@@ -33,7 +34,7 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teacher, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.label_store import LabelStore
-from .config import CROP_FLAGS, TrainConfig
+from .config import TrainConfig
 from .loader import FreshLabels, StoredLabels
 from .losses import Mix, mix_targets, objective_losses
 from .replay import check_store_matches, data_index, open_checked_store
@@ -64,18 +65,20 @@ class EpochViews(NamedTuple):
 
 # ---- the stored mode's label source -------------------------------------------------------------------
 def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
-    """The store, refused unless complete and made with the crop flags typed (replay.open_checked_store)."""
-    ours = {**cfg.crop.to_attrs(), "crops_per_image": cfg.crops_per_image}
-    given = {name: (f"{CROP_FLAGS[name]} {ours[name]}", ours[name]) for name in cfg.crop_given if name != "res"}
-    return open_checked_store(cfg.labels, info, given)
+    """The store, refused unless complete and made with the scale, ratio and crops per image given
+    (replay.open_checked_store); the res given is the student's and may differ from the store's."""
+    given = {name: getattr(cfg, name) for name in ("scale", "ratio", "crops_per_image")}
+    return open_checked_store(cfg.labels, info, {name: (" ".join(command_args({name: value})),
+                                                        list(value) if isinstance(value, tuple) else value)
+                                                 for name, value in given.items() if value is not None})
 
 
 def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:
     """The student's resolution per epoch. Its final res is --res; with --labels the store's unless
     --res is given: the stored boxes are relative and a soft label describes the box's content, so a
     student renders them at any res (the store's labelling res stays in its attrs)."""
-    if store is None or "res" in cfg.crop_given:
-        final, where = cfg.crop.res, "--res"
+    if store is None or cfg.res is not None:
+        final, where = cfg.fresh_crop.res, "--res"
     else:
         final, where = int(store.attrs["crop"]["res"]), f"the res {store.path} was labelled at; --res sets another"
     return res_schedule(final, cfg.epochs, cfg.min_res, cfg.ramp_start, cfg.ramp_end, cfg.res_step, where)
@@ -197,7 +200,7 @@ class StoredMode(Mode):
         return [f"labels: the run was trained on another label store than {self.store.path} (store digests differ)"]
 
     def res_hint(self, was: ResSchedule) -> str:
-        if "res" in self.cfg.crop_given or was.final == self.schedule.final:
+        if self.cfg.res is not None or was.final == self.schedule.final:
             return ""
         return (f" (with --labels, --res defaults to the store's {self.schedule.final} px; pass --res {was.final} "
                 f"to keep the run's)")
@@ -216,7 +219,7 @@ def fresh_data(cfg: TrainConfig, info: DistInfo, say: Callable, flag: str) -> tu
 
 def fresh_labels(cfg: TrainConfig, index: DatasetIndex, labels: np.ndarray | None) -> FreshLabels:
     """New crops every pass from the stage-1 sampler, with ``labels`` as their targets (None: none)."""
-    return FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, cfg.crop, labels)
+    return FreshLabels(cfg.seed, index.sizes, cfg.fresh_crops_per_image, cfg.fresh_crop, labels)
 
 
 @dataclass(eq=False)
@@ -228,7 +231,7 @@ class HardMode(Mode):
     @classmethod
     def open(cls, cfg: TrainConfig, info: DistInfo, say: Callable) -> HardMode:
         schedule, index = fresh_data(cfg, info, say, "--hard-labels")
-        return cls(cfg, index, index.classes, cfg.crop, schedule, fresh_labels(cfg, index, index.labels), Objective())
+        return cls(cfg, index, index.classes, cfg.fresh_crop, schedule, fresh_labels(cfg, index, index.labels), Objective())
 
 
 @dataclass(eq=False)
@@ -241,7 +244,7 @@ class OnlineMode(Mode):
     @classmethod
     def open(cls, cfg: TrainConfig, info: DistInfo, say: Callable) -> OnlineMode:
         schedule, index = fresh_data(cfg, info, say, "online training (--teachers)")
-        return cls(cfg, index, index.classes, cfg.crop, schedule, fresh_labels(cfg, index, None),
+        return cls(cfg, index, index.classes, cfg.fresh_crop, schedule, fresh_labels(cfg, index, None),
                    Objective(temperature=cfg.temperature))
 
     def prepare(self, *, device: torch.device, run: Path, info: DistInfo, say: Callable, resuming: bool) -> None:
@@ -267,8 +270,9 @@ class OnlineMode(Mode):
         outcome = None
         if info.is_main:
             try:
-                for check in check_teachers(self.ensemble, self.index, self.crop, cfg.crops_per_image, cfg.seed,
-                                            cfg.batch_size, cfg.workers, loader=cfg.loader, suggest_dir=run):
+                for check in check_teachers(self.ensemble, self.index, self.crop, cfg.fresh_crops_per_image,
+                                            cfg.seed, cfg.batch_size, cfg.workers, loader=cfg.loader,
+                                            suggest_dir=run, argv=["train", *config_args(cfg)]):
                     say(f"teacher check: {check.line()}")
             except MealV2Error as e:
                 outcome = e

@@ -11,14 +11,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..common.data.crops import CropParams
+from ..common.data.crops import CROP_FLAGS
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import load_checkpoint_file
-from ..common.models.teachers import split_specs
-from .config import CROP_FLAGS, TRAIN_DEFAULTS, TrainConfig
+from .config import TRAIN_DEFAULTS, TrainConfig
 from .utils import CONFIG_FILE
-
-CROP_FIELDS = ("res", "scale", "ratio")   # flags that make up TrainConfig.crop
 
 
 def run_settings(run: str | Path) -> dict:
@@ -28,14 +25,30 @@ def run_settings(run: str | Path) -> dict:
     path = run / CONFIG_FILE
     if path.is_file():
         try:
-            return json.loads(path.read_text())["settings"]
+            return current_settings(json.loads(path.read_text())["settings"])
         except (ValueError, KeyError, TypeError) as e:
             raise MealV2Error(f"--resume: {path} is not a mealv2 run config ({type(e).__name__}: {e}); restore it "
                               f"or repeat the run's flags with --out {run}") from None
     if (run / "last.pt").is_file():
-        return load_checkpoint_file(run / "last.pt").get("train_config", {})
+        return current_settings(load_checkpoint_file(run / "last.pt").get("train_config", {}))
     raise MealV2Error(f"--resume {run}: neither {path} nor {run / 'last.pt'} exists, so there is no run to continue; "
                       f"start it without --resume")
+
+
+def current_settings(settings: dict) -> dict:
+    """A run's recorded settings as TrainConfig's fields are now: runs made before the crop settings became
+    fields of their own recorded a whole ``crop`` and the crop flags typed (``crop_given``); with --labels only
+    those were the run's, the rest were the store's."""
+    if "crop" not in settings:
+        return settings
+    settings = dict(settings)
+    crop, given = settings.pop("crop"), settings.pop("crop_given", ())
+    stored = bool(settings.get("labels"))
+    settings.update({name: tuple(crop[name]) if isinstance(crop[name], list) else crop[name]
+                     for name in CROP_FLAGS if name in given or not stored})
+    if stored and "crops_per_image" not in given:
+        settings["crops_per_image"] = None
+    return settings
 
 
 def resume_config(run: str | Path, **changes) -> TrainConfig:
@@ -54,38 +67,22 @@ def resume_config(run: str | Path, **changes) -> TrainConfig:
     settings = run_settings(run)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {**dict.fromkeys(known), **TRAIN_DEFAULTS, **{k: v for k, v in settings.items() if k in known}}
-    crop = values["crop"]   # JSON gives lists and string keys back
-    values.update(crop=crop if isinstance(crop, CropParams) else CropParams.from_attrs(crop),
-                  crop_given=tuple(values["crop_given"]),
+    # JSON gives lists and string keys back
+    values.update({name: tuple(values[name]) for name in ("scale", "ratio") if values[name] is not None},
                   teacher_classes={int(n): path for n, path in values["teacher_classes"].items()})
     return TrainConfig(**{**values, "out": str(run), "resume": True, **changes})
-
-
-def flags_to_fields(flags: dict, base: CropParams = CropParams()) -> dict:
-    """Click's parameters (name: value) as TrainConfig fields: --res/--scale/--ratio into ``crop``
-    (the others from ``base``), --teachers split, compile_ -> compile."""
-    fields = {("compile" if k == "compile_" else k): v for k, v in flags.items() if k not in CROP_FIELDS}
-    crop = {k: tuple(v) if k != "res" else v for k, v in flags.items() if k in CROP_FIELDS}
-    if crop:
-        fields["crop"] = dataclasses.replace(base, **crop)   # CropParams refuses bad values (a MealV2Error)
-    if "teachers" in fields:
-        fields["teachers"] = split_specs(fields["teachers"])
-    return fields
 
 
 def config_from_flags(flags: dict, typed: set[str]) -> TrainConfig:
     """The config of a ``mealv2 train`` command: ``flags`` are all its parameters, ``typed`` the ones the
     user gave. With --resume [RUN] every setting is the run's (RUN/config.json) except the typed ones."""
     flags = dict(flags)
-    crop_given = tuple(k for k in CROP_FLAGS if k in typed)
     resume = flags.pop("resume")
     if resume is None:
-        return TrainConfig(**flags_to_fields(flags), crop_given=crop_given)
+        return TrainConfig(**flags)
     if resume and "out" in typed and Path(flags["out"]) != Path(resume):
         raise MealV2Error(f"--resume {resume} and --out {flags['out']} name two runs; give one")
     run = resume or flags["out"]
     if not run:
         raise MealV2Error("--resume: give the run to continue, --resume RUN (or --out RUN --resume)")
-    base = resume_config(run)
-    changes = flags_to_fields({k: v for k, v in flags.items() if k in typed and k != "out"}, base.crop)
-    return dataclasses.replace(base, **changes, crop_given=tuple(dict.fromkeys((*base.crop_given, *crop_given))))
+    return resume_config(run, **{k: v for k, v in flags.items() if k in typed and k != "out"})

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from .. import __version__
 from ..common.data.dataset import build_index_shared, refuse_nested
 from ..common.data.loaders.base import View
 from ..common.data.loaders.registry import describe
+from ..common.config import config_args
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import (create_timm_model, default_data_config, load_checkpoint_file, load_weights,
                                          save_checkpoint, unwrap_state_dict)
@@ -69,6 +72,7 @@ from .losses import Discriminator, Mix, draw_step_mix, mix_images
 from .modes import EpochViews, Mode, Objective, make_mode, shown_res
 from .replay import check_student_res
 from .res_schedule import ResSchedule, res_schedule
+from .run_config import current_settings
 from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
 
@@ -231,8 +235,22 @@ def train(cfg: TrainConfig) -> list[dict]:
         print(rows[-1]["val_top1"])
     """
     refuse_nested(cfg.data, cfg.out, "--out")
-    with distributed(cfg.device) as (info, device), run_folder(cfg, info):
-        return _train(cfg, info, device)
+    try:
+        with distributed(cfg.device) as (info, device), run_folder(cfg, info):
+            return _train(cfg, info, device)
+    except KeyboardInterrupt:
+        _say_how_to_continue(cfg)
+        raise
+
+
+def _say_how_to_continue(cfg: TrainConfig) -> None:
+    """After Ctrl-C, the command that continues the run from its last checkpoint (the user will want it):
+    this config's command, resumed (common.config.config_args)."""
+    last = Path(cfg.out) / "last.pt"
+    if last.is_file() and not cfg.dry_run and os.environ.get("RANK", "0") == "0":   # once, not per rank
+        command = shlex.join(["mealv2", "train", *config_args(dataclasses.replace(cfg, resume=True))])
+        print(f"\nmealv2 train: interrupted; {last} holds the last finished epoch. Continue the run with:\n"
+              f"  {command}", file=sys.stderr)
 
 
 RUN_LOCK = "train.lock"
@@ -454,14 +472,12 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
     if not path.is_file():
         raise MealV2Error(f"--resume: {path} does not exist; start the run without --resume")
     ckpt = load_checkpoint_file(path)
-    saved = ckpt.get("train_config", {})
     ours = dataclasses.asdict(cfg)
     # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
-    saved = {**{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in TRAIN_DEFAULTS.items()},
-             **saved}
-    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | set(RESOLVED_ON_RESUME)
-    diff = [f"{k}: the run has {_without_res(k, saved.get(k))!r}, this command {_without_res(k, ours[k])!r}"
-            for k in ours if k not in may_change and _without_res(k, saved.get(k)) != _without_res(k, ours[k])]
+    saved = {**TRAIN_DEFAULTS, **current_settings(ckpt.get("train_config", {}))}
+    may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | {"res", *RESOLVED_ON_RESUME}
+    diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}"
+            for k in ours if k not in may_change and saved.get(k) != ours[k]]
     # The run's schedule from its checkpoint: its final res is the one it recorded (checkpoints are at the final res).
     was = res_schedule(int(ckpt["res"]), int(saved.get("epochs", cfg.epochs)),
                        *(saved.get(k) for k in RESOLVED_ON_RESUME))
@@ -475,11 +491,6 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
                           + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
                             "a new run with another --out")
     return ckpt
-
-
-def _without_res(key: str, value):
-    """A config value with the crop's res left out: the resolved schedule stands for it."""
-    return {**value, "res": None} if key == "crop" and isinstance(value, dict) else value
 
 
 def _describe(schedule: ResSchedule, epochs: int) -> str:

@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..config import Number, Pair, Text, check_settings, setting
 from ..errors import MealV2Error
 
 BOX_GRID = 1023          # relative coordinates are q / BOX_GRID, q in [0, BOX_GRID]: 10 bits
 _TRIES = 10              # torchvision's RandomResizedCrop makes 10 attempts before its fallback
+RES = Number(int, min=1)  # a square crop's side in pixels
+CROP_FLAGS = ("res", "scale", "ratio")   # CropParams' fields that are flags of label and train
 
 
 class CropError(MealV2Error, ValueError):
@@ -29,23 +32,20 @@ class CropError(MealV2Error, ValueError):
 class CropParams:
     """What defines the crop distribution; recorded in the store and checked on reuse."""
 
-    res: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    interpolation: str = "bilinear"
+    res: int = setting(RES, 224)
+    scale: tuple[float, float] = setting(Pair(), (0.08, 1.0))
+    ratio: tuple[float, float] = setting(Pair(), (3 / 4, 4 / 3))
+    flip_prob: float = setting(Number(float, 0, 1), 0.5)
+    interpolation: str = setting(Text(), "bilinear")
 
     def __post_init__(self):
-        if self.res <= 0:
-            raise CropError(f"--res must be a positive pixel count, got {self.res}")
+        check_settings("crop", self, CropError)
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise CropError(f"--scale must satisfy 0 < min <= max <= 1, got {lo},{hi}")
         lo, hi = self.ratio
         if not 0 < lo <= hi < math.inf:
             raise CropError(f"--ratio must satisfy 0 < min <= max, got {lo},{hi}")
-        if not 0 <= self.flip_prob <= 1:
-            raise CropError(f"flip probability must be in [0, 1], got {self.flip_prob}")
 
     def to_attrs(self) -> dict:
         d = asdict(self)

@@ -13,14 +13,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import zarr
 from filelock import FileLock
 
+from ..config import command_args
+from ..errors import MealV2Error
 from .faults import fault_point
 from .integrity import StoreIntegrity, array_meta, check_metadata
-from .lease import Lease, hold_lease
+from .lease import Lease, hold_lease, writable_url
 from .locks import hold_lock, lock_path_beside
 from .mismatch import path_differences, settings_differences
 from .objects import LocalObjects, is_url, open_objects
@@ -386,23 +389,31 @@ class LabelStore(StoreIntegrity):
         return None if None in sizes else sum(sizes)
 
     def label_command(self) -> str:
-        """The `mealv2 label` command that makes this store as it is, from its attributes (DATA left to
-        fill): what repairs or completes it."""
+        """The `mealv2 label` command that makes this store as it is, from its attributes (printed by
+        common.config.command_args): what repairs or completes it. DATA is the dataset it was made from;
+        FILE_N the class names teacher N was labelled with, as the store records them (whether they came from
+        a file, a checkpoint or timm is not recorded, and stating them gives the same teacher); a store this
+        machine reads at a URL `label` cannot write is named STORE, to be run where it can be written."""
         a = self.attrs
+        out, notes = str(self.path), []
+        if is_url(out):
+            try:
+                writable_url(out, MealV2Error)
+            except MealV2Error:
+                notes.append(f"STORE: {out} where `mealv2 label` can write it: a local path or an s3:// URL "
+                             f"(it cannot write {urlsplit(out).scheme}:// URLs)")
+                out = "STORE"
+        named = {n: f"FILE_{n}" for n, t in enumerate(a["teachers"], 1) if t["output_classes"] is not None}
+        notes += [f"FILE_{n}: teacher {n}'s class names in output order, one per line (its output_classes in "
+                  f"`mealv2 inspect {self.path} --json`)" for n in named]
         crop = a["crop"]
-        flags = {"-t": ",".join(t["spec"] for t in a["teachers"]), "-o": str(self.path),
-                 "--rounds": a["rounds_planned"],
-                 "--res": crop["res"], "--scale": ",".join(map(repr, crop["scale"])),
-                 "--ratio": ",".join(map(repr, crop["ratio"])), "--crops-per-image": a["crops_per_image"],
-                 "--topk": a["topk"], "--temperature": a["temperature"], "--seed": a["seed"],
-                 "--shard-size": a["shard_size"], "--teacher-precision": a["teacher_precision"]}
-        words = ["mealv2", "label", "DATA"] + [w for flag, value in flags.items()
-                                               for w in (flag, shlex.quote(str(value)))]
-        if any("=" in t["spec"] and t["output_classes"] not in (None, a["classes"]) for t in a["teachers"]):
-            words += ["--classes", "FILE"]
-        if a["dataset"]["skipped"]:
-            words.append("--skip-bad")
-        return " ".join(words)
+        values = {"data": "DATA", "teachers": [t["spec"] for t in a["teachers"]], "out": out,
+                  "rounds": a["rounds_planned"], "crops_per_image": a["crops_per_image"], "res": crop["res"],
+                  "scale": tuple(crop["scale"]), "ratio": tuple(crop["ratio"]), "topk": a["topk"],
+                  "temperature": a["temperature"], "seed": a["seed"], "shard_size": a["shard_size"],
+                  "skip_bad": bool(a["dataset"]["skipped"]) or None, "teacher_classes": named,
+                  "teacher_precision": a["teacher_precision"]}
+        return shlex.join(["mealv2", "label", *command_args(values)]) + "".join(f"\n  {note}" for note in notes)
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
