@@ -73,13 +73,14 @@ def describe(name: str, device_type: str, threads: int) -> str:
 
 
 def iterate(name: str, index, requests: Iterable, views: list, crops: int, *, batch_size: int, device: str,
-            threads: int, prefetch: int = 2):
+            threads: int, prefetch: int = 2, **options):
     """The :class:`~mealv2.common.data.loaders.dali.CropBatch` of each of ``requests``, rendered by backend
-    ``name`` (``auto`` or a name: see :func:`resolve`)."""
+    ``name`` (``auto`` or a name: see :func:`resolve`); ``options`` are the backend's own (the torch
+    loader's ``decode_on``)."""
     module, function = LOADERS[resolve(name)].render.split(":")
     render = getattr(importlib.import_module(module), function)
     return render(index, requests, views, crops, batch_size=batch_size, device=device, threads=threads,
-                  prefetch=prefetch)
+                  prefetch=prefetch, **options)
 
 
 def available_cores() -> int:
