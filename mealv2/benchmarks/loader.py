@@ -1,15 +1,16 @@
 """`mealv2 bench loader`: crops/s of each crop loader alone (no model), beside a bare loop.
 
 For every installed loader on the device (DALI and torch, which decode on a GPU where there is
-one, and on a GPU also torch-cpu, which decodes on the CPU threads; on a CPU also the torch loader's
-device path, run on the CPU), at C = 1 and C = 4 crops per
-image of ImageNet-sized JPEGs (500 x 375, quality 90) rendered at 224 px, the loader as the
-commands run it (reading, CRC32C, the request/batch plumbing, the batch on the device, flipped
-and normalised) is timed beside a bare loop that decodes each image once with the same decoder
-and renders its C crops with the same resize on the same threads, and makes what the loader
-yields on that device (normalised float for a CPU run, whose student reads it; uint8 on a GPU,
-which normalises). Target: every loader >= 0.8x its bare loop. The torch loader's bare loop also
-runs on worker processes instead of threads: which of the two the CPU path should use.
+one; on a GPU also torch-cpu, which decodes on the CPU threads; on a CPU also the torch loader's
+device path, run on the CPU), at C = 1 and C = 4 crops per image of ImageNet-sized JPEGs
+(500 x 375, quality 90) rendered at 224 px, the loader as the commands run it (reading, CRC32C,
+the request/batch plumbing, the batch on the device, flipped and normalised) is timed beside a
+bare loop that decodes each image once with the same decoder and renders its C crops with the
+same resize on the same threads, and makes what the loader yields on that device (normalised
+float for a CPU run, whose student reads it; on a GPU, uint8 from the CPU threads, which the GPU
+normalises, or the device path's normalised batch). Target: every loader >= 0.8x its bare loop.
+The torch loader's bare loop also runs on worker processes instead of threads: which of the two
+the CPU path should use.
 
 Beside throughput, the CPU time per crop of the thread that takes the batches: the thread that
 trains pays it on top of its step (target: <= 10 us for the torch loader).
@@ -40,7 +41,7 @@ from ..common.data.dataset import build_index
 from ..common.data.loaders.registry import LOADERS, installed, iterate
 from ..common.models.runtime import resolve_device
 from ..common.models.teachers import NORMS
-from ..common.data.loaders.torch import decode_jpeg_rgb, decode_cpu, jpeg_kind, render_crops
+from ..common.data.loaders.torch import decode_cpu, decode_jpeg_rgb, jpeg_kind, render_batch, render_crops
 from .common import machine_description, make_photo_dataset, met
 
 TARGET = 0.8
@@ -98,18 +99,15 @@ def bare_threads(index, requests, view: View, device: torch.device, threads: int
         return time.perf_counter() - start
 
 
-def bare_device(index, requests, view: View, device: torch.device, threads: int, normalised: bool = False) -> float:
+def bare_device(index, requests, view: View, device: torch.device, threads: int, normalised: bool = True) -> float:
     """The torch loader's device path bare: bytes read on the threads, one batched decode_jpeg per
-    request on ``device``, the boxes resized there (and normalised when ``normalised``)."""
+    request on ``device``, its crops rendered there in one batch (normalised: that path has no
+    uint8 stage, so ``normalised`` changes nothing)."""
     with ThreadPoolExecutor(threads) as pool:
         start = time.perf_counter()
         for req in requests:
             encoded = list(pool.map(lambda i: torch.from_numpy(np.fromfile(index.path(int(i)), np.uint8)), req.ids))
-            for image, boxes, flips in zip(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes),
-                                           req.flips):
-                (crops,) = render_crops(image, boxes, flips, [view])
-                if normalised:
-                    normalise(crops, view.mean, view.std)
+            render_batch(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes), req.flips, [view])
         _sync(device)
         return time.perf_counter() - start
 
@@ -177,7 +175,7 @@ def measure(index, device: torch.device, threads: int, res: int, batch: int, rep
                 seconds, per_crop = time_loader(name, index, requests, view, crops, device, threads, **options)
                 best["loader"], thread = min(best["loader"], seconds), min(thread, per_crop)
                 best["bare"] = min(best["bare"], bare(index, requests, view, device, threads, normalised=cpu))
-                if cpu:
+                if cpu and bare is not bare_device:   # the device path has no uint8 stage
                     best["uint8"] = min(best["uint8"], bare(index, requests, view, device, threads, normalised=False))
             rows.append({"name": row, "crops": crops, "thread_us": thread * 1e6,
                          **{k: len(index) * crops / v for k, v in best.items()}})
