@@ -2,8 +2,9 @@
 
 Every command that renders stored or sampled crops (label, its teacher check, train, verify
 --recompute) goes through :func:`iterate`, so each works without DALI (aarch64 nodes, where
-pyproject does not install it, or a machine where it is absent): ``auto`` takes the first
-installed backend of ``AUTO``, and the command says which one runs. Backends are named by
+pyproject does not install it, or a machine where it is absent), and each gets its batches from
+a producer thread (:mod:`.producer`): the thread that trains never renders. ``auto`` takes the
+first installed backend of ``AUTO``, and the command says which one runs. Backends are named by
 module, as cli.py names commands, so the click options that list them import neither DALI nor torch.
 """
 from __future__ import annotations
@@ -74,13 +75,17 @@ def describe(name: str, device_type: str, threads: int) -> str:
 
 def iterate(name: str, index, requests: Iterable, views: list, crops: int, *, batch_size: int, device: str,
             threads: int, prefetch: int = 2, **options):
-    """The :class:`~mealv2.common.data.loaders.dali.CropBatch` of each of ``requests``, rendered by backend
-    ``name`` (``auto`` or a name: see :func:`resolve`); ``options`` are the backend's own (the torch
-    loader's ``decode_on``)."""
+    """The :class:`~mealv2.common.data.loaders.base.CropBatch` of each of ``requests``, rendered by backend
+    ``name`` (``auto`` or a name: see :func:`resolve`) on a producer thread, ``prefetch`` batches
+    ahead; ``options`` are the backend's own (the torch loader's ``decode_on``)."""
+    import torch   # here, not above: the click options import this module, and must start fast
+
+    from .producer import produce
+
     module, function = LOADERS[resolve(name)].render.split(":")
     render = getattr(importlib.import_module(module), function)
-    return render(index, requests, views, crops, batch_size=batch_size, device=device, threads=threads,
-                  prefetch=prefetch, **options)
+    return produce(render(index, requests, views, crops, batch_size=batch_size, device=device, threads=threads,
+                          prefetch=prefetch, **options), torch.device(device), prefetch)
 
 
 def available_cores() -> int:

@@ -12,6 +12,7 @@ Where the pixels are decoded is the one choice (``decode_on``):
   operations that does not grow with the crops. The same code runs on a CPU, which is how the
   tests and ``mealv2 bench loader`` check it.
 
+Either way the work runs on the producer thread (:mod:`.producer`), not on the one that trains.
 Crops the CPU threads render leave them as uint8: for a GPU run they travel as uint8 (a quarter
 of float32's bytes) in pinned memory, copied without blocking, and are normalised on the device
 once per batch. For a CPU run the CPU is the device: each thread normalises its own image's
@@ -209,7 +210,8 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
     threads for a CPU."""
     dev = torch.device(device)
     decode_on = decode_on or ("device" if dev.type == "cuda" else "threads")
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         pending: deque = deque()
         requests = iter(requests)
         while True:
@@ -235,6 +237,8 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
                 out = render_batch(images, boxes_to_relative(req.boxes), req.flips, views)
             yield CropBatch(ids=np.asarray(req.ids), crcs=np.asarray(crcs, np.uint32),
                             views=[on_device(x, view, dev) for x, view in zip(out, views)])
+    finally:   # stopped early (the taker closed it, or an error): the requests read ahead are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 def iterate_crops_torch_cpu(*args, **kwargs) -> Iterator[CropBatch]:
