@@ -39,7 +39,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from .base import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes
+from .base import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes, undecodable
 from ..crops import boxes_to_relative
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ def decode_cpu(data: np.ndarray, kind: str, path) -> torch.Tensor:
             return F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
         return decode_jpeg_rgb(torch.from_numpy(data), apply_exif_orientation=True)
     except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # PIL's and libjpeg's "corrupt data"
-        from ..dataset import DatasetError
-        raise DatasetError(f"cannot decode {path}: {e}; expected a decodable image") from None
+        raise undecodable(str(path), str(e)) from None
 
 
 def render_crops(image: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, views: list[View]) -> list[torch.Tensor]:
