@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -156,6 +157,8 @@ def test_a_gpu_runs_cpu_rendered_crops_travel_as_pinned_uint8():
 
 @pytest.mark.parametrize("decode_on", ["threads", "device"])
 def test_a_corrupt_jpeg_is_named_by_the_torch_loader(tmp_path, decode_on):
+    """Decoded on the producer thread, the error is raised in the thread that takes the batches,
+    naming the file, with the fix; the producer stops."""
     root = make_image_dataset(tmp_path / "d", 2, 4)
     bad = root / "class_1" / "img_03.jpg"
     raw = bytearray(bad.read_bytes())
@@ -165,8 +168,10 @@ def test_a_corrupt_jpeg_is_named_by_the_torch_loader(tmp_path, decode_on):
     index = build_index(root)
     ids = np.arange(len(index))
     boxes, flips = sample_crops(0, 0, ids, index.sizes[ids], 1, CropParams(res=16))
-    with pytest.raises(DatasetError, match=f"cannot decode {bad}.*expected a decodable image"):
-        list(iterate_crops_torch(index, [CropRequest(ids, boxes, flips)], [View(16, *RAW)], 1, decode_on=decode_on))
+    with pytest.raises(DatasetError, match=f"cannot decode {bad}.*expected a decodable image. Replace it"):
+        list(iterate("torch", index, [CropRequest(ids, boxes, flips)], [View(16, *RAW)], 1, batch_size=len(ids),
+                     device="cpu", threads=2, decode_on=decode_on))
+    assert not [t for t in threading.enumerate() if t.name == "mealv2-loader"]
 
 
 def test_torch_cpu_is_the_torch_loader_decoding_on_the_threads(varied):

@@ -102,14 +102,22 @@ def bare_threads(index, requests, view: View, device: torch.device, threads: int
 def bare_device(index, requests, view: View, device: torch.device, threads: int, normalised: bool = True) -> float:
     """The torch loader's device path bare: bytes read on the threads, one batched decode_jpeg per
     request on ``device``, its crops rendered there in one batch (normalised: that path has no
-    uint8 stage, so ``normalised`` changes nothing)."""
-    with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        for req in requests:
-            encoded = list(pool.map(lambda i: torch.from_numpy(np.fromfile(index.path(int(i)), np.uint8)), req.ids))
-            render_batch(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes), req.flips, [view])
-        _sync(device)
-        return time.perf_counter() - start
+    uint8 stage, so ``normalised`` changes nothing), on one thread of its own as the loader's
+    producer renders (on the CPU torch's ops ran several times slower on the main thread, with
+    its intra-op threads, on the loaded 2-core machine of BENCHMARKS.md)."""
+    def run() -> float:
+        with ThreadPoolExecutor(threads) as pool:
+            start = time.perf_counter()
+            for req in requests:
+                encoded = list(pool.map(lambda i: torch.from_numpy(np.fromfile(index.path(int(i)), np.uint8)),
+                                        req.ids))
+                render_batch(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes), req.flips,
+                             [view])
+            _sync(device)
+            return time.perf_counter() - start
+
+    with ThreadPoolExecutor(1) as renderer:
+        return renderer.submit(run).result()
 
 
 def bare_dali(index, requests, view: View, device: torch.device, threads: int, normalised: bool) -> float:

@@ -7,8 +7,10 @@ renders: it takes a finished batch from a bounded queue. Every backend runs this
 threads decode but whose batches are still gathered into tensors by the thread that asks.
 
 What it holds in memory: up to ``prefetch`` finished batches in the queue (each view's
-b x C crops as float32 on the device), one more being made, and what the backend holds for the
-requests it has started (the torch loader reads ``prefetch`` requests ahead; DALI keeps its
+b x C crops as float32 on the device), one more being made, the last two handed over (their
+memory is released on the producer's thread: freeing a large batch of CPU tensors unmaps it,
+which would cost the taking thread as much again as taking it), and what the backend holds for
+the requests it has started (the torch loader reads ``prefetch`` requests ahead; DALI keeps its
 own prefetch queue).
 
 On CUDA the producer works on a stream of its own. Each batch travels with an event recorded
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -34,6 +37,7 @@ import torch
 from .base import CropBatch
 
 _END = object()   # the backend's batches ran out
+HELD = 2   # batches the taking side may still hold: the one handed over and, until next() returns, the one before
 
 
 @dataclass
@@ -47,23 +51,34 @@ def produce(batches: Iterator[CropBatch], device: torch.device, prefetch: int) -
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())   # the producer's thread starts on GPU 0
     handed: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    spent: deque = deque()   # batches the taking side is done with, released by the producer
     stop = threading.Event()
-    thread = threading.Thread(target=_run, args=(batches, handed, stop, device), name="mealv2-loader", daemon=True)
+    thread = threading.Thread(target=_run, args=(batches, handed, spent, stop, device), name="mealv2-loader",
+                              daemon=True)
     thread.start()
+    held: deque = deque()
     try:
         while (item := handed.get()) is not _END:
             if isinstance(item, _Failed):
                 raise item.error
-            yield _taken(*item, device)
+            held.append(_taken(*item, device))
+            if len(held) > HELD:
+                spent.append(held.popleft())
+            yield held[-1]
     finally:
+        spent.extend(held)   # freed by the producer too, as it stops
+        held.clear()
         stop.set()
         _drain(handed)   # unblocks a producer waiting to put; it puts at most one more, then sees stop
         thread.join()
 
 
-def _run(batches: Iterator[CropBatch], handed: queue.Queue, stop: threading.Event, device: torch.device) -> None:
+def _run(batches: Iterator[CropBatch], handed: queue.Queue, spent: deque, stop: threading.Event,
+         device: torch.device) -> None:
     """The producer thread: each batch of ``batches`` with its CUDA event (None on a CPU), then
-    ``_END``, or ``_Failed`` with what went wrong; nothing more once ``stop`` is set."""
+    ``_END``, or ``_Failed`` with what went wrong; nothing more once ``stop`` is set. Batches
+    in ``spent`` are dropped here, so their memory is freed on this thread, the last ones once
+    the taking side stops."""
     stream = None
     try:
         if device.type == "cuda":
@@ -71,6 +86,7 @@ def _run(batches: Iterator[CropBatch], handed: queue.Queue, stop: threading.Even
             stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for batch in batches:
+                spent.clear()
                 event = stream.record_event() if stream is not None else None
                 if not _hand(handed, stop, (batch, event)):
                     return
@@ -81,6 +97,8 @@ def _run(batches: Iterator[CropBatch], handed: queue.Queue, stop: threading.Even
         close = getattr(batches, "close", None)
         if close is not None:   # a generator backend releases its pool or pipeline here, on its thread
             close()
+        stop.wait()
+        spent.clear()
 
 
 def _hand(handed: queue.Queue, stop: threading.Event, item) -> bool:
