@@ -203,7 +203,7 @@ def table(rows: list[dict], cores: int) -> list[str]:
     lines = ["| loader | C | loader crops/s | bare loop crops/s | loader / bare | >= 0.8 | loader crops/s per core "
              "| train-thread us/crop | bare decode + resize alone (uint8) crops/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        uint8 = f"{r['uint8']:.0f}" if r.get("uint8", float("inf")) < float("inf") else "-"
+        uint8 = f"{r['uint8']:.0f}" if r.get("uint8") else "-"   # 0: not measured (no uint8 stage)
         if r["loader"] is None:
             lines.append(f"| {r['name']} | {r['crops']} | - | {r['bare']:.0f} | - | - | - | - | {uint8} |")
             continue

@@ -42,7 +42,7 @@ LOADERS = {
 }
 LOADER_CHOICES = ("auto", *LOADERS)
 # --loader auto, per device type: the backends in order of preference, and why the first is preferred.
-# On a CPU the torch loader renders 2-3x DALI's crops per core (BENCHMARKS.md, "Loader"); on a GPU
+# On a CPU the torch loader renders 2-4x DALI's crops per core (BENCHMARKS.md, "Loader"); on a GPU
 # DALI's pipeline is the design's, torch where DALI is missing.
 AUTO = {"cpu": ("torch",), "cuda": ("dali", "torch")}
 PREFERRED = {"cpu": "auto takes it on a CPU: more crops per core than DALI", "cuda": "auto takes it on a GPU where installed"}
