@@ -186,7 +186,7 @@ def test_corrupt_jpeg_is_named_when_dali_cannot_decode_it(work, tmp_path, mealv2
     raw[sos:sos + 2] = b"\x00\x00"
     bad.write_bytes(bytes(raw))
     out = tmp_path / "store.zarr"
-    r = run_cli("label", data, "-t", spec, "-o", out, *LABEL_FLAGS)
+    r = run_cli("label", data, "-t", spec, "-o", out, *LABEL_FLAGS, "--loader", "dali")   # auto is torch on a CPU
     refused(Result(r.returncode, r.stdout, r.stderr), str(bad), "expected a decodable image",
             "Replace it with a readable copy")
     assert not store_complete(out)

@@ -163,8 +163,8 @@ def test_store_layout_and_attributes(reference, data, teachers):
 
 
 def test_stored_labels_are_the_weighted_ensemble_of_the_stored_crops(reference, data, teachers):
-    from mealv2.common.data.loaders.dali import iterate_crops
     from mealv2.common.data.loaders.base import CropRequest
+    from mealv2.common.data.loaders.registry import iterate
     from mealv2.common.models.runtime import Runtime
     from mealv2.common.models.teachers import Ensemble, load_teacher
 
@@ -176,8 +176,8 @@ def test_stored_labels_are_the_weighted_ensemble_of_the_stored_crops(reference, 
     r = 1
     rd = store.read_round(r)
     ids = np.arange(len(index))
-    (batch,) = iterate_crops(index, [CropRequest(ids, rd.boxes, rd.flips.astype(bool))], ens.views, CROPS,
-                             len(ids), device="cpu")
+    (batch,) = iterate("auto", index, [CropRequest(ids, rd.boxes, rd.flips.astype(bool))], ens.views, CROPS,
+                       batch_size=len(ids), device="cpu", threads=2)   # the loader `label` ran
     logits = ens.logits(batch.views)
     p = (torch.softmax(logits[0], 1) + 2 * torch.softmax(logits[1], 1)) / 3
     stored = decode_probs(torch.from_numpy(rd.probs.reshape(-1, TOPK + 1)))

@@ -1,14 +1,19 @@
 """`mealv2 bench loader`: crops/s of each crop loader alone (no model), beside a bare loop.
 
 For every installed loader on the device (DALI and torch, which decode on a GPU where there is
-one, and on a GPU also torch-cpu, which decodes on the CPU threads), at C = 1 and C = 4 crops per
-image of ImageNet-sized JPEGs (500 x 375, quality 90) rendered at 224 px, the loader as the
-commands run it (reading, CRC32C, the request/batch plumbing, the batch on the device, flipped
-and normalised) is timed beside a bare loop that decodes each image once with the same decoder
-and renders its C crops with the same resize on the same threads, and makes what the loader
-yields on that device (normalised float for a CPU run, whose student reads it; uint8 on a GPU,
-which normalises). Target: every loader >= 0.8x its bare loop. The torch loader's bare loop also
-runs on worker processes instead of threads: which of the two the CPU path should use.
+one; on a GPU also torch-cpu, which decodes on the CPU threads; on a CPU also the torch loader's
+device path, run on the CPU), at C = 1 and C = 4 crops per image of ImageNet-sized JPEGs
+(500 x 375, quality 90) rendered at 224 px, the loader as the commands run it (reading, CRC32C,
+the request/batch plumbing, the batch on the device, flipped and normalised) is timed beside a
+bare loop that decodes each image once with the same decoder and renders its C crops with the
+same resize on the same threads, and makes what the loader yields on that device (normalised
+float for a CPU run, whose student reads it; on a GPU, uint8 from the CPU threads, which the GPU
+normalises, or the device path's normalised batch). Target: every loader >= 0.8x its bare loop.
+The torch loader's bare loop also runs on worker processes instead of threads: which of the two
+the CPU path should use.
+
+Beside throughput, the CPU time per crop of the thread that takes the batches: the thread that
+trains pays it on top of its step (target: <= 10 us for the torch loader).
 
 Each figure is the best of ``--repeats`` timed passes over the images (the loaders' warm-up,
 DALI's pipeline build, is outside the timing), so a shared machine's load inflates none.
@@ -36,7 +41,7 @@ from ..common.data.dataset import build_index
 from ..common.data.loaders.registry import LOADERS, installed, iterate
 from ..common.models.runtime import resolve_device
 from ..common.models.teachers import NORMS
-from ..common.data.loaders.torch import decode_jpeg_rgb, decode_cpu, jpeg_kind, render_crops
+from ..common.data.loaders.torch import decode_cpu, decode_jpeg_rgb, jpeg_kind, render_batch, render_crops
 from .common import machine_description, make_photo_dataset, met
 
 TARGET = 0.8
@@ -54,17 +59,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_loader(name: str, index, requests, view: View, crops: int, device: torch.device, threads: int) -> float:
-    """Seconds of one pass of loader ``name`` over ``requests``, its first batch yielded before the clock."""
+def time_loader(name: str, index, requests, view: View, crops: int, device: torch.device, threads: int,
+                **options) -> tuple[float, float]:
+    """Seconds of one pass of loader ``name`` over ``requests``, its first batch yielded before the
+    clock, and the CPU seconds per crop of the thread that takes the batches (``time.thread_time``):
+    what loading costs the thread that trains."""
     batches = iterate(name, index, iter(requests), [view], crops, batch_size=len(requests[0].ids),
-                      device=str(device), threads=threads)
+                      device=str(device), threads=threads, **options)
     next(batches)
     _sync(device)
-    start = time.perf_counter()
-    for _ in batches:
-        pass
+    start, cpu, taken = time.perf_counter(), time.thread_time(), 0
+    for batch in batches:
+        taken += len(batch.views[0])
+    cpu = time.thread_time() - cpu
     _sync(device)
-    return (time.perf_counter() - start) * len(requests) / max(1, len(requests) - 1)
+    return (time.perf_counter() - start) * len(requests) / max(1, len(requests) - 1), cpu / max(1, taken)
 
 
 # ---- bare loops: the same decoder and resize, nothing else ----------------------------------------
@@ -90,18 +99,25 @@ def bare_threads(index, requests, view: View, device: torch.device, threads: int
         return time.perf_counter() - start
 
 
-def bare_device(index, requests, view: View, device: torch.device, threads: int, normalised: bool = False) -> float:
+def bare_device(index, requests, view: View, device: torch.device, threads: int, normalised: bool = True) -> float:
     """The torch loader's device path bare: bytes read on the threads, one batched decode_jpeg per
-    request on ``device``, the boxes resized there."""
-    with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        for req in requests:
-            encoded = list(pool.map(lambda i: torch.from_numpy(np.fromfile(index.path(int(i)), np.uint8)), req.ids))
-            for image, boxes, flips in zip(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes),
-                                           req.flips):
-                render_crops(image, boxes, flips, [view])
-        _sync(device)
-        return time.perf_counter() - start
+    request on ``device``, its crops rendered there in one batch (normalised: that path has no
+    uint8 stage, so ``normalised`` changes nothing), on one thread of its own as the loader's
+    producer renders (on the CPU torch's ops ran several times slower on the main thread, with
+    its intra-op threads, on the loaded 2-core machine of BENCHMARKS.md)."""
+    def run() -> float:
+        with ThreadPoolExecutor(threads) as pool:
+            start = time.perf_counter()
+            for req in requests:
+                encoded = list(pool.map(lambda i: torch.from_numpy(np.fromfile(index.path(int(i)), np.uint8)),
+                                        req.ids))
+                render_batch(decode_jpeg_rgb(encoded, device=device), boxes_to_relative(req.boxes), req.flips,
+                             [view])
+            _sync(device)
+            return time.perf_counter() - start
+
+    with ThreadPoolExecutor(1) as renderer:
+        return renderer.submit(run).result()
 
 
 def bare_dali(index, requests, view: View, device: torch.device, threads: int, normalised: bool) -> float:
@@ -141,29 +157,36 @@ def bare_dali(index, requests, view: View, device: torch.device, threads: int, n
     return (time.perf_counter() - start) * len(requests) / max(1, len(requests) - 1)
 
 
-BARE = {("dali", "cpu"): bare_dali, ("dali", "cuda"): bare_dali,
-        ("torch", "cpu"): bare_threads, ("torch", "cuda"): bare_device, ("torch-cpu", "cuda"): bare_threads}
+# Per device type, the rows: (row name, loader, the loader's options, its bare loop). On a CPU the torch
+# loader's device path (a GPU run's: batched decode, crops rendered on the device) runs on the CPU too.
+CASES = {"cpu": [("dali", "dali", {}, bare_dali), ("torch", "torch", {}, bare_threads),
+                 ("torch, device path on the CPU", "torch", {"decode_on": "device"}, bare_device)],
+         "cuda": [("dali", "dali", {}, bare_dali), ("torch", "torch", {}, bare_device),
+                  ("torch-cpu", "torch-cpu", {}, bare_threads)]}
 
 
 def measure(index, device: torch.device, threads: int, res: int, batch: int, repeats: int,
             crops_options=(1, 4)) -> list[dict]:
     """A row per installed loader and C: crops/s (best of ``repeats``) of the loader, of its bare
     loop producing what the loader yields (normalised float for a CPU run: the CPU is the device
-    that normalises), and of the bare decode + resize alone (uint8)."""
+    that normalises), and of the bare decode + resize alone (uint8); and the CPU time per crop of
+    the thread that takes the loader's batches (the least of ``repeats``)."""
     view = View(res, *NORMS["imagenet"])
     cpu = device.type == "cpu"
     rows = []
-    for name in (n for n in LOADERS if installed(n) and (n, device.type) in BARE):
-        bare = BARE[(name, device.type)]
+    for row, name, options, bare in (c for c in CASES[device.type] if installed(c[1])):
         for crops in crops_options:
             requests = _requests(index, crops, res, batch)
             best = {"loader": float("inf"), "bare": float("inf"), "uint8": float("inf")}
+            thread = float("inf")
             for _ in range(repeats):   # interleaved, so a change of load falls on all
-                best["loader"] = min(best["loader"], time_loader(name, index, requests, view, crops, device, threads))
+                seconds, per_crop = time_loader(name, index, requests, view, crops, device, threads, **options)
+                best["loader"], thread = min(best["loader"], seconds), min(thread, per_crop)
                 best["bare"] = min(best["bare"], bare(index, requests, view, device, threads, normalised=cpu))
-                if cpu:
+                if cpu and bare is not bare_device:   # the device path has no uint8 stage
                     best["uint8"] = min(best["uint8"], bare(index, requests, view, device, threads, normalised=False))
-            rows.append({"name": name, "crops": crops, **{k: len(index) * crops / v for k, v in best.items()}})
+            rows.append({"name": row, "crops": crops, "thread_us": thread * 1e6,
+                         **{k: len(index) * crops / v for k, v in best.items()}})
     if installed("torch") and cpu:
         requests = _requests(index, 4, res, batch)
         # spawned (a child forked from a process running torch's and DALI's thread pools can hang),
@@ -178,15 +201,15 @@ def measure(index, device: torch.device, threads: int, res: int, batch: int, rep
 
 def table(rows: list[dict], cores: int) -> list[str]:
     lines = ["| loader | C | loader crops/s | bare loop crops/s | loader / bare | >= 0.8 | loader crops/s per core "
-             "| bare decode + resize alone (uint8) crops/s |", "|---|---|---|---|---|---|---|---|"]
+             "| train-thread us/crop | bare decode + resize alone (uint8) crops/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        uint8 = f"{r['uint8']:.0f}" if r.get("uint8", float("inf")) < float("inf") else "-"
+        uint8 = f"{r['uint8']:.0f}" if r.get("uint8") else "-"   # 0: not measured (no uint8 stage)
         if r["loader"] is None:
-            lines.append(f"| {r['name']} | {r['crops']} | - | {r['bare']:.0f} | - | - | - | {uint8} |")
+            lines.append(f"| {r['name']} | {r['crops']} | - | {r['bare']:.0f} | - | - | - | - | {uint8} |")
             continue
         ratio = r["loader"] / r["bare"]
         lines.append(f"| {r['name']} | {r['crops']} | {r['loader']:.0f} | {r['bare']:.0f} | {ratio:.2f} | "
-                     f"{met(ratio >= TARGET)} | {r['loader'] / cores:.0f} | {uint8} |")
+                     f"{met(ratio >= TARGET)} | {r['loader'] / cores:.0f} | {r['thread_us']:.1f} | {uint8} |")
     return lines
 
 

@@ -77,7 +77,8 @@ device_option = click.option("--device", type=flag_type(DEVICE), default="auto",
 workers_option = click.option("--workers", type=POSITIVE, default=available_cores,
                               show_default="the cores this process may use", help="Decoding threads.")
 loader_option = click.option("--loader", type=flag_type(Choice(LOADER_CHOICES)), default="auto", show_default=True,
-                             help="Crop loader: auto = DALI where installed, else torch (README: which runs where).")
+                             help="Crop loader: auto = torch on a CPU; on a GPU DALI where installed, else torch "
+                                  "(README: which runs where).")
 
 
 def _trust(ctx, param, value):

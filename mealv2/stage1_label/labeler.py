@@ -196,7 +196,7 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
         return 0, 0.0
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     plan: deque = deque()
-    loader = resolve(cfg.loader)
+    loader = resolve(cfg.loader, ensemble.device.type)
     if info.is_main:
         print(describe(loader, ensemble.device.type, cfg.workers))
     batches = iterate(loader, index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),

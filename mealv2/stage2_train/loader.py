@@ -197,7 +197,7 @@ class TrainLoader:
         self.index, self.labels, self.views = index, labels, views
         self.crops_per_image = labels.crops_per_image
         self.images_per_step, self.seed, self.device = images_per_step, seed, device
-        self.backend, self.workers, self.prefetch = resolve(backend), workers, prefetch
+        self.backend, self.workers, self.prefetch = resolve(backend, device.type), workers, prefetch
         self.rank, self.world_size = rank, world_size
         self.expected_crcs, self.store_path = expected_crcs, store_path
         self.steps_per_pass = steps_per_pass(len(index), images_per_step * world_size)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..dataset import DatasetError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -39,6 +41,12 @@ class CropBatch:
 
 def read_bytes(index: DatasetIndex, image_id: int) -> np.ndarray:
     return np.fromfile(index.path(int(image_id)), dtype=np.uint8)
+
+
+def undecodable(named: str, why: str) -> DatasetError:
+    """The error for image file(s) ``named`` that a loader's decoder rejects (``why``), with the fix."""
+    return DatasetError(f"cannot decode {named}: {why}; expected a decodable image. Replace it with a readable "
+                        f"copy of the same size and run the command again")
 
 
 def decode_rgb(path_or_file) -> "Image.Image":

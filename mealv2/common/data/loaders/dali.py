@@ -6,8 +6,8 @@ otherwise), cuts its C boxes, resizes them, mirrors the flipped ones and normali
 once per *view* (resolution, mean, std): the student's, or each distinct teacher's. The
 batch comes back as images x C crops, image-major, like FKD's ``num_crops``.
 
-``torch_loader.iterate_crops_torch`` renders the same boxes without DALI; both take and yield
-the same things, and ``loaders.LOADERS`` picks one.
+:func:`.torch.iterate_crops_torch` renders the same boxes without DALI; both take and yield
+the same things, and ``registry.LOADERS`` picks one.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..crops import boxes_to_relative
-from .base import CropBatch, CropRequest, View, read_bytes
+from .base import CropBatch, CropRequest, View, read_bytes, undecodable
 
 if TYPE_CHECKING:
     from ..dataset import DatasetIndex
@@ -99,7 +99,7 @@ def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: l
                 raise
             # A file whose header passed the index's check but whose data DALI cannot decode.
             paths = [index.path(int(i)) for ids in source.fed for i in ids]
-            raise _undecodable(paths) from None
+            raise _find_undecodable(paths) from None
         source.fed.popleft()
         meta = out["meta"].reshape(-1, 2).cpu().numpy()
         yield CropBatch(ids=meta[:, 0], crcs=meta[:, 1].astype(np.uint32), views=[
@@ -107,11 +107,9 @@ def iterate_crops(index: DatasetIndex, requests: Iterable[CropRequest], views: l
             for v in range(len(views))])
 
 
-def _undecodable(paths: list) -> Exception:
+def _find_undecodable(paths: list) -> Exception:
     """A DatasetError naming the file(s) among ``paths`` that DALI's CPU decoder rejects."""
     from nvidia.dali import fn, pipeline_def, types
-
-    from ..dataset import DatasetError
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
                   exec_async=False, exec_pipelined=False)
@@ -131,6 +129,4 @@ def _undecodable(paths: list) -> Exception:
             bad.append(str(path))
             pipe = None
     named = ", ".join(bad) if bad else "one of " + ", ".join(map(str, paths))
-    return DatasetError(f"cannot decode {named}: its header is valid but DALI's image decoder fails on "
-                        f"its data (a corrupt image); expected a decodable image. Replace it with a "
-                        f"readable copy of the same size and run the command again")
+    return undecodable(named, "its header is valid but DALI's image decoder fails on its data (a corrupt image)")

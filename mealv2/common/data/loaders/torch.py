@@ -7,14 +7,16 @@ Where the pixels are decoded is the one choice (``decode_on``):
   torchvision's JPEG decoder and uint8 antialiased resize release the GIL, so this scales with
   the threads (BENCHMARKS.md, "Loader").
 * ``device`` (a GPU run): the batch's plain JPEGs are decoded together with
-  ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA), and the boxes are cut and
-  resized there. The same code runs on a CPU, which is how the tests check it.
+  ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on CUDA), and :func:`render_batch`
+  cuts, resizes, mirrors and normalises all the request's crops there in a number of device
+  operations that does not grow with the crops. The same code runs on a CPU, which is how the
+  tests and ``mealv2 bench loader`` check it.
 
-Crops leave the renderer as uint8. For a GPU run they are normalised there, once per batch, and
-those the CPU threads render travel as uint8 (a quarter of float32's bytes) in pinned memory,
-copied without blocking: no float work on the CPU. For a CPU run the CPU is the device: each
-thread normalises its own image's crops into its slice of the batch, so that work scales with
-the threads too instead of running on the thread that yields.
+Either way the work runs on the producer thread (:mod:`.producer`), not on the one that trains.
+Crops the CPU threads render leave them as uint8: for a GPU run they travel as uint8 (a quarter
+of float32's bytes) in pinned memory, copied without blocking, and are normalised on the device
+once per batch. For a CPU run the CPU is the device: each thread normalises its own image's
+crops into its slice of the batch, so that work scales with the threads too.
 
 Decoding matches DALI's (and :func:`~mealv2.common.data.loaders.dali.decode_rgb`'s): EXIF orientation
 applied, grayscale expanded to RGB, 16-bit scaled to 8-bit. JPEGs in RGB or grayscale go through
@@ -37,7 +39,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from .base import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes
+from .base import CropBatch, CropRequest, View, decode_rgb, normalise, read_bytes, undecodable
 from ..crops import boxes_to_relative
 
 if TYPE_CHECKING:
@@ -76,8 +78,7 @@ def decode_cpu(data: np.ndarray, kind: str, path) -> torch.Tensor:
             return F.pil_to_tensor(decode_rgb(io.BytesIO(data.tobytes())))
         return decode_jpeg_rgb(torch.from_numpy(data), apply_exif_orientation=True)
     except (OSError, SyntaxError, ValueError, RuntimeError) as e:   # PIL's and libjpeg's "corrupt data"
-        from ..dataset import DatasetError
-        raise DatasetError(f"cannot decode {path}: {e}; expected a decodable image") from None
+        raise undecodable(str(path), str(e)) from None
 
 
 def render_crops(image: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, views: list[View]) -> list[torch.Tensor]:
@@ -97,6 +98,67 @@ def render_crops(image: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, view
             crop = F.resized_crop(image, top, left, height, width, [view.res, view.res], antialias=True)
             out.append(crop.flip(-1) if flip else crop)
     return [torch.stack(v) for v in per_view]
+
+
+def render_batch(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray,
+                 views: list[View]) -> list[torch.Tensor]:
+    """Per view the (b * C, 3, res, res) normalised float crops of ``images`` (b uint8 (3, H, W) on
+    one device), image-major, in device operations that do not grow with C.
+
+    ``boxes`` (b, C, 4) are relative (y, x, h, w). Each crop is resized as two matrix products
+    over its window of the image, rows (res x window) @ pixels @ columns (window x res), whose
+    matrices hold DALI's (and PIL's) antialiased linear filter: a triangle of radius
+    max(1, box / res) source pixels around each output pixel's position, taken from the box's
+    fractional corners, border pixels repeated. So the crops are DALI's up to rounding, enlarged
+    or shrunk, and a shrink is antialiased. A flipped crop's column matrix is reversed, which
+    mirrors it at no cost.
+
+    Device operations: per request, the windows' pixel indices and each view's filter positions
+    are copied once and the matrices built from them in a few operations; per image, one gather
+    of its crops' windows, one conversion to float and two products per view; per view, a
+    concatenation, rounding to whole levels (DALI's resize yields uint8) and the normalisation.
+    Memory: per view the matrices, n crops x 2 x res x the widest window float32 (about 120 MB
+    for 128 crops of 500 x 375 images at 224 px), and per image its crops' windows in float.
+    """
+    crops, device = boxes.shape[1], images[0].device
+    size = np.repeat(np.array([image.shape[-2:] for image in images], np.float64), crops, 0)   # (n, 2): h, w
+    start, extent = boxes[..., :2].reshape(-1, 2) * size, boxes[..., 2:].reshape(-1, 2) * size   # (n, 2) pixels
+    reach = np.maximum(extent / min(view.res for view in views), 1)   # the widest filter's radius, any view
+    first = np.floor(start - reach)                                   # each window's first pixel
+    span = np.ceil(extent + 2 * reach).astype(np.int64) + 2           # each window's length
+    length = span.max(0)
+    pixels = np.concatenate([np.clip(first[:, a, None] + np.arange(length[a]), 0, size[:, a, None] - 1)
+                             for a in (0, 1)], 1)
+    rows, cols = torch.from_numpy(pixels.astype(np.int64)).to(device, non_blocking=True).split(list(length), 1)
+    flips = np.asarray(flips, bool).reshape(-1)
+    matrices = [resize_matrices(start - first, extent, flips, view.res, length, device) for view in views]
+    channel = torch.arange(3, device=device)[:, None]
+    per_view = [[] for _ in views]
+    for j, image in enumerate(images):
+        mine = slice(j * crops, (j + 1) * crops)
+        height, width = span[mine].max(0)
+        window = image[channel, rows[mine, :height, None, None], cols[mine, None, None, :width]].float()  # (C, h, 3, w)
+        for out, (down, across), view in zip(per_view, matrices, views):
+            tall = down[mine, :, :height] @ window.flatten(2)                                  # (C, res, 3 * w)
+            out.append((tall.view(crops, -1, width) @ across[mine, :width]).view(crops, view.res, 3, view.res))
+    return [normalise(torch.cat(out, 0).permute(0, 2, 1, 3).contiguous().round_(), view.mean, view.std)
+            for out, view in zip(per_view, views)]
+
+
+def resize_matrices(start: np.ndarray, extent: np.ndarray, flips: np.ndarray, res: int, length: np.ndarray,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, res, rows) and (n, columns, res) matrices that resize n boxes to res x res:
+    ``start`` and ``extent`` (n, 2: y, x) in pixels of each box's window, ``length`` the windows'
+    (rows, columns). Built on ``device`` from each output pixel's source position and 1 / radius."""
+    scale = extent / res                                                     # source pixels per output pixel
+    centre = start[..., None] + (np.arange(res) + 0.5) * scale[..., None]   # (n, 2, res), in window pixels
+    centre[flips, 1] = centre[flips, 1, ::-1]                                # mirrored columns
+    at = np.concatenate([centre - 0.5, -1 / np.maximum(scale, 1)[..., None]], -1)   # pixel centres at i + 0.5
+    at = torch.from_numpy(at.astype(np.float32)).to(device, non_blocking=True)
+    pixel = torch.arange(int(length.max()), dtype=torch.float32, device=device)
+    weights = (pixel - at[..., :res, None]).abs_().mul_(at[..., res:, None]).add_(1).clamp_(min=0)   # triangle
+    weights.div_(weights.sum(-1, keepdim=True))   # (n, 2, res, L)
+    return weights[:, 0, :, :length[0]], weights[:, 1, :, :length[1]].transpose(-1, -2)
 
 
 def _read(index: DatasetIndex, image_id: int) -> tuple[int, np.ndarray, str]:
@@ -147,7 +209,8 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
     threads for a CPU."""
     dev = torch.device(device)
     decode_on = decode_on or ("device" if dev.type == "cuda" else "threads")
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         pending: deque = deque()
         requests = iter(requests)
         while True:
@@ -170,11 +233,11 @@ def iterate_crops_torch(index: DatasetIndex, requests: Iterable[CropRequest], vi
             else:
                 crcs = [crc for crc, _ in done]
                 images = decode_on_device(index, req.ids, [payload for _, payload in done], dev)
-                rendered = [render_crops(image, boxes, f, views) for image, boxes, f
-                            in zip(images, boxes_to_relative(req.boxes), np.asarray(req.flips, bool))]
-                out = [torch.cat([per_view[v] for per_view in rendered]) for v in range(len(views))]
+                out = render_batch(images, boxes_to_relative(req.boxes), req.flips, views)
             yield CropBatch(ids=np.asarray(req.ids), crcs=np.asarray(crcs, np.uint32),
                             views=[on_device(x, view, dev) for x, view in zip(out, views)])
+    finally:   # stopped early (the taker closed it, or an error): the requests read ahead are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 def iterate_crops_torch_cpu(*args, **kwargs) -> Iterator[CropBatch]:
