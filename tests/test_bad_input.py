@@ -603,6 +603,22 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
     assert not (run / "last.pt").exists()
 
 
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,place", [   # once a ~106-line zarr traceback
+    (lambda store: flip_chunk_byte(store, "ids", 0, 1), "ids/c/0/0/0/0[1]: unreadable chunk"),
+    (lambda store: _truncate(store / "ids/c/0/0/0/0"), "ids/c/0/0/0/0[0]: unreadable object"),
+    (lambda store: _truncate(store / "labels/c/0"), "labels/c/0: unreadable chunk"),
+], ids=["flipped_bit", "truncated_object", "truncated_labels"])
+def test_inspect_names_the_damaged_object_and_the_repair(store_copy, mealv2, damage, place):
+    damage(store_copy)
+    r = mealv2("inspect", store_copy)
+    refused(r, f"{store_copy} is damaged", place, f"`mealv2 verify {store_copy}`", "mealv2 label DATA")
+    assert len(r.err.splitlines()) < 10, r.err
+
+
 def test_a_damaged_done_mark_is_named_with_the_fix(work, store_copy, tmp_path, mealv2):
     _, data, _ = work
     flip_chunk_byte(store_copy, "done", 0, 1)
