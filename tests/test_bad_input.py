@@ -637,3 +637,26 @@ def test_damage_in_a_later_round_is_refused_before_the_first_step(work, tmp_path
     r = mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS, "--epochs", 2)
     refused(r, str(store), "probs/c/1/0/0/0[1]: unreadable chunk")
     assert not (run / "last.pt").exists(), "epoch 0 was trained on a store known to be damaged"
+
+
+# ---- a damaged run ------------------------------------------------------------------------------
+
+def test_a_truncated_run_config_resumes_from_last_pt_or_says_what_works(work, labelled, tmp_path, mealv2):
+    """Once refused both ways: `--resume` as "not a mealv2 run config ... repeat the run's flags with --out
+    RUN", and that as "already holds a run (last.pt); pass --resume"."""
+    _, data, _ = work
+    _, store = labelled
+    run, config = tmp_path / "run", tmp_path / "run" / "config.json"
+    labelled_ok(mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS))
+    config.write_text(config.read_text()[:300])
+    r = mealv2("train", "--resume", run, "--epochs", 2)
+    labelled_ok(r)
+    assert f"{config} is not a mealv2 run config (JSONDecodeError" in r.err and f"{run / 'last.pt'} records" in r.err
+    assert json.loads(config.read_text())["settings"]["epochs"] == 2   # written again
+    assert "resuming" in r.out and (run / "metrics.csv").read_text().count("\n") == 3
+    # killed before its first epoch was saved: nothing to resume, and the advice given works
+    (run / "last.pt").unlink()
+    config.write_text(config.read_text()[:300])
+    refused(mealv2("train", "--resume", run), f"{config} is not a mealv2 run config", "holds no last.pt",
+            "start the run again without --resume")
+    labelled_ok(mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS))
