@@ -45,7 +45,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.1)
     parts = {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
     if os.path.exists(args.out):
-        saved = torch.load(args.out, map_location=loader.device, weights_only=False)
+        saved = torch.load(args.out, map_location=loader.device, weights_only=True)
         for name, part in parts.items():
             part.load_state_dict(saved[name])
     for epoch in range(loader.epoch, args.epochs):

@@ -71,7 +71,7 @@ def test_the_readme_loop_trains_what_mealv2_train_trains_and_resumes(labelled, t
     ours = [float(v) for line in first + resumed for v in re.findall(r"loss (\S+)", line)]
     assert ours == pytest.approx([float(r[k]) for r in rows for k in ("loss", "d_loss")], abs=1e-5)
     cli_model = load_checkpoint_file(tmp_path / "run" / "last.pt")["model"]
-    loop = torch.load(tmp_path / "student.pt", weights_only=False)
+    loop = torch.load(tmp_path / "student.pt", weights_only=True)
     for name, value in cli_model.items():
         torch.testing.assert_close(loop["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert loop["loader"]["step"] == 3
@@ -196,7 +196,7 @@ def test_the_ddp_example_trains_what_mealv2_train_trains_on_two_gloo_ranks(label
                         "--w-cutmix", "--device", "cpu", "--workers", "1"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    ours = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    ours = torch.load(tmp_path / "ddp.pt", weights_only=True)
     theirs = load_checkpoint_file(tmp_path / "run" / "last.pt")
     for name, value in theirs["model"].items():
         torch.testing.assert_close(ours["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)

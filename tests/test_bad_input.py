@@ -603,6 +603,22 @@ def test_damaged_store_is_named_by_verify_and_refused_by_train(work, store_copy,
     assert not (run / "last.pt").exists()
 
 
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,place", [   # once a ~106-line zarr traceback
+    (lambda store: flip_chunk_byte(store, "ids", 0, 1), "ids/c/0/0/0/0[1]: unreadable chunk"),
+    (lambda store: _truncate(store / "ids/c/0/0/0/0"), "ids/c/0/0/0/0[0]: unreadable object"),
+    (lambda store: _truncate(store / "labels/c/0"), "labels/c/0: unreadable chunk"),
+], ids=["flipped_bit", "truncated_object", "truncated_labels"])
+def test_inspect_names_the_damaged_object_and_the_repair(store_copy, mealv2, damage, place):
+    damage(store_copy)
+    r = mealv2("inspect", store_copy)
+    refused(r, f"{store_copy} is damaged", place, f"`mealv2 verify {store_copy}`", "mealv2 label DATA")
+    assert len(r.err.splitlines()) < 10, r.err
+
+
 def test_a_damaged_done_mark_is_named_with_the_fix(work, store_copy, tmp_path, mealv2):
     _, data, _ = work
     flip_chunk_byte(store_copy, "done", 0, 1)
@@ -621,3 +637,26 @@ def test_damage_in_a_later_round_is_refused_before_the_first_step(work, tmp_path
     r = mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS, "--epochs", 2)
     refused(r, str(store), "probs/c/1/0/0/0[1]: unreadable chunk")
     assert not (run / "last.pt").exists(), "epoch 0 was trained on a store known to be damaged"
+
+
+# ---- a damaged run ------------------------------------------------------------------------------
+
+def test_a_truncated_run_config_resumes_from_last_pt_or_says_what_works(work, labelled, tmp_path, mealv2):
+    """Once refused both ways: `--resume` as "not a mealv2 run config ... repeat the run's flags with --out
+    RUN", and that as "already holds a run (last.pt); pass --resume"."""
+    _, data, _ = work
+    _, store = labelled
+    run, config = tmp_path / "run", tmp_path / "run" / "config.json"
+    labelled_ok(mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS))
+    config.write_text(config.read_text()[:300])
+    r = mealv2("train", "--resume", run, "--epochs", 2)
+    labelled_ok(r)
+    assert f"{config} is not a mealv2 run config (JSONDecodeError" in r.err and f"{run / 'last.pt'} records" in r.err
+    assert json.loads(config.read_text())["settings"]["epochs"] == 2   # written again
+    assert "resuming" in r.out and (run / "metrics.csv").read_text().count("\n") == 3
+    # killed before its first epoch was saved: nothing to resume, and the advice given works
+    (run / "last.pt").unlink()
+    config.write_text(config.read_text()[:300])
+    refused(mealv2("train", "--resume", run), f"{config} is not a mealv2 run config", "holds no last.pt",
+            "start the run again without --resume")
+    labelled_ok(mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS))

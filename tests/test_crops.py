@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mealv2.common.data.crops import BOX_GRID, CropParams, boxes_to_relative, sample_crops, snap_to_grid
+from mealv2.common.errors import MealV2Error
 
 
 def _sizes(n: int, seed: int = 0) -> np.ndarray:
@@ -132,3 +133,19 @@ def test_bad_crop_params_are_refused(kwargs):
 def test_crop_params_round_trip_through_attrs():
     p = CropParams(res=96, scale=(0.2, 0.9), ratio=(0.5, 2.0), flip_prob=0.3)
     assert CropParams.from_attrs(p.to_attrs()) == p
+
+
+def test_an_interpolation_the_loaders_do_not_render_is_refused():
+    """Once accepted and recorded in the store while every loader resized bilinear."""
+    with pytest.raises(MealV2Error, match=r"CropParams\(interpolation='bicubic'\): only 'bilinear' is supported: "
+                                          r"both loaders .* resize bilinear.* leave interpolation out"):
+        CropParams(interpolation="bicubic")
+    assert CropParams(interpolation="bilinear") == CropParams()
+
+
+def test_stores_and_runs_recorded_before_the_refusal_still_open():
+    """A store records its crop params; one written with "bilinear" reads back as it was, and one a Python
+    caller recorded as "bicubic" (its crops were rendered bilinear like every other) opens as bilinear."""
+    recorded = {"res": 32, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_prob": 0.5, "interpolation": "bilinear"}
+    assert CropParams.from_attrs(recorded) == CropParams(res=32)
+    assert CropParams.from_attrs({**recorded, "interpolation": "bicubic"}) == CropParams(res=32)

@@ -11,6 +11,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from PIL import Image, ImageOps
+from safetensors.torch import save_file
 from torchvision import transforms as T
 
 from conftest import make_image_dataset
@@ -149,6 +150,20 @@ def test_eval_meal_v2_release_style_state_dict(six_class_data, tmp_path):
     got = json.loads(res.output)
     assert got["mean"] == [0.5] * 3 and got["std"] == [0.5] * 3
     assert got["top1"] == pytest.approx(_independent_eval(model, six_class_data, 32, (0.5,) * 3, (0.5,) * 3)["top1"])
+
+
+def test_eval_reads_a_safetensors_state_dict_under_any_suffix(six_class_data, tmp_path, in_process):
+    """Once refused as "not a PyTorch checkpoint ... Unsupported operand 24", without a word of safetensors."""
+    model = _model(6, seed=1, data=six_class_data)
+    weights = tmp_path / "weights.pt"
+    save_file(model.state_dict(), weights)
+    res = _invoke(six_class_data, "-a", ARCH, "--checkpoint", weights, "--res", 32, "--workers", 1, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["top1"] == pytest.approx(_independent_eval(model, six_class_data, 32, *IMAGENET)["top1"])
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = in_process("eval", six_class_data, "-a", ARCH, "--checkpoint", weights, "--res", 32)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"mealv2: error: {weights}: cannot read checkpoint (a safetensors file, damaged" in r.stderr, r.stderr
 
 
 def test_eval_class_count_mismatch_names_both(tiny_data, tmp_path):

@@ -97,3 +97,16 @@ def test_meal_v2_table_commands_spend_the_published_budget(tmp_path, monkeypatch
                 f"{extra}-{rounds - 1} {words[least]} ({passes / rounds:g} on average") in section.replace("\n", " ")
             labelled += 1
     assert (trained, labelled) == (8, 2)
+
+
+def test_the_readme_loop_and_the_ddp_example_load_their_checkpoints_as_data():
+    """They teach the habit mealv2 keeps (torch.load(weights_only=True): a pickle of objects can run code as
+    it loads); tests/test_api.py runs both, resuming, so what they save loads that way."""
+    readme = (ROOT / "README.md").read_text()
+    sources = {"README.md": "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S)),
+               "examples/ddp_train.py": (ROOT / "examples" / "ddp_train.py").read_text()}
+    for name, code in sources.items():
+        loads = re.findall(r"torch\.load\(([^)]*)\)", code)
+        assert loads, f"{name} loads no checkpoint: update this test"
+        for args in loads:
+            assert "weights_only=True" in args, f"{name}: torch.load({args})"

@@ -173,3 +173,23 @@ def test_store_urls_with_credentials_or_unknown_protocols_or_no_server_are_refus
     except ImportError:
         r = run_cli("verify", "gs://bucket/y.zarr")
         assert r.returncode == 2 and "reading 'gs://' needs a package that is not installed" in r.stderr
+
+
+def test_a_fragment_a_protocol_that_cannot_connect_and_credentials_are_refused_naming_url_scheme_and_port(
+        tmp_path, in_process):
+    """Once: "unreadable metadata (Expecting value...)" for a '#'; only "Connection refused" for ftp://;
+    the URL printed without its port."""
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = in_process("inspect", f"http://127.0.0.1:{port}/x.zarr#v2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"http://127.0.0.1:{port}/x.zarr#v2: a '#' in a store URL is refused" in r.stderr
+            and f"read from http://127.0.0.1:{port}/x.zarr)" in r.stderr), r.stderr
+    r = in_process("verify", f"ftp://127.0.0.1:{port}/x.zarr")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"ftp://127.0.0.1:{port}/x.zarr cannot be read over ftp:// (ConnectionRefusedError" in r.stderr
+            and "label stores are read from https://, http://, s3://" in r.stderr), r.stderr
+    r = in_process("inspect", f"https://someone:{SECRET}@example.com:8443/x.zarr")
+    assert r.returncode == 2 and SECRET not in r.stderr
+    assert "https://example.com:8443/x.zarr: credentials or a query string" in r.stderr, r.stderr

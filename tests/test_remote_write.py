@@ -170,3 +170,10 @@ def test_label_out_urls_that_cannot_be_written_are_refused_naming_the_fix(tiny_d
             run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=out, **SETTINGS))
     r = in_process(*_args(tiny_data, teacher, "gs://bucket/x.zarr"))
     assert r.returncode == 2 and "not to 'gs://' URLs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_label_out_naming_an_object_is_refused_as_such(tiny_data, teacher, moto_s3):
+    """Once "not empty and not a label store (... it holds )": the object itself was listed as a key ''."""
+    moto_s3.client.put_object(Bucket=BUCKET, Key="labels.zarr/zarr.json", Body=b"{}")
+    with pytest.raises(MealV2Error, match=re.escape(f"{URL}/zarr.json is an object (a file), not a folder")):
+        run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=f"{URL}/zarr.json", **SETTINGS))

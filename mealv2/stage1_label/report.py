@@ -44,13 +44,27 @@ def store_summary(path) -> dict:
         # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops; each
         # teacher's own agreement is the teacher check's (on a sample, before labelling). Without
         # labels (all -1), the share of round 0's crops whose top-1 is each class, top ones first.
-        top1 = store.read_round(0).ids[..., 0]
-        labels = store.labels()
+        top1, labels = _read_checked(store, lambda: (store.read_round(0).ids[..., 0], store.labels()))
         if (labels >= 0).any():
             summary["top1_agreement"] = round(float((top1 == labels[:, None]).mean()), 4)
         else:
             summary["top1_histogram"] = top1_histogram(top1, a["classes"])
     return summary
+
+
+def _read_checked(store: LabelStore, read):
+    """``read()``, or a refusal naming the damaged objects (from a verify of the store, run only when a
+    read fails: inspect reads little and stays quick) and what repairs them, in place of zarr's traceback."""
+    try:
+        return read()
+    except StoreError:
+        raise
+    except Exception as e:   # zarr reports a checksum mismatch or a bad codec stream this way
+        problems, fix = store_problems(store.path)
+        found = "\n  ".join(problems[:5]) if problems else f"{type(e).__name__}: {e}"
+        raise StoreError(f"{store.path} is damaged and cannot be read:\n  {found}\n`mealv2 verify {store.path}` "
+                         f"lists every problem; "
+                         + (fix or "re-running the `mealv2 label` command that made the store repairs it")) from e
 
 
 def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CLASSES) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from ..common.data.crops import CROP_FLAGS
@@ -19,19 +20,27 @@ from .utils import CONFIG_FILE
 
 
 def run_settings(run: str | Path) -> dict:
-    """The settings a run was made with: RUN/config.json, or for runs made before it existed the
-    train_config its last.pt records."""
+    """The settings a run was made with: RUN/config.json, or the train_config its last.pt records (the
+    same settings, as of its last epoch) for runs made before config.json existed or whose copy is damaged."""
     run = Path(run)
-    path = run / CONFIG_FILE
+    path, last = run / CONFIG_FILE, run / "last.pt"
     if path.is_file():
         try:
-            return current_settings(json.loads(path.read_text())["settings"])
+            settings = json.loads(path.read_text())["settings"]
+            if isinstance(settings, dict):
+                return current_settings(settings)
+            damage = f"its settings are a {type(settings).__name__}, not a mapping"
         except (ValueError, KeyError, TypeError) as e:
-            raise MealV2Error(f"--resume: {path} is not a mealv2 run config ({type(e).__name__}: {e}); restore it "
-                              f"or repeat the run's flags with --out {run}") from None
-    if (run / "last.pt").is_file():
-        return current_settings(load_checkpoint_file(run / "last.pt").get("train_config", {}))
-    raise MealV2Error(f"--resume {run}: neither {path} nor {run / 'last.pt'} exists, so there is no run to continue; "
+            damage = f"{type(e).__name__}: {e}"
+        if not last.is_file():
+            raise MealV2Error(f"--resume: {path} is not a mealv2 run config ({damage}) and {run} holds no last.pt, "
+                              f"so no epoch was saved: restore {path} from a copy, or start the run again without "
+                              f"--resume (its --out {run} is free)")
+        print(f"mealv2: {path} is not a mealv2 run config ({damage}); continuing with the settings {last} records "
+              f"(those of its last epoch), and the run writes {path} again", file=sys.stderr)
+    if last.is_file():
+        return current_settings(load_checkpoint_file(last).get("train_config", {}))
+    raise MealV2Error(f"--resume {run}: neither {path} nor {last} exists, so there is no run to continue; "
                       f"start it without --resume")
 
 

@@ -46,6 +46,10 @@ class CropParams:
         lo, hi = self.ratio
         if not 0 < lo <= hi < math.inf:
             raise CropError(f"--ratio must satisfy 0 < min <= max, got {lo},{hi}")
+        if self.interpolation != "bilinear":
+            raise CropError(f"CropParams(interpolation={self.interpolation!r}): only 'bilinear' is supported: both "
+                            f"loaders (DALI and torch) resize bilinear, antialiased when shrinking, and a store "
+                            f"records what its crops were rendered with; leave interpolation out")
 
     def to_attrs(self) -> dict:
         d = asdict(self)
@@ -54,8 +58,10 @@ class CropParams:
 
     @classmethod
     def from_attrs(cls, d: dict) -> "CropParams":
+        """The params a store or run records. Its ``interpolation`` is not read: every loader has always
+        resized bilinear, so crops recorded as another (a Python caller's, before it was refused) were too."""
         return cls(res=int(d["res"]), scale=tuple(d["scale"]), ratio=tuple(d["ratio"]),
-                   flip_prob=float(d["flip_prob"]), interpolation=d["interpolation"])
+                   flip_prob=float(d["flip_prob"]))
 
 
 def _image_rng(seed: int, round_: int, image_id: int) -> np.random.Generator:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import safetensors.torch
 import timm
 import torch
 from torch import nn
@@ -123,7 +124,13 @@ def trusting_checkpoints(trusted: bool = True):
 
 def load_checkpoint_file(path: str | Path) -> dict:
     """A checkpoint's contents, read as data: tensors, plain containers and SAFE_GLOBALS only,
-    so a crafted file cannot run code; anything else is refused unless checkpoints are trusted."""
+    so a crafted file cannot run code; anything else is refused unless checkpoints are trusted.
+    A safetensors file (timm's hub weights, `mealv2 export`'s) is a state dict, whatever its suffix."""
+    if _is_safetensors(path):
+        try:
+            return safetensors.torch.load_file(str(path))
+        except Exception as e:
+            raise ModelSpecError(f"{path}: cannot read checkpoint (a safetensors file, damaged: {e})") from None
     trusted = _trusted.get()
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -140,6 +147,17 @@ def load_checkpoint_file(path: str | Path) -> dict:
                              f"(torch.save(model.state_dict(), FILE)) where you trust it") from None
     except Exception as e:
         raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _is_safetensors(path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: the length of its JSON header (8 bytes,
+    little-endian), then the header's ``{``. A torch zip starts ``PK``, a pickle 0x80."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:   # torch.load names it
+        return False
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
 def _unsafe_globals(path) -> str:

@@ -50,6 +50,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # it reads the same from a listing and from a HEAD, where a modification time may differ in precision.
 VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "Last-Modified", "LastModified", "last_modified",
                   "mtime")
+READ_FROM = "https://, http://, s3:// or another fsspec protocol whose package is installed (gs://, az://, ...)"
 READ_BY = ("`mealv2 train --labels`, `mealv2 inspect` and `mealv2 verify` read them, `mealv2 label --out` "
            "writes them to s3://")
 
@@ -63,9 +64,14 @@ def is_url(location) -> bool:
 
 
 def check_url(url: str) -> str:
-    """``url`` if mealv2 can read a store there; refuses credentials in it and protocols whose fsspec
-    package is missing, naming the fix."""
+    """``url`` if mealv2 can read a store there; refuses credentials in it, a ``#fragment`` and protocols
+    whose fsspec package is missing, naming the fix."""
     parts = urlsplit(url)
+    if "#" in url:
+        base = redact(url.partition("#")[0])
+        raise RemoteError(f"{base}#{parts.fragment}: a '#' in a store URL is refused: HTTP drops it and all after it "
+                          f"(the store would be read from {base}) and an object store takes it as part of the "
+                          f"name; pass the URL without it (rename a store whose name holds a '#')")
     if parts.username or parts.password or parts.query:
         raise RemoteError(f"{redact(url)}: credentials or a query string in a store URL are refused: the URL is "
                           f"printed and recorded in checkpoints. Give credentials where the protocol's library "
@@ -75,7 +81,7 @@ def check_url(url: str) -> str:
         fsspec.get_filesystem_class(parts.scheme)
     except ValueError:
         raise RemoteError(f"{url}: no fsspec filesystem reads '{parts.scheme}://' URLs; label stores are read "
-                          f"from https://, http://, s3:// or another fsspec protocol (gs://, az://, ...)") from None
+                          f"from {READ_FROM}") from None
     except ImportError as e:
         raise RemoteError(f"{url}: reading '{parts.scheme}://' needs a package that is not installed ({e}); "
                           f"`pip install 'mealv2[remote]'` brings S3 and HTTP(S)") from None
@@ -83,9 +89,9 @@ def check_url(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without user, password and query: what may be printed."""
+    """``url`` without user, password and query (its host and port as written): what may be printed."""
     parts = urlsplit(url)
-    return parts._replace(netloc=parts.hostname or "", query="").geturl()
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
 
 
 class LocalObjects:
@@ -169,7 +175,14 @@ class LocalObjects:
 def _refuse_foreign(objects, built: Path) -> None:
     """Refuse a location holding anything that making the store in ``built`` would not write (a
     creation cut short leaves only such files or objects, which publishing overwrites)."""
-    foreign = sorted(set(objects.keys()) - {str(f.relative_to(built)) for f in built.rglob("*") if f.is_file()})
+    keys = objects.keys()
+    if "" in keys:   # listing an object's own name finds the object
+        parent = objects.location.rsplit("/", 1)[0]
+        raise RemoteError(f"{objects.location} is an object (a file), not a folder: --out names the folder a store "
+                          f"is written into" + (f" ({parent} for the store whose zarr.json this is)"
+                                                if objects.location.endswith("/zarr.json") else "")
+                          + "; choose another --out")
+    foreign = sorted(set(keys) - {str(f.relative_to(built)) for f in built.rglob("*") if f.is_file()})
     if foreign:
         raise RemoteError(f"{objects.location} is not empty and not a label store (no zarr.json; it holds "
                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new --out")
@@ -185,7 +198,12 @@ class RemoteObjects:
 
     def __init__(self, url: str):
         self.url = self.location = check_url(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except Exception as e:   # filesystems that connect as they are made (ftp://, sftp://) fail here
+            raise RemoteError(f"{self.url} cannot be read over {urlsplit(self.url).scheme}:// ({type(e).__name__}: "
+                              f"{e}); check the URL, the network and the credentials; label stores are read from "
+                              f"{READ_FROM}") from None
         self.cache = cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:24]
         self._checked: dict[str, Path | None] = {}   # key -> cached file this process checked (None: absent)
         self._listed: dict[str, dict] | None = None    # path -> info, from one listing (_listing)
