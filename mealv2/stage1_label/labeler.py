@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .. import __version__
@@ -54,16 +56,38 @@ def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
     }
 
 
-def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray, images_per_batch: int,
-              cfg: LabelConfig, plan: deque) -> Iterator[CropRequest]:
-    """Crop requests for each (round, shard), in batches that never span two shards."""
-    for r, s in work:
-        a, b = store.shard_range(s)
+def _requests(work: list[tuple[int, int, int, int]], sizes: np.ndarray, images_per_batch: int, cfg: LabelConfig,
+              plan: deque) -> Iterator[CropRequest]:
+    """Crop requests for each (round, shard, first image, end), in batches that never span two shards."""
+    for r, s, a, b in work:
         for start in range(a, b, images_per_batch):
             ids = np.arange(start, min(start + images_per_batch, b))
             boxes, flips = sample_crops(cfg.seed, r, ids, sizes[ids], cfg.crops_per_image, cfg.crop)
             plan.append((r, s, boxes, flips))
             yield CropRequest(ids, boxes, flips)
+
+
+def _labelled(cfg: LabelConfig, index, ensemble: Ensemble, work: list[tuple[int, int, int, int]],
+              loader: str) -> Iterator[tuple]:
+    """(round, shard, boxes, flips, ids, codes, crcs) of each batch of ``work``, per image: crops sampled,
+    rendered by the loader, through the ensemble and the top-k code. What a run writes and a dry run times."""
+    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
+    plan: deque = deque()
+    batches = iterate(loader, index, _requests(work, index.sizes, images_per_batch, cfg, plan),
+                      ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
+                      device=ensemble.device.type, threads=cfg.workers)
+    for batch in batches:
+        fault_point("decode")      # a batch decoded, not yet labelled
+        r, s, boxes, flips = plan.popleft()
+        probs = ensemble.probs(batch.views)
+        if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
+            raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
+                              f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
+                              f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
+                              f"written")
+        ids, codes = encode_topk(probs, cfg.topk)
+        shape = (len(batch.ids), cfg.crops_per_image, -1)
+        yield r, s, boxes, flips, ids.reshape(shape).cpu().numpy(), codes.reshape(shape).cpu().numpy(), batch.crcs
 
 
 MAX_CHUNK_BYTES = 2**30   # a shard's chunk is held in RAM while labelled, and blosc takes at most 2 GiB
@@ -88,7 +112,8 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         cfg: what to label and how; its fields are the CLI's flags.
 
     Returns:
-        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...).
+        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...; ``store.runs()``:
+        what each labelling command took).
 
     Example::
 
@@ -97,6 +122,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
     if not is_url(cfg.out):
         refuse_nested(cfg.data, cfg.out, "--out")
     check_shard_size(cfg)
+    started = time.perf_counter()
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
@@ -139,10 +165,15 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(cfg.out, mode="r+")
+            labelling = time.perf_counter()
             crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
+            labelled = int(info.all_sum([crops])[0])
             if info.is_main:   # every rank's shards are written: one process joins each round into its objects
                 store.pack()
+                if labelled:   # a command with nothing left to do leaves the store as it was
+                    store.record_run(run_record(cfg, labelled, time.perf_counter() - labelling,
+                                                time.perf_counter() - started, device, info.world_size))
         finally:
             if lock is not None:
                 lock.release()
@@ -153,6 +184,22 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                   f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def run_record(cfg: LabelConfig, crops: int, label_s: float, wall_s: float, device, ranks: int) -> dict:
+    """What a labelling command took, as the store records it (``inspect`` shows it): ``label_s`` from its
+    first crop to its last round packed, the rate a dry run predicts; ``wall_s`` the whole command (index,
+    teachers, teacher check included)."""
+    return {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "crops": crops,
+            "label_s": round(label_s, 3), "wall_s": round(wall_s, 3), "crops_per_s": round(crops / label_s, 3),
+            "ranks": ranks, "device": device_name(device), "loader": resolve(cfg.loader),
+            "batch_size": cfg.batch_size, "workers": cfg.workers, "mealv2_version": __version__}
+
+
+def device_name(device) -> str:
+    """Where a rate was measured: cpu, or cuda and the GPU's name."""
+    device = torch.device(device)
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
@@ -187,41 +234,25 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index) -> list[dict] | MealV2Er
 def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
     """Label this rank's incomplete shards; returns (crops labelled, seconds)."""
     done = store.done_mask()
-    work = [(r, s) for r in range(store.rounds_planned) for s in range(store.num_shards)
+    work = [(r, s, *store.shard_range(s)) for r in range(store.rounds_planned) for s in range(store.num_shards)
             if not done[r, s] and s % info.world_size == info.rank]
-    crops_todo = sum(b - a for a, b in map(store.shard_range, (s for _, s in work))) * cfg.crops_per_image
+    crops_todo = sum(b - a for _, _, a, b in work) * cfg.crops_per_image
     if not work:
         return 0, 0.0
-    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
-    plan: deque = deque()
     loader = resolve(cfg.loader)
     if info.is_main:
         print(describe(loader, ensemble.device.type, cfg.workers))
-    batches = iterate(loader, index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),
-                      ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
-                      device=ensemble.device.type, threads=cfg.workers)
     bar = tqdm(total=int(crops_todo), unit="crop", unit_scale=True, dynamic_ncols=True,
                disable=not cfg.progress or not info.is_main, desc=f"label {store.name}")
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes
-        for batch in batches:
-            fault_point("decode")      # a batch decoded, not yet labelled
-            r, s, boxes, flips = plan.popleft()
-            probs = ensemble.probs(batch.views)
-            if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
-                raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
-                                  f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
-                                  f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
-                                  f"written")
-            ids, codes = encode_topk(probs, cfg.topk)
-            shape = (len(batch.ids), cfg.crops_per_image, -1)
+        for r, s, boxes, flips, ids, codes, crcs in _labelled(cfg, index, ensemble, work, loader):
             part = pending.setdefault((r, s), [])
-            part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
-                         codes.reshape(shape).cpu().numpy(), batch.crcs))
+            part.append((boxes, flips, ids.astype(store.id_dtype), codes, crcs))
             a, b = store.shard_range(s)
             if sum(len(p[0]) for p in part) == b - a:
                 writer.submit(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
-            bar.update(batch.views[0].shape[0])
+            bar.update(boxes.shape[0] * cfg.crops_per_image)
     bar.close()
     return crops_todo, time.perf_counter() - started

@@ -39,6 +39,7 @@ def store_summary(path) -> dict:
         "bytes_per_crop": round(data_bytes / crops, 2) if crops and data_bytes is not None else None,
         "top1_agreement": None,
         "top1_histogram": None,
+        "runs": store.runs(),
     }
     if rounds:
         # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops; each
@@ -58,6 +59,15 @@ def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CL
     counts = np.bincount(top1.ravel().astype(np.int64), minlength=len(classes))
     order = np.argsort(-counts, kind="stable")[:top]
     return {classes[c]: round(float(counts[c] / counts.sum()), 4) for c in order if counts[c]}
+
+
+def run_lines(runs: list[dict]) -> list[str]:
+    """One line per labelling run a store recorded: what it took."""
+    if not runs:
+        return ["none recorded (the store was made before mealv2 recorded its labelling runs)"]
+    return [f"{r['finished']}: {r['crops']:,} crops in {r['label_s']:.1f} s ({r['crops_per_s']:.1f} crops/s) on "
+            f"{r['device']}" + (f" x {r['ranks']} ranks" if r["ranks"] > 1 else "")
+            + f", loader {r['loader']}, batch {r['batch_size']}; the whole command {r['wall_s']:.1f} s" for r in runs]
 
 
 def store_problems(path) -> tuple[list[str], str | None]:

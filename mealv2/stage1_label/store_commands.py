@@ -6,7 +6,7 @@ import json
 import click
 
 from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
-from .report import store_problems, store_summary, verify_store
+from .report import run_lines, store_problems, store_summary, verify_store
 
 
 @click.command()
@@ -14,7 +14,7 @@ from .report import store_problems, store_summary, verify_store
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(store, as_json):
     """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels
-    (on unlabelled data: the classes most often predicted top-1)."""
+    (on unlabelled data: the classes most often predicted top-1), the labelling runs and what each took."""
     summary = store_summary(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -31,6 +31,10 @@ def inspect(store, as_json):
                              f"{check['crops']} sampled crops" if check else "not checked")
                 click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
                            f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
+        elif key == "runs":
+            click.echo("labelling runs:")
+            for line in run_lines(value):
+                click.echo(f"  {line}")
         elif key == "top1_histogram":   # set only for unlabelled data, in place of the agreement
             if value is not None:
                 shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in value.items())

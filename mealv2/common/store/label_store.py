@@ -67,6 +67,7 @@ PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/targe
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
 ARRAYS_KEY = "mealv2_arrays_sha256"   # array name: SHA-256 of its metadata (_array_meta_digest)
+RUNS_KEY = "mealv2_runs"   # what each labelling command took (record_run): history, outside the digest
 
 # Keys that must agree between a store and a new labelling command for it to resume or append.
 _IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temperature", "seed", "crops_per_image",
@@ -332,6 +333,16 @@ class LabelStore:
     def digest(self) -> str:
         """SHA-256 of the store's attributes: what it was made from and how."""
         return self.group.attrs[DIGEST_KEY]
+
+    def record_run(self, run: dict) -> None:
+        """Add ``run`` (what a labelling command took: crops, seconds, device) to the attribute
+        ``mealv2_runs``. It is history, not what the labels are, so it stays outside the digest: a resumed
+        store keeps an uninterrupted one's digest, and runs trained from it their resume check."""
+        self.group.attrs.update({RUNS_KEY: [*self.runs(), run]})
+
+    def runs(self) -> list[dict]:
+        """The labelling runs recorded, oldest first; none in a store made before they were."""
+        return list(self.group.attrs.get(RUNS_KEY, []))
 
     # ---- geometry ----------------------------------------------------------------------
     @property
