@@ -28,6 +28,9 @@ from ..cli.params import (POSITIVE, POSITIVE_FLOAT, LocalPath, StorePath, device
               help="Images per shard: the unit of writing, resuming and splitting across ranks (a shard's "
                    "largest chunk may take up to 1 GiB).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (recorded in the store) instead of failing.")
+@click.option("--dry-run", is_flag=True,
+              help="Write nothing: time the teachers on a few batches of DATA's crops on --device and print what the "
+                   "run will take (crops, hours, the store's bytes and objects, S3 requests).")
 @loader_option
 @device_option
 @workers_option

@@ -53,6 +53,7 @@ class LabelConfig:
     teacher_classes: dict[int, str] = field(default_factory=dict)  # teacher N's class names (--teacher-classes)
     teacher_check: bool = True
     teacher_precision: str = "fp32"
+    dry_run: bool = False               # measure the teachers on a few batches, print what the run takes, write nothing
     progress: bool = True
     write_depth: int = DEPTH            # shards in flight on the background writer; 0 writes in the loop
 

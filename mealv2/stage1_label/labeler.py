@@ -6,7 +6,9 @@ store comes out the same. A rank takes the shards ``s % world_size == rank``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -30,10 +32,12 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.store.label_store import ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards
+from ..common.store.lease import lease_seconds
 from ..common.store.objects import is_url, open_objects
 from ..common.store.writer import ShardWriter
 from .config import LabelConfig
+from .cost import LabelCost
 
 
 # The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
@@ -104,16 +108,16 @@ def check_shard_size(cfg: LabelConfig) -> None:
                           f"chunk may; use at most {most} (default 1024)")
 
 
-def run_label(cfg: LabelConfig) -> LabelStore:
+def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
     """Label ``cfg.rounds`` rounds into ``cfg.out`` (created, resumed or appended to), as ``mealv2 label``
-    does (which only builds ``cfg``).
+    does (which only builds ``cfg``); with ``cfg.dry_run``, only measure what that would take.
 
     Args:
         cfg: what to label and how; its fields are the CLI's flags.
 
     Returns:
         The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...; ``store.runs()``:
-        what each labelling command took).
+        what each labelling command took); with ``cfg.dry_run`` the :class:`LabelCost` it printed.
 
     Example::
 
@@ -143,6 +147,10 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         # The dataset's labels in the label space: the teacher check's and the store's `labels` (-1: none).
         in_space = in_classes(index, classes) if index.labelled else index
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
+        if cfg.dry_run:   # before the teacher check, the store and its lock or lease: nothing is written
+            cost = dry_run(cfg, index, ensemble, store_attrs(cfg, index, teachers, classes), in_space.labels,
+                           info.world_size) if info.is_main else None
+            return info.broadcast_object(cost)
         new_store = not open_objects(cfg.out).exists("zarr.json")
         checks = None
         if new_store:   # a store being resumed was checked when it was made
@@ -200,6 +208,79 @@ def device_name(device) -> str:
     """Where a rate was measured: cpu, or cuda and the GPU's name."""
     device = torch.device(device)
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+# A dry run times batches after a warm-up one (loader built, first forwards) until it has timed at least
+# DRY_RUN_BATCHES[0] batches and DRY_RUN_SECONDS (a rate taken over seconds, not one batch, on a busy machine),
+# or DRY_RUN_BATCHES[1] batches, or the dataset's images.
+DRY_RUN_BATCHES = (3, 64)
+DRY_RUN_SECONDS = 10.0
+
+
+def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np.ndarray, ranks: int) -> LabelCost:
+    """What the run of ``cfg`` will take, printed: batches of round 0's crops of the first images through the
+    run's own loader, ensemble and top-k code, timed after the first, and encoded as the store encodes them (in
+    a temporary folder, deleted). Nothing is written to ``cfg.out``."""
+    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
+    n = min(len(index), images_per_batch * (1 + DRY_RUN_BATCHES[1]))
+    work = [(0, s, a, min(a + cfg.shard_size, n)) for s, a in enumerate(range(0, n, cfg.shard_size))]
+    loader = resolve(cfg.loader)
+    print(describe(loader, ensemble.device.type, cfg.workers))
+    batches, times = [], [time.perf_counter()]
+    with contextlib.closing(_labelled(cfg, index, ensemble, work, loader)) as labelled:
+        for batch in labelled:
+            batches.append(batch)
+            times.append(time.perf_counter())
+            if len(batches) > DRY_RUN_BATCHES[0] and times[-1] - times[1] >= DRY_RUN_SECONDS:
+                break
+    timed = batches[1:] or batches   # one batch (a tiny dataset) is timed with its warm-up
+    crops = sum(len(b[2]) for b in timed) * cfg.crops_per_image
+    rate = crops / (times[-1] - times[-1 - len(timed)])
+    startup = max(0.0, times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate) if len(batches) > 1 else 0.0
+    bytes_per_crop, objects = encoded_size(attrs, batches, labels, index.relpaths)
+    rounds, shards, units = _work_todo(cfg, len(index))
+    cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
+                     store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
+                     measured_crops=crops, crops_per_s=rate, startup_s=startup,
+                     device=device_name(ensemble.device), bytes_per_crop=bytes_per_crop,
+                     objects=objects + len(ROUND_ARRAYS) * (rounds - 1), url=cfg.out if is_url(cfg.out) else None,
+                     lease_s=lease_seconds(None, MealV2Error))
+    for line in cost.lines():
+        print(line)
+    return cost
+
+
+def encoded_size(attrs: dict, batches: list[tuple], labels: np.ndarray, relpaths) -> tuple[float, int]:
+    """Bytes per crop of ``batches`` (``_labelled``'s, of the first images) written and packed as the store
+    does it, in shards of the run's size, into a one-round store of those images in a temporary folder; and
+    that store's objects."""
+    boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:] for b in batches)))
+    m = len(boxes)
+    attrs = {**attrs, "dataset": {**attrs["dataset"], "num_images": m}}
+    with tempfile.TemporaryDirectory(prefix="mealv2-dry-run-") as tmp:
+        store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m])
+        store.fsync = False
+        for s in range(store.num_shards):
+            a, b = store.shard_range(s)
+            store.write_shard(0, s, boxes[a:b], flips[a:b], ids[a:b].astype(store.id_dtype), codes[a:b], crcs[a:b])
+        store.pack()
+        return store.data_bytes() / boxes[..., 0].size, sum(1 for f in Path(tmp, "store").rglob("*") if f.is_file())
+
+
+def _work_todo(cfg: LabelConfig, num_images: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(rounds, shards, the image range of each (round, shard) left to label) for the run of ``cfg``: every
+    unit of a new store, those without a done mark in a store that exists (read, not written)."""
+    rounds, shards = cfg.rounds, num_shards(num_images, cfg.shard_size)
+    done = np.zeros((rounds, shards), dtype=bool)
+    if open_objects(cfg.out).exists("zarr.json"):
+        store = LabelStore.open(cfg.out)
+        if store.shard_size != cfg.shard_size:
+            raise MealV2Error(f"--dry-run: {store.path} has shards of {store.shard_size} images, this command "
+                              f"--shard-size {cfg.shard_size}; the run would refuse it: pass --shard-size {store.shard_size}")
+        marks = store.done_mask()[:rounds]
+        done[:len(marks)] = marks
+    ranges = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, num_images)) for s in range(shards)]
+    return rounds, shards, [ranges[s] for r, s in zip(*np.nonzero(~done))]
 
 
 def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
