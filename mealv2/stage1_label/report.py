@@ -70,6 +70,14 @@ def run_lines(runs: list[dict]) -> list[str]:
             + f", loader {r['loader']}, batch {r['batch_size']}; the whole command {r['wall_s']:.1f} s" for r in runs]
 
 
+def dataset_mismatch(store: LabelStore, data, index) -> str | None:
+    """What differs between DATA's ``index`` and the dataset ``store`` was labelled from; None if nothing."""
+    if index.fingerprint == store.attrs["dataset"]["fingerprint"]:
+        return None
+    return (f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the store's "
+            f"{store.attrs['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}")
+
+
 def store_problems(path) -> tuple[list[str], str | None]:
     """Problems of the store itself (checksums, completion, missing chunks) and what repairs them:
     the `mealv2 label` command that made it, which labels exactly those shards again."""
@@ -98,9 +106,8 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
 
     index = build_index(data)
     a = store.attrs
-    if index.fingerprint != a["dataset"]["fingerprint"]:
-        return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
-                           f"store's {a['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}"]
+    if mismatch := dataset_mismatch(store, data, index):
+        return problems + [mismatch]
     crcs = image_crcs(index)
     changed = store.changed_images(crcs)
     if len(changed):   # what `train` refuses as it reads them
