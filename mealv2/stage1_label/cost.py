@@ -11,8 +11,10 @@ from ..common.store.label_store import DATA_ARRAYS
 # POST and LIST per 1,000 requests $0.005, GET and HEAD $0.0004; DELETE is free.
 PUT_USD, GET_USD = 0.005 / 1000, 0.0004 / 1000
 KEYS_PER_DELETE = 1000   # keys one DELETE request of S3 removes
-FIXED_LOOKUPS = 5        # HEAD (and LIST) requests of any run: the store's root looked up as it is opened
-WHOLE_LISTINGS = 7       # LIST requests of any run: the store listed whole as it is opened, packed and measured
+# Requests of any run whatever its size (counted on moto's server): HEAD and LIST of the store's root as each
+# rank opens it, and rank 0's more; LIST of the whole store (opened, packed, measured).
+ROOT_LOOKUPS = (2, 3)    # per rank, and once
+WHOLE_LISTINGS = (2, 5)  # per rank, and once
 RUN_PUTS = 3             # PUT requests of any run: its record, the lease taken and its conditional write probed
 
 
@@ -46,20 +48,22 @@ class LabelCost:
 
     def s3_requests(self) -> dict[str, int]:
         """Requests of labelling into S3 (docs/STORE.md, "Writing to S3"), as counted on moto's server
-        (tests/test_store_report.py). PUT: per work unit its data chunks and its done mark, the images' CRC32Cs
-        once per shard, each object of the finished store once, the run's record, the lease (taken, its
-        conditional write probed, renewed every quarter of its duration). HEAD and LIST: a done mark not
-        written yet is looked up before labelling (per work unit), a round's done row twice, and each staged
-        folder is listed before it is deleted. GET: packing reads back the chunks other ranks wrote. DELETE:
-        the staged objects of each packed round, 1,000 keys a request, and the lease. A run cut short and
-        resumed repeats some of them."""
+        (tests/test_store_report.py; with two ranks on one machine: PUT, HEAD and LIST as predicted, no GET).
+        PUT: per work unit its data chunks and its done mark, the images' CRC32Cs once per shard, each object
+        of the finished store once, the run's record, the lease (taken, its conditional write probed, renewed
+        every quarter of its duration). HEAD and LIST: every rank looks up each done mark of the store not
+        written yet (a HEAD and a LIST each) and each round's done row, rank 0 the rows once more as it packs,
+        and each staged folder is listed before it is deleted. GET, at most: packing reads back the chunks
+        other ranks wrote, unless they ran on its machine (ranks of a machine share its cache). DELETE: the
+        staged objects of each packed round, 1,000 keys a request, and the lease. A run cut short and resumed
+        repeats some of them."""
         arrays = len(DATA_ARRAYS)
         rounds = math.ceil(self.units / self.shards)
         folders = rounds * (arrays + 1) + 1   # a packed round's staged arrays, and the images' CRC32Cs
-        lookups = self.units + 2 * rounds + FIXED_LOOKUPS
+        lookups = self.ranks * (self.units + rounds + ROOT_LOOKUPS[0]) + rounds + ROOT_LOOKUPS[1]
         return {"PUT": self.units * (arrays + 1) + self.shards + self.objects + RUN_PUTS
                        + int(self.seconds // (self.lease_s / 4)),
-                "HEAD": lookups, "LIST": lookups + folders + WHOLE_LISTINGS,
+                "HEAD": lookups, "LIST": lookups + folders + self.ranks * WHOLE_LISTINGS[0] + WHOLE_LISTINGS[1],
                 "GET": (self.units * arrays + self.shards) * (self.ranks - 1) // self.ranks,
                 "DELETE": folders * math.ceil(self.shards / KEYS_PER_DELETE) + 1}
 
@@ -79,7 +83,8 @@ class LabelCost:
             n = self.s3_requests()
             usd = (n["PUT"] + n["LIST"]) * PUT_USD + (n["GET"] + n["HEAD"]) * GET_USD
             out.append(f"{self.url}: about {', '.join(f'{v:,} {k}' for k, v in n.items())} requests (the lease's "
-                       f"renewals included), ${usd:.2f} at S3 Standard list prices (README: What it costs)")
+                       f"renewals included; the GETs at most: none when the ranks share a machine), ${usd:.2f} at "
+                       f"S3 Standard list prices (README: What it costs)")
         return out
 
 
