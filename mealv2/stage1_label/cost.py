@@ -73,9 +73,9 @@ class LabelCost:
                f"{self.device} after a warm-up batch: {self.crops_per_s:.1f} crops/s (crops rendered, the teachers' "
                f"forward, top-k code)",
                f"the run: {self.crops:,} crops to label ({self.units:,} of its {self.rounds} rounds x {self.shards:,} "
-               f"shards): {self.seconds / 3600:.2f} h of teacher forward at the measured rate{ranks} "
-               f"({duration(self.seconds)}, a start-up of {self.startup_s:.1f} s included; the dataset index and a new "
-               f"store's teacher check come before it)",
+               f"shards): {self.seconds:,.0f} s ({self.seconds / 3600:.2f} h) of teacher forward at the measured "
+               f"rate{ranks}, a start-up of {self.startup_s:.1f} s included (the dataset index and a new store's "
+               f"teacher check come before it)",
                f"the store: {self.bytes_per_crop:.2f} B/crop (the measured crops as the store encodes them) x "
                f"{self.store_crops:,} crops = {_size(self.store_bytes)} of labels, {self.objects:,} objects once "
                f"finished"]
@@ -86,13 +86,6 @@ class LabelCost:
                        f"renewals included; the GETs at most: none when the ranks share a machine), ${usd:.2f} at "
                        f"S3 Standard list prices (README: What it costs)")
         return out
-
-
-def duration(seconds: float) -> str:
-    """12.3 s, 4.5 min or 6.7 h."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _size(n: float) -> str:

@@ -17,7 +17,7 @@ from ..common.data.crops import boxes_to_relative
 from ..common.data.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.store.label_store import LabelStore
-from .report import dataset_mismatch, run_lines
+from .report import dataset_mismatch, run_lines, store_summary
 from .store_stats import BINS, LayerStats, class_rows, round_stats
 
 NAMED_CLASSES = 30     # classes drawn by name; with more, per-class values are drawn sorted
@@ -67,9 +67,8 @@ def write_report(path, out, data=None) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------- report.md
 def header(store: LabelStore, path, data) -> str:
-    a = store.attrs
+    a, summary = store.attrs, store_summary(path)
     rounds, n, c = store.rounds_complete(), store.num_images, a["crops_per_image"]
-    data_bytes = store.data_bytes()
     rows = [("store", f"`{store.path}`"),
             ("crops", f"{rounds * n * c:,} ({rounds} complete rounds of {store.rounds_planned} planned x {n:,} images "
                       f"x {c} crops)"),
@@ -77,7 +76,7 @@ def header(store: LabelStore, path, data) -> str:
             ("teachers", ", ".join(f"`{t['spec']}`" for t in a["teachers"]) + f" (temperature {a['temperature']})"),
             ("crop", f"{a['crop']['res']} px, scale {a['crop']['scale']}, ratio "
                      f"{[round(r, 3) for r in a['crop']['ratio']]}"),
-            ("bytes per crop", "-" if data_bytes is None else f"{data_bytes / (rounds * n * c):.2f}"),
+            ("bytes per crop", "-" if summary["bytes_per_crop"] is None else summary["bytes_per_crop"]),
             ("labelling runs", "<br>".join(run_lines(store.runs())))]
     command = f"mealv2 inspect {path} --report DIR" + (f" --data {data}" if data else "")
     return "\n".join([f"# Label store report: {store.name}", "", f"`{command}`", "",
