@@ -74,6 +74,10 @@ def test_round_sums_add_up_and_keep_the_lowest_picks():
     np.testing.assert_allclose(total.unsure["score"], np.sort(p1)[:len(total.unsure)], rtol=1e-6)
     worst = total.unsure[0]
     assert rounds[worst["round"]][2][worst["image"], worst["crop"], 0] == worst["ids"][0]
+    # a store without labels: every crop counted, by its top-1 class; no agreement
+    unlabelled = round_stats(0, *rounds[0], np.full(n, -1), classes)
+    assert unlabelled.labelled == unlabelled.hits == 0 and unlabelled.class_crops.sum() == n * c
+    np.testing.assert_array_equal(unlabelled.class_crops, np.bincount(rounds[0][2][..., 0].ravel(), minlength=classes))
 
 
 # ---- inspect --report ------------------------------------------------------------------------------------
