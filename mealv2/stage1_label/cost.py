@@ -31,6 +31,8 @@ class LabelCost:
     measured_crops: int      # crops timed (after a warm-up batch)
     crops_per_s: float       # their rate: the run's loader, teachers and top-k code on the chosen device
     startup_s: float         # what the warm-up batch took beyond its crops at that rate (loader built, first forwards)
+    write_s: float           # a shard's chunks written and marked, measured on the measured crops
+    pack_s: float            # a round packed into its objects, measured likewise
     device: str
     bytes_per_crop: float    # the measured crops' chunks as the store encodes and packs them
     objects: int             # objects (files) of the finished store
@@ -39,8 +41,11 @@ class LabelCost:
 
     @property
     def seconds(self) -> float:
-        """Labelling time: the start-up once, then the crops, shared by the ranks, at the measured rate."""
-        return self.startup_s + self.crops / (self.crops_per_s * self.ranks)
+        """Labelling time: the start-up once; the crops, shared by the ranks, at the measured rate, or their
+        shards' writes where those take longer (a background thread writes shards while the teachers run);
+        then each round's packing."""
+        labelling = max(self.crops / self.crops_per_s, self.units * self.write_s) / self.ranks
+        return self.startup_s + labelling + math.ceil(self.units / self.shards) * self.pack_s
 
     @property
     def store_bytes(self) -> float:
@@ -74,8 +79,8 @@ class LabelCost:
                f"forward, top-k code)",
                f"the run: {self.crops:,} crops to label ({self.units:,} of its {self.rounds} rounds x {self.shards:,} "
                f"shards): {self.seconds:,.0f} s ({self.seconds / 3600:.2f} h) of teacher forward at the measured "
-               f"rate{ranks}, a start-up of {self.startup_s:.1f} s included (the dataset index and a new store's "
-               f"teacher check come before it)",
+               f"rate{ranks}, a start-up of {self.startup_s:.1f} s and packing {self.pack_s:.2f} s per round included "
+               f"(the dataset index and a new store's teacher check come before it)",
                f"the store: {self.bytes_per_crop:.2f} B/crop (the measured crops as the store encodes them) x "
                f"{self.store_crops:,} crops = {_size(self.store_bytes)} of labels, {self.objects:,} objects once "
                f"finished"]

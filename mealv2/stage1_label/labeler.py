@@ -219,8 +219,8 @@ DRY_RUN_SECONDS = 10.0
 
 def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np.ndarray, ranks: int) -> LabelCost:
     """What the run of ``cfg`` will take, printed: batches of round 0's crops of the first images through the
-    run's own loader, ensemble and top-k code, timed after the first, and encoded as the store encodes them (in
-    a temporary folder, deleted). Nothing is written to ``cfg.out``."""
+    run's own loader, ensemble and top-k code, timed after the first, then written and packed as the store
+    does it (:func:`trial_store`, deleted). Nothing is written to ``cfg.out``."""
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     n = min(len(index), images_per_batch * (1 + DRY_RUN_BATCHES[1]))
     work = [(0, s, a, min(a + cfg.shard_size, n)) for s, a in enumerate(range(0, n, cfg.shard_size))]
@@ -237,34 +237,48 @@ def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np
     crops = sum(len(b[2]) for b in timed) * cfg.crops_per_image
     rate = crops / (times[-1] - times[-1 - len(timed)])
     startup = max(0.0, times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate) if len(batches) > 1 else 0.0
-    bytes_per_crop, objects = encoded_size(attrs, batches, labels, index.relpaths)
+    trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
     rounds, shards, units = _work_todo(cfg, len(index))
     cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
                      store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
-                     measured_crops=crops, crops_per_s=rate, startup_s=startup,
-                     device=device_name(ensemble.device), bytes_per_crop=bytes_per_crop,
-                     objects=objects + len(ROUND_ARRAYS) * (rounds - 1), url=cfg.out if is_url(cfg.out) else None,
-                     lease_s=lease_seconds(None, MealV2Error))
+                     measured_crops=crops, crops_per_s=rate, startup_s=startup, write_s=trial.write_s,
+                     pack_s=trial.pack_s, device=device_name(ensemble.device), bytes_per_crop=trial.bytes_per_crop,
+                     objects=trial.objects + len(ROUND_ARRAYS) * (rounds - 1),
+                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error))
     for line in cost.lines():
         print(line)
     return cost
 
 
-def encoded_size(attrs: dict, batches: list[tuple], labels: np.ndarray, relpaths) -> tuple[float, int]:
-    """Bytes per crop of ``batches`` (``_labelled``'s, of the first images) written and packed as the store
-    does it, in shards of the run's size, into a one-round store of those images in a temporary folder; and
-    that store's objects."""
+@dataclasses.dataclass(frozen=True)
+class TrialStore:
+    """What writing a dry run's crops as the store does it measured."""
+
+    bytes_per_crop: float
+    objects: int       # of the one-round store
+    write_s: float     # per shard: its chunks written (durable) and marked
+    pack_s: float      # per round: its shards joined into objects, committed, the staged files deleted
+
+
+def trial_store(cfg: LabelConfig, attrs: dict, batches: list[tuple], labels: np.ndarray, relpaths) -> TrialStore:
+    """``batches`` (``_labelled``'s, of the first images) written and packed as the run will do it (shards of
+    its size, made durable), as a one-round store of those images in a temporary folder beside ``cfg.out``
+    (on its disk: fsync costs differ between disks; in the system's temporary folder for a URL), deleted."""
     boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:] for b in batches)))
     m = len(boxes)
     attrs = {**attrs, "dataset": {**attrs["dataset"], "num_images": m}}
-    with tempfile.TemporaryDirectory(prefix="mealv2-dry-run-") as tmp:
+    beside = None if is_url(cfg.out) else Path(cfg.out).absolute().parent
+    with tempfile.TemporaryDirectory(prefix=".mealv2-dry-run-", dir=beside) as tmp:
         store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m])
-        store.fsync = False
+        started = time.perf_counter()
         for s in range(store.num_shards):
             a, b = store.shard_range(s)
             store.write_shard(0, s, boxes[a:b], flips[a:b], ids[a:b].astype(store.id_dtype), codes[a:b], crcs[a:b])
+        written = time.perf_counter()
         store.pack()
-        return store.data_bytes() / boxes[..., 0].size, sum(1 for f in Path(tmp, "store").rglob("*") if f.is_file())
+        return TrialStore(store.data_bytes() / boxes[..., 0].size,
+                          sum(1 for f in Path(tmp, "store").rglob("*") if f.is_file()),
+                          (written - started) / store.num_shards, time.perf_counter() - written)
 
 
 def _work_todo(cfg: LabelConfig, num_images: int) -> tuple[int, int, list[tuple[int, int]]]:
