@@ -17,7 +17,7 @@ import zarr
 
 from conftest import BUCKET, make_image_dataset
 from mealv2.common.data.crops import CropParams
-from mealv2.common.data.targets import reconstruct_targets
+from mealv2.common.data.targets import encode_topk, reconstruct_targets
 from mealv2.common.store.label_store import RUNS_KEY, LabelStore
 from mealv2.stage1_label.config import LabelConfig
 from mealv2.stage1_label.cost import LabelCost
@@ -45,8 +45,7 @@ def test_crop_measures_are_those_of_the_rebuilt_training_target():
     for num_classes, k in ((10, 3), (5, 5), (1000, 5)):
         logits = torch.from_numpy(rng.normal(0, rng.uniform(0.1, 4, (64, 1)), (64, num_classes)))
         probs = torch.softmax(logits, 1)
-        top, ids = probs.topk(k, 1)
-        codes = torch.round(torch.cat([top, (1 - top.sum(1, keepdim=True)).clamp(min=0)], 1).sqrt() * 127).to(torch.uint8)
+        ids, codes = encode_topk(probs, k)
         m = crop_measures(ids.numpy(), codes.numpy(), num_classes)
         dense = reconstruct_targets(ids, codes, num_classes).double()
         entropy = -(dense * dense.log()).sum(1).numpy()
@@ -61,8 +60,8 @@ def test_round_sums_add_up_and_keep_the_lowest_picks():
     rng = np.random.default_rng(1)
     n, c, k, classes = 30, 2, 3, 4
     rounds = [(rng.integers(0, 1024, (n, c, 4)).astype(np.uint16), rng.integers(0, 2, (n, c)).astype(np.uint8),
-               np.argsort(rng.random((n, c, classes)), 2)[..., :k], rng.integers(0, 128, (n, c, k + 1)).astype(np.uint8))
-              for _ in range(3)]
+               np.argsort(rng.random((n, c, classes)), 2)[..., :k],
+               rng.integers(0, 128, (n, c, k + 1)).astype(np.uint8)) for _ in range(3)]
     labels = rng.integers(-1, classes, n)
     parts = [round_stats(r, *arrays, labels, classes) for r, arrays in enumerate(rounds)]
     total = parts[0] + parts[1] + parts[2]
@@ -174,6 +173,8 @@ def test_dry_run_writes_nothing_and_predicts_the_run(setup, tmp_path, capsys):
     assert "dry run: nothing written" in printed and f"{cost.crops:,} crops to label" in printed
     assert (cost.crops, cost.units, cost.shards, cost.store_crops) == (3 * 24 * 2, 9, 3, 3 * 24 * 2)
     assert f"{cost.bytes_per_crop:.2f} B/crop" in printed and f"{cost.objects} objects" in printed
+    assert run_label(_config(setup, tmp_path / "new" / "store.zarr", dry_run=True)).crops == cost.crops
+    assert list(tmp_path.iterdir()) == []   # a folder --out names is not made either
 
     store = run_label(_config(setup, out))
     (run,) = store.runs()

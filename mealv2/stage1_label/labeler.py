@@ -196,7 +196,7 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
 
 def run_record(cfg: LabelConfig, crops: int, label_s: float, wall_s: float, device, ranks: int) -> dict:
     """What a labelling command took, as the store records it (``inspect`` shows it): ``label_s`` from its
-    first crop to its last round packed, the rate a dry run predicts; ``wall_s`` the whole command (index,
+    first crop to its last round packed, what a dry run predicts; ``wall_s`` the whole command (index,
     teachers, teacher check included)."""
     return {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "crops": crops,
             "label_s": round(label_s, 3), "wall_s": round(wall_s, 3), "crops_per_s": round(crops / label_s, 3),
@@ -236,7 +236,8 @@ def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np
     timed = batches[1:] or batches   # one batch (a tiny dataset) is timed with its warm-up
     crops = sum(len(b[2]) for b in timed) * cfg.crops_per_image
     rate = crops / (times[-1] - times[-1 - len(timed)])
-    startup = max(0.0, times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate) if len(batches) > 1 else 0.0
+    warm_up = times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate   # beyond its crops at the rate
+    startup = max(0.0, warm_up) if len(batches) > 1 else 0.0
     trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
     rounds, shards, units = _work_todo(cfg, len(index))
     cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
@@ -267,7 +268,7 @@ def trial_store(cfg: LabelConfig, attrs: dict, batches: list[tuple], labels: np.
     boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:] for b in batches)))
     m = len(boxes)
     attrs = {**attrs, "dataset": {**attrs["dataset"], "num_images": m}}
-    beside = None if is_url(cfg.out) else Path(cfg.out).absolute().parent
+    beside = None if is_url(cfg.out) else next(p for p in Path(cfg.out).absolute().parents if p.is_dir())
     with tempfile.TemporaryDirectory(prefix=".mealv2-dry-run-", dir=beside) as tmp:
         store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m])
         started = time.perf_counter()
@@ -290,7 +291,8 @@ def _work_todo(cfg: LabelConfig, num_images: int) -> tuple[int, int, list[tuple[
         store = LabelStore.open(cfg.out)
         if store.shard_size != cfg.shard_size:
             raise MealV2Error(f"--dry-run: {store.path} has shards of {store.shard_size} images, this command "
-                              f"--shard-size {cfg.shard_size}; the run would refuse it: pass --shard-size {store.shard_size}")
+                              f"--shard-size {cfg.shard_size}; the run would refuse it: pass --shard-size "
+                              f"{store.shard_size}")
         marks = store.done_mask()[:rounds]
         done[:len(marks)] = marks
     ranges = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, num_images)) for s in range(shards)]
