@@ -59,7 +59,8 @@ def write_report(path, out, data=None) -> dict[str, str]:
     pictures: dict[str, str] = {}
     sections = [layer_section(store, name, stats, out, pictures, prefix="" if len(layers) == 1 else f"{name}-")
                 for name, stats in layers.items()]
-    sheets = [sheet_section(store, layers["ensemble"], sheet, out, pictures, index) for sheet in SHEETS]
+    picks = sheet_picks(layers["ensemble"])
+    sheets = [sheet_section(store, sheet, picks[sheet[0]], out, pictures, index) for sheet in SHEETS]
     (out / "report.md").write_text("\n\n".join([header(store, path, data), *sections, teacher_section(store), *sheets])
                                    + "\n")
     return {"report.md": f"the report on {store.name}", **pictures}
@@ -151,11 +152,9 @@ SHEETS = (("disputed", "Crops the teachers dispute most",
           ("unsure", "Least confident crops", "The lowest top-1 probabilities of the ensemble."))
 
 
-def sheet_section(store: LabelStore, s: LayerStats, sheet: tuple, out: Path, pictures: dict, index) -> str:
-    """A contact sheet's table (and with ``index``, DATA's, its picture, added to ``pictures``) of the crops
-    picked by ``sheet``."""
+def sheet_section(store: LabelStore, sheet: tuple, picks: np.ndarray, out: Path, pictures: dict, index) -> str:
+    """A contact sheet's table of ``picks`` (and with ``index``, DATA's, its picture, added to ``pictures``)."""
     name, title, why = sheet
-    picks = sheet_picks(s, name)
     classes, labels = store.attrs["classes"], store.labels()
     relpaths = index.relpaths if index is not None else store.relpaths()
     lines = [f"## {title}", "", f"{why} Over all complete rounds; a crop is shown once, in the first sheet that "
@@ -176,13 +175,15 @@ def sheet_section(store: LabelStore, s: LayerStats, sheet: tuple, out: Path, pic
     return "\n".join(lines)
 
 
-def sheet_picks(s: LayerStats, name: str) -> np.ndarray:
-    """The crops of sheet ``name``: its lowest scores, leaving out those an earlier sheet shows."""
-    shown = {(int(p["round"]), int(p["image"]), int(p["crop"]))
-             for earlier, *_ in SHEETS[:[n for n, *_ in SHEETS].index(name)] for p in sheet_picks(s, earlier)}
-    picks = getattr(s, name)
-    keep = [(int(p["round"]), int(p["image"]), int(p["crop"])) not in shown for p in picks]
-    return picks[np.array(keep, dtype=bool)][:SHEET_TILES]
+def sheet_picks(s: LayerStats) -> dict[str, np.ndarray]:
+    """Each sheet's crops, by name: its lowest scores, leaving out those an earlier sheet shows."""
+    shown, sheets = set(), {}
+    for name, *_ in SHEETS:
+        where = [(int(p["round"]), int(p["image"]), int(p["crop"])) for p in getattr(s, name)]
+        fresh = [i for i, w in enumerate(where) if w not in shown][:SHEET_TILES]
+        sheets[name] = getattr(s, name)[fresh]
+        shown.update(where[i] for i in fresh)
+    return sheets
 
 
 def percent(x: float) -> str:
