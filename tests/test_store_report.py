@@ -118,6 +118,11 @@ def test_report_writes_every_picture_it_links_and_its_numbers_are_the_stores(lab
     p2 = _decoded(codes[..., 1])
     assert float(first[5].split(", ")[1].split()[-1]) == pytest.approx(p2.max(), abs=0.005)
     assert "## Teachers" in report and labelled.teacher in report
+    # a crop is shown once: the least confident sheet leaves out the disputed sheet's crops
+    listed = lambda section: {tuple(line.split(" | ")[1:4]) for line in section.splitlines()
+                              if re.match(r"\| \d+ \|", line)}   # (image, round, crop) of each row
+    unsure = report.split("## Least confident crops")[1]
+    assert len(listed(disputed)) == len(listed(unsure)) == 12 and not listed(disputed) & listed(unsure)
 
 
 @pytest.mark.slow
