@@ -7,7 +7,8 @@
    seed, by ``mealv2 demo --build-teachers DIR`` (the commands are in DIR/teachers.json); or any
    mealv2 checkpoints given with --teachers
 3. store their ensemble's soft labels for random crops, one round per pass the students take:
-   `mealv2 label`, `mealv2 inspect`
+   `mealv2 label`, `mealv2 inspect` and its report of the store (`--report`: pictures of the labels and of
+   the crops the teachers dispute most), which report.md links
 4. student A three ways on the same budget (epochs, crops, batch, lr, schedule, seed): from the
    store (`train --labels`), distilled online from the same teachers (`train --teachers`, MEAL V2
    as published), and on the dataset's labels (`train --hard-labels`), all three on the same
@@ -287,6 +288,7 @@ def run_demo(s: Settings) -> dict:
     from . import LabelConfig, TrainConfig
     from .common.models.teachers import split_specs
     from .stage1_label.report import store_summary
+    from .stage1_label.store_report import write_report
     from .stage2_train.evaluate import evaluate_model
     from .synthetic import SyntheticConfig, generate
 
@@ -317,6 +319,9 @@ def run_demo(s: Settings) -> dict:
         data=str(train_dir), teachers=teachers, out=str(store), rounds=rounds, crops_per_image=s.crops_per_image,
         crop=crop, topk=min(s.topk, cfg.num_classes), seed=s.seed, **where))
     inspect, _ = run("label", ["inspect", store, "--json"], store_summary, store)
+    report_dir = out / "labels" / "report"
+    pictures, _ = run("store report", ["inspect", store, "--report", report_dir, "--data", train_dir], write_report,
+                      store, report_dir, data=train_dir)
 
     # Online: `mealv2 label` above already ran the teacher check of these teachers on these images
     # (its time is the labelling's), so neither timed training pays it.
@@ -380,6 +385,7 @@ def run_demo(s: Settings) -> dict:
     results = {"settings": asdict(s), "command": s.command(), "rows": rows, "gaps": gaps,
                "passes": passes,
                "teacher_res": "/".join(map(str, teacher_res)), "label_s": label_step.seconds, "store": inspect,
+               "store_report": {(report_dir / name).relative_to(out).as_posix(): what for name, what in pictures.items()},
                "stages": run.stages, "total": total,
                "machine": machine(s.device), "commands": [st.shell for st in run.steps]}
     curve_n = min(s.curve_per_class, s.val_per_class)
@@ -443,6 +449,14 @@ def store_line(st: dict) -> str:
             f"{st['crops']} crops ({st['rounds_complete']} rounds x {st['num_images']} images x "
             f"{st['crops_per_image']} crops), top-{st['topk']}; the ensemble's top-1 is the image's label on "
             f"{100 * st['top1_agreement']:.1f}% of round 0's crops")
+
+
+STORE_PICTURE = "labels/report/disputed.png"   # the store report's picture shown in the demo's report
+
+
+def store_report_table(pictures: dict[str, str]) -> str:
+    """The store report's files, linked, and what each shows."""
+    return markdown_table(["file", "what it shows"], [[f"[{Path(f).name}]({f})", what] for f, what in pictures.items()])
 
 
 def replay_text(r: dict) -> str:
@@ -509,7 +523,11 @@ Machine: {r['machine']}.
 
 ## Label store
 
-{store_line(r['store'])}.
+{store_line(r['store'])}. What the teachers' labels look like (`mealv2 inspect --report`):
+
+{store_report_table(r['store_report'])}
+
+![{r['store_report'][STORE_PICTURE]}]({STORE_PICTURE})
 
 ## Commands to reproduce every row
 
@@ -612,7 +630,7 @@ def demo(build_teachers, **flags):
     Stores the soft labels of two shipped teachers for random crops, trains student A from the
     store, online from the teachers and on hard labels, student B from the same store and on
     hard labels, evaluates everything and writes OUT/report.md, OUT/curves.png and
-    OUT/results.json. Every stage calls mealv2's Python API, printed before it runs as the
+    OUT/results.json, and the store's report (pictures of its labels) in OUT/labels/report. Every stage calls mealv2's Python API, printed before it runs as the
     equivalent `mealv2` command (report.md lists them)."""
     if build_teachers:
         train_teachers(Path(build_teachers), flags["device"], flags["workers"])

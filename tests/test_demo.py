@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -139,6 +140,10 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the label store's report (`inspect --report`): the report's table links its pictures, one is shown
+    links = re.findall(r"\]\(([^)\s]+)\)", report)
+    assert {"labels/report/report.md", "labels/report/disputed.png", "labels/report/topk_mass.png"} <= set(links)
+    assert all((out / link).is_file() for link in links) and "![" in report.split("## Label store")[1]
 
     # the table: printed and in the report alike, one row per model, the columns the user reads
     names = ["teacher 1", "teacher 2", "ensemble", "student A (stored)", "student A (online)",

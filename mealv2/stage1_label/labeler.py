@@ -6,13 +6,17 @@ store comes out the same. A rank takes the shards ``s % world_size == rank``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .. import __version__
@@ -29,10 +33,12 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.store.label_store import ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards
+from ..common.store.lease import lease_seconds
 from ..common.store.objects import is_url, open_objects
 from ..common.store.writer import ShardWriter
 from .config import LabelConfig
+from .cost import LabelCost
 
 
 # The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
@@ -55,16 +61,38 @@ def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
     }
 
 
-def _requests(store: LabelStore, work: list[tuple[int, int]], sizes: np.ndarray, images_per_batch: int,
-              cfg: LabelConfig, plan: deque) -> Iterator[CropRequest]:
-    """Crop requests for each (round, shard), in batches that never span two shards."""
-    for r, s in work:
-        a, b = store.shard_range(s)
+def _requests(work: list[tuple[int, int, int, int]], sizes: np.ndarray, images_per_batch: int, cfg: LabelConfig,
+              plan: deque) -> Iterator[CropRequest]:
+    """Crop requests for each (round, shard, first image, end), in batches that never span two shards."""
+    for r, s, a, b in work:
         for start in range(a, b, images_per_batch):
             ids = np.arange(start, min(start + images_per_batch, b))
             boxes, flips = sample_crops(cfg.seed, r, ids, sizes[ids], cfg.crops_per_image, cfg.crop)
             plan.append((r, s, boxes, flips))
             yield CropRequest(ids, boxes, flips)
+
+
+def _labelled(cfg: LabelConfig, index, ensemble: Ensemble, work: list[tuple[int, int, int, int]],
+              loader: str) -> Iterator[tuple]:
+    """(round, shard, boxes, flips, ids, codes, crcs) of each batch of ``work``, per image: crops sampled,
+    rendered by the loader, through the ensemble and the top-k code. What a run writes and a dry run times."""
+    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
+    plan: deque = deque()
+    batches = iterate(loader, index, _requests(work, index.sizes, images_per_batch, cfg, plan),
+                      ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
+                      device=ensemble.device.type, threads=cfg.workers)
+    for batch in batches:
+        fault_point("decode")      # a batch decoded, not yet labelled
+        r, s, boxes, flips = plan.popleft()
+        probs = ensemble.probs(batch.views)
+        if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
+            raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
+                              f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
+                              f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
+                              f"written")
+        ids, codes = encode_topk(probs, cfg.topk)
+        shape = (len(batch.ids), cfg.crops_per_image, -1)
+        yield r, s, boxes, flips, ids.reshape(shape).cpu().numpy(), codes.reshape(shape).cpu().numpy(), batch.crcs
 
 
 MAX_CHUNK_BYTES = 2**30   # a shard's chunk is held in RAM while labelled, and blosc takes at most 2 GiB
@@ -81,15 +109,16 @@ def check_shard_size(cfg: LabelConfig) -> None:
                           f"chunk may; use at most {most} (default 1024)")
 
 
-def run_label(cfg: LabelConfig) -> LabelStore:
+def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
     """Label ``cfg.rounds`` rounds into ``cfg.out`` (created, resumed or appended to), as ``mealv2 label``
-    does (which only builds ``cfg``).
+    does (which only builds ``cfg``); with ``cfg.dry_run``, only measure what that would take.
 
     Args:
         cfg: what to label and how; its fields are the CLI's flags.
 
     Returns:
-        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...).
+        The store (``store.path``, ``store.attrs``: classes, teachers, crops, temperature, ...; ``store.runs()``:
+        what each labelling command took); with ``cfg.dry_run`` the :class:`LabelCost` it printed.
 
     Example::
 
@@ -98,6 +127,7 @@ def run_label(cfg: LabelConfig) -> LabelStore:
     if not is_url(cfg.out):
         refuse_nested(cfg.data, cfg.out, "--out")
     check_shard_size(cfg)
+    started = time.perf_counter()
     with distributed(cfg.device) as (info, device):
         say = print if info.is_main else (lambda *a, **k: None)
         index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad, workers=max(cfg.workers, 8),
@@ -118,6 +148,10 @@ def run_label(cfg: LabelConfig) -> LabelStore:
         # The dataset's labels in the label space: the teacher check's and the store's `labels` (-1: none).
         in_space = in_classes(index, classes) if index.labelled else index
         ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
+        if cfg.dry_run:   # before the teacher check, the store and its lock or lease: nothing is written
+            cost = dry_run(cfg, index, ensemble, store_attrs(cfg, index, teachers, classes), in_space.labels,
+                           info.world_size) if info.is_main else None
+            return info.broadcast_object(cost)
         new_store = not open_objects(cfg.out).exists("zarr.json")
         checks = None
         if new_store:   # a store being resumed was checked when it was made
@@ -140,10 +174,15 @@ def run_label(cfg: LabelConfig) -> LabelStore:
             info.barrier()
             if not info.is_main:
                 store = LabelStore.open(cfg.out, mode="r+")
+            labelling = time.perf_counter()
             crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
+            labelled = int(info.all_sum([crops])[0])
             if info.is_main:   # every rank's shards are written: one process joins each round into its objects
                 store.pack()
+                if labelled:   # a command with nothing left to do leaves the store as it was
+                    store.record_run(run_record(cfg, labelled, time.perf_counter() - labelling,
+                                                time.perf_counter() - started, device, info.world_size))
         finally:
             if lock is not None:
                 lock.release()
@@ -154,6 +193,111 @@ def run_label(cfg: LabelConfig) -> LabelStore:
                   f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def run_record(cfg: LabelConfig, crops: int, label_s: float, wall_s: float, device, ranks: int) -> dict:
+    """What a labelling command took, as the store records it (``inspect`` shows it): ``label_s`` from its
+    first crop to its last round packed, what a dry run predicts; ``wall_s`` the whole command (index,
+    teachers, teacher check included)."""
+    return {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "crops": crops,
+            "label_s": round(label_s, 3), "wall_s": round(wall_s, 3), "crops_per_s": round(crops / label_s, 3),
+            "ranks": ranks, "device": device_name(device), "loader": resolve(cfg.loader, torch.device(device).type),
+            "batch_size": cfg.batch_size, "workers": cfg.workers, "mealv2_version": __version__}
+
+
+def device_name(device) -> str:
+    """Where a rate was measured: cpu, or cuda and the GPU's name."""
+    device = torch.device(device)
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+# A dry run times batches after a warm-up one (loader built, first forwards) until it has timed at least
+# DRY_RUN_BATCHES[0] batches and DRY_RUN_SECONDS (a rate taken over seconds, not one batch, on a busy machine),
+# or DRY_RUN_BATCHES[1] batches, or the dataset's images.
+DRY_RUN_BATCHES = (3, 64)
+DRY_RUN_SECONDS = 10.0
+
+
+def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np.ndarray, ranks: int) -> LabelCost:
+    """What the run of ``cfg`` will take, printed: batches of round 0's crops of the first images through the
+    run's own loader, ensemble and top-k code, timed after the first, then written and packed as the store
+    does it (:func:`trial_store`, deleted). Nothing is written to ``cfg.out``."""
+    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
+    n = min(len(index), images_per_batch * (1 + DRY_RUN_BATCHES[1]))
+    work = [(0, s, a, min(a + cfg.shard_size, n)) for s, a in enumerate(range(0, n, cfg.shard_size))]
+    loader = resolve(cfg.loader, ensemble.device.type)
+    print(describe(loader, ensemble.device.type, cfg.workers))
+    batches, times = [], [time.perf_counter()]
+    with contextlib.closing(_labelled(cfg, index, ensemble, work, loader)) as labelled:
+        for batch in labelled:
+            batches.append(batch)
+            times.append(time.perf_counter())
+            if len(batches) > DRY_RUN_BATCHES[0] and times[-1] - times[1] >= DRY_RUN_SECONDS:
+                break
+    timed = batches[1:] or batches   # one batch (a tiny dataset) is timed with its warm-up
+    crops = sum(len(b[2]) for b in timed) * cfg.crops_per_image
+    rate = crops / (times[-1] - times[-1 - len(timed)])
+    warm_up = times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate   # beyond its crops at the rate
+    startup = max(0.0, warm_up) if len(batches) > 1 else 0.0
+    trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
+    rounds, shards, units = _work_todo(cfg, len(index))
+    cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
+                     store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
+                     measured_crops=crops, crops_per_s=rate, startup_s=startup, write_s=trial.write_s,
+                     pack_s=trial.pack_s, device=device_name(ensemble.device), bytes_per_crop=trial.bytes_per_crop,
+                     objects=trial.objects + len(ROUND_ARRAYS) * (rounds - 1),
+                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error))
+    for line in cost.lines():
+        print(line)
+    return cost
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialStore:
+    """What writing a dry run's crops as the store does it measured."""
+
+    bytes_per_crop: float
+    objects: int       # of the one-round store
+    write_s: float     # per shard: its chunks written (durable) and marked
+    pack_s: float      # per round: its shards joined into objects, committed, the staged files deleted
+
+
+def trial_store(cfg: LabelConfig, attrs: dict, batches: list[tuple], labels: np.ndarray, relpaths) -> TrialStore:
+    """``batches`` (``_labelled``'s, of the first images) written and packed as the run will do it (shards of
+    its size, made durable), as a one-round store of those images in a temporary folder beside ``cfg.out``
+    (on its disk: fsync costs differ between disks; in the system's temporary folder for a URL), deleted."""
+    boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:] for b in batches)))
+    m = len(boxes)
+    attrs = {**attrs, "dataset": {**attrs["dataset"], "num_images": m}}
+    beside = None if is_url(cfg.out) else next(p for p in Path(cfg.out).absolute().parents if p.is_dir())
+    with tempfile.TemporaryDirectory(prefix=".mealv2-dry-run-", dir=beside) as tmp:
+        store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m])
+        started = time.perf_counter()
+        for s in range(store.num_shards):
+            a, b = store.shard_range(s)
+            store.write_shard(0, s, boxes[a:b], flips[a:b], ids[a:b].astype(store.id_dtype), codes[a:b], crcs[a:b])
+        written = time.perf_counter()
+        store.pack()
+        return TrialStore(store.data_bytes() / boxes[..., 0].size,
+                          sum(1 for f in Path(tmp, "store").rglob("*") if f.is_file()),
+                          (written - started) / store.num_shards, time.perf_counter() - written)
+
+
+def _work_todo(cfg: LabelConfig, num_images: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(rounds, shards, the image range of each (round, shard) left to label) for the run of ``cfg``: every
+    unit of a new store, those without a done mark in a store that exists (read, not written)."""
+    rounds, shards = cfg.rounds, num_shards(num_images, cfg.shard_size)
+    done = np.zeros((rounds, shards), dtype=bool)
+    if open_objects(cfg.out).exists("zarr.json"):
+        store = LabelStore.open(cfg.out)
+        if store.shard_size != cfg.shard_size:
+            raise MealV2Error(f"--dry-run: {store.path} has shards of {store.shard_size} images, this command "
+                              f"--shard-size {cfg.shard_size}; the run would refuse it: pass --shard-size "
+                              f"{store.shard_size}")
+        marks = store.done_mask()[:rounds]
+        done[:len(marks)] = marks
+    ranges = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, num_images)) for s in range(shards)]
+    return rounds, shards, [ranges[s] for r, s in zip(*np.nonzero(~done))]
 
 
 def _check_unchanged(store: LabelStore, index, cfg: LabelConfig) -> None:
@@ -189,41 +333,25 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index) -> list[dict] | MealV2Er
 def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
     """Label this rank's incomplete shards; returns (crops labelled, seconds)."""
     done = store.done_mask()
-    work = [(r, s) for r in range(store.rounds_planned) for s in range(store.num_shards)
+    work = [(r, s, *store.shard_range(s)) for r in range(store.rounds_planned) for s in range(store.num_shards)
             if not done[r, s] and s % info.world_size == info.rank]
-    crops_todo = sum(b - a for a, b in map(store.shard_range, (s for _, s in work))) * cfg.crops_per_image
+    crops_todo = sum(b - a for _, _, a, b in work) * cfg.crops_per_image
     if not work:
         return 0, 0.0
-    images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
-    plan: deque = deque()
     loader = resolve(cfg.loader, ensemble.device.type)
     if info.is_main:
         print(describe(loader, ensemble.device.type, cfg.workers))
-    batches = iterate(loader, index, _requests(store, work, index.sizes, images_per_batch, cfg, plan),
-                      ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
-                      device=ensemble.device.type, threads=cfg.workers)
     bar = tqdm(total=int(crops_todo), unit="crop", unit_scale=True, dynamic_ncols=True,
                disable=not cfg.progress or not info.is_main, desc=f"label {store.name}")
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes
-        for batch in batches:
-            fault_point("decode")      # a batch decoded, not yet labelled
-            r, s, boxes, flips = plan.popleft()
-            probs = ensemble.probs(batch.views)
-            if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
-                raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
-                                  f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
-                                  f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
-                                  f"written")
-            ids, codes = encode_topk(probs, cfg.topk)
-            shape = (len(batch.ids), cfg.crops_per_image, -1)
+        for r, s, boxes, flips, ids, codes, crcs in _labelled(cfg, index, ensemble, work, loader):
             part = pending.setdefault((r, s), [])
-            part.append((boxes, flips, ids.reshape(shape).cpu().numpy().astype(store.id_dtype),
-                         codes.reshape(shape).cpu().numpy(), batch.crcs))
+            part.append((boxes, flips, ids.astype(store.id_dtype), codes, crcs))
             a, b = store.shard_range(s)
             if sum(len(p[0]) for p in part) == b - a:
                 writer.submit(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
-            bar.update(batch.views[0].shape[0])
+            bar.update(boxes.shape[0] * cfg.crops_per_image)
     bar.close()
     return crops_todo, time.perf_counter() - started

@@ -39,6 +39,7 @@ def store_summary(path) -> dict:
         "bytes_per_crop": round(data_bytes / crops, 2) if crops and data_bytes is not None else None,
         "top1_agreement": None,
         "top1_histogram": None,
+        "runs": store.runs(),
     }
     if rounds:
         # Agreement of the ensemble's top-1 with the dataset labels, over round 0's crops; each
@@ -74,6 +75,23 @@ def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CL
     return {classes[c]: round(float(counts[c] / counts.sum()), 4) for c in order if counts[c]}
 
 
+def run_lines(runs: list[dict]) -> list[str]:
+    """One line per labelling run a store recorded: what it took."""
+    if not runs:
+        return ["none recorded (the store was made before mealv2 recorded its labelling runs)"]
+    return [f"{r['finished']}: {r['crops']:,} crops in {r['label_s']:.1f} s ({r['crops_per_s']:.1f} crops/s) on "
+            f"{r['device']}" + (f" x {r['ranks']} ranks" if r["ranks"] > 1 else "")
+            + f", loader {r['loader']}, batch {r['batch_size']}; the whole command {r['wall_s']:.1f} s" for r in runs]
+
+
+def dataset_mismatch(store: LabelStore, data, index) -> str | None:
+    """What differs between DATA's ``index`` and the dataset ``store`` was labelled from; None if nothing."""
+    if index.fingerprint == store.attrs["dataset"]["fingerprint"]:
+        return None
+    return (f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the store's "
+            f"{store.attrs['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}")
+
+
 def store_problems(path) -> tuple[list[str], str | None]:
     """Problems of the store itself (checksums, completion, missing chunks) and what repairs them:
     the `mealv2 label` command that made it, which labels exactly those shards again."""
@@ -102,9 +120,8 @@ def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, 
 
     index = build_index(data)
     a = store.attrs
-    if index.fingerprint != a["dataset"]["fingerprint"]:
-        return problems + [f"--data {data}: dataset fingerprint {index.fingerprint[:16]} differs from the "
-                           f"store's {a['dataset']['fingerprint'][:16]}; {store.dataset_changes(index.relpaths)}"]
+    if mismatch := dataset_mismatch(store, data, index):
+        return problems + [mismatch]
     crcs = image_crcs(index)
     changed = store.changed_images(crcs)
     if len(changed):   # what `train` refuses as it reads them
@@ -139,7 +156,7 @@ def _recompute(store: LabelStore, index, teachers, n: int, tolerance: float, run
     r = int(rng.integers(store.rounds_complete()))
     data = store.read_round(r)
     ids = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
-    loader, threads = resolve("auto"), available_cores()
+    loader, threads = resolve("auto", runtime.device.type), available_cores()
     print(describe(loader, runtime.device.type, threads))
     (batch,) = iterate(loader, index, [CropRequest(ids, data.boxes[ids], data.flips[ids].astype(bool))],
                        ensemble.views, c, batch_size=len(ids), device=runtime.device.type, threads=threads)

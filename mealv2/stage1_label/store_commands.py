@@ -2,22 +2,32 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
-from .report import store_problems, store_summary, verify_store
+from ..common.errors import MealV2Error
+from .report import run_lines, store_problems, store_summary, verify_store
 
 
 @click.command()
 @click.argument("store", type=StorePath(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect(store, as_json):
+@click.option("--report", "report_dir", type=LocalPath(file_okay=False),
+              help="Also write DIR/report.md and its PNG pictures: confidence and entropy per class, the mass the "
+                   "stored top-k keep, the crops the teachers dispute most.")
+@click.option("--data", type=LocalPath(exists=True),
+              help="With --report: the dataset the store was labelled from, to draw the disputed crops.")
+def inspect(store, as_json, report_dir, data):
     """Show what a label store holds: teachers, dataset, rounds, size, agreement with labels
-    (on unlabelled data: the classes most often predicted top-1)."""
+    (on unlabelled data: the classes most often predicted top-1), the labelling runs and what each took."""
+    if data and not report_dir:
+        raise MealV2Error(f"inspect: --data {data} draws the crops of a report; add --report DIR")
     summary = store_summary(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        _report(store, report_dir, data, err=True)   # stdout holds the JSON alone
         return
     checks = {c["teacher"]: c for c in summary.pop("teacher_check") or []}
     for key, value in summary.items():
@@ -31,6 +41,10 @@ def inspect(store, as_json):
                              f"{check['crops']} sampled crops" if check else "not checked")
                 click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
                            f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
+        elif key == "runs":
+            click.echo("labelling runs:")
+            for line in run_lines(value):
+                click.echo(f"  {line}")
         elif key == "top1_histogram":   # set only for unlabelled data, in place of the agreement
             if value is not None:
                 shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in value.items())
@@ -38,6 +52,15 @@ def inspect(store, as_json):
                            f"predicted first): {shares}")
         elif not (key == "top1_agreement" and summary["top1_histogram"] is not None):
             click.echo(f"{key}: {value}")
+    _report(store, report_dir, data)
+
+
+def _report(store, report_dir, data, err: bool = False) -> None:
+    if report_dir:
+        from .store_report import write_report   # matplotlib and torch: only for a report
+
+        files = write_report(store, report_dir, data=data)
+        click.echo(f"wrote {Path(report_dir) / 'report.md'} and {len(files) - 1} pictures", err=err)
 
 
 @click.command()

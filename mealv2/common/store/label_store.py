@@ -31,6 +31,8 @@ from .schema import (ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORM
                      SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError, array_meta_digest, array_specs,
                      chunk_key, join_chunks, json_digest, num_shards, per_round, writable, write_paths)
 
+RUNS_KEY = "mealv2_runs"   # what each labelling command took (record_run): history, outside the digest
+
 
 @dataclass
 class RoundData:
@@ -166,6 +168,16 @@ class LabelStore(StoreIntegrity):
     def digest(self) -> str:
         """SHA-256 of the store's attributes: what it was made from and how."""
         return self.group.attrs[DIGEST_KEY]
+
+    def record_run(self, run: dict) -> None:
+        """Add ``run`` (what a labelling command took: crops, seconds, device) to the attribute
+        ``mealv2_runs``. It is history, not what the labels are, so it stays outside the digest: a resumed
+        store keeps an uninterrupted one's digest, and runs trained from it their resume check."""
+        self.group.attrs.update({RUNS_KEY: [*self.runs(), run]})
+
+    def runs(self) -> list[dict]:
+        """The labelling runs recorded, oldest first; none in a store made before they were."""
+        return list(self.group.attrs.get(RUNS_KEY, []))
 
     # ---- geometry ----------------------------------------------------------------------
     @property
