@@ -56,6 +56,10 @@ from .trainer import train as run_train
 @click.option("--d-lr", type=NON_NEGATIVE, default=0.01, show_default=True,
               help="Discriminator lr: its own SGD, momentum 0.9, constant (the original's schedule overwrote its "
                    "d_lr with --lr's).")
+@click.option("--hard-label-weight", type=FiniteFloat(0, 1), default=0.0, show_default=True,
+              help="Weight A of cross-entropy on the dataset's labels beside the soft targets (--labels or "
+                   "--teachers): loss = A x CE(labels) + (1 - A) x (distillation [+ discriminator]). 0 is MEAL V2; "
+                   "for teachers not much stronger than the student, or few images.")
 @click.option("--w-cutmix", is_flag=True, help="CutMix; the target is the area-weighted mix of the crops' targets.")
 @click.option("--cutmix-alpha", type=POSITIVE_FLOAT, default=1.0, show_default=True)
 @click.option("--cutmix-prob", type=FiniteFloat(0, 1), default=1.0, show_default=True)

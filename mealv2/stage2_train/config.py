@@ -28,6 +28,7 @@ TRAIN_RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr_step": AT_LE
                 "ramp_start": AT_LEAST_0, "ramp_end": AT_LEAST_0, "seed": AT_LEAST_0, "lr": AT_LEAST_0,
                 "momentum": AT_LEAST_0, "wd": AT_LEAST_0, "d_lr": AT_LEAST_0, "mixup": AT_LEAST_0,
                 "temperature": ABOVE_0, "cutmix_alpha": ABOVE_0, "cutmix_prob": (0, 1, False),
+                "hard_label_weight": (0, 1, False),
                 "model_ema_decay": (0, 1, False)}   # 1 itself is refused by __post_init__, saying why
 
 
@@ -84,6 +85,7 @@ class TrainConfig:
     cos: bool = False
     warmup_epochs: int = 0
     use_discriminator_loss: bool = False
+    hard_label_weight: float = 0.0      # loss = A * CE(dataset labels) + (1 - A) * distillation; 0 = MEAL V2
     d_lr: float = 0.01
     w_cutmix: bool = False
     cutmix_alpha: float = 1.0
@@ -108,7 +110,7 @@ class TrainConfig:
         resolve(self.loader)   # a backend that is not installed is refused before any work
         require_finite("train", temperature=self.temperature, lr=self.lr, momentum=self.momentum, wd=self.wd,
                        d_lr=self.d_lr, cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup=self.mixup,
-                       model_ema_decay=self.model_ema_decay)
+                       model_ema_decay=self.model_ema_decay, hard_label_weight=self.hard_label_weight)
         require_in_range("train", TRAIN_RANGES, **{name: getattr(self, name) for name in TRAIN_RANGES})
         if not 0 <= self.model_ema_decay < 1:
             raise MealV2Error(f"--model-ema-decay {self.model_ema_decay:g}: the EMA keeps this share of its weights "
@@ -149,6 +151,12 @@ TRAIN_RULES = (
     "give exactly one of --labels STORE, --hard-labels, --teachers SPEC",
     lambda c: "--use-discriminator-loss needs soft targets (--labels or --teachers)"
     if c.use_discriminator_loss and c.hard_labels else None,
+    lambda c: f"--hard-label-weight {c.hard_label_weight:g} weighs the dataset's labels in beside soft targets, and "
+    f"--hard-labels trains on those labels alone already; drop --hard-label-weight, or train on soft targets "
+    f"(--labels STORE or --teachers SPEC)" if c.hard_label_weight and c.hard_labels else None,
+    lambda c: "--use-discriminator-loss with --hard-label-weight 1: the discriminator's term is on the distillation "
+    "side, which weighs 1 - 1 = 0; lower --hard-label-weight or drop the discriminator"
+    if c.hard_label_weight == 1 and c.use_discriminator_loss else None,
     _online_only,
     lambda c: "--pretrained and --init both set the starting weights; give one" if c.pretrained and c.init else None,
     lambda c: f"--model-ema-decay {c.model_ema_decay:g} applies with --model-ema only"

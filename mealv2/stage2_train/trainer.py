@@ -33,6 +33,9 @@ with one SGD whose schedule also overwrites the discriminator's lr; here the dis
 its own SGD (momentum 0.9, constant --d-lr, by default the original's starting lr 0.01) that
 applies the discriminator's gradients of that same sum. With stored labels both of its inputs
 are reduced to the store's top-k form (losses.discriminator_loss says why).
+
+Hard labels beside the soft targets (--hard-label-weight A): the loader yields each crop's dataset
+label with its target, mixed by CutMix/mixup as the target is; losses.objective_losses weighs them.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ from ..common.store.locks import check_writable, hold_lock
 from .config import CROP_FLAGS, RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
 from .loader import FreshLabels, StoredLabels, TrainLoader, images_per_step
 from .losses import Discriminator, draw_step_mix, mix_images, mix_targets, objective_losses
-from .replay import check_store_matches, check_student_res, data_index, open_checked_store
+from .replay import check_store_matches, check_student_res, data_index, open_checked_store, store_hard_labels
 from .res_schedule import ResSchedule, res_schedule
 from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
@@ -155,11 +158,13 @@ class Objective:
 
     temperature: float = 1.0           # the targets' softmax temperature (the store's, or online --temperature)
     topk: int | None = None            # stored targets: the store's k (the discriminator's input form)
+    hard_label_weight: float = 0.0     # --hard-label-weight: the dataset labels' share of the loss (losses.py)
 
 
 # ---- one step and one epoch -------------------------------------------------------------------------
 def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, runtime: Runtime,
-               objective: Objective = Objective()) -> tuple[torch.Tensor, torch.Tensor | None]:
+               objective: Objective = Objective(),
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, loss, backward and both optimizers' steps; returns the detached
     (distillation loss, discriminator loss or None).
 
@@ -168,7 +173,8 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     """
     with runtime.autocast():
         logits = state.forward(images)
-    loss, d_loss = objective_losses(logits, target, objective.temperature, state.disc, objective.topk)
+    loss, d_loss = objective_losses(logits, target, objective.temperature, state.disc, objective.topk,
+                                    labels=labels, hard_label_weight=objective.hard_label_weight)
     state.optimizer.zero_grad(set_to_none=True)
     if d_loss is not None:
         state.d_optimizer.zero_grad(set_to_none=True)
@@ -210,7 +216,7 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
         scheduler.step_update(num_updates=update)  # the lr is a function of the update count
         if step == 0:
             lr = state.optimizer.param_groups[0]["lr"]
-        views, target = batch.views, batch.target
+        views, target, labels = batch.views, batch.target, batch.labels
         mix = draw_step_mix(cfg.seed, update, info.rank, loader.crops_per_image,
                             cfg.cutmix_alpha if cfg.w_cutmix else 0.0, cfg.cutmix_prob, cfg.mixup)
         if mix is not None:
@@ -220,9 +226,11 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: tuple[list[Vi
             views, lam = [v for v, _ in mixed], mixed[0][1]
             if ensemble is None:
                 target = mix_targets(mix, lam, target, num_classes)
+            if labels is not None:
+                labels = mix_targets(mix, lam, labels, num_classes)
         if ensemble is not None:
             target = ensemble.probs([views[i] for i in teacher_views])
-        loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective)
+        loss, d_loss = train_step(state, runtime.input(views[0]), target, runtime, objective, labels)
         if state.ema is not None:
             # The decay is a function of the update count (timm's train.py passes it too): resume stays exact.
             state.ema.update(state.model, step=update + 1)
@@ -337,14 +345,16 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
                           f"and its classes would come from teachers; label a store with `mealv2 label` and train "
                           f"with --labels STORE")
     classes = index.classes
-    objective = Objective(temperature=cfg.temperature if cfg.mode == "online" else 1.0)
+    objective = Objective(temperature=cfg.temperature if cfg.mode == "online" else 1.0,
+                          hard_label_weight=cfg.hard_label_weight)
     if store is not None:
         classes, note = check_store_matches(store, index, cfg.data)
         if note:
             say(note)
         crop = dataclasses.replace(CropParams.from_attrs(store.attrs["crop"]), res=schedule.final)
         labels = StoredLabels(store)
-        objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"])
+        objective = Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"],
+                              hard_label_weight=cfg.hard_label_weight)
     else:
         crop = cfg.crop
         labels = FreshLabels(cfg.seed, index.sizes, cfg.crops_per_image, crop,
@@ -389,7 +399,9 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     loader = TrainLoader(index, labels, views, per_step, cfg.seed, device, backend=cfg.loader, workers=cfg.workers,
                          rank=info.rank, world_size=info.world_size,
                          expected_crcs=store.crcs() if store is not None else None,
-                         store_path=store.path if store is not None else None)
+                         store_path=store.path if store is not None else None,
+                         hard_labels=None if not cfg.hard_label_weight else index.labels if store is None else
+                         store_hard_labels(store, f"--hard-label-weight {cfg.hard_label_weight:g}"))
 
     try:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.wd,
@@ -524,6 +536,11 @@ def plan_text(cfg: TrainConfig, index, loader: TrainLoader, labels, crop: CropPa
     lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
     lines.append(f"  lr ({'cosine' if cfg.cos else f'x0.1 every {cfg.lr_step} epochs'}"
                  f"{f', {cfg.warmup_epochs} warm-up epochs' if cfg.warmup_epochs else ''}): {lrs}")
+    if objective.hard_label_weight:
+        a = objective.hard_label_weight
+        soft = "distillation" + (" + discriminator" if cfg.use_discriminator_loss else "")
+        lines.append(f"  loss: {a:g} x cross-entropy on the dataset's labels + {1 - a:g} x ({soft}) "
+                     f"(--hard-label-weight {a:g})")
     if cfg.model_ema:
         lines.append(f"  weight EMA (timm's ModelEmaV3): decay {cfg.model_ema_decay:g} per step, validated and "
                      f"checkpointed beside the raw weights (`mealv2 eval --ema` scores it)")
