@@ -4,8 +4,9 @@ The public API, for a training loop of your own (README, "Python API"):
 
 - :class:`ReplayLoader`: a store's crops and soft targets per step, with every check of ``mealv2 train``;
 - :func:`store_classes`: a store's class names (the student's head);
-- :class:`MealV2Loss`: KD at temperature T plus MEAL V2's optional discriminator;
-- :func:`mix_batch`: CutMix / mixup of a batch and its stored targets.
+- :class:`MealV2Loss`: KD at temperature T plus MEAL V2's optional discriminator, and optionally the
+  dataset's hard labels beside them;
+- :func:`mix_batch`: CutMix / mixup of a batch and its stored targets (and hard labels).
 
 Both stages as functions, each taking a config that refuses what the CLI refuses (the click commands
 only build these configs):

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shlex
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,24 @@ def test_demo_reduced_size(tmp_path, monkeypatch):
     line = f"stored labels - hard labels: {g['stored_minus_hard']:+.2f} top-1 points"
     assert line in printed and line in report
 
+    # the seed noise: student A's stored run and its reruns with the next seeds, each scored by `mealv2 eval`
+    noise = results["seed_noise"]
+    assert noise["seeds"] == [0, 1, 2] and noise["top1"][0] == by_row["student A (stored)"]["top1"]
+    assert noise["std"] == pytest.approx(statistics.stdev(noise["top1"]))
+    same = lambda params: {k: v for k, v in params.items() if k not in ("seed", "out", "val")}
+    stored_train = _parse(by_row["student A (stored)"]["commands"][1])[1]
+    for seed, top1, (train, evaluate) in zip(noise["seeds"][1:], noise["top1"][1:],
+                                             zip(noise["commands"][::2], noise["commands"][1::2])):
+        params = _parse(train)[1]
+        assert params["seed"] == seed and same(params) == same(stored_train)   # only the seed differs
+        assert json.loads(_run(shlex.split(evaluate)[1:]).strip().splitlines()[-1])["top1"] == top1
+        assert train in report and evaluate in report
+    for key, target in (("stored_minus_hard", "+2"), ("stored_minus_online", "-1")):
+        said = f"(target >= {target}: {results['verdicts'][key]})"
+        assert said in printed and said in report
+    noise_line = f"std {noise['std']:.2f}), so two single runs differ by up to ±{noise['band']:.2f} points"
+    assert noise_line in printed and noise_line in report
+
     # the ensemble: the mean of the teachers' softmax, computed here independently
     assert rows["ensemble"]["top-1 (%)"] == f"{_ensemble_top1(shipped_teachers(), out / 'data' / 'val'):.2f}"
 
@@ -260,6 +279,17 @@ def _ensemble_top1(specs: list[str], val: Path) -> float:
                     for m in models)
             correct += int(p.argmax(1).item() == index.labels[i])
     return 100.0 * correct / len(index)
+
+
+def test_a_gap_is_judged_against_the_seed_noise_of_its_runs():
+    from mealv2.demo import seed_noise, verdict
+
+    noise = seed_noise({0: 72.2, 1: 70.6, 2: 74.6})
+    assert noise["std"] == pytest.approx(statistics.stdev([72.2, 70.6, 74.6]))
+    assert noise["band"] == pytest.approx(2 * 2 ** 0.5 * noise["std"])
+    assert verdict(-0.9, -1, noise["band"]) == "met"
+    assert verdict(-1.9, -1, noise["band"]) == f"within seed noise of it (±{noise['band']:.2f})"
+    assert verdict(-1 - noise["band"] - 0.01, -1, noise["band"]) == f"missed by more than seed noise (±{noise['band']:.2f})"
 
 
 def test_the_demos_ensemble_row_weights_the_teachers_as_their_specs_say(tmp_path):

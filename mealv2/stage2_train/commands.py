@@ -32,6 +32,9 @@ RECIPE = {
     "use_discriminator_loss": "Add MEAL V2's discriminator on the final outputs.",
     "d_lr": "Discriminator lr: its own SGD, momentum 0.9, constant (the original's schedule overwrote its d_lr "
             "with --lr's).",
+    "hard_label_weight": "Weight A of cross-entropy on the dataset's labels beside the soft targets (--labels or "
+                         "--teachers): loss = A x CE(labels) + (1 - A) x (distillation [+ discriminator]). 0 is "
+                         "MEAL V2; for teachers not much stronger than the student, or few images.",
     "w_cutmix": "CutMix; the target is the area-weighted mix of the crops' targets.",
     "cutmix_alpha": None, "cutmix_prob": None,
     "mixup": "Mixup Beta alpha (0 = off); on steps without CutMix.",

@@ -91,6 +91,7 @@ class TrainConfig:
     warmup_epochs: int = setting(INT_FROM_0, 0)
     use_discriminator_loss: bool = setting(FLAG, False)
     d_lr: float = setting(FLOAT_FROM_0, 0.01)
+    hard_label_weight: float = setting(Number(float, 0, 1), 0.0)   # the dataset labels' share of the loss
     w_cutmix: bool = setting(FLAG, False)
     cutmix_alpha: float = setting(FLOAT_ABOVE_0, 1.0)
     cutmix_prob: float = setting(Number(float, 0, 1), 1.0)
@@ -164,6 +165,12 @@ TRAIN_RULES = (
     "give exactly one of --labels STORE, --hard-labels, --teachers SPEC",
     lambda c: "--use-discriminator-loss needs soft targets (--labels or --teachers)"
     if c.use_discriminator_loss and c.hard_labels else None,
+    lambda c: f"--hard-label-weight {c.hard_label_weight:g} weighs the dataset's labels in beside soft targets, and "
+    f"--hard-labels trains on those labels alone already; drop --hard-label-weight, or train on soft targets "
+    f"(--labels STORE or --teachers SPEC)" if c.hard_label_weight and c.hard_labels else None,
+    lambda c: "--use-discriminator-loss with --hard-label-weight 1: the discriminator's term is on the distillation "
+    "side, which weighs 1 - 1 = 0; lower --hard-label-weight or drop the discriminator"
+    if c.hard_label_weight == 1 and c.use_discriminator_loss else None,
     _online_only,
     lambda c: "--pretrained and --init both set the starting weights; give one" if c.pretrained and c.init else None,
     lambda c: f"--model-ema-decay {c.model_ema_decay:g}: the EMA keeps this share of its weights per update, so it "

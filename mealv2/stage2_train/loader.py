@@ -4,7 +4,7 @@
                  --> labels.for_pass(p): which crops each image gets and their targets
                  --> epoch_order(p): this rank's images per step (permutation of (seed, p), padded)
                  --> CropRequest per step --> iterate_crops (DALI: one decode per image, C crops,
-                     every view rendered; or the torch loader) --> Batch(views, target)
+                     every view rendered; or the torch loader) --> Batch(views, target[, labels])
 
 Epochs count N crops (N images), as MEAL V2 and FKD count them: a pass over the images with
 C crops each is C epochs. An epoch is ``round(N / crops per step)`` steps (at least one) of
@@ -18,7 +18,9 @@ round (boxes, flips and top-k from the store; pass p replays round p mod R), :cl
 draws new boxes each pass with the stage-1 sampler and gives the dataset labels
 (``--hard-labels``) or no target (online mode: the trainer runs the teachers on the rendered
 teacher views). A step's targets are cut from its pass's labels when its request is made, so
-only one label round is held in RAM even while DALI prefetches across a pass boundary.
+only one label round is held in RAM even while DALI prefetches across a pass boundary. Asked for
+(``labels``: the images' class ids), every batch also carries its crops' dataset labels beside
+the soft targets, for a loss that weighs them in (``--hard-label-weight``).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from ..common.data.targets import reconstruct_targets
 class Batch:
     views: list[torch.Tensor]     # per view (n, 3, res, res) on the device, n = images x C; [0] is the student's
     target: torch.Tensor | None   # (n, K) float soft targets, (n,) int64 class ids, or None (online)
+    labels: torch.Tensor | None = None   # (n,) int64 dataset class ids beside soft targets, when asked for
 
     @property
     def images(self) -> torch.Tensor:
@@ -68,6 +71,11 @@ class HardTargets:
 
     def to(self, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(self.labels).to(device, non_blocking=True)
+
+
+def crop_labels(labels: np.ndarray, ids: np.ndarray, crops_per_image: int) -> HardTargets:
+    """The class ids of images ``ids``' crops, in batch order (each image's C crops in a row)."""
+    return HardTargets(np.repeat(labels[ids], crops_per_image))
 
 
 @dataclass
@@ -99,9 +107,7 @@ class FreshCrops:
         return sample_crops(self.seed, self.pass_, ids, self.sizes[ids], self.crops_per_image, self.params)
 
     def targets(self, ids: np.ndarray) -> HardTargets | None:
-        if self.labels is None:
-            return None
-        return HardTargets(np.repeat(self.labels[ids], self.crops_per_image))
+        return None if self.labels is None else crop_labels(self.labels, ids, self.crops_per_image)
 
 
 class StoredLabels:
@@ -187,14 +193,15 @@ class TrainLoader:
     """``for batch in loader.epoch(e)``: the steps of epoch e; ``len(loader)`` steps per epoch.
 
     ``expected_crcs`` (the store's CRC32C of each image): a batch whose image bytes differ from
-    what was labelled is refused, naming the image.
+    what was labelled is refused, naming the image. ``hard_labels`` (each image's class id, in the
+    targets' classes): every batch carries its crops' as ``Batch.labels``.
     """
 
     def __init__(self, index: DatasetIndex, labels: StoredLabels | FreshLabels, views: list[View],
                  images_per_step: int, seed: int, device: torch.device, backend: str = "auto",
                  workers: int = 4, prefetch: int = 2, rank: int = 0, world_size: int = 1,
-                 expected_crcs: np.ndarray | None = None, store_path=None):
-        self.index, self.labels, self.views = index, labels, views
+                 expected_crcs: np.ndarray | None = None, store_path=None, hard_labels: np.ndarray | None = None):
+        self.index, self.labels, self.views, self.hard_labels = index, labels, views, hard_labels
         self.crops_per_image = labels.crops_per_image
         self.images_per_step, self.seed, self.device = images_per_step, seed, device
         self.backend, self.workers, self.prefetch = resolve(backend, device.type), workers, prefetch
@@ -234,7 +241,8 @@ class TrainLoader:
                 pass_, j = divmod(t, self.steps_per_pass)
                 source = self.labels.for_pass(pass_)
                 ids = self.order(pass_)[j]
-                targets.append(source.targets(ids))
+                targets.append((source.targets(ids), None if self.hard_labels is None
+                                else crop_labels(self.hard_labels, ids, self.crops_per_image)))
                 yield CropRequest(ids, *source.crops(ids))
 
         for crops in iterate(self.backend, self.index, requests(), views, self.crops_per_image,
@@ -242,9 +250,10 @@ class TrainLoader:
                              prefetch=self.prefetch):
             if self.expected_crcs is not None:
                 self._check_unchanged(crops.ids, crops.crcs)
-            target = targets.popleft()
+            target, labels = targets.popleft()
             yield Batch(views=[v.to(self.device, non_blocking=True) for v in crops.views],
-                        target=None if target is None else target.to(self.device))
+                        target=None if target is None else target.to(self.device),
+                        labels=None if labels is None else labels.to(self.device))
 
     def _check_unchanged(self, ids: np.ndarray, crcs: np.ndarray) -> None:
         expected = self.expected_crcs[ids]

@@ -1,5 +1,6 @@
 """MEAL V2's loss: soft cross-entropy against the teachers' averaged softmax, plus an optional
-discriminator on the final outputs; and the CutMix/mixup that mix crops and their targets.
+discriminator on the final outputs, and optionally the dataset's hard labels weighed in beside
+them; and the CutMix/mixup that mix crops and their targets.
 
 :class:`MealV2Loss` is the objective as a module for a user's own loop (the public API);
 ``mealv2 train`` computes the same terms through :func:`objective_losses`.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.models.distributed import DistInfo
-from ..common.errors import MealV2Error, require_finite
+from ..common.errors import MealV2Error, require_finite, require_in_range
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -89,23 +90,46 @@ def discriminator_loss(disc: Discriminator, logits: torch.Tensor, target: torch.
 
 
 def objective_losses(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
-                     disc: nn.Module | None = None,
-                     topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(distillation loss, discriminator loss or None): MEAL V2's two terms, minimised as their sum.
-    Integer targets (dataset labels) take plain cross-entropy, at T = 1."""
+                     disc: nn.Module | None = None, topk: int | None = None, *, labels: torch.Tensor | None = None,
+                     hard_label_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, discriminator loss or None): the two terms of the objective, minimised as their sum.
+
+    MEAL V2's are the distillation loss and the discriminator's BCE. A hard-label weight A > 0
+    moves weight from that distillation side to the dataset's labels, as timm's and torchdistill's
+    distillation tasks weigh a task loss beside theirs: loss = A * CE(labels) + (1 - A) * KD, and
+    the discriminator's term is weighted (1 - A) too (it also pulls the student toward the
+    teachers' outputs), so A = 1 trains on the labels alone. The labels' CE is at T = 1, on the
+    plain logits. Integer targets (dataset labels) take plain cross-entropy, at T = 1.
+
+    Args:
+        labels: the crops' class ids (n,), or their mixed one-hot rows (n, K) after CutMix/mixup;
+            required when ``hard_label_weight`` > 0.
+        hard_label_weight: A in [0, 1]; 0 is MEAL V2.
+    """
     t = temperature if target.is_floating_point() else 1.0
     loss = soft_cross_entropy(logits, target, t)
-    return loss, (discriminator_loss(disc, logits, target, t, topk) if disc is not None else None)
+    d_loss = discriminator_loss(disc, logits, target, t, topk) if disc is not None else None
+    if not hard_label_weight:
+        return loss, d_loss
+    if labels is None:
+        raise MealV2Error(f"hard_label_weight {hard_label_weight:g} weighs the dataset's labels in, but no labels "
+                          f"were given: pass the crops' labels (ReplayLoader(..., hard_labels=True) yields them)")
+    soft_side = 1.0 - hard_label_weight
+    loss = hard_label_weight * soft_cross_entropy(logits, labels) + soft_side * loss
+    return loss, None if d_loss is None else soft_side * d_loss
 
 
 class MealV2Loss(nn.Module):
     """MEAL V2's objective: KD against the soft targets at temperature T, plus (optionally) the
-    discriminator's BCE, as ``mealv2 train`` (``--use-discriminator-loss``) trains with it.
+    discriminator's BCE, as ``mealv2 train`` (``--use-discriminator-loss``) trains with it; and
+    optionally the dataset's hard labels beside them (``--hard-label-weight``).
 
-    ``loss = criterion(logits, targets)`` returns the sum to backpropagate; after the student's
-    optimizer step, :meth:`step` applies the discriminator's gradients with its own SGD (momentum
-    0.9, constant lr; averaged over the ranks under torch.distributed). ``kd_loss`` and ``d_loss``
-    hold the last step's terms, detached, for logging. Its ``state_dict`` includes that optimizer's.
+    ``loss = criterion(logits, targets)`` (``criterion(logits, targets, labels)`` with a hard-label
+    weight) returns the sum to backpropagate; after the student's optimizer step, :meth:`step`
+    applies the discriminator's gradients with its own SGD (momentum 0.9, constant lr; averaged
+    over the ranks under torch.distributed). ``kd_loss`` and ``d_loss`` hold the last step's two
+    terms as summed (``metrics.csv``'s loss and d_loss), detached, for logging. Its ``state_dict``
+    includes that optimizer's.
 
     Args:
         num_classes: the targets' classes (``loader.num_classes``).
@@ -115,6 +139,9 @@ class MealV2Loss(nn.Module):
             the store's top-k form; None for full targets.
         discriminator: add MEAL V2's discriminator term.
         d_lr: the discriminator's learning rate (``--d-lr``).
+        hard_label_weight: A in [0, 1] (``--hard-label-weight``): loss = A * CE(labels) + (1 - A) *
+            (KD + the discriminator's term); 0 is MEAL V2. For teachers not much stronger than
+            the student, or few images (README, "Hard labels beside the soft targets").
 
     Example::
 
@@ -125,21 +152,25 @@ class MealV2Loss(nn.Module):
     """
 
     def __init__(self, num_classes: int, *, temperature: float = 1.0, topk: int | None = None,
-                 discriminator: bool = False, d_lr: float = 0.01):
+                 discriminator: bool = False, d_lr: float = 0.01, hard_label_weight: float = 0.0):
         super().__init__()
-        require_finite("MealV2Loss", temperature=temperature, d_lr=d_lr)
+        require_finite("MealV2Loss", temperature=temperature, d_lr=d_lr, hard_label_weight=hard_label_weight)
         if temperature <= 0:
             raise MealV2Error(f"MealV2Loss: temperature = {temperature!r}; expected a positive temperature "
                               f"(the store's: loader.temperature)")
-        self.temperature, self.topk = temperature, topk
+        require_in_range("MealV2Loss", {"hard_label_weight": (0, 1, False)}, hard_label_weight=hard_label_weight)
+        self.temperature, self.topk, self.hard_label_weight = temperature, topk, hard_label_weight
         self.discriminator = Discriminator(num_classes) if discriminator else None
         self.d_optimizer = (torch.optim.SGD(self.discriminator.parameters(), lr=d_lr, momentum=0.9)
                             if discriminator else None)
         self.kd_loss: torch.Tensor | None = None
         self.d_loss: torch.Tensor | None = None
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss, d_loss = objective_losses(logits, target, self.temperature, self.discriminator, self.topk)
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of a batch: ``labels`` are the crops' class ids (or their mixed one-hot rows),
+        which a hard-label weight needs."""
+        loss, d_loss = objective_losses(logits, target, self.temperature, self.discriminator, self.topk,
+                                        labels=labels, hard_label_weight=self.hard_label_weight)
         self.kd_loss, self.d_loss = loss.detach(), None if d_loss is None else d_loss.detach()
         return loss if d_loss is None else loss + d_loss
 
@@ -206,38 +237,42 @@ def draw_step_mix(seed: int, step: int, rank: int, shift: int, cutmix_alpha: flo
     return draw_mix(np.random.default_rng([seed, step, rank]), cutmix_alpha, cutmix_prob, mixup_alpha, shift=shift)
 
 
-def mix_batch(images: torch.Tensor, targets: torch.Tensor, *, seed: int, step: int, rank: int = 0, shift: int = 1,
+def mix_batch(images: torch.Tensor, *targets: torch.Tensor, seed: int, step: int, rank: int = 0, shift: int = 1,
               cutmix_alpha: float = 0.0, cutmix_prob: float = 1.0, mixup_alpha: float = 0.0,
-              num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              num_classes: int | None = None) -> tuple[torch.Tensor, ...]:
     """CutMix or mixup of a batch and its targets (soft, or class ids made one-hot), as ``mealv2
     train`` mixes stored targets: crop i is mixed with crop i - ``shift``, the targets by the area
-    (or weight) each crop keeps. Returns the batch unchanged at a step that draws no mixing.
+    (or weight) each crop keeps. Returns ``(images, *targets)``, unchanged at a step that draws no
+    mixing; give the soft targets and the hard labels together to mix both by the same draw.
 
     Args:
         images: (n, 3, res, res).
-        targets: (n, K) soft targets, or (n,) class ids (then ``num_classes`` is required).
+        targets: each (n, K) soft targets, or (n,) class ids (made one-hot: K is a soft target's,
+            else ``num_classes``).
         seed, step, rank: what the draw is a function of (``--seed``, the global step, the rank).
         shift: the pairing; the crops per image, so a crop is mixed with another image's crop.
         cutmix_alpha: CutMix's Beta(alpha, alpha); 0 turns CutMix off.
         cutmix_prob: the probability of CutMix at a step (else mixup, if on).
         mixup_alpha: mixup's Beta(alpha, alpha); 0 turns mixup off.
-        num_classes: the class count of integer targets.
+        num_classes: the class count of integer targets, when no soft target gives it.
 
     Example::
 
         images, targets = mealv2.mix_batch(images, targets, seed=0, step=step, shift=2, cutmix_alpha=1.0)
+        images, targets, labels = mealv2.mix_batch(images, targets, labels, seed=0, step=step, shift=2, mixup_alpha=0.2)
     """
     require_finite("mix_batch", cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob, mixup_alpha=mixup_alpha)
     if (cutmix_alpha > 0 or mixup_alpha > 0) and len(images) <= shift:
         raise MealV2Error(f"mix_batch: {len(images)} crops paired at shift {shift} mixes every crop with itself "
                           f"(one image per step on this rank); use a batch of at least 2 images per rank")
-    if not targets.is_floating_point() and num_classes is None:
+    classes = num_classes or next((t.shape[1] for t in targets if t.is_floating_point()), None)
+    if classes is None and targets:
         raise MealV2Error("mix_batch: integer targets (class ids) need num_classes= to become one-hot")
     mix = draw_step_mix(seed, step, rank, shift, cutmix_alpha, cutmix_prob, mixup_alpha)
     if mix is None:
-        return images, targets
+        return (images, *targets)
     images, lam = mix_images(mix, images)
-    return images, mix_targets(mix, lam, targets, num_classes or targets.shape[1])
+    return (images, *(mix_targets(mix, lam, t, classes) for t in targets))
 
 
 def _pixel_box(box, res: int) -> tuple[int, int, int, int]:

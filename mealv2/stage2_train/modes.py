@@ -37,7 +37,7 @@ from ..common.store.label_store import LabelStore
 from .config import TrainConfig
 from .loader import FreshLabels, StoredLabels
 from .losses import Mix, mix_targets, objective_losses
-from .replay import check_store_matches, data_index, open_checked_store
+from .replay import check_store_matches, data_index, open_checked_store, store_hard_labels
 from .res_schedule import ResSchedule, res_schedule
 
 
@@ -49,11 +49,14 @@ class Objective:
 
     temperature: float = 1.0           # the targets' softmax temperature (the store's, or online --temperature)
     topk: int | None = None            # stored targets: the store's k (the discriminator's input form)
+    hard_label_weight: float = 0.0     # --hard-label-weight: the dataset labels' share of the loss (losses.py)
 
-    def losses(self, logits: torch.Tensor, target: torch.Tensor,
-               disc: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(distillation loss, discriminator loss or None)."""
-        return objective_losses(logits, target, self.temperature, disc, self.topk)
+    def losses(self, logits: torch.Tensor, target: torch.Tensor, disc: nn.Module | None = None,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(distillation loss, discriminator loss or None); with ``labels`` (one-hot or mixed) and a
+        hard-label weight, the loss weighs them in as losses.objective_losses says."""
+        return objective_losses(logits, target, self.temperature, disc, self.topk, labels=labels,
+                                hard_label_weight=self.hard_label_weight)
 
 
 class EpochViews(NamedTuple):
@@ -133,6 +136,10 @@ class Mode:
         """TrainLoader's per-batch checks of the images (none: nothing was labelled from their bytes)."""
         return {}
 
+    def hard_labels(self) -> np.ndarray | None:
+        """Each image's dataset label, yielded beside the targets when --hard-label-weight weighs them in."""
+        return self.index.labels if self.cfg.hard_label_weight else None
+
     def store_record(self) -> dict | None:
         """The label store, as RUN/config.json records it."""
         return None
@@ -168,7 +175,8 @@ class StoredMode(Mode):
             say(note)
         crop = dataclasses.replace(CropParams.from_attrs(store.attrs["crop"]), res=schedule.final)
         return cls(cfg, index, classes, crop, schedule, StoredLabels(store),
-                   Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"]), store=store)
+                   Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"],
+                             hard_label_weight=cfg.hard_label_weight), store=store)
 
     def plan_lines(self, passes: float) -> list[str]:
         a, rounds, crops = self.store.attrs, self.labels.rounds, self.labels.crops_per_image
@@ -181,6 +189,11 @@ class StoredMode(Mode):
             lines.append(f"  note: {passes:.2f} passes over {rounds} rounds replay a round {passes / rounds:.2f} "
                          f"times on average; `mealv2 label ... --rounds N` appends rounds")
         return lines
+
+    def hard_labels(self) -> np.ndarray | None:
+        """The labels the store recorded from its dataset (refused for a store of unlabelled images)."""
+        weight = self.cfg.hard_label_weight
+        return store_hard_labels(self.store, f"--hard-label-weight {weight:g}") if weight else None
 
     def loader_checks(self) -> dict:
         """A batch whose image bytes differ from what was labelled is refused (the store's CRC32C per image)."""
@@ -245,7 +258,7 @@ class OnlineMode(Mode):
     def open(cls, cfg: TrainConfig, info: DistInfo, say: Callable) -> OnlineMode:
         schedule, index = fresh_data(cfg, info, say, "online training (--teachers)")
         return cls(cfg, index, index.classes, cfg.fresh_crop, schedule, fresh_labels(cfg, index, None),
-                   Objective(temperature=cfg.temperature))
+                   Objective(temperature=cfg.temperature, hard_label_weight=cfg.hard_label_weight))
 
     def prepare(self, *, device: torch.device, run: Path, info: DistInfo, say: Callable, resuming: bool) -> None:
         """The teachers, after the student: they are created from torch's RNG, which the student's

@@ -92,6 +92,18 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
     return classes, note
 
 
+def store_hard_labels(store: LabelStore, asked: str) -> np.ndarray:
+    """Each image's class id in the store's classes, which the store records from the dataset it
+    was labelled from; refused for a store of unlabelled images (``asked``: what wants them)."""
+    labels = store.labels()
+    if (labels < 0).any():
+        raise MealV2Error(f"{asked}: {store.path} was labelled from images without labels (a folder of loose "
+                          f"images or a CSV without a 'label' column), so there are no hard labels to weigh in; "
+                          f"train on its soft targets alone (drop it), or label the images as an ImageFolder "
+                          f"or a CSV with a 'label' column")
+    return labels.astype(np.int64)
+
+
 def check_student_res(model: nn.Module, resolutions, runtime: Runtime, *, where: str, fix: str) -> None:
     """Refuse a resolution the student cannot take (a model built for one input size, like timm's
     ViTs without dynamic_img_size) before any step, naming it, rather than failing mid-run.
@@ -133,7 +145,8 @@ class ReplayLoader:
     ``torch.distributed`` group initialised) each rank gets its share of every step. An epoch is
     N crops (N images), as ``mealv2 train`` counts it; iterating yields the rest of the current
     epoch, so ``for epoch in range(loader.epoch, epochs): for images, targets in loader:`` trains,
-    and resumes mid-epoch after :meth:`load_state_dict`.
+    and resumes mid-epoch after :meth:`load_state_dict`. With ``hard_labels=True`` it yields
+    ``(images, targets, labels)``, the crops' dataset labels for ``MealV2Loss(hard_label_weight=A)``.
 
     Args:
         store: the label store (``mealv2 label -o STORE``).
@@ -152,6 +165,8 @@ class ReplayLoader:
         loader: the crop loader backend (``auto``, ``dali``, ``torch``, ``torch-cpu``).
         workers: decoding threads per rank; default the cores this process may use.
         crops_per_image, scale, ratio: when given, refused unless equal to the store's.
+        hard_labels: also yield each crop's class id (the labels of the dataset the store was
+            labelled from, which it records; refused for a store of unlabelled images).
 
     Attributes: ``step`` (global steps taken), ``epoch``, ``classes``/``num_classes``, ``temperature``
     and ``topk`` (for :class:`MealV2Loss`), ``device``, ``crops_per_image``, ``notes`` (what
@@ -168,7 +183,8 @@ class ReplayLoader:
     def __init__(self, store: str | Path, data: str | Path, *, batch_size: int, model: nn.Module | None = None,
                  res: int | None = None, mean=None, std=None, seed: int = 0, device: str | torch.device = "auto",
                  loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
-                 scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None):
+                 scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
+                 hard_labels: bool = False):
         resolve(loader)   # an unknown or missing backend is refused before the store is verified
         info = DistInfo.current()
         self.rank, self.world_size = info.rank, info.world_size
@@ -204,7 +220,9 @@ class ReplayLoader:
                                                                           info.world_size),
                                    seed, self.device, backend=loader, workers=workers, rank=info.rank,
                                    world_size=info.world_size, expected_crcs=self.store.crcs(),
-                                   store_path=self.store.path)
+                                   store_path=self.store.path,
+                                   hard_labels=store_hard_labels(self.store, "ReplayLoader(hard_labels=True)")
+                                   if hard_labels else None)
         self.step = 0    # global steps taken (batches yielded) since the first epoch began
 
     @property
@@ -230,19 +248,22 @@ class ReplayLoader:
         """Steps per epoch of N crops."""
         return len(self._loader)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         stop = (self.epoch + 1) * len(self)
         for batch in self._loader.steps(self.step, stop, [View(self.res, self.mean, self.std)]):
             self.step += 1
-            yield batch.images, batch.target
+            yield (batch.images, batch.target) if batch.labels is None else (batch.images, batch.target, batch.labels)
 
-    def mix(self, images: torch.Tensor, targets: torch.Tensor, *, cutmix_alpha: float = 0.0,
-            cutmix_prob: float = 1.0, mixup_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, images: torch.Tensor, *targets: torch.Tensor, cutmix_alpha: float = 0.0,
+            cutmix_prob: float = 1.0, mixup_alpha: float = 0.0) -> tuple[torch.Tensor, ...]:
         """:func:`mix_batch` of the batch just yielded, drawn as ``mealv2 train`` draws it (from the
         seed, the step and the rank; each crop paired with the same crop of another image).
+        Returns ``(images, *targets)`` mixed: pass the hard labels too to mix them by the same
+        draw (they become mixed one-hot rows, as ``mealv2 train`` mixes them).
 
         Args:
-            images, targets: the batch the loader just yielded.
+            images, targets: the batch the loader just yielded (the soft targets, and the labels
+                with ``hard_labels=True``).
             cutmix_alpha: CutMix's Beta(alpha, alpha) (``--w-cutmix`` takes 1.0); 0 turns it off.
             cutmix_prob: the probability of CutMix at a step (else mixup, if on).
             mixup_alpha: mixup's Beta(alpha, alpha) (``--mixup``); 0 turns it off.
@@ -251,9 +272,9 @@ class ReplayLoader:
 
             images, targets = loader.mix(images, targets, cutmix_alpha=1.0)
         """
-        return mix_batch(images, targets, seed=self.seed, step=self.step - 1, rank=self.rank,
+        return mix_batch(images, *targets, seed=self.seed, step=self.step - 1, rank=self.rank,
                          shift=self.crops_per_image, cutmix_alpha=cutmix_alpha, cutmix_prob=cutmix_prob,
-                         mixup_alpha=mixup_alpha)
+                         mixup_alpha=mixup_alpha, num_classes=self.num_classes)
 
     def state_dict(self) -> dict:
         """Where the replay stands (steps taken) and what it replays, for :meth:`load_state_dict`."""

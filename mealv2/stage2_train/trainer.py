@@ -34,6 +34,9 @@ with one SGD whose schedule also overwrites the discriminator's lr; here the dis
 its own SGD (momentum 0.9, constant --d-lr, by default the original's starting lr 0.01) that
 applies the discriminator's gradients of that same sum. With stored labels both of its inputs
 are reduced to the store's top-k form (losses.discriminator_loss says why).
+
+Hard labels beside the soft targets (--hard-label-weight A): the loader yields each crop's dataset
+label with its target, mixed by CutMix/mixup as the target is; losses.objective_losses weighs them.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ from ..common.store.faults import fault_point
 from ..common.store.locks import check_writable, hold_lock
 from .config import RESOLVED_ON_RESUME, RESUME_MAY_CHANGE, TRAIN_DEFAULTS, TrainConfig
 from .loader import TrainLoader, images_per_step
-from .losses import Discriminator, Mix, draw_step_mix, mix_images
+from .losses import Discriminator, Mix, draw_step_mix, mix_images, mix_targets
 from .modes import EpochViews, Mode, Objective, make_mode, shown_res
 from .replay import check_student_res
 from .res_schedule import ResSchedule, res_schedule
@@ -132,7 +135,8 @@ def _rng_state() -> dict:
 
 # ---- one step and one epoch -------------------------------------------------------------------------
 def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, runtime: Runtime,
-               objective: Objective = Objective()) -> tuple[torch.Tensor, torch.Tensor | None]:
+               objective: Objective = Objective(),
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, loss, backward and both optimizers' steps; returns the detached
     (distillation loss, discriminator loss or None).
 
@@ -141,7 +145,7 @@ def train_step(state: TrainState, images: torch.Tensor, target: torch.Tensor, ru
     """
     with runtime.autocast():
         logits = state.forward(images)
-    loss, d_loss = objective.losses(logits, target, state.disc)
+    loss, d_loss = objective.losses(logits, target, state.disc, labels)
     state.optimizer.zero_grad(set_to_none=True)
     if d_loss is not None:
         state.d_optimizer.zero_grad(set_to_none=True)
@@ -187,7 +191,10 @@ def train_one_epoch(state: TrainState, loader: TrainLoader, views: EpochViews, s
                             cfg.cutmix_alpha if cfg.w_cutmix else 0.0, cfg.cutmix_prob, cfg.mixup)
         rendered, lam = mix_views(mix, batch.views)
         target = mode.targets(batch.target, rendered, views, mix, lam)
-        loss, d_loss = train_step(state, runtime.input(rendered[0]), target, runtime, mode.objective)
+        labels = batch.labels   # the dataset's labels beside soft targets (--hard-label-weight), mixed alike
+        if labels is not None and mix is not None:
+            labels = mix_targets(mix, lam, labels, len(mode.classes))
+        loss, d_loss = train_step(state, runtime.input(rendered[0]), target, runtime, mode.objective, labels)
         if state.ema is not None:
             # The decay is a function of the update count (timm's train.py passes it too): resume stays exact.
             state.ema.update(state.model, step=update + 1)
@@ -334,7 +341,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
 
     loader = TrainLoader(mode.index, mode.labels, mode.views(View(crop.res, mean, std)).rendered, per_step, cfg.seed,
                          device, backend=cfg.loader, workers=cfg.workers, rank=info.rank, world_size=info.world_size,
-                         **mode.loader_checks())
+                         hard_labels=mode.hard_labels(), **mode.loader_checks())
 
     try:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.wd,
@@ -448,6 +455,11 @@ def plan_text(cfg: TrainConfig, loader: TrainLoader, mode: Mode, info: DistInfo,
     lrs = ", ".join(f"epoch {e}: {scheduler._get_lr(e * steps)[0]:.3g}" for e in turns if 0 <= e < cfg.epochs)
     lines.append(f"  lr ({'cosine' if cfg.cos else f'x0.1 every {cfg.lr_step} epochs'}"
                  f"{f', {cfg.warmup_epochs} warm-up epochs' if cfg.warmup_epochs else ''}): {lrs}")
+    if mode.objective.hard_label_weight:
+        a = mode.objective.hard_label_weight
+        soft = "distillation" + (" + discriminator" if cfg.use_discriminator_loss else "")
+        lines.append(f"  loss: {a:g} x cross-entropy on the dataset's labels + {1 - a:g} x ({soft}) "
+                     f"(--hard-label-weight {a:g})")
     if cfg.model_ema:
         lines.append(f"  weight EMA (timm's ModelEmaV3): decay {cfg.model_ema_decay:g} per step, validated and "
                      f"checkpointed beside the raw weights (`mealv2 eval --ema` scores it)")
