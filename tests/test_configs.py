@@ -204,13 +204,14 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
                                crop=CropParams(res=32, scale=(0.35, 1.0), ratio=(0.5, 2.0)), topk=3, temperature=2.0,
                                batch_size=8, seed=1, loader="torch", device="cpu", workers=3, shard_size=4,
                                skip_bad=True, classes_file=names, teacher_classes={1: names}, teacher_check=False,
-                               teacher_precision="bf16", progress=False, write_depth=0)
+                               teacher_precision="bf16", dry_run=True, progress=False, write_depth=0)
     online = mealv2.TrainConfig(
         data, str(run), "a", teachers=["x.pt", "y.pt*2"], classes_file=names, teacher_classes={2: names},
         teacher_check=False, teacher_precision="bf16", temperature=2.0, res=32, scale=(0.35, 1.0),
         ratio=(3 / 4, 4 / 3), crops_per_image=2, min_res=16, ramp_start=0, ramp_end=1, res_step=8, epochs=3,
         batch_size=8, lr=0.2, momentum=0.8, wd=1e-4, opt="adamw", lr_step=2, cos=True, warmup_epochs=1,
-        use_discriminator_loss=True, d_lr=0.02, w_cutmix=True, cutmix_alpha=0.5, cutmix_prob=0.5, mixup=0.2,
+        use_discriminator_loss=True, d_lr=0.02, hard_label_weight=0.25, w_cutmix=True, cutmix_alpha=0.5,
+        cutmix_prob=0.5, mixup=0.2,
         model_ema=True, model_ema_decay=0.99, val=data, init=str(files / "w.pt"), loader="torch", device="cpu",
         workers=3, seed=5, compile=True, tensorboard=True, dry_run=True, progress=False)
     stored = mealv2.TrainConfig(data, str(run), "a", labels=str(files), res=48, pretrained=True)

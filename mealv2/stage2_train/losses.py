@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.config import Number
+from ..common.errors import MealV2Error, require_finite
 from ..common.models.distributed import DistInfo
-from ..common.errors import MealV2Error, require_finite, require_in_range
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -158,7 +159,8 @@ class MealV2Loss(nn.Module):
         if temperature <= 0:
             raise MealV2Error(f"MealV2Loss: temperature = {temperature!r}; expected a positive temperature "
                               f"(the store's: loader.temperature)")
-        require_in_range("MealV2Loss", {"hard_label_weight": (0, 1, False)}, hard_label_weight=hard_label_weight)
+        if refusal := Number(float, 0, 1).refusal(hard_label_weight):
+            raise MealV2Error(f"MealV2Loss: hard_label_weight = {refusal}")
         self.temperature, self.topk, self.hard_label_weight = temperature, topk, hard_label_weight
         self.discriminator = Discriminator(num_classes) if discriminator else None
         self.d_optimizer = (torch.optim.SGD(self.discriminator.parameters(), lr=d_lr, momentum=0.9)
