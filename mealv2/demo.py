@@ -161,7 +161,7 @@ def read_metrics(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------- ensemble
 def ensemble_accuracy(teacher_specs: list[str], val: Path, batch_size: int, device: str, workers: int) -> dict:
     """validate() (the loop `mealv2 eval` runs) on the ensemble `mealv2 label` stores: the mean of the
-    teachers' softmax weighted by their specs' *W (common.targets.ensemble_probs), each teacher fed its own
+    teachers' softmax weighted by their specs' *W (common.data.targets.ensemble_probs), each teacher fed its own
     resolution's pixels re-normalised to its own mean/std."""
     import torch
     from torch import nn

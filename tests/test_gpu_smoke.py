@@ -39,7 +39,7 @@ def test_smoke_run_steps_work_on_the_cpu(tmp_path, monkeypatch, in_process):
                   student="test_resnet", shard_size=4)
     steps = {s["step"]: s for s in r["steps"]}
     assert r["failed"] == ["train --loader no-such-backend"], [steps[f] for f in r["failed"]]
-    assert "'no-such-backend' is not one of" in steps["train --loader no-such-backend"]["error"]
+    assert "'no-such-backend' is not a choice" in steps["train --loader no-such-backend"]["error"]
     assert set(r["stored_img_per_s"]) == set(loader_backends()) and r["synthetic_img_per_s"] > 0
     s1 = r["stage1"]
     assert s1["ratio"] > 0 and s1["inline_ratio"] > 0 and s1["shards"] == 3     # 12 images in shards of 4

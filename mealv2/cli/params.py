@@ -92,4 +92,4 @@ trust_option = click.option(
     help="Unpickle checkpoint files in full, for files you made or trust the source of: by default only "
          "tensors and plain data are read from them, since a crafted pickle runs code as it loads.")
 """--trust-checkpoint: the command loads every checkpoint file (teachers, --init, --resume, eval's, export's)
-in full (common/models.py)."""
+in full (common/models/checkpoints.py)."""

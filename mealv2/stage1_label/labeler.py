@@ -43,7 +43,7 @@ from .cost import LabelCost
 
 # The ranges the flags take (min, max or None, min excluded), which LabelConfig applies in Python too.
 def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
-    """Everything that identifies a store's labels (see common/store.py); ``classes`` are the
+    """Everything that identifies a store's labels (see common/store/schema.py); ``classes`` are the
     label space's (default the dataset's; the teachers' for unlabelled data or fewer dataset classes)."""
     return {
         "classes": list(index.classes if classes is None else classes),

@@ -7,7 +7,7 @@ model's mean/std (stage2_train.validate does the pass). Three kinds of model:
   from the file; ``-a`` may be left out and must agree when given;
 - a plain state dict with ``-a ARCH`` (timm files, MEAL V2's released checkpoints with
   DataParallel ``module.`` keys, possibly under ``'state_dict'``): the teachers' rule for state
-  dicts (common/teachers.py): ``--res`` must be given, ImageNet mean/std as MEAL V2's test
+  dicts (common/models/teachers.py): ``--res`` must be given, ImageNet mean/std as MEAL V2's test
   script uses (``--norm`` states another, with the names and syntax of a spec's ``%NORM``);
 - ``-a ARCH --pretrained``: timm's pretrained weights, with the mean/std of timm's
   pretrained config.

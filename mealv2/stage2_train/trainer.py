@@ -267,7 +267,7 @@ RUN_LOCK = "train.lock"
 def run_folder(cfg: TrainConfig, info: DistInfo):
     """The run folder, writable and locked for the run's life by the one process that writes it
     (rank 0): two runs into one --out would delete each other's temp files and mix their
-    checkpoints. The lock (common/locks.py) lives inside the folder, so every path to it shares
+    checkpoints. The lock (common/store/locks.py) lives inside the folder, so every path to it shares
     it; --dry-run checks the folder can be written and is not in use, and makes nothing. A refused
     run leaves no folder it made."""
     run = Path(cfg.out)

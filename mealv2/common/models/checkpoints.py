@@ -1,6 +1,6 @@
 """Models by name: timm models, state dicts in timm and MEAL V2 styles, mealv2 checkpoints.
 
-What a teacher spec means is decided in common/teachers.py; this module only builds and
+What a teacher spec means is decided in common/models/teachers.py; this module only builds and
 loads models and reads and writes their files.
 """
 from __future__ import annotations

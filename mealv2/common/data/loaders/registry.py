@@ -21,7 +21,7 @@ from ...errors import MealV2Error
 
 @dataclass(frozen=True)
 class Loader:
-    render: str                # module:function taking and yielding crop_loader's requests and batches
+    render: str                # module:function taking and yielding base.py's requests and batches
     module: str | None         # what must be importable (None: torch and torchvision, always there)
     install: str               # how to get it
     runs: dict[str, str]       # device type: what decodes and renders where
