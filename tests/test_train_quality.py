@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CLASSES, PER_CLASS, FLIPPED = 4, 12, 5
 CROP = CropParams(res=32, scale=(0.35, 1.0))
+FRESH_CROP = dict(res=CROP.res, scale=CROP.scale, ratio=CROP.ratio)   # TrainConfig's crop fields
 
 
 def flip_labels(root: Path) -> None:
@@ -42,7 +43,7 @@ def test_stored_labels_beat_hard_labels_on_noisy_data(tmp_path):
     common = dict(arch="test_resnet", batch_size=32, epochs=24, lr=0.05, cos=True, val=str(val), seed=0,
                   workers=2, device="cpu", progress=False)
 
-    teacher = train(TrainConfig(data=str(clean), out=str(tmp_path / "teacher"), hard_labels=True, crop=CROP,
+    teacher = train(TrainConfig(data=str(clean), out=str(tmp_path / "teacher"), hard_labels=True, **FRESH_CROP,
                                 **common))
     assert teacher[-1]["val_top1"] >= 80
     run_label(LabelConfig(data=str(noisy), teachers=[str(tmp_path / "teacher" / "last.pt")],
@@ -51,7 +52,7 @@ def test_stored_labels_beat_hard_labels_on_noisy_data(tmp_path):
 
     stored = train(TrainConfig(data=str(noisy), out=str(tmp_path / "stored"), labels=str(tmp_path / "store"),
                                **common))
-    hard = train(TrainConfig(data=str(noisy), out=str(tmp_path / "hard"), hard_labels=True, crop=CROP, **common))
+    hard = train(TrainConfig(data=str(noisy), out=str(tmp_path / "hard"), hard_labels=True, **FRESH_CROP, **common))
     stored_top1, hard_top1 = stored[-1]["val_top1"], hard[-1]["val_top1"]
     print(f"val top-1: teacher {teacher[-1]['val_top1']:.1f}, stored labels {stored_top1:.1f}, "
           f"hard labels {hard_top1:.1f}")

@@ -415,7 +415,7 @@ class LabelStore(StoreIntegrity):
                 notes.append(f"STORE: {out} where `mealv2 label` can write it: a local path or an s3:// URL "
                              f"(it cannot write {urlsplit(out).scheme}:// URLs)")
                 out = "STORE"
-        named = {n: f"FILE_{n}" for n, t in enumerate(a["teachers"], 1) if t["output_classes"] is not None}
+        named = {n: f"FILE_{n}" for n, t in enumerate(a["teachers"], 1) if t.get("output_classes") is not None}
         notes += [f"FILE_{n}: teacher {n}'s class names in output order, one per line (its output_classes in "
                   f"`mealv2 inspect {self.path} --json`)" for n in named]
         crop = a["crop"]
