@@ -138,6 +138,26 @@ class Pair(Setting):
         return lo, hi
 
 
+@dataclasses.dataclass(frozen=True)
+class Channels(Setting):
+    """One finite number per colour channel (R, G, B): a normalisation's mean, or its std (``positive``: a
+    std of 0 divides the crops into inf, a negative one flips them)."""
+
+    positive: bool = False
+
+    @property
+    def expected(self) -> str:
+        return f"three finite numbers (R, G, B){', each > 0' if self.positive else ''}"
+
+    def problem(self, value) -> str | None:
+        if (not isinstance(value, (tuple, list)) or len(value) != 3
+                or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value)):
+            return "is not three numbers"
+        if not all(math.isfinite(v) for v in value):
+            return "is not three finite numbers"
+        return "is not positive" if self.positive and min(value) <= 0 else None
+
+
 class Specs(Setting):
     """Teacher specs, a list of strings: a single string would be read letter by letter."""
 
@@ -196,6 +216,7 @@ INT_FROM_0 = Number(int, min=0)
 FLOAT_FROM_0 = Number(float, min=0)
 FLOAT_ABOVE_0 = Number(float, min=0, min_open=True)
 FLAG, TEXT, SPECS, CLASS_FILES, DEVICE = Flag(), Text(), Specs(), ClassFiles(), Choice(DEVICES)
+MEAN, STD = Channels(), Channels(positive=True)   # a normalisation of RGB crops
 
 
 def setting(kind: Setting, default=dataclasses.MISSING, *, factory=dataclasses.MISSING) -> dataclasses.Field:
@@ -211,9 +232,16 @@ def declared(cls, name: str) -> Setting:
 def check_settings(where: str, config, error: type[MealV2Error] = MealV2Error) -> None:
     """Refuse the first field of ``config`` whose value its Setting does not take, naming it:
     'train: epochs = 1.5 is not an integer; expected an integer >= 1'."""
-    for f in dataclasses.fields(config):
-        if "setting" in f.metadata and (refusal := f.metadata["setting"].refusal(getattr(config, f.name))):
-            raise error(f"{where}: {f.name} = {refusal}")
+    check_values(where, {f.name: (f.metadata["setting"], getattr(config, f.name))
+                         for f in dataclasses.fields(config) if "setting" in f.metadata}, error)
+
+
+def check_values(where: str, given: dict[str, tuple[Setting, object]], error: type[MealV2Error] = MealV2Error) -> None:
+    """Refuse the first of ``given`` (name: (its Setting, the value)) that its Setting does not take, in
+    :func:`check_settings`' words: a function's arguments (ReplayLoader's) checked as a config's fields are."""
+    for name, (kind, value) in given.items():
+        if refusal := kind.refusal(value):
+            raise error(f"{where}: {name} = {refusal}")
 
 
 def field_defaults(cls) -> dict:

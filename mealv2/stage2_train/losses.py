@@ -130,7 +130,7 @@ class MealV2Loss(nn.Module):
     applies the discriminator's gradients with its own SGD (momentum 0.9, constant lr; averaged
     over the ranks under torch.distributed). ``kd_loss`` and ``d_loss`` hold the last step's two
     terms as summed (``metrics.csv``'s loss and d_loss), detached, for logging. Its ``state_dict``
-    includes that optimizer's.
+    includes that optimizer's, under its own prefix, so a module holding the loss saves and restores it.
 
     Args:
         num_classes: the targets' classes (``loader.num_classes``).
@@ -167,6 +167,7 @@ class MealV2Loss(nn.Module):
                             if discriminator else None)
         self.kd_loss: torch.Tensor | None = None
         self.d_loss: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_read_older_state)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of a batch: ``labels`` are the crops' class ids (or their mixed one-hot rows),
@@ -184,21 +185,37 @@ class MealV2Loss(nn.Module):
         self.d_optimizer.step()
         self.d_optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self, *args, **kwargs) -> dict:
-        state = super().state_dict(*args, **kwargs)
-        if self.d_optimizer is not None:
-            state["d_optimizer"] = self.d_optimizer.state_dict()
-        return state
+    def get_extra_state(self) -> dict:
+        """The discriminator's optimizer state, saved as ``_extra_state`` under the module's own prefix, so a
+        parent module's ``state_dict()``/``load_state_dict()`` carries it too (``criterion._extra_state``)."""
+        return {"d_optimizer": None if self.d_optimizer is None else self.d_optimizer.state_dict()}
 
-    def load_state_dict(self, state_dict: dict, *args, **kwargs):
-        state_dict = dict(state_dict)
-        d_optimizer = state_dict.pop("d_optimizer", None)
-        if self.d_optimizer is not None:
-            if d_optimizer is None:
-                raise MealV2Error("MealV2Loss.load_state_dict: the saved state has no discriminator optimizer; "
-                                  "it was saved without discriminator=True")
-            self.d_optimizer.load_state_dict(d_optimizer)
-        return super().load_state_dict(state_dict, *args, **kwargs)
+    def set_extra_state(self, state: dict) -> None:
+        saved = state.get("d_optimizer") if isinstance(state, dict) else None
+        if (saved is None) != (self.d_optimizer is None):
+            raise MealV2Error(f"MealV2Loss.load_state_dict: the state was saved {'without' if saved is None else 'with'} "
+                              f"a discriminator (discriminator=True), this loss has "
+                              f"{'one' if saved is None else 'none'}; build the loss as the saved one was built")
+        if saved is not None:
+            self.d_optimizer.load_state_dict(saved)
+
+
+def _read_older_state(loss: MealV2Loss, state_dict: dict, prefix: str, local_metadata, strict: bool, *_) -> None:
+    """Read a MealV2Loss state saved before its optimizer moved under ``_extra_state``: it was
+    ``d_optimizer`` beside the weights, and nothing without a discriminator. A parent module's state
+    from then has it unprefixed at its top, out of the loss's reach: refused when strict, naming why."""
+    key = prefix + "_extra_state"
+    if key in state_dict:
+        return
+    if prefix + "d_optimizer" in state_dict:
+        state_dict[key] = {"d_optimizer": state_dict.pop(prefix + "d_optimizer")}
+    elif loss.d_optimizer is None:
+        state_dict[key] = {"d_optimizer": None}
+    elif strict:
+        raise MealV2Error(f"MealV2Loss.load_state_dict: the saved state has no discriminator optimizer ({key!r}): "
+                          f"it was saved without discriminator=True, or from a module holding the loss by a mealv2 "
+                          f"that left the optimizer at the state's top; build the loss as it was saved, or load "
+                          f"with strict=False to start the discriminator's optimizer afresh")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ image whose bytes changed since it was labelled.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -15,15 +16,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.data.loaders.registry import available_cores
-from ..common.data.loaders.base import View
+from ..common.config import (COUNT, DEVICE, FLAG, INT_FROM_0, MEAN, STD, Choice, Instance, OrNone, check_values,
+                             declared)
+from ..common.data.crops import RES, CropParams
 from ..common.data.dataset import DatasetIndex, build_index_shared
-from ..common.models.distributed import DistInfo
+from ..common.data.loaders.base import View
+from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
 from ..common.errors import MealV2Error
-from ..common.data.loaders.registry import resolve
-from ..common.models.checkpoints import default_data_config, preview_classes
+from ..common.models.checkpoints import data_config, preview_classes, unwrap_model
+from ..common.models.distributed import DistInfo
 from ..common.models.runtime import Runtime, resolve_device
 from ..common.store.label_store import LabelStore
+from ..common.store.locations import LOCAL_PATH, StorePath
 from .loader import StoredLabels, TrainLoader, images_per_step
 from .losses import mix_batch
 
@@ -116,8 +120,9 @@ def check_student_res(model: nn.Module, resolutions, runtime: Runtime, *, where:
                 with torch.no_grad():
                     model(runtime.input(torch.zeros(1, 3, res, res)))
             except Exception as e:   # timm says it with an AssertionError or a shape RuntimeError
-                raise MealV2Error(f"{where} cannot take the student's {res} px input ({type(e).__name__}: "
-                                  f"{e}); train it at the {default_data_config(model)[0]} px it was built for "
+                built = data_config(model)
+                raise MealV2Error(f"{where} cannot take the student's {res} px input ({type(e).__name__}: {e}); "
+                                  f"train it at {f'the {built[0]} px it was built for' if built else 'a res it takes'} "
                                   f"({fix}), or pick a student that takes any input size") from e
     finally:
         model.train(was_training)
@@ -142,11 +147,19 @@ class ReplayLoader:
     Opening it runs every check ``mealv2 train`` runs (the store complete and undamaged, crop
     settings equal to the store's, DATA's fingerprint and classes the store's); every batch is
     refused if an image's bytes changed since it was labelled (CRC32C). Under ``torchrun`` (a
-    ``torch.distributed`` group initialised) each rank gets its share of every step. An epoch is
-    N crops (N images), as ``mealv2 train`` counts it; iterating yields the rest of the current
-    epoch, so ``for epoch in range(loader.epoch, epochs): for images, targets in loader:`` trains,
-    and resumes mid-epoch after :meth:`load_state_dict`. With ``hard_labels=True`` it yields
-    ``(images, targets, labels)``, the crops' dataset labels for ``MealV2Loss(hard_label_weight=A)``.
+    ``torch.distributed`` group initialised, by torchrun or ``mp.spawn``) each rank gets its share
+    of every step. An epoch is N crops (N images), as ``mealv2 train`` counts it; iterating yields
+    the rest of the current epoch from :attr:`step` on, so ``for epoch in range(loader.epoch,
+    epochs): for images, targets in loader:`` trains, and resumes mid-epoch after
+    :meth:`load_state_dict`. With ``hard_labels=True`` it yields ``(images, targets, labels)``, the
+    crops' dataset labels for ``MealV2Loss(hard_label_weight=A)``.
+
+    A batch handed out is a step taken, and :meth:`state_dict` counts it (a checkpoint saved in the
+    loop resumes after the batch just trained): ``next(iter(loader))`` to peek takes the first step.
+    To peek without taking it: ``state = loader.state_dict(); batch = next(iter(loader));
+    loader.load_state_dict(state)``. One iterator at a time: ``iter(loader)`` (and
+    :meth:`load_state_dict`) is refused while another can still yield, as two would replay the same
+    steps; a ``for`` loop's ends with the loop, a peek's at once, another on ``del`` or ``.close()``.
 
     Args:
         store: the label store (``mealv2 label -o STORE``).
@@ -154,19 +167,25 @@ class ReplayLoader:
         batch_size: crops per step over all ranks (``--batch-size``); a multiple of the store's
             crops per image x the world size.
         model: the student (its outputs must be the store's classes); its timm data config gives
-            the default ``mean``/``std``.
+            the default ``mean``/``std``. It may be wrapped (DDP, ``nn.DataParallel``,
+            ``torch.compile``, any nesting): the model inside is read. A model without a timm data
+            config needs ``mean`` and ``std``.
         res: the student's resolution in px; default the store's. May be changed between epochs
             (progressive resizing): the boxes are relative.
-        mean, std: normalisation of the rendered crops; default the model's. One of ``model`` or
-            ``mean``/``std`` is required.
+        mean, std: normalisation of the rendered crops, three finite numbers each (std > 0);
+            default the model's. One of ``model`` or ``mean``/``std`` is required.
         seed: the pass order's seed (``--seed``).
-        device: ``auto``, ``cpu``, ``cuda`` or a torch.device; under torchrun ``auto`` takes the
-            rank's local GPU.
+        device: ``auto``, ``cpu``, ``cuda`` or a torch.device; in a process group ``auto`` and
+            ``cuda`` take the rank's GPU: ``LOCAL_RANK`` (torchrun), else the group rank modulo
+            the visible GPUs (``mp.spawn``).
         loader: the crop loader backend (``auto``, ``dali``, ``torch``, ``torch-cpu``).
         workers: decoding threads per rank; default the cores this process may use.
         crops_per_image, scale, ratio: when given, refused unless equal to the store's.
         hard_labels: also yield each crop's class id (the labels of the dataset the store was
             labelled from, which it records; refused for a store of unlabelled images).
+
+    Every argument is checked when the loader is built, as ``TrainConfig`` checks the flag of the
+    same name, and refused in its words (``ReplayLoader: batch_size = 0 is out of range; ...``).
 
     Attributes: ``step`` (global steps taken), ``epoch``, ``classes``/``num_classes``, ``temperature``
     and ``topk`` (for :class:`MealV2Loss`), ``device``, ``crops_per_image``, ``notes`` (what
@@ -185,7 +204,26 @@ class ReplayLoader:
                  loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
                  scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
                  hard_labels: bool = False):
-        resolve(loader)   # an unknown or missing backend is refused before the store is verified
+        check_values("ReplayLoader", {
+            "store": (StorePath(), store), "data": (LOCAL_PATH, data), "batch_size": (COUNT, batch_size),
+            "model": (OrNone(Instance(nn.Module)), model), "res": (OrNone(RES), res), "mean": (OrNone(MEAN), mean),
+            "std": (OrNone(STD), std), "seed": (INT_FROM_0, seed), "loader": (Choice(LOADER_CHOICES), loader),
+            "workers": (OrNone(COUNT), workers), "crops_per_image": (OrNone(COUNT), crops_per_image),
+            "scale": (OrNone(declared(CropParams, "scale")), scale),
+            "ratio": (OrNone(declared(CropParams, "ratio")), ratio), "hard_labels": (FLAG, hard_labels),
+            **({} if isinstance(device, torch.device) else {"device": (DEVICE, device)})})
+        resolve(loader)   # a backend that is not installed is refused before the store is verified
+        inner = None if model is None else unwrap_model(model)   # DDP, DataParallel, torch.compile hide its config
+        if inner is not None and (mean is None or std is None):
+            config = data_config(inner)
+            if config is None:
+                raise MealV2Error(f"ReplayLoader: the model ({type(inner).__name__}) has no timm data config "
+                                  f"(pretrained_cfg) to take the crops' normalisation from; pass mean= and std= "
+                                  f"(e.g. ImageNet's (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225))")
+            mean, std = config[1] if mean is None else mean, config[2] if std is None else std
+        if mean is None or std is None:
+            raise MealV2Error("ReplayLoader: the crops' normalisation is unknown; pass model= (the student: its timm "
+                              "data config gives mean and std) or mean= and std=")
         info = DistInfo.current()
         self.rank, self.world_size = info.rank, info.world_size
         self.device = device if isinstance(device, torch.device) else resolve_device(device, info.local_rank)
@@ -197,22 +235,16 @@ class ReplayLoader:
         self.index = data_index(data, self.store, info, workers=workers)
         self.classes, note = check_store_matches(self.store, self.index, str(data))
         self.notes = [note] if note else []
-        if model is not None:
-            heads = getattr(model, "num_classes", len(self.classes))
-            if heads != len(self.classes):
-                raise MealV2Error(f"ReplayLoader: the model has {heads} outputs, {self.store.path}'s targets "
-                                  f"{len(self.classes)} classes {preview_classes(self.classes)}; create it with "
-                                  f"num_classes=len(mealv2.store_classes(store))")
-            _, model_mean, model_std = default_data_config(model)
-            mean, std = model_mean if mean is None else mean, model_std if std is None else std
-        if mean is None or std is None:
-            raise MealV2Error("ReplayLoader: the crops' normalisation is unknown; pass model= (the student: its timm "
-                              "data config gives mean and std) or mean= and std=")
+        heads = getattr(inner, "num_classes", len(self.classes))
+        if heads != len(self.classes):
+            raise MealV2Error(f"ReplayLoader: the model has {heads} outputs, {self.store.path}'s targets "
+                              f"{len(self.classes)} classes {preview_classes(self.classes)}; create it with "
+                              f"num_classes=len(mealv2.store_classes(store))")
         self.res = int(self.store.attrs["crop"]["res"]) if res is None else res
-        if model is not None:
-            check_student_res(model, [self.res], Runtime(next(model.parameters()).device),
+        if inner is not None:
+            check_student_res(inner, [self.res], Runtime(next(inner.parameters()).device),
                               where="ReplayLoader: the model", fix="res=")
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.seed, self.batch_size = seed, batch_size
         labels = StoredLabels(self.store)
         self.crops_per_image = labels.crops_per_image
@@ -224,6 +256,7 @@ class ReplayLoader:
                                    hard_labels=store_hard_labels(self.store, "ReplayLoader(hard_labels=True)")
                                    if hard_labels else None)
         self.step = 0    # global steps taken (batches yielded) since the first epoch began
+        self._live: weakref.ref | None = None   # the iterator handed out last, while it may yield
 
     @property
     def num_classes(self) -> int:
@@ -249,10 +282,26 @@ class ReplayLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The rest of the current epoch, from :attr:`step` on; refused while another iterator of this
+        loader can still yield (both would replay the same steps)."""
+        self._refuse_live("iterate it again")
+        batches = self._batches()
+        self._live = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
         stop = (self.epoch + 1) * len(self)
         for batch in self._loader.steps(self.step, stop, [View(self.res, self.mean, self.std)]):
             self.step += 1
             yield (batch.images, batch.target) if batch.labels is None else (batch.images, batch.target, batch.labels)
+
+    def _refuse_live(self, what: str) -> None:
+        """Refuse ``what`` while an iterator handed out can still yield: one not yet exhausted, closed or
+        dropped (a ``for`` loop's is dropped when the loop ends, a peek's at once)."""
+        live = self._live() if self._live is not None else None
+        if live is not None and live.gi_frame is not None:
+            raise MealV2Error(f"ReplayLoader: cannot {what} while an iterator over it is live (at step {self.step}); "
+                              f"one iterator at a time: exhaust it, or drop it (del it, or it.close()) first")
 
     def mix(self, images: torch.Tensor, *targets: torch.Tensor, cutmix_alpha: float = 0.0,
             cutmix_prob: float = 1.0, mixup_alpha: float = 0.0) -> tuple[torch.Tensor, ...]:
@@ -282,12 +331,19 @@ class ReplayLoader:
                 "num_images": len(self.index)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed or batch size."""
+        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed or batch
+        size, if it is not a ReplayLoader's state, or while an iterator over this loader is live."""
         ours = self.state_dict()
+        if not isinstance(state, dict) or not ours.keys() <= state.keys():
+            shown = f"a dict with keys {sorted(state)}" if isinstance(state, dict) else repr(state)
+            raise MealV2Error(f"ReplayLoader.load_state_dict: {shown} is not a ReplayLoader's state; expected "
+                              f"what ReplayLoader.state_dict() returns, a dict with keys {sorted(ours)}")
+        check_values("ReplayLoader.load_state_dict", {"step": (INT_FROM_0, state["step"])})
         diff = [f"{k}: the saved loader has {state.get(k)!r}, this one {ours[k]!r}"
                 for k in ("seed", "batch_size", "store", "num_images") if state.get(k) != ours[k]]
         if diff:
             raise MealV2Error("ReplayLoader.load_state_dict: the saved state replays other crops, so it would not "
                               "continue exactly:\n  " + "\n  ".join(diff)
                               + "\nBuild the loader with the saved run's store, data, seed and batch_size")
-        self.step = int(state["step"])
+        self._refuse_live("load a state")
+        self.step = state["step"]

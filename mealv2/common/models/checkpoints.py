@@ -19,6 +19,7 @@ import safetensors.torch
 import timm
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from ..errors import MealV2Error
 from ..store.faults import fault_point
@@ -34,6 +35,8 @@ SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray, *{type(np.dtype(t)) fo
                 *[(f, f"numpy{core}.multiarray.{f.__name__}") for f in (np._core.multiarray.scalar,
                                                                          np._core.multiarray._reconstruct)
                   for core in (".core", "._core")]]
+# Wrapper -> the attribute holding the model it wraps (torch.compile's OptimizedModule keeps it as _orig_mod).
+WRAPPERS = {nn.parallel.DistributedDataParallel: "module", nn.DataParallel: "module", OptimizedModule: "_orig_mod"}
 _trusted = contextvars.ContextVar("trusted_checkpoints", default=False)
 
 
@@ -97,9 +100,32 @@ def create_timm_model(arch: str, num_classes: int, pretrained: bool = False, whe
     return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its DDP, ``nn.DataParallel`` and ``torch.compile`` wrappers (any nesting): a wrapper
+    hides the model's own attributes (timm's ``pretrained_cfg``, ``num_classes``) from whoever reads them."""
+    while (inner := next((attr for kind, attr in WRAPPERS.items() if isinstance(model, kind)), None)) is not None:
+        model = getattr(model, inner)
+    return model
+
+
+def data_config(model: nn.Module) -> tuple[int, tuple, tuple] | None:
+    """(res, mean, std) from the timm data config (``pretrained_cfg``, or an older ``default_cfg``) of the
+    model inside any wrappers; None for a model without one, where timm would assume ImageNet's."""
+    inner = unwrap_model(model)
+    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
+    if not isinstance(cfg, dict) or not {"mean", "std"} <= cfg.keys():
+        return None
+    resolved = timm.data.resolve_data_config({}, pretrained_cfg=cfg)
+    return int(resolved["input_size"][-1]), tuple(resolved["mean"]), tuple(resolved["std"])
+
+
 def default_data_config(model: nn.Module) -> tuple[int, tuple, tuple]:
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
+    """:func:`data_config` of a model that has one (every timm model)."""
+    config = data_config(model)
+    if config is None:
+        raise ModelSpecError(f"{type(unwrap_model(model)).__name__} has no timm data config (pretrained_cfg with "
+                             f"mean and std) to take its input size and normalisation from")
+    return config
 
 
 def pretrained_cfg(arch: str):

@@ -25,6 +25,15 @@ import torch.distributed as dist
 from .runtime import resolve_device
 
 
+def local_rank(rank: int, env, cuda_devices: int) -> int:
+    """The GPU of group rank ``rank``: torchrun's ``LOCAL_RANK`` in ``env``; without it (a group that
+    ``mp.spawn`` or a script started) the rank modulo the ``cuda_devices`` visible, so the ranks on a
+    machine spread over its GPUs rather than all landing on cuda:0 (ranks numbered machine by machine)."""
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    return rank % cuda_devices if cuda_devices else 0
+
+
 def backend_for(device_type: str) -> str:
     """The process-group backend of a run on ``device_type`` (device:backend pairs)."""
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
@@ -44,10 +53,11 @@ class DistInfo:
     @classmethod
     def current(cls) -> "DistInfo":
         """This process's place in the torch.distributed group it has joined (one rank of one when none):
-        a user's own loop initialises the group itself."""
+        a user's own loop initialises the group itself, under torchrun or ``mp.spawn``."""
         if not (dist.is_available() and dist.is_initialized()):
             return cls()
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        rank = dist.get_rank()
+        return cls(rank, dist.get_world_size(), local_rank(rank, os.environ, torch.cuda.device_count()))
 
     @property
     def is_main(self) -> bool:

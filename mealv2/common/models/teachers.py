@@ -46,6 +46,7 @@ from timm.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INC
                        infer_imagenet_subset)
 from torch import nn
 
+from ..config import MEAN, STD
 from ..data.loaders.base import View
 from ..data.dataset import class_sources
 from ..errors import MealV2Error
@@ -130,7 +131,7 @@ def parse_norm(norm: str, arch_config: tuple | None = None, where: str = "") -> 
     try:
         mean, std = ([float(v) for v in part.split(":")] for part in norm.split("/"))
         mean, std = (tuple(v * 3 if len(v) == 1 else v) for v in (mean, std))
-        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+        if MEAN.problem(mean) or STD.problem(std):
             raise ValueError
     except ValueError:
         raise ModelSpecError(f"{where}: normalisation '%{norm}': expected one of {', '.join(NORMS)}, timm, "
