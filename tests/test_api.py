@@ -117,7 +117,7 @@ def test_the_replay_loader_takes_the_models_normalisation_and_any_res(labelled):
 
 
 def test_the_replay_loader_refuses_what_mealv2_train_refuses(labelled, tmp_path):
-    with pytest.raises(MealV2Error, match="--loader nope: expected one of auto"):
+    with pytest.raises(MealV2Error, match="loader = .nope. is not a choice; expected one of .auto."):
         loader(labelled, loader="nope")
     with pytest.raises(MealV2Error, match=r"crops_per_image=4 differs from the 2 that .* was labelled with"):
         loader(labelled, crops_per_image=4)

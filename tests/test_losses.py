@@ -1,13 +1,17 @@
+import io
+
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from mealv2.common.errors import MealV2Error
 from mealv2.common.models.runtime import Runtime
 from mealv2.common.data.targets import encode_topk, reconstruct_targets
-from mealv2.stage2_train.losses import (Discriminator, Mix, discriminator_loss, draw_mix, mix_images, mix_targets,
-                                        soft_cross_entropy, topk_form)
+from mealv2.stage2_train.losses import (Discriminator, MealV2Loss, Mix, discriminator_loss, draw_mix, mix_images,
+                                        mix_targets, soft_cross_entropy, topk_form)
 from mealv2.stage2_train.trainer import Objective, TrainState, train_step
 
 CPU = Runtime(torch.device("cpu"))
@@ -183,3 +187,50 @@ def test_with_stored_targets_the_discriminator_loss_does_not_collapse_in_a_short
     assert np.mean(loss[-10:]) < np.mean(loss[:10]) - 0.5            # the student learns
     assert min(d_loss[50:]) > 0.6                                     # ln 2 = 0.693
     assert max(d for _, d in runs[None][50:]) < 0.3                   # the shortcut
+
+
+def _trained_loss(seed: int = 0) -> MealV2Loss:
+    """A loss whose discriminator optimizer has taken a step (momentum buffers to save)."""
+    torch.manual_seed(seed)
+    loss = MealV2Loss(3, temperature=2.0, topk=2, discriminator=True)
+    loss(torch.randn(8, 3, requires_grad=True), soft_targets(8, 3)).backward()
+    loss.step()
+    return loss
+
+
+def _assert_same_optimizer(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    for i in sa["state"]:
+        torch.testing.assert_close(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_a_module_holding_the_loss_saves_and_restores_its_discriminator_optimizer():
+    parent = nn.Module()
+    parent.criterion = _trained_loss()
+    saved = io.BytesIO()
+    torch.save(parent.state_dict(), saved)
+    assert "criterion._extra_state" in parent.state_dict()
+    restored = nn.Module()
+    restored.criterion = MealV2Loss(3, temperature=2.0, topk=2, discriminator=True)
+    restored.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    _assert_same_optimizer(restored.criterion.d_optimizer, parent.criterion.d_optimizer)
+    with pytest.raises(MealV2Error, match="the state was saved with a discriminator .*, this loss has none"):
+        restored.criterion = MealV2Loss(3, temperature=2.0, topk=2)
+        restored.load_state_dict(parent.state_dict())
+
+
+def test_a_loss_state_saved_before_the_prefix_still_loads_or_is_refused_naming_why():
+    loss = _trained_loss()
+    old = {k: v for k, v in loss.state_dict().items() if k != "_extra_state"}
+    old["d_optimizer"] = loss.d_optimizer.state_dict()       # how MealV2Loss.state_dict() saved it before
+    again = MealV2Loss(3, temperature=2.0, topk=2, discriminator=True)
+    again.load_state_dict(old)
+    _assert_same_optimizer(again.d_optimizer, loss.d_optimizer)
+    MealV2Loss(3).load_state_dict({})                        # no discriminator: it saved nothing, and loads so
+    parent = nn.Module()
+    parent.criterion = MealV2Loss(3, temperature=2.0, topk=2, discriminator=True)
+    old_parent = {**{f"criterion.{k}": v for k, v in old.items() if k != "d_optimizer"},
+                  "d_optimizer": old["d_optimizer"]}
+    with pytest.raises(MealV2Error, match=r"no discriminator optimizer \('criterion._extra_state'\).*strict=False"):
+        parent.load_state_dict(old_parent)                   # a parent's state from then: its key unprefixed
