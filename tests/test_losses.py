@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mealv2.common.data.targets import encode_topk, reconstruct_targets
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models.runtime import Runtime
-from mealv2.common.data.targets import encode_topk, reconstruct_targets
 from mealv2.stage2_train.losses import (Discriminator, MealV2Loss, Mix, discriminator_loss, draw_mix, mix_images,
                                         mix_targets, soft_cross_entropy, topk_form)
 from mealv2.stage2_train.trainer import Objective, TrainState, train_step

@@ -35,8 +35,8 @@ def loader(labelled, **kw) -> mealv2.ReplayLoader:
     ({"seed": 1.5}, "seed = 1.5 is not an integer"),
     ({"res": 0}, "res = 0 is out of range; expected an integer >= 1"),
     ({"res": 1.5}, "res = 1.5 is not an integer"),
-    ({"mean": (math.nan,) * 3}, r"mean = \(nan, nan, nan\) is not three finite numbers; expected three finite "
-                                r"numbers \(R, G, B\)"),
+    ({"mean": (math.nan,) * 3}, (r"mean = \(nan, nan, nan\) is not three finite numbers; expected three finite "
+                                 r"numbers \(R, G, B\)")),
     ({"mean": (0.5, 0.5)}, r"mean = \(0.5, 0.5\) is not three numbers"),
     ({"std": (0, 0, 0)}, r"std = \(0, 0, 0\) is not positive; expected three finite numbers \(R, G, B\), each > 0"),
     ({"std": "0.5"}, "std = '0.5' is not three numbers"),
@@ -145,8 +145,8 @@ def test_peeking_takes_a_step_and_the_documented_peek_does_not(labelled):
 
 
 @pytest.mark.parametrize("state, refusal", [
-    (None, r"None is not a ReplayLoader's state; expected what ReplayLoader.state_dict\(\) returns, a dict with "
-           r"keys \['batch_size', 'num_images', 'seed', 'step', 'store'\]"),
+    (None, (r"None is not a ReplayLoader's state; expected what ReplayLoader.state_dict\(\) returns, a dict with "
+            r"keys \['batch_size', 'num_images', 'seed', 'step', 'store'\]")),
     ({"step": 3}, r"a dict with keys \['step'\] is not a ReplayLoader's state"),
     ({"state": {}, "param_groups": []}, r"a dict with keys \['param_groups', 'state'\] is not a ReplayLoader's"),
 ])

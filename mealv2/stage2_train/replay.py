@@ -16,18 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..common.config import (COUNT, DEVICE, FLAG, INT_FROM_0, MEAN, STD, Choice, Instance, OrNone, check_values,
-                             declared)
-from ..common.data.crops import RES, CropParams
+from ..common.config import FLAG, INT_FROM_0, MEAN, STD, Instance, OrNone, check_values, declared
 from ..common.data.dataset import DatasetIndex, build_index_shared
 from ..common.data.loaders.base import View
-from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
+from ..common.data.loaders.registry import available_cores, resolve
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import data_config, preview_classes, unwrap_model
 from ..common.models.distributed import DistInfo
 from ..common.models.runtime import Runtime, resolve_device
 from ..common.store.label_store import LabelStore
 from ..common.store.locations import LOCAL_PATH, StorePath
+from .config import TrainConfig
 from .loader import StoredLabels, TrainLoader, images_per_step
 from .losses import mix_batch
 
@@ -204,14 +203,15 @@ class ReplayLoader:
                  loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
                  scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
                  hard_labels: bool = False):
+        # The arguments that are `mealv2 train` flags are checked by TrainConfig's declarations, in its words.
+        as_flags = {"batch_size": batch_size, "res": res, "seed": seed, "loader": loader,
+                    "crops_per_image": crops_per_image, "scale": scale, "ratio": ratio,
+                    **({} if isinstance(device, torch.device) else {"device": device})}
         check_values("ReplayLoader", {
-            "store": (StorePath(), store), "data": (LOCAL_PATH, data), "batch_size": (COUNT, batch_size),
-            "model": (OrNone(Instance(nn.Module)), model), "res": (OrNone(RES), res), "mean": (OrNone(MEAN), mean),
-            "std": (OrNone(STD), std), "seed": (INT_FROM_0, seed), "loader": (Choice(LOADER_CHOICES), loader),
-            "workers": (OrNone(COUNT), workers), "crops_per_image": (OrNone(COUNT), crops_per_image),
-            "scale": (OrNone(declared(CropParams, "scale")), scale),
-            "ratio": (OrNone(declared(CropParams, "ratio")), ratio), "hard_labels": (FLAG, hard_labels),
-            **({} if isinstance(device, torch.device) else {"device": (DEVICE, device)})})
+            "store": (StorePath(), store), "data": (LOCAL_PATH, data), "model": (OrNone(Instance(nn.Module)), model),
+            **{name: (declared(TrainConfig, name), value) for name, value in as_flags.items()},
+            "workers": (OrNone(declared(TrainConfig, "workers")), workers), "mean": (OrNone(MEAN), mean),
+            "std": (OrNone(STD), std), "hard_labels": (FLAG, hard_labels)})
         resolve(loader)   # a backend that is not installed is refused before the store is verified
         inner = None if model is None else unwrap_model(model)   # DDP, DataParallel, torch.compile hide its config
         if inner is not None and (mean is None or std is None):
