@@ -50,7 +50,7 @@ def check_run_data(ckpt: dict, path: Path, settings: dict, data: DatasetIndex, v
     if not changes:
         return
     was = f"DATA {settings.get('data')}" + (f" and --val {settings['val']}" if settings.get("val") else "")
-    raise MealV2Error(f"--resume {path}: the run was trained on other images (compared by relative path and "
+    raise MealV2Error(f"--resume {path}: this command's images are not the run's (compared by relative path and "
                       f"content, wherever they are):\n  " + "\n  ".join(changes)
                       + f"\nPass the images the run was started with ({was}, or a copy of them elsewhere), or start "
                         f"a new run with another --out (a different --val is refused too: best.pt is picked by "
