@@ -1,6 +1,7 @@
 """--resume continues a run on the images it was trained on (run_data.py), in all three modes: other DATA or
 --val is refused naming the files, a moved or copied DATA resumes, and a run saved before the record
 resumes with a warning; a store grown by `mealv2 label --rounds` resumes, another store does not."""
+import json
 import shutil
 
 import pytest
@@ -35,7 +36,10 @@ def val_dir(tmp_path):
 def test_hard_labels_resume_on_the_val_set_is_refused_naming_the_files(data, val_dir, tmp_path, in_process):
     run = tmp_path / "run"
     train(TrainConfig(str(data), str(run), hard_labels=True, **FRESH, **RUN))
-    assert load_checkpoint_file(run / "last.pt")["datasets"]["data"]["fingerprint"] == build_index(data).fingerprint
+    fingerprint = build_index(data).fingerprint
+    assert load_checkpoint_file(run / "last.pt")["datasets"]["data"]["fingerprint"] == fingerprint
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["images"] == {"data": {"fingerprint": fingerprint, "num_images": 12}, "val": None}
 
     r = in_process("train", val_dir, "--resume", run, "--epochs", 2)
     assert r.returncode == 2
