@@ -324,7 +324,6 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     checkpoint = _resume_checkpoint(run, cfg, mode, val_index=val_index, info=info, say=say) if cfg.resume else None
-    images = run_data_record(mode.index, val_index)   # every checkpoint's record of DATA and --val (run_data.py)
     crops_per_image = mode.labels.crops_per_image
     per_step = images_per_step(cfg.batch_size, crops_per_image, info.world_size)
     check_mix_pairs(cfg, per_step, crops_per_image, info.world_size)
@@ -357,6 +356,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     say(plan_text(cfg, loader, mode, info, scheduler))
     if cfg.dry_run:
         return []
+    images = run_data_record(mode.index, val_index)   # every checkpoint's record of DATA and --val (run_data.py)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         resolved = dict(mode=mode.name, classes=list(classes), crop=crop.to_attrs(), crops_per_image=crops_per_image,
