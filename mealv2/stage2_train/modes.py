@@ -149,7 +149,7 @@ class Mode:
         """What a checkpoint records of the labels (the store's digest)."""
         return None
 
-    def resume_diffs(self, ckpt: dict) -> list[str]:
+    def resume_diffs(self, ckpt: dict, say: Callable) -> list[str]:
         """Why continuing the run of ``ckpt`` would train on other labels, beyond the config's fields."""
         return []
 
@@ -207,8 +207,15 @@ class StoredMode(Mode):
     def store_digest(self) -> str:
         return self.store.digest
 
-    def resume_diffs(self, ckpt: dict) -> list[str]:
-        if ckpt.get("store_digest") == self.store.digest:
+    def resume_diffs(self, ckpt: dict, say: Callable) -> list[str]:
+        """The run's store, or that store grown by rounds since (`mealv2 label --rounds N` appends rounds and
+        keeps the earlier ones): a user who labels more rounds to train longer resumes, onto the new rounds."""
+        was, now = ckpt.get("store_digest"), self.store.rounds_planned
+        if was == self.store.digest:
+            return []
+        if (rounds := self.store.grown_from(was)) is not None:
+            say(f"labels: {self.store.path} has grown from {rounds} to {now} rounds since the run's last epoch "
+                f"(its earlier rounds unchanged); the passes from here replay round p mod {now}")
             return []
         return [f"labels: the run was trained on another label store than {self.store.path} (store digests differ)"]
 

@@ -58,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import __version__
-from ..common.data.dataset import build_index_shared, refuse_nested
+from ..common.data.dataset import DatasetIndex, build_index_shared, refuse_nested
 from ..common.data.loaders.base import View
 from ..common.data.loaders.registry import describe
 from ..common.config import config_args
@@ -76,6 +76,7 @@ from .modes import EpochViews, Mode, Objective, make_mode, shown_res
 from .replay import check_student_res
 from .res_schedule import ResSchedule, res_schedule
 from .run_config import current_settings
+from .run_data import RECORD_KEY, check_run_data, record_summary, run_data_record
 from .utils import RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
 
@@ -322,7 +323,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
             f"{len(classes)}; top-1/top-5 are taken among those {len(val_index.classes)}")
     if not cfg.resume and (run / "last.pt").exists() and not cfg.dry_run:
         raise MealV2Error(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --out")
-    checkpoint = _resume_checkpoint(run, cfg, mode) if cfg.resume else None
+    checkpoint = _resume_checkpoint(run, cfg, mode, val_index=val_index, info=info, say=say) if cfg.resume else None
     crops_per_image = mode.labels.crops_per_image
     per_step = images_per_step(cfg.batch_size, crops_per_image, info.world_size)
     check_mix_pairs(cfg, per_step, crops_per_image, info.world_size)
@@ -355,6 +356,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
     say(plan_text(cfg, loader, mode, info, scheduler))
     if cfg.dry_run:
         return []
+    images = run_data_record(mode.index, val_index)   # every checkpoint's record of DATA and --val (run_data.py)
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         resolved = dict(mode=mode.name, classes=list(classes), crop=crop.to_attrs(), crops_per_image=crops_per_image,
@@ -362,7 +364,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
                         temperature=mode.objective.temperature, topk=mode.objective.topk,
                         world_size=info.world_size, images_per_step_per_rank=per_step, steps_per_epoch=len(loader),
                         loader=loader.backend, device=device.type, store=mode.store_record(),
-                        mealv2_version=__version__)
+                        images=record_summary(images), mealv2_version=__version__)
         write_run_config(run, cfg, resolved)
 
     forward = _ddp(model, info, device)
@@ -404,7 +406,7 @@ def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> list[dict]
         extra = state.checkpoint_state(info)  # collective (RNG gather): every rank takes part
         if info.is_main:
             meta = dict(arch=cfg.arch, classes=classes, res=crop.res, mean=mean, std=std,
-                        train_config=dataclasses.asdict(cfg), store_digest=mode.store_digest)
+                        train_config=dataclasses.asdict(cfg), store_digest=mode.store_digest, **{RECORD_KEY: images})
             save_checkpoint(run / "last.pt", model=model, **meta, **extra)
             if improved:
                 save_checkpoint(run / "best.pt", model=model, **meta, **extra)
@@ -478,8 +480,10 @@ def _summary(row: dict, epochs: int, steps_per_rank: list[int], seconds: float) 
     return "  ".join(parts)
 
 
-def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
-    """RUN/last.pt, refused when this command would train differently from the run it continues."""
+def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode, *, val_index: DatasetIndex | None, info: DistInfo,
+                       say) -> dict:
+    """RUN/last.pt, refused when this command would train differently from the run it continues, or on
+    other images (run_data.py)."""
     path = run / "last.pt"
     if not path.is_file():
         raise MealV2Error(f"--resume: {path} does not exist; start the run without --resume")
@@ -487,6 +491,7 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
     ours = dataclasses.asdict(cfg)
     # A setting added after the run was made is the run's at its default (which keeps the old behaviour).
     saved = {**TRAIN_DEFAULTS, **current_settings(ckpt.get("train_config", {}))}
+    check_run_data(ckpt, path, saved, mode.index, val_index, data_arg=cfg.data, val_arg=cfg.val, warn=info.is_main)
     may_change = RESUME_MAY_CHANGE | ({"epochs"} if not cfg.cos else set()) | {"res", *RESOLVED_ON_RESUME}
     diff = [f"{k}: the run has {saved.get(k)!r}, this command {ours[k]!r}"
             for k in ours if k not in may_change and saved.get(k) != ours[k]]
@@ -496,7 +501,7 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode) -> dict:
     if was != mode.schedule:
         diff.append(f"student resolution: the run has {_describe(was, cfg.epochs)}, this command "
                     f"{_describe(mode.schedule, cfg.epochs)}{mode.res_hint(was)}")
-    diff += mode.resume_diffs(ckpt)
+    diff += mode.resume_diffs(ckpt, say)
     if diff:
         raise MealV2Error(f"--resume {path}: this command differs from the run's settings, so it would not "
                           f"continue the run exactly:\n  " + "\n  ".join(diff)

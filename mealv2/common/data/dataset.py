@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from ..errors import MealV2Error
 from ..store.files import cache_root, write_file
+from ..store.mismatch import path_differences
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (copied: importing torchvision costs seconds)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -166,6 +168,24 @@ def build_index(data: str | Path, *, skip_bad: bool = False, workers: int = 8, c
     if key is not None:
         _save_cache(cache_file(data, skip_bad), key, index)
     return index
+
+
+def index_record(index: DatasetIndex) -> dict:
+    """What a training run records of an index it trains or validates on, so that ``--resume`` tells other
+    data from the same data moved or copied: the fingerprint (relative paths, classes, labels, sizes: no
+    location), the image count, and the relative paths (zlib: a few MB for ImageNet) to name what changed."""
+    return {"fingerprint": index.fingerprint, "num_images": len(index), "paths": zlib.compress(_join(index.relpaths))}
+
+
+def index_changes(record: dict, index: DatasetIndex, name: str) -> str | None:
+    """None when ``index`` is the index ``record`` (:func:`index_record`) was made from, wherever its files
+    now are; else a line giving both fingerprints and naming the files ``name`` (the index) lacks and adds."""
+    if record["fingerprint"] == index.fingerprint:
+        return None
+    paths = _split(zlib.decompress(record["paths"]), record["num_images"])
+    return (f"fingerprint {index.fingerprint[:16]} ({len(index)} images), the run's {record['fingerprint'][:16]} "
+            f"({record['num_images']} images); "
+            + path_differences(paths, index.relpaths, name=name, since="the run started"))
 
 
 def refuse_nested(data: str | Path, out: str | Path, flag: str) -> None:
@@ -452,6 +472,11 @@ def _join(relpaths) -> bytes:
     return "\0".join(relpaths).encode("utf-8", "surrogateescape")
 
 
+def _split(blob: bytes, count: int) -> tuple[str, ...]:
+    """The ``count`` paths :func:`_join` joined into ``blob``."""
+    return tuple(blob.decode("utf-8", "surrogateescape").split("\0")) if count else ()
+
+
 def _save_cache(path: Path, key: str, index: DatasetIndex) -> None:
     """Checksummed file, written whole and durably (common/store/files.py): readers see all of it or none."""
     meta = {"key": key, "fingerprint": index.fingerprint, "classes": list(index.classes),
@@ -482,7 +507,7 @@ def _load_cache(path: Path, root: Path, key: str | None) -> DatasetIndex | None:
             labels, sizes, blob = z["labels"], z["sizes"], z["relpaths"].tobytes()
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # missing, damaged or not ours
         return None
-    relpaths = tuple(blob.decode("utf-8", "surrogateescape").split("\0")) if len(labels) else ()
+    relpaths = _split(blob, len(labels))
     labels.setflags(write=False)
     sizes.setflags(write=False)
     index = DatasetIndex(root=root, relpaths=relpaths, labels=labels, classes=tuple(meta["classes"]),

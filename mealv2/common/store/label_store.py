@@ -169,6 +169,13 @@ class LabelStore(StoreIntegrity):
         """SHA-256 of the store's attributes: what it was made from and how."""
         return self.group.attrs[DIGEST_KEY]
 
+    def grown_from(self, digest: str | None) -> int | None:
+        """The rounds this store had when its digest was ``digest``, if it is that store with rounds appended
+        since (an append changes only ``rounds_planned`` among the attributes and keeps every earlier round
+        byte for byte); None for another store."""
+        return next((r for r in range(1, self.rounds_planned)
+                     if json_digest({**self.attrs, "rounds_planned": r}) == digest), None)
+
     def record_run(self, run: dict) -> None:
         """Add ``run`` (what a labelling command took: crops, seconds, device) to the attribute
         ``mealv2_runs``. It is history, not what the labels are, so it stays outside the digest: a resumed

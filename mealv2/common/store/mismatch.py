@@ -15,20 +15,23 @@ def settings_differences(stored: dict, new: dict) -> list[str]:
     return _ignore_moved_teachers(_diff({k: stored.get(k) for k in IDENTITY_KEYS}, {k: new.get(k) for k in IDENTITY_KEYS}))
 
 
-def path_differences(stored: Sequence[str] | None, relpaths: Sequence[str], show: int = 5) -> str:
-    """What differs between the images a store was labelled from (``stored``: their paths, None when
-    the store has no readable copy) and ``relpaths``, by path."""
+def path_differences(stored: Sequence[str] | None, relpaths: Sequence[str], show: int = 5, *,
+                     name: str = "DATA", since: str = "labelling", holder: str = "this store") -> str:
+    """What differs between the images a dataset index was made from (``stored``: their relative paths, None
+    when ``holder`` has no readable copy) and ``relpaths``, by path: the files ``name`` lacks and adds (``show``
+    of each, then their count). One function for every record of an index: a label store's (since labelling)
+    and a training run's (since the run started; common/data/dataset.py's index_changes)."""
     if stored is None:
-        return "(this store has no readable copy of its images' paths: the files that changed cannot be named)"
+        return f"({holder} has no readable copy of its images' paths: the files that changed cannot be named)"
     old, new = set(stored), set(relpaths)
     gone, added = [p for p in stored if p not in new], [p for p in relpaths if p not in old]
-    lines = [f"{what} {len(found)} image(s): {', '.join(found[:show])}{', ...' if len(found) > show else ''}"
-             for what, found in (("DATA lacks", gone), ("DATA adds", added)) if found]
+    lines = [f"{name} {what} {len(found)} image(s): {', '.join(found[:show])}{', ...' if len(found) > show else ''}"
+             for what, found in (("lacks", gone), ("adds", added)) if found]
     if not lines:
         moved = next((i for i, (a, b) in enumerate(zip(stored, relpaths)) if a != b), None)
         lines.append(f"the same {len(stored)} paths, " + (f"in another order (first at #{moved}: {relpaths[moved]})"
                      if moved is not None else "so their labels (classes) or image sizes differ"))
-    return "dataset changes since labelling: " + "; ".join(lines)
+    return f"dataset changes since {since}: " + "; ".join(lines)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
