@@ -343,6 +343,12 @@ class Lease(ABC):
             self._lost = (f"its lease {redact(self.url)} was taken over by "
                           f"{seen.holder if seen.body else 'an object that is not a mealv2 lease'}")
 
+    @property
+    def expires(self) -> float:
+        """When, on :func:`lease_clock`, the holder believes its lease ends: never after the server's view
+        (the last write that landed, plus the duration)."""
+        return self._renewed + self.seconds
+
     def _unrenewed(self) -> str:
         why = f"; last error: {type(self._last_error).__name__}: {self._last_error}" if self._last_error else ""
         return (f"its lease {redact(self.url)} was not {'seen ' if self.watching else ''}renewed for "
