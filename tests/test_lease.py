@@ -61,6 +61,9 @@ def test_second_writer_is_refused_while_the_first_renews_past_its_duration(s3):
     message = str(refused.value)
     assert s3.store in message and f"{s3.store}.lease" in message and ME in message and "`mealv2 label`" in message
     assert "expires in" in message and "run the same command again then" in message
+    # and how to break it, should its holder be dead
+    assert (f"break the dead lease now by deleting it: `aws s3 rm {s3.store}.lease --endpoint-url "
+            f"{s3.endpoint}`") in message
     # released: the object is gone and the next writer gets it at once
     assert s3.client.list_objects_v2(Bucket=BUCKET, Prefix=s3.key)["KeyCount"] == 0
     with hold_lease(s3.store, "label", seconds=2) as second:
@@ -159,6 +162,35 @@ def test_a_lease_not_renewed_for_its_duration_less_a_request_deadline_is_lost(s3
     lease.check()   # renewals fail, but more than a deadline is left of the lease
     time.sleep(max(0.0, after + 1.6 - lease_module.lease_clock()))
     with pytest.raises(LeaseError, match="was not renewed for 1.5 s of its 2 s.*the endpoint is unreachable"):
+        lease.check()
+    lease.release()
+
+
+def test_a_failed_heartbeat_thread_stops_the_writer_at_its_next_commit(s3, monkeypatch):
+    """Its thread dead (as 1e12 s once killed it, with a traceback), a holder that went on would write unguarded."""
+    def broken(self):
+        raise RuntimeError("a bug in the heartbeat")
+
+    monkeypatch.setattr(lease_module.S3Lease, "_renew", broken)
+    lease = hold_lease(s3.store, "label", seconds=2)
+    assert _wait_until(lambda: not lease._thread.is_alive(), timeout=3)
+    with pytest.raises(LeaseError, match=r"its heartbeat thread failed \(RuntimeError: a bug in the heartbeat\)"):
+        lease.check()
+    lease.release()
+
+
+def test_the_holders_clock_counts_a_suspend(s3, monkeypatch):
+    """A machine suspended longer than the lease wakes with its lease gone: the clock is CLOCK_BOOTTIME (Linux),
+    not time.monotonic, which stops during a suspend."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        assert abs(lease_module.lease_clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 0.01
+    asleep = [0.0]
+    clock = lease_module.lease_clock
+    monkeypatch.setattr(lease_module, "lease_clock", lambda: clock() + asleep[0])
+    lease = hold_lease(s3.store, "label", seconds=60)   # no heartbeat before the check
+    lease.check()
+    asleep[0] = 60.0   # suspended for a minute
+    with pytest.raises(LeaseError, match="was not renewed for 45 s of its 60 s"):
         lease.check()
     lease.release()
 
