@@ -220,20 +220,23 @@ class Lease(ABC):
         for _ in range(ATTEMPTS):
             sent = lease_clock()
             body = self._body()
+            failed = None
             try:
                 self.etag = self._create(body)
             except _Conflict:
                 pass
             except (MealV2Error, _Skewed):
                 raise
-            except Exception:   # no reply: it may have landed; the read below tells (or fails, and says why)
-                pass
+            except Exception as e:   # no reply: it may have landed; the read below tells (or fails, and says why)
+                failed = e
             else:
                 self._renewed = sent
                 return self._probe(body)
             try:
                 seen = self._read()
-            except _Absent:   # released between our write and our read: try again
+            except _Absent:   # released between our write and our read: try again; or our write failed
+                if failed is not None:
+                    raise self._unwritable(failed) from None
                 continue
             if seen.body is None:
                 raise self.error(f"{self.store} cannot be written: {redact(self.url)} exists but is not a mealv2 "
