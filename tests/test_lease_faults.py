@@ -187,7 +187,7 @@ def test_a_partition_longer_than_the_lease_stops_the_old_writer_before_its_next_
 def test_a_takeover_during_a_put_comes_after_the_old_writers_last_commit_landed(wire, uninterrupted):
     """A's lease is cut off while it keeps committing, each done mark held in flight 0.4 s (under the 0.5 s
     request deadline): every commit that passed its check lands before B can take the lease over."""
-    lease, store = _start_a(wire)
+    _, store = _start_a(wire)   # its lease is lost here: it never deletes B's
 
     def decide(request):
         if request.key.endswith(".lease"):
