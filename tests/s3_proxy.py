@@ -8,7 +8,8 @@ Each request is forwarded as is unless the test's ``decide(request)`` names a fa
 - ``("hold", seconds)``: the request waits that long before it is forwarded (a PUT in flight);
 - ``("late", seconds)``: the reply waits that long after the server answered;
 - ``"no-if-match"``: forwarded without its ``If-Match`` header (a server that ignores it);
-- ``("date", seconds)``: the reply's ``Date`` moved by that much (a proxy or server whose clock is off).
+- ``("date", seconds)``: the reply's ``Date`` moved by that much (a proxy or server whose clock is off);
+- ``("modified", seconds)``: the reply's ``Last-Modified`` moved by that much (a server node whose clock is off).
 
 ``decide`` may return a list of them. ``log`` keeps (method, key, what was done, time.time() when the
 server answered, or None) for each request, in the order the server answered them.
@@ -130,8 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
             lower = name.lower()
             if lower in HOP_BY_HOP or (lower == "content-length" and self.command != "HEAD"):
                 continue
-            if lower == "date" and "date" in names:
-                value = formatdate(parsedate_to_datetime(value).timestamp() + names["date"], usegmt=True)
+            for header, fault in (("date", "date"), ("last-modified", "modified")):
+                if lower == header and fault in names:
+                    value = formatdate(parsedate_to_datetime(value).timestamp() + names[fault], usegmt=True)
             self.send_header(name, value)
         if self.command != "HEAD":
             self.send_header("Content-Length", str(len(data)))

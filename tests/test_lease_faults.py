@@ -231,6 +231,17 @@ def test_a_server_date_skewed_from_this_machines_clock_is_refused_and_never_take
     assert "sync the clocks (NTP" in message
 
 
+def test_a_server_whose_last_modified_is_off_its_date_is_refused(wire):
+    """Its Last-Modified 5 s behind its Date: every lease would look 5 s older than it is to a taker."""
+    wire.proxy.decide = lambda request: ("modified", -5)
+    wire.via(wire.proxy.endpoint)
+    with pytest.raises(LeaseError, match=rf"the object store at {wire.proxy.endpoint} dates objects by another clock "
+                                         rf"than its replies: the lease {wire.url}.lease, just written, is \+[56] s "
+                                         rf"old .*NTP on each of its nodes"):
+        hold_lease(wire.url, "label", seconds=SECONDS)
+    assert wire.client.list_objects_v2(Bucket=BUCKET, Prefix=wire.key)["KeyCount"] == 0
+
+
 def _body_token(wire) -> str:
     return json.loads(wire.client.get_object(Bucket=BUCKET, Key=wire.key)["Body"].read())["token"]
 

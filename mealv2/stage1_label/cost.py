@@ -54,14 +54,14 @@ class LabelCost:
     def s3_requests(self) -> dict[str, int]:
         """Requests of labelling into S3 (docs/STORE.md, "Writing to S3"), as counted on moto's server
         (tests/test_store_report.py; with two ranks on one machine: PUT, HEAD and LIST as predicted, GET only the
-        lease watched).
+        lease read back and watched).
         PUT: per work unit its data chunks and its done mark, the images' CRC32Cs once per shard, each object
         of the finished store once, the run's record, the lease (taken, its conditional writes probed, renewed
         every quarter of its duration). HEAD and LIST: every rank looks up each done mark of the store not
         written yet (a HEAD and a LIST each) and each round's done row, rank 0 the rows once more as it packs,
         and each staged folder is listed before it is deleted. GET, at most: packing reads back the chunks
-        other ranks wrote, unless they ran on its machine (ranks of a machine share its cache), and each rank
-        but 0 reads the lease as it is renewed (it watches it). DELETE: the staged objects of each packed round,
+        other ranks wrote, unless they ran on its machine (ranks of a machine share its cache), rank 0 reads the
+        lease back once taken, and each other rank reads it as it is renewed (it watches it). DELETE: the staged objects of each packed round,
         1,000 keys a request, and the lease (probed with a wrong If-Match, then released). A run cut short and resumed
         repeats some of them."""
         arrays = len(DATA_ARRAYS)
@@ -72,7 +72,7 @@ class LabelCost:
         return {"PUT": self.units * (arrays + 1) + self.shards + self.objects + RUN_PUTS + beats,
                 "HEAD": lookups, "LIST": lookups + folders + self.ranks * WHOLE_LISTINGS[0] + WHOLE_LISTINGS[1],
                 "GET": (self.units * arrays + self.shards) * (self.ranks - 1) // self.ranks
-                       + (self.ranks - 1) * (1 + beats),
+                       + 1 + (self.ranks - 1) * (1 + beats),
                 "DELETE": folders * math.ceil(self.shards / KEYS_PER_DELETE) + 2}
 
     def lines(self) -> list[str]:

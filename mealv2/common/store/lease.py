@@ -24,9 +24,9 @@ of the duration: a commit that passes the check lands before a taker may see the
 long as that commit's own request ends within the deadline. Each lease request has a deadline of a
 quarter of the duration (at most 30 s) and no retries, so a renewal never trails its check. What it
 cannot do: stop a data request already sent from landing later than its own timeout allows (that is
-objects.py's request timeout), or fence a server whose Date and Last-Modified come from clocks that
-disagree with each other (the holder's own clock against Date is checked: a skew over a quarter of the
-duration is refused).
+objects.py's request timeout). Clocks are checked rather than trusted: a server whose Date differs from
+the holder's clock, or whose Last-Modified (read back from the lease just taken) differs from its Date, by
+more than a quarter of the duration is refused.
 """
 from __future__ import annotations
 
@@ -161,6 +161,8 @@ class Lease(ABC):
         self._since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         self.etag = ""
         self._beats = 0                # renewals written: each body differs, so each ETag does
+        self._sends: dict[int, float] = {}   # lease_clock() when each of the last few beats was sent
+        self._last_read: tuple[str, float] | None = None   # the ETag our last read saw, and when it was sent
         self._renewed = -math.inf      # lease_clock() no later than the last write that landed
         self._lost: str | None = None  # why the lease was lost, once it was
         self._last_error: Exception | None = None
@@ -192,13 +194,18 @@ class Lease(ABC):
     # -- the lease --------------------------------------------------------------------------------------
     def _body(self) -> bytes:
         self._beats += 1
+        self._sends = {b: t for b, t in self._sends.items() if b > self._beats - 4} | {self._beats: lease_clock()}
         return json.dumps({"holder": f"pid {os.getpid()} on {socket.gethostname()}", "command": self.command,
                            "since": self._since, "seconds": self.seconds, "token": self.token,
                            "beat": self._beats}).encode()
 
     def _acquire(self) -> None:
         try:
-            self._watch() if self.watching else self._take()
+            if self.watching:
+                self._watch()
+            else:
+                self._take()
+                self._check_dates()
         except MealV2Error:
             raise
         except _Skewed as e:
@@ -283,6 +290,21 @@ class Lease(ABC):
                              f"path and copy it to the bucket once labelled, or use a server with conditional "
                              f"writes (AWS S3, MinIO)")
 
+    def _check_dates(self) -> None:
+        """Read the lease just taken back: its age by the server (Date against Last-Modified) must be about
+        nil. A server whose Last-Modified comes from another clock than its Date (nodes of a cluster without
+        NTP) would make a live lease look expired, or a dead one live: refused, as no writer can hold it."""
+        seen = self._read()
+        if seen.body is None or seen.body["token"] != self.token:   # taken over already: the heartbeat tells
+            return
+        if abs(seen.age) > self.seconds / 4 + CLOCK_RESOLUTION + self.deadline:
+            self._delete_quietly()
+            raise self.error(f"{self.store}: the object store at {self._server()} dates objects by another clock "
+                             f"than its replies: the lease {redact(self.url)}, just written, is {seen.age:+.0f} s old "
+                             f"by its Last-Modified and the reply's Date, more than a quarter of the "
+                             f"{self.seconds:g} s lease, so another writer could take over a live lease; sync the "
+                             f"server's clocks (NTP on each of its nodes) and run again")
+
     def _refusal(self, seen: _Seen) -> MealV2Error:
         left = math.ceil(seen.body["seconds"] + CLOCK_RESOLUTION - seen.age)
         return self.error(f"{self.store} is being written by another `mealv2 {seen.body['command']}` process "
@@ -339,9 +361,14 @@ class Lease(ABC):
                 return
             raise
         if seen.body is not None and seen.body["token"] == self.token:
-            # written `age` s before the server's Date, which is after we sent the read; whole-second clocks
-            self.etag = seen.etag
-            self._renewed = max(self._renewed, sent - max(seen.age, 0.0) - CLOCK_RESOLUTION)
+            # Lower bounds of when the object was written, the latest of which dates the hold: `age` s (whole
+            # seconds) before the server's Date, which is after we sent the read; after its beat was sent, when
+            # we sent it; after our last read was sent, if that read saw another ETag.
+            bounds = [sent - max(seen.age, 0.0) - CLOCK_RESOLUTION, self._sends.get(seen.body.get("beat"), -math.inf)]
+            if self._last_read is not None and self._last_read[0] != seen.etag:
+                bounds.append(self._last_read[1])
+            self.etag, self._last_read = seen.etag, (seen.etag, sent)
+            self._renewed = max(self._renewed, *bounds)
         else:
             self._lost = (f"its lease {redact(self.url)} was taken over by "
                           f"{seen.holder if seen.body else 'an object that is not a mealv2 lease'}")
