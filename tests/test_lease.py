@@ -1,5 +1,6 @@
 """The writer's lease on a store at an S3 URL, against moto's S3 server (real HTTP, botocore, s3fs;
-conditional PUT and DELETE as on AWS). Durations of 2 s keep the expiries short."""
+conditional PUT and DELETE as on AWS). Durations of 2 s (below the users' 10 s minimum, allowed by the
+``s3`` fixture) keep the expiries short."""
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ ME = f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 @pytest.fixture
-def s3(moto_s3, request):
-    """``moto_s3`` and a store URL of this test's own: moto's objects outlive its server, within a process."""
+def s3(moto_s3, request, monkeypatch):
+    """``moto_s3`` and a store URL of this test's own: moto's objects outlive its server, within a process.
+    Leases as short as 1 s are allowed (users' start at 10 s), to keep the expiries short."""
+    monkeypatch.setattr(lease_module, "MIN_SECONDS", 1.0)
     moto_s3.store = f"s3://{BUCKET}/{request.node.name}.zarr"
     moto_s3.key = f"{request.node.name}.zarr.lease"
     return moto_s3
@@ -58,6 +61,9 @@ def test_second_writer_is_refused_while_the_first_renews_past_its_duration(s3):
     message = str(refused.value)
     assert s3.store in message and f"{s3.store}.lease" in message and ME in message and "`mealv2 label`" in message
     assert "expires in" in message and "run the same command again then" in message
+    # and how to break it, should its holder be dead
+    assert (f"break the dead lease now by deleting it: `aws s3 rm {s3.store}.lease --endpoint-url "
+            f"{s3.endpoint}`") in message
     # released: the object is gone and the next writer gets it at once
     assert s3.client.list_objects_v2(Bucket=BUCKET, Prefix=s3.key)["KeyCount"] == 0
     with hold_lease(s3.store, "label", seconds=2) as second:
@@ -140,30 +146,62 @@ def test_a_deleted_lease_is_lost(s3):
     lease.release()
 
 
-def test_a_lease_not_renewed_for_its_duration_is_lost(s3, monkeypatch):
-    """Lost within its duration of the last write that succeeded (sent between ``before`` and ``after``),
-    counted from when that write was sent, by the holder's own clock."""
-    before = time.monotonic()
+def test_a_lease_not_renewed_for_its_duration_less_a_request_deadline_is_lost(s3, monkeypatch):
+    """Lost once less than one request deadline (a quarter: 0.5 s) is left of its duration since the last write
+    that succeeded (sent between ``before`` and ``after``), by the holder's own clock: a commit sent after its
+    check then still lands within the lease."""
+    before = lease_module.lease_clock()
     lease = hold_lease(s3.store, "label", seconds=2)
-    after = time.monotonic()
+    after = lease_module.lease_clock()
 
     def unreachable(self, body, etag):
         raise ConnectionError("the endpoint is unreachable")
 
     monkeypatch.setattr(lease_module.S3Lease, "_replace", unreachable)   # before the first heartbeat, 0.5 s on
-    time.sleep(max(0.0, before + 1.7 - time.monotonic()))
-    lease.check()   # renewals fail, but the lease is still within its duration
-    time.sleep(max(0.0, after + 2.1 - time.monotonic()))
-    with pytest.raises(LeaseError, match="could not be renewed for 2 s.*the endpoint is unreachable"):
+    time.sleep(max(0.0, before + 1.2 - lease_module.lease_clock()))
+    lease.check()   # renewals fail, but more than a deadline is left of the lease
+    time.sleep(max(0.0, after + 1.6 - lease_module.lease_clock()))
+    with pytest.raises(LeaseError, match="was not renewed for 1.5 s of its 2 s.*the endpoint is unreachable"):
         lease.check()
     lease.release()
 
 
-@pytest.mark.parametrize("value", ["nan", "0", "1.5", "abc", "inf"])
-def test_a_bad_lease_duration_is_refused_naming_it(value, monkeypatch):
+def test_a_failed_heartbeat_thread_stops_the_writer_at_its_next_commit(s3, monkeypatch):
+    """Its thread dead (as 1e12 s once killed it, with a traceback), a holder that went on would write unguarded."""
+    def broken(self):
+        raise RuntimeError("a bug in the heartbeat")
+
+    monkeypatch.setattr(lease_module.S3Lease, "_renew", broken)
+    lease = hold_lease(s3.store, "label", seconds=2)
+    assert _wait_until(lambda: not lease._thread.is_alive(), timeout=3)
+    with pytest.raises(LeaseError, match=r"its heartbeat thread failed \(RuntimeError: a bug in the heartbeat\)"):
+        lease.check()
+    lease.release()
+
+
+def test_the_holders_clock_counts_a_suspend(s3, monkeypatch):
+    """A machine suspended longer than the lease wakes with its lease gone: the clock is CLOCK_BOOTTIME (Linux),
+    not time.monotonic, which stops during a suspend."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        assert abs(lease_module.lease_clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 0.01
+    asleep = [0.0]
+    clock = lease_module.lease_clock
+    monkeypatch.setattr(lease_module, "lease_clock", lambda: clock() + asleep[0])
+    lease = hold_lease(s3.store, "label", seconds=60)   # no heartbeat before the check
+    lease.check()
+    asleep[0] = 60.0   # suspended for a minute
+    with pytest.raises(LeaseError, match="was not renewed for 45 s of its 60 s"):
+        lease.check()
+    lease.release()
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "1.5", "9.9", "-1", "abc", "inf", "3601", "1e9", "1e12"])
+def test_a_lease_duration_out_of_bounds_is_refused_naming_it_and_why(value, monkeypatch):
+    """1e9 locked a store for 31 years after a kill; 1e12 killed the heartbeat with a traceback."""
     monkeypatch.setenv("MEALV2_LEASE_SECONDS", value)
-    with pytest.raises(LeaseError, match=f"MEALV2_LEASE_SECONDS='{value}' is not a lease duration; expected a finite "
-                                         f"number of seconds >= 2"):
+    with pytest.raises(LeaseError, match=f"MEALV2_LEASE_SECONDS='{value}' is not a lease duration; expected a number "
+                                         f"of seconds from 10 to 3600: a shorter lease .* a longer one keeps a store "
+                                         f"written by a writer that died locked"):
         hold_lease(f"s3://{BUCKET}/x.zarr", "label")
 
 
@@ -194,14 +232,14 @@ def test_a_missing_bucket_is_named_with_the_fix(s3):
 
 def test_a_server_ignoring_conditional_writes_is_refused(s3, monkeypatch):
     """A server without If-None-Match would let a second writer overwrite the lease silently."""
-    call = lease_module.S3Lease._call
+    call = lease_module.S3Lease._request
 
     def unconditional(self, method, **kw):
         kw.pop("IfNoneMatch", None)
         return call(self, method, **kw)
 
-    monkeypatch.setattr(lease_module.S3Lease, "_call", unconditional)
-    with pytest.raises(LeaseError, match="ignores conditional writes"):
+    monkeypatch.setattr(lease_module.S3Lease, "_request", unconditional)
+    with pytest.raises(LeaseError, match=r"ignores conditional writes \(a PUT with If-None-Match: \* over"):
         hold_lease(s3.store, "label", seconds=2)
     assert s3.client.list_objects_v2(Bucket=BUCKET, Prefix=s3.key)["KeyCount"] == 0
 

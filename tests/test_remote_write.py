@@ -31,7 +31,7 @@ URL = f"s3://{BUCKET}/labels.zarr"
 # 12 images in shards of 4: 3 shards x 2 rounds
 SETTINGS = dict(rounds=2, crops_per_image=2, crop=CropParams(res=32), topk=2, shard_size=4, batch_size=4,
                 workers=1, device="cpu", teacher_check=False, progress=False)
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MEALV2_LEASE_SECONDS": "3"}
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MEALV2_LEASE_SECONDS": "10"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_a_store_labelled_into_s3_is_the_store_labelled_on_disk(tiny_data, teach
 def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_the_same_store(
         tiny_data, teacher, on_disk, moto_s3, in_process, monkeypatch):
     # killed between a shard's data and its done mark (the 4th shard of 6), holding a 10 s lease
-    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_LEASE_SECONDS": "10", "MEALV2_KILL_AT": "shard_mark:4"})
+    r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_KILL_AT": "shard_mark:4"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert "labels.zarr.lease" in _objects(moto_s3.client, "labels.zarr.lease")
     # the dead writer's lease is still there: the next run is refused until it expires
@@ -106,8 +106,8 @@ def test_a_killed_s3_label_run_keeps_its_lease_until_it_expires_then_resumes_to_
     r = run_cli(*_args(tiny_data, teacher), env={**ENV, "MEALV2_KILL_AT": "pack:1"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert f"took over {URL} from pid" in r.stderr
-    time.sleep(4)   # its 3 s lease expires
-    monkeypatch.setenv("MEALV2_LEASE_SECONDS", "3")
+    time.sleep(12)   # its 10 s lease expires (by Last-Modified and Date, whole seconds)
+    monkeypatch.setenv("MEALV2_LEASE_SECONDS", "10")
     r = in_process(*_args(tiny_data, teacher))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2/2 rounds complete" in r.stdout

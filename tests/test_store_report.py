@@ -228,7 +228,7 @@ def test_dry_run_counts_the_requests_of_labelling_into_s3(setup, moto_s3):
     run_label(_config(setup, url))
     counted = Counter(_method(m) + ("-LIST" if "list-type" in path else "") for m, path in moto_s3.requests)
     predicted = cost.s3_requests()
-    assert counted["PUT"] == predicted["PUT"] and counted["GET"] == predicted["GET"] == 0, (counted, predicted)
+    assert counted["PUT"] == predicted["PUT"] and counted["GET"] == predicted["GET"] == 1, (counted, predicted)
     assert counted["POST"] + counted["DELETE"] == predicted["DELETE"], (counted, predicted)   # bulk deletes are POSTs
     assert counted["HEAD"] == pytest.approx(predicted["HEAD"], rel=0.2), (counted, predicted)
     assert counted["GET-LIST"] == pytest.approx(predicted["LIST"], rel=0.2), (counted, predicted)

@@ -15,7 +15,7 @@ KEYS_PER_DELETE = 1000   # keys one DELETE request of S3 removes
 # rank opens it, and rank 0's more; LIST of the whole store (opened, packed, measured).
 ROOT_LOOKUPS = (2, 3)    # per rank, and once
 WHOLE_LISTINGS = (2, 5)  # per rank, and once
-RUN_PUTS = 3             # PUT requests of any run: its record, the lease taken and its conditional write probed
+RUN_PUTS = 4             # PUT requests of any run: its record, the lease taken and its two conditional PUTs probed
 
 
 @dataclass(frozen=True)
@@ -53,24 +53,27 @@ class LabelCost:
 
     def s3_requests(self) -> dict[str, int]:
         """Requests of labelling into S3 (docs/STORE.md, "Writing to S3"), as counted on moto's server
-        (tests/test_store_report.py; with two ranks on one machine: PUT, HEAD and LIST as predicted, no GET).
+        (tests/test_store_report.py; with two ranks on one machine: PUT, HEAD and LIST as predicted, GET only the
+        lease read back and watched).
         PUT: per work unit its data chunks and its done mark, the images' CRC32Cs once per shard, each object
-        of the finished store once, the run's record, the lease (taken, its conditional write probed, renewed
+        of the finished store once, the run's record, the lease (taken, its conditional writes probed, renewed
         every quarter of its duration). HEAD and LIST: every rank looks up each done mark of the store not
         written yet (a HEAD and a LIST each) and each round's done row, rank 0 the rows once more as it packs,
         and each staged folder is listed before it is deleted. GET, at most: packing reads back the chunks
-        other ranks wrote, unless they ran on its machine (ranks of a machine share its cache). DELETE: the
-        staged objects of each packed round, 1,000 keys a request, and the lease. A run cut short and resumed
+        other ranks wrote, unless they ran on its machine (ranks of a machine share its cache), rank 0 reads the
+        lease back once taken, and each other rank reads it as it is renewed (it watches it). DELETE: the staged objects of each packed round,
+        1,000 keys a request, and the lease (probed with a wrong If-Match, then released). A run cut short and resumed
         repeats some of them."""
         arrays = len(DATA_ARRAYS)
         rounds = math.ceil(self.units / self.shards)
         folders = rounds * (arrays + 1) + 1   # a packed round's staged arrays, and the images' CRC32Cs
         lookups = self.ranks * (self.units + rounds + ROOT_LOOKUPS[0]) + rounds + ROOT_LOOKUPS[1]
-        return {"PUT": self.units * (arrays + 1) + self.shards + self.objects + RUN_PUTS
-                       + int(self.seconds // (self.lease_s / 4)),
+        beats = int(self.seconds // (self.lease_s / 4))
+        return {"PUT": self.units * (arrays + 1) + self.shards + self.objects + RUN_PUTS + beats,
                 "HEAD": lookups, "LIST": lookups + folders + self.ranks * WHOLE_LISTINGS[0] + WHOLE_LISTINGS[1],
-                "GET": (self.units * arrays + self.shards) * (self.ranks - 1) // self.ranks,
-                "DELETE": folders * math.ceil(self.shards / KEYS_PER_DELETE) + 1}
+                "GET": (self.units * arrays + self.shards) * (self.ranks - 1) // self.ranks
+                       + 1 + (self.ranks - 1) * (1 + beats),
+                "DELETE": folders * math.ceil(self.shards / KEYS_PER_DELETE) + 2}
 
     def lines(self) -> list[str]:
         ranks = f", the crops shared by {self.ranks} ranks" if self.ranks > 1 else ""

@@ -33,7 +33,8 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards
+from ..common.store.label_store import (ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards,
+                                       watch_writer_lock, writer_lock_share)
 from ..common.store.lease import lease_seconds
 from ..common.store.objects import is_url, open_objects
 from ..common.store.writer import ShardWriter
@@ -162,18 +163,20 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
         if checks is not None:
             attrs["teacher_check"] = checks
         lock = acquire_writer_lock(cfg.out) if info.is_main else None
+        watch = None   # rank 0's lease, as the other ranks watch it
         try:  # a refused store releases the lock too (matters when called in-process)
-            if info.is_main:
+            if info.is_main:   # the lease guards the resume's repair, pack and resize: a lease can be lost
                 store = LabelStore.create_or_resume(cfg.out, attrs, cfg.rounds, in_space.labels,
                                                     before_growing=lambda s: _check_unchanged(s, index, cfg),
-                                                    relpaths=index.relpaths)
+                                                    relpaths=index.relpaths, guard=getattr(lock, "check", None))
                 store.remove_partial_writes()
-                store.guard = getattr(lock, "check", None)   # a lease can be lost; a file lock cannot
                 for line in store.repairs:
                     say(f"repair: {line}")
-            info.barrier()
+            share = info.broadcast_object(writer_lock_share(lock) if info.is_main else None)   # and a barrier
             if not info.is_main:
                 store = LabelStore.open(cfg.out, mode="r+")
+                watch = watch_writer_lock(cfg.out, share)
+                store.guard = getattr(watch, "check", None)
             labelling = time.perf_counter()
             crops, seconds = label_shards(cfg, store, index, ensemble, info)
             info.barrier()
@@ -184,8 +187,9 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
                     store.record_run(run_record(cfg, labelled, time.perf_counter() - labelling,
                                                 time.perf_counter() - started, device, info.world_size))
         finally:
-            if lock is not None:
-                lock.release()
+            for held in (watch, lock):
+                if held is not None:
+                    held.release()
         if info.is_main:
             rate = f"{crops / seconds:.0f} crops/s" if seconds > 0 else "nothing left to do"
             print(f"mealv2 label: {crops} crops in {seconds:.1f}s ({rate}"

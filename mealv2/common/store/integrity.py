@@ -59,6 +59,13 @@ class StoreIntegrity:
     """The checks and repairs of a :class:`~.label_store.LabelStore` (a mixin: it reads the store's
     ``objects``, ``group``, done marks and chunk keys)."""
 
+    guard = None   # raises when this process may no longer commit: its lease was lost (lease.py)
+
+    def _check_guard(self) -> None:
+        """Called before each write that commits (or undoes a commit): a writer that lost the store stops."""
+        if self.guard is not None:
+            self.guard()
+
     def verify(self, shards: Sequence[int] | None = None, done: np.ndarray | None = None,
                threads: int = 8) -> list[str]:
         """Every problem found in ``shards`` (default: all), each naming its place; empty when sound.
@@ -125,7 +132,8 @@ class StoreIntegrity:
         per-image labels and paths; returns one line per repair. A damaged done mark counts as unset.
         A packed round with a bad chunk is unpacked: its sound chunks are staged again. A shard's
         image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
-        the shard in every round. Call with the writer lock held."""
+        the shard in every round. Call with the writer lock held (and ``guard`` set: each write checks it)."""
+        self._check_guard()
         lines = [f"{key}: damaged done mark; its shard(s) will be labelled again" for key in self._drop_damaged_marks()]
         unpack: dict[int, set[int]] = {}   # packed round: its shards with a bad chunk
         packed = self.packed()
@@ -170,6 +178,7 @@ class StoreIntegrity:
                     stage(name, r, s)
             if marks:
                 writable(self.group[f"{STAGED}/done"]).set_orthogonal_selection((r, np.array(marks)), 1)
+            self._check_guard()
             self.objects.delete(chunk_key("done", 2, r, 0))   # the round's commit undone
 
     def _drop_damaged_marks(self) -> list[str]:
@@ -181,5 +190,6 @@ class StoreIntegrity:
             if self.objects.exists(key) and any(self._check_chunk(key, s) for s in range(self.num_shards)):
                 bad.append(key)
         for key in bad:
+            self._check_guard()
             self.objects.delete(key)
         return bad

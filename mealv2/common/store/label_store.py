@@ -23,7 +23,7 @@ from ..config import command_args
 from ..errors import MealV2Error
 from .faults import fault_point
 from .integrity import StoreIntegrity, array_meta, check_metadata
-from .lease import Lease, hold_lease, writable_url
+from .lease import Lease, hold_lease, watch_lease, writable_url
 from .locks import hold_lock, lock_path_beside
 from .mismatch import path_differences, settings_differences
 from .objects import LocalObjects, is_url, open_objects
@@ -53,7 +53,6 @@ class LabelStore(StoreIntegrity):
 
     fsync = True   # make each shard durable before its done mark; False only to measure what that costs
     repairs: list[str] = []   # what create_or_resume repaired
-    guard = None              # raises when this process may no longer commit: its lease was lost (lease.py)
 
     def __init__(self, path: Path, group: zarr.Group, objects=None):
         self.objects = objects or LocalObjects(path)   # the store's files, or a URL's objects (objects.py)
@@ -86,7 +85,8 @@ class LabelStore(StoreIntegrity):
 
     @classmethod
     def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
-                         before_growing=None, relpaths: Sequence[str] | None = None) -> "LabelStore":
+                         before_growing=None, relpaths: Sequence[str] | None = None, *,
+                         guard=None) -> "LabelStore":
         """Make a new store, or reopen one made by the same teachers, data and crop settings.
 
         ``rounds`` larger than the store's plan appends rounds, once ``before_growing(store)``
@@ -95,13 +95,15 @@ class LabelStore(StoreIntegrity):
         on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
         ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
         A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was), then its
-        labelled rounds are packed (:meth:`pack`).
+        labelled rounds are packed (:meth:`pack`). ``guard`` (a lease's ``check``) is the store's from
+        before the first of those writes, and checked before each commit among them.
         """
         objects = open_objects(path)
         path = objects.location
         attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
         if objects.exists("zarr.json"):
             store = cls.open(path, mode="r+")
+            store.guard = guard   # before any write of the resume: repair, pack, resize, deletions
             problems = settings_differences(store.attrs, attrs)
             if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
                 problems.append(store.dataset_changes(relpaths))
@@ -120,11 +122,13 @@ class LabelStore(StoreIntegrity):
             if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
                 store._resize(rounds)
             return store
-        return cls._create(objects, attrs, rounds, labels, relpaths)
+        store = cls._create(objects, attrs, rounds, labels, relpaths, guard)
+        store.guard = guard
+        return store
 
     @classmethod
     def _create(cls, objects, attrs: dict, rounds: int, labels: np.ndarray,
-                relpaths: Sequence[str] | None) -> "LabelStore":
+                relpaths: Sequence[str] | None, guard=None) -> "LabelStore":
         attrs = {**attrs, "rounds_planned": rounds}
         tmp = objects.build_folder()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,6 +145,8 @@ class LabelStore(StoreIntegrity):
                   if name in group}
         group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: json_digest(attrs), ARRAYS_KEY: arrays})
         try:
+            if guard is not None:
+                guard()
             objects.publish(tmp)   # the store appears under its name only once complete and durable
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -162,6 +168,7 @@ class LabelStore(StoreIntegrity):
             self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: json_digest(self.attrs)})
 
         for step in (arrays, plan) if rounds > self.rounds_planned else (plan, arrays):
+            self._check_guard()
             step()
 
     @property
@@ -180,6 +187,7 @@ class LabelStore(StoreIntegrity):
         """Add ``run`` (what a labelling command took: crops, seconds, device) to the attribute
         ``mealv2_runs``. It is history, not what the labels are, so it stays outside the digest: a resumed
         store keeps an uninterrupted one's digest, and runs trained from it their resume check."""
+        self._check_guard()
         self.group.attrs.update({RUNS_KEY: [*self.runs(), run]})
 
     def runs(self) -> list[dict]:
@@ -243,6 +251,7 @@ class LabelStore(StoreIntegrity):
         ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
         another round already completed must have read the same bytes (``names``: the images'
         paths, to name a changed one)."""
+        self._check_guard()   # no data written by a writer that lost the store, where it can tell
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
         keys = self._chunk_keys(round_, [shard])
@@ -299,6 +308,7 @@ class LabelStore(StoreIntegrity):
         leftovers = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed) for name in ROUND_ARRAYS]
         for prefix in [*leftovers, *([f"{STAGED}/crc32c/c"] if packed.any() else [])]:
             if prefix in staged:
+                self._check_guard()   # a taker may be staging this round again
                 self.objects.delete_tree(prefix)
         return rounds
 
@@ -321,10 +331,6 @@ class LabelStore(StoreIntegrity):
                              f"({e.strerror or e}; {self.objects.free_space()}, the object takes "
                              f"{sum(len(p) for p in parts) / 2**20:.1f} MiB); its shards are kept: free some space "
                              f"and re-run the same command, which packs it") from e
-
-    def _check_guard(self) -> None:
-        if self.guard is not None:
-            self.guard()
 
     def _crc_array(self) -> zarr.Array:
         """The images' CRC32Cs: packed with the first packed round, staged until then."""
@@ -436,6 +442,7 @@ class LabelStore(StoreIntegrity):
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
+        self._check_guard()
         return self.objects.remove_partials()
 
 
@@ -447,3 +454,18 @@ def acquire_writer_lock(path: str | Path) -> FileLock | Lease:
     if is_url(path):
         return hold_lease(path, "label", error=StoreError)
     return hold_lock(lock_path_beside(path), path, "label", StoreError)
+
+
+def writer_lock_share(lock: FileLock | Lease) -> tuple[str, float] | None:
+    """What the other ranks of a job need to watch rank 0's lease (:func:`watch_writer_lock`): its token and
+    duration; None for a file lock, which its holder cannot lose."""
+    return (lock.token, lock.seconds) if isinstance(lock, Lease) else None
+
+
+def watch_writer_lock(path: str, share: tuple[str, float] | None) -> Lease | None:
+    """On a rank other than 0, rank 0's lease watched (``share``: :func:`writer_lock_share`'s); its ``check``
+    is this rank's store guard, so a lost lease stops every rank before its next commit."""
+    if share is None:
+        return None
+    token, seconds = share
+    return watch_lease(path, "label", token, seconds=seconds, error=StoreError)
