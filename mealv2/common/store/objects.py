@@ -383,6 +383,7 @@ class RemoteObjects:
         with self._lock:
             if self._listed is None:
                 self._listed = {}
+                self.fs.invalidate_cache()   # s3fs answers info() from listings it keeps: see the remote now
                 if self.lists:
                     try:
                         found = with_retries(lambda: self.fs.find(self.root, detail=True))
