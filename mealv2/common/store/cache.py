@@ -20,6 +20,7 @@ Layout, under ``$MEALV2_CACHE/stores/`` (files.py's :func:`cache_root`):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -161,7 +162,8 @@ class ObjectCache:
             if path.name.endswith(PARTIAL):
                 continue
             if (why := _unsound(path, size)) is None:
-                os.utime(path)   # last used: sweeping keeps the newest
+                with contextlib.suppress(OSError):   # a read-only cache still serves
+                    os.utime(path)   # last used: sweeping keeps the newest
                 return path
             print(f"mealv2: the cached copy of {self.url}/{key} ({path}) {why}: it was damaged or replaced on "
                   f"this machine, not on the remote; deleted it and downloading the object again", file=sys.stderr)
