@@ -18,6 +18,7 @@ import torch
 from conftest import BUCKET, SECRET, run_cli
 
 from mealv2.common.data.crops import CropParams
+from mealv2.common.store.cache import key_hash
 from mealv2.common.store.label_store import LabelStore
 from mealv2.stage1_label.config import LabelConfig
 from mealv2.stage1_label.labeler import run_label
@@ -98,14 +99,16 @@ def test_inspect_and_verify_read_over_http_and_s3_as_from_disk_and_from_the_cach
         assert _inspect(url, e) == expected
         r = run_cli("verify", url, env=e)
         assert r.returncode == 0 and f"{url}: OK" in r.stdout, r.stderr
-    # The cache: HTTP objects under $MEALV2_CACHE/stores/<hash>/, named by key and version, with the URL
+    # The cache: HTTP objects under $MEALV2_CACHE/stores/<hash>/, named by hashes of key and version, with the URL
     [folder] = [p.parent for p in (tmp_path / "cache" / "stores").glob("*/URL") if p.read_text().strip() == http.url]
-    assert list(folder.glob(f"{DAMAGED}@*"))
-    # A second verify asks the server whether each object changed (HEAD) and downloads none of them again
+    assert list(folder.glob(f"{key_hash(DAMAGED)}.*"))
+    # A second verify asks the server whether each object changed (HEAD) and downloads none of them again but
+    # the small metadata, which only a Last-Modified of whole seconds versions (test_cache.py says why)
     http.requests.clear()
     r = run_cli("verify", http.url, env=env)
     assert r.returncode == 0, r.stderr
-    assert http.requests and {m for m, _ in http.requests} == {"HEAD"}, [r for r in http.requests if r[0] != "HEAD"]
+    assert http.requests and {m for m, _ in http.requests} == {"HEAD", "GET"}
+    assert all(p.endswith("/zarr.json") for m, p in http.requests if m == "GET"), http.requests
     # From S3, one listing gives every object's version (its ETag): no request per object
     s3.requests.clear()
     r = run_cli("verify", s3.url, env=s3.env)

@@ -1,4 +1,5 @@
-"""`mealv2 inspect` and `verify`: they import neither torch nor DALI unless `verify --data` re-runs teachers."""
+"""`mealv2 inspect`, `verify` and `cache`: they import neither torch nor DALI unless `verify --data` re-runs
+teachers."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import click
 
 from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
 from ..common.errors import MealV2Error
+from ..common.store.cache import cached_stores, clear_cache, stores_root
+from ..common.store.objects import check_url, is_url
 from .report import run_lines, store_problems, store_summary, verify_store
 
 
@@ -83,3 +86,39 @@ def verify(store, data, recompute, tolerance, device):
             click.echo(fix, err=True)
         raise SystemExit(1)
     click.echo(f"{store}: OK")
+
+
+@click.group()
+def cache():
+    """Show or free the machine-local cache of stores read from URLs ($MEALV2_CACHE/stores)."""
+
+
+@cache.command("ls")
+def cache_ls():
+    """List the cached stores: URL, objects, bytes, when last used, processes reading it now."""
+    stores = cached_stores()
+    click.echo(f"{stores_root()}: {len(stores)} store(s), {sum(s['bytes'] for s in stores) / 2**20:.1f} MiB")
+    for s in stores:
+        users = f", read by {s['users']} process(es) now" if s["users"] else ""
+        click.echo(f"  {s['url']}: {s['objects']} objects, {s['bytes'] / 2**20:.1f} MiB, last used "
+                   f"{s['last_used']}{users}  ({s['folder']})")
+
+
+@cache.command("clear")
+@click.argument("url", required=False)
+def cache_clear(url):
+    """Delete the cached objects of every store, or of store URL; a store a process is reading now
+    is skipped, and said (its objects are downloaded again when next read)."""
+    if url is not None and not is_url(url):
+        raise MealV2Error(f"cache clear {url}: the cache holds stores read from URLs (s3://..., https://...); give "
+                          f"a URL `mealv2 cache ls` lists, or none to clear them all")
+    cleared, skipped = clear_cache(url and check_url(url))
+    for s in cleared:
+        click.echo(f"cleared {s['url']}: {s['objects']} objects, {s['bytes'] / 2**20:.1f} MiB")
+    for s in skipped:
+        click.echo(f"skipped {s['url']}: a process is reading it now ({s['folder']}); run again once it has "
+                   f"finished", err=True)
+    if not cleared and not skipped:
+        click.echo(f"nothing cached{f' for {url}' if url else ''} in {stores_root()}")
+    if skipped:
+        raise SystemExit(1)

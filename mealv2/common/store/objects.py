@@ -10,12 +10,16 @@ than zarr's own ``FsspecStore``, which reads the remote on every access: an epoc
 its round again. fsspec's caching filesystems were not enough either: they take an HTTP file
 as never changing, so a store republished under the same URL would be served stale.
 
-Each object is cached whole, as ``$MEALV2_CACHE/stores/<sha256(url)>/<key>@<version>``, where
-the version is a digest of what the remote says identifies the object's bytes (size with ETag,
-Last-Modified, generation...). A process asks the remote for each object's version once
-before it serves a cached copy (from one listing on an object store, else a HEAD); another
-version on the remote is fetched again, and said. What is read is
-then checked as from disk: zarr checks every chunk's CRC32C, ``mealv2 verify`` every trailer.
+Each object is cached whole (cache.py: files named by hashes, one download per machine under a
+lock per object, content checked before a cached file is served), at a version that is a digest of
+what the remote says identifies the object's bytes (size with ETag, generation, Last-Modified...).
+A process asks the remote for each object's version once before it serves a cached copy (from one
+listing on an object store, else a HEAD); another version on the remote is fetched again, and
+said. An object with no such field, and a ``zarr.json`` versioned by its modification time alone
+(HTTP's Last-Modified has whole seconds: a store republished within one would be served stale),
+is downloaded once per process and named by its content. What is read is then checked as from
+disk: zarr checks every chunk's CRC32C, ``mealv2 verify`` every trailer. Every request has a
+timeout and a bounded retry (transport.py).
 
 Writing: a file is whole or absent and durable once :meth:`write` returns (files.py's
 ``write_file``), or, written by zarr, once :meth:`sync` returns; a new store's files once
@@ -42,7 +46,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 from ..errors import MealV2Error
-from .files import PARTIAL, cache_root, make_folders, publish_folder, sync_paths, write_file
+from .cache import ObjectCache
+from .files import PARTIAL, make_folders, publish_folder, sync_paths, write_file
+from .transport import (RETRIES_VARIABLE, TIMEOUT_VARIABLE, remote_retries, remote_timeout, single_attempt,
+                        storage_options, transient, with_retries)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Fields of fsspec's info() that change with an object's bytes (S3, HTTP, GCS, Azure, local), in order of
@@ -50,6 +57,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # it reads the same from a listing and from a HEAD, where a modification time may differ in precision.
 VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "Last-Modified", "LastModified", "last_modified",
                   "mtime")
+MODIFIED_FIELDS = VERSION_FIELDS[4:]   # times: a change within their precision goes unseen
 READ_FROM = "https://, http://, s3:// or another fsspec protocol whose package is installed (gs://, az://, ...)"
 READ_BY = ("`mealv2 train --labels`, `mealv2 inspect` and `mealv2 verify` read them, `mealv2 label --out` "
            "writes them to s3://")
@@ -198,13 +206,15 @@ class RemoteObjects:
 
     def __init__(self, url: str):
         self.url = self.location = check_url(url)
+        protocol = urlsplit(self.url).scheme
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(protocol))
+            single_attempt(self.fs, protocol)
         except Exception as e:   # filesystems that connect as they are made (ftp://, sftp://) fail here
             raise RemoteError(f"{self.url} cannot be read over {urlsplit(self.url).scheme}:// ({type(e).__name__}: "
                               f"{e}); check the URL, the network and the credentials; label stores are read from "
                               f"{READ_FROM}") from None
-        self.cache = cache_root() / "stores" / hashlib.sha256(self.url.encode()).hexdigest()[:24]
+        self.cache = ObjectCache(self.url)
         self._checked: dict[str, Path | None] = {}   # key -> cached file this process checked (None: absent)
         self._listed: dict[str, dict] | None = None    # path -> info, from one listing (_listing)
         # Object stores list their objects with sizes and ETags; HTTP has no listing, only some servers'
@@ -212,6 +222,7 @@ class RemoteObjects:
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         self.lists = not set(protocols) & {"http", "https"}
         self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}   # key -> lock: one _fetch per key in this process
 
     @property
     def name(self) -> str:
@@ -228,7 +239,7 @@ class RemoteObjects:
         """PUT one object: whole or absent, and durable once the call returns (``fsync`` is moot)."""
         path = f"{self.root}/{key}"
         try:
-            reply = self.fs.pipe_file(path, bytes(data))
+            reply = with_retries(self.fs.pipe_file, path, bytes(data))
         except Exception as e:
             raise self._unwritable(key, e) from None
         tag = reply.get("ETag") if isinstance(reply, dict) else None
@@ -238,8 +249,9 @@ class RemoteObjects:
         if tag is None:   # a version we cannot name: read it back from the remote when asked
             self._checked.pop(key, None)
             return
-        local = self._cached(key, {"size": len(data), "ETag": tag})
-        self._store_locally(local, data)
+        with self.cache.locked(key):
+            local = self.cache.store(key, _version(key, {"size": len(data), "ETag": tag}), data)
+        self.cache.drop_versions(key, keep=local)
         self._checked[key] = local
 
     def make_parents(self, keys: list[str], fsync: bool = True) -> None:
@@ -250,7 +262,7 @@ class RemoteObjects:
 
     def delete(self, key: str) -> None:
         try:
-            self.fs.rm_file(f"{self.root}/{key}")
+            with_retries(self.fs.rm_file, f"{self.root}/{key}")
         except FileNotFoundError:
             pass
         except Exception as e:
@@ -261,24 +273,26 @@ class RemoteObjects:
         keys = self.keys(prefix)
         if keys:
             try:
-                self.fs.rm([f"{self.root}/{key}" for key in keys])
+                with_retries(self.fs.rm, [f"{self.root}/{key}" for key in keys])
             except Exception as e:
                 raise self._unwritable(prefix, e) from None
         for key in keys:
             self._forget(key)
 
     def _forget(self, key: str) -> None:
+        """``key`` was deleted from the store: absent from now on, and evicted from the cache."""
         self._checked[key] = None
         with self._lock:
             if self._listed is not None:
                 self._listed.pop(f"{self.root}/{key}", None)
+        self.cache.evict(key)
 
     def keys(self, prefix: str = "") -> list[str]:
         """The keys of the objects under ``prefix``, listed now."""
         if not self.lists:
             raise RemoteError(f"{self.url}: the objects of an {self.fs.protocol} URL cannot be listed")
         try:
-            found = self.fs.find(f"{self.root}/{prefix}".rstrip("/"))
+            found = with_retries(self.fs.find, f"{self.root}/{prefix}".rstrip("/"))
         except FileNotFoundError:
             return []
         except Exception as e:
@@ -318,11 +332,15 @@ class RemoteObjects:
     def file(self, key: str) -> Path:
         """The local file holding the remote's current bytes of ``key``; FileNotFoundError when the
         remote has no such object."""
-        if key not in self._checked:
-            self._checked[key] = self._fetch(key)
-        if self._checked[key] is None:
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:   # threads asking for one object (verify's, for each chunk of a packed one) wait for one fetch
+            if key not in self._checked:
+                self._checked[key] = self._fetch(key)
+            found = self._checked[key]
+        if found is None:
             raise FileNotFoundError(2, "no such object", self.where(key))
-        return self._checked[key]
+        return found
 
     def exists(self, key: str) -> bool:
         try:
@@ -337,7 +355,7 @@ class RemoteObjects:
         if not self.lists:
             return None
         try:
-            return int(self.fs.du(f"{self.root}/{prefix}".rstrip("/"), total=True))
+            return int(with_retries(self.fs.du, f"{self.root}/{prefix}".rstrip("/")))
         except Exception:   # not allowed to list: the size is unknown, the store still readable
             return None
 
@@ -345,7 +363,7 @@ class RemoteObjects:
         """fsspec's info of ``path``; None when the remote has no such object. Any other failure (host
         unreachable, access denied) is said as such, never taken as a missing object."""
         try:
-            return self.fs.info(path)
+            return with_retries(self.fs.info, path)
         except FileNotFoundError as e:   # fsspec's HTTP says every failure this way, the real one as its cause
             if e.__cause__ is None or isinstance(e.__cause__, FileNotFoundError):
                 return None
@@ -354,8 +372,10 @@ class RemoteObjects:
             raise self._unreadable(e) from None
 
     def _unreadable(self, e: Exception) -> RemoteError:
-        return RemoteError(f"{self.url} cannot be read ({type(e).__name__}: {e}); check the URL, the network and "
-                           f"the credentials (README: Share a store)")
+        waited = (f"; no reply within {remote_timeout():g} s, {remote_retries() + 1} attempts (set "
+                  f"{TIMEOUT_VARIABLE} and {RETRIES_VARIABLE} to wait longer)" if transient(e) else "")
+        return RemoteError(f"{self.url} cannot be read ({type(e).__name__}: {e}{waited}); check the URL, the network "
+                           f"and the credentials (README: Share a store)")
 
     def _listing(self) -> dict[str, dict]:
         """Every object's info from one listing where the remote lists objects with their ETags (an
@@ -363,53 +383,62 @@ class RemoteObjects:
         with self._lock:
             if self._listed is None:
                 self._listed = {}
+                self.fs.invalidate_cache()   # s3fs answers info() from listings it keeps: see the remote now
                 if self.lists:
                     try:
-                        self._listed = {path: info for path, info in self.fs.find(self.root, detail=True).items()
-                                        if _tag(info)}
+                        found = with_retries(lambda: self.fs.find(self.root, detail=True))
+                        self._listed = {path: info for path, info in found.items() if _tag(info)}
                     except Exception:   # not allowed to list (a public bucket may not be), unreachable...: HEADs
                         pass            # say what is wrong, per object
         return self._listed
 
     def _fetch(self, key: str) -> Path | None:
+        """The cache file of ``key`` at the remote's version, downloaded unless cached and sound; None
+        (and evicted) when the remote has no such object."""
         path = f"{self.root}/{key}"
         info = self._listing().get(path) or self._info(path)
         if info is None:
+            self.cache.evict(key)
             return None
-        local = self._cached(key, info)
-        if local.is_file():
-            return local
-        # Other versions of the object; not this one (another rank may have written it meanwhile), nor
-        # another process's file still being written.
-        stale = [p for p in local.parent.glob(f"{Path(key).name}@*") if p != local and not p.name.endswith(PARTIAL)]
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError as e:   # deleted since listed (a writer packing staged objects)...
-            if e.__cause__ is None or isinstance(e.__cause__, FileNotFoundError):
+        version, size = _version(key, info), info.get("size")
+        with self.cache.locked(key):   # one process of the machine downloads it; the others find it cached
+            if version and (local := self.cache.lookup(key, version, size)):
+                return local
+            data = self._get(key)
+            if data is None:   # deleted since listed (a writer packing staged objects)
+                self.cache.evict(key)
                 return None
-            raise self._unreadable(e.__cause__) from None   # ...or fsspec's HTTP saying another failure
-        except Exception as e:   # the transport's own errors (botocore's, aiohttp's) share no base class
-            raise self._unreadable(e) from None
-        if info.get("size") is not None and len(data) != info["size"]:   # replaced between the HEAD and the GET
-            raise RemoteError(f"{self.where(key)} changed while it was being read ({info['size']} bytes announced, "
-                              f"{len(data)} read): the store is being replaced; run again once it is published")
-        self._store_locally(local, data)
-        if stale:
+            if size is not None and len(data) != size:   # replaced between the HEAD and the GET
+                raise RemoteError(f"{self.where(key)} changed while it was being read ({size} bytes announced, "
+                                  f"{len(data)} read): the store is being replaced; run again once it is published")
+            before = set(self.cache.versions(key))
+            local = self.cache.store(key, version or "c" + hashlib.sha256(data).hexdigest()[:15], data)
+        if local not in before and before - {local}:
             print(f"mealv2: {self.where(key)} changed on the remote since it was cached; read it again",
                   file=sys.stderr)
-            for old in stale:
-                old.unlink(missing_ok=True)
+        self.cache.drop_versions(key, keep=local)
         return local
 
-    def _cached(self, key: str, info: dict) -> Path:
-        """The cache file of ``key`` in the version ``info`` (fsspec's, or a PUT's reply) describes."""
-        version = hashlib.sha256(f"{info.get('size')} {_tag(info)}".encode()).hexdigest()[:16]
-        return self.cache / f"{key}@{version}"
+    def _get(self, key: str) -> bytes | None:
+        """The object's bytes; None when the remote has no such object."""
+        try:
+            return with_retries(self.fs.cat_file, f"{self.root}/{key}")
+        except FileNotFoundError as e:
+            if e.__cause__ is None or isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise self._unreadable(e.__cause__) from None   # fsspec's HTTP says every failure this way
+        except Exception as e:   # the transport's own errors (botocore's, aiohttp's) share no base class
+            raise self._unreadable(e) from None
 
-    def _store_locally(self, local: Path, data: bytes) -> None:
-        write_file(local, data)
-        if not (self.cache / "URL").is_file():   # says whose objects a cache folder holds
-            (self.cache / "URL").write_text(self.url + "\n")
+
+def _version(key: str, info: dict) -> str | None:
+    """A digest of what identifies ``key``'s bytes in ``info`` (fsspec's, or a PUT's reply): its size
+    and the first of VERSION_FIELDS present; None when none may be trusted: no such field, or a
+    ``zarr.json`` (small, rewritten in place) known only by a modification time."""
+    field = next((k for k in VERSION_FIELDS if info.get(k) is not None), None)
+    if field is None or (field in MODIFIED_FIELDS and key.rsplit("/", 1)[-1] == "zarr.json"):
+        return None
+    return hashlib.sha256(f"{info.get('size')} {info[field]}".encode()).hexdigest()[:16]
 
 
 def _tag(info: dict) -> str:
