@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 import zarr
 
 from mealv2.common.models import checkpoints, teachers

@@ -19,6 +19,8 @@ COMMANDS = {  # name: (module, attribute, one-line help)
     "export": ("mealv2.stage2_train.export", "export", "Export a checkpoint to ONNX, TorchScript or safetensors."),
     "inspect": ("mealv2.stage1_label.store_commands", "inspect", "Show what a label store holds."),
     "verify": ("mealv2.stage1_label.store_commands", "verify", "Check a label store's checksums and completeness."),
+    "publish": ("mealv2.stage1_label.store_commands", "publish",
+                "Copy a finished label store to share, without its local checkpoint paths."),
     "demo": ("mealv2.demo", "demo", "Whole pipeline on a generated dataset, in minutes on a CPU."),
     "bench": ("mealv2.cli", "bench", "Throughput and size benchmarks of both stages."),
 }

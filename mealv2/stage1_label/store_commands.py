@@ -1,4 +1,5 @@
-"""`mealv2 inspect` and `verify`: they import neither torch nor DALI unless `verify --recompute` re-runs teachers."""
+"""`mealv2 inspect`, `verify` and `publish`: they import neither torch nor DALI unless `verify --recompute` re-runs
+teachers."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import click
 
 from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_option, trust_option
 from ..common.errors import MealV2Error
+from .publish import PublishConfig, published_lines, run_publish
 from .report import run_lines, store_problems, store_summary, verify_store
 
 
@@ -91,3 +93,13 @@ def verify(store, data, recompute, tolerance, device):
         click.echo(f"--data {data}: its images are those the store labelled (paths, classes, labels, sizes, bytes); "
                    f"teachers not re-run (--recompute N loads them)")
     click.echo(f"{store}: OK")
+
+
+@click.command()
+@click.argument("store", type=StorePath(exists=True))
+@click.argument("dest", type=StorePath(write=True))
+def publish(store, dest):
+    """Copy finished STORE to DEST to share it: its teachers' checkpoint paths become their file names; the
+    images' relative paths, class names and teacher names stay. DEST: a new or empty folder, or s3://."""
+    for line in published_lines(run_publish(PublishConfig(store, dest)), store):
+        click.echo(line)
