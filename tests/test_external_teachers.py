@@ -94,8 +94,8 @@ def test_stated_inputs_label_a_store_whose_teachers_agree_with_the_labels(ext, t
     text = cli("inspect", out).stdout
     assert text.count("top-1 agrees with the labels on") == 2
     # verify re-runs the teachers from the store's record (spec, res, class names) and agrees
-    v = cli("verify", out, "--data", ext.data, "--device", "cpu")
-    assert v.returncode == 0, v.stderr
+    v = cli("verify", out, "--data", ext.data, "--recompute", 16, "--device", "cpu")
+    assert v.returncode == 0 and "recomputed" in v.stdout, v.stderr
     # eval of the same state dict, same rule: --res, imagenet mean/std, --classes by name
     e = cli("eval", ext.data, "-a", "test_resnet", "--checkpoint", ext.imagenet, "--res", 32, "--classes", ext.order,
             "--json", "--device", "cpu")

@@ -20,6 +20,8 @@ COMMANDS = {  # name: (module, attribute, one-line help)
     "inspect": ("mealv2.stage1_label.store_commands", "inspect", "Show what a label store holds."),
     "verify": ("mealv2.stage1_label.store_commands", "verify", "Check a label store's checksums and completeness."),
     "cache": ("mealv2.stage1_label.store_commands", "cache", "List or free the local cache of stores read from URLs."),
+    "publish": ("mealv2.stage1_label.store_commands", "publish",
+                "Copy a finished label store to share, without its local checkpoint paths."),
     "demo": ("mealv2.demo", "demo", "Whole pipeline on a generated dataset, in minutes on a CPU."),
     "bench": ("mealv2.cli", "bench", "Throughput and size benchmarks of both stages."),
 }

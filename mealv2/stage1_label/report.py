@@ -6,7 +6,7 @@ import numpy as np
 from ..common.data.loaders.registry import available_cores
 from ..common.store.label_store import LabelStore, StoreError
 
-# torch, timm and DALI are imported only by `verify --data`: inspect and verify stay quick.
+# torch, timm and DALI are imported only by `verify --recompute`: inspect and verify stay quick.
 
 HISTOGRAM_CLASSES = 10   # classes `inspect` lists for an unlabelled store
 
@@ -107,29 +107,45 @@ def store_problems(path) -> tuple[list[str], str | None]:
                       f"--workers and --device may differ):\n  {store.label_command()}")
 
 
-def verify_store(path, data=None, recompute: int = 16, tolerance: float = 0.02, device: str = "auto") -> list[str]:
-    """Problems found in the store (:func:`store_problems`), and with ``data`` the teachers re-run
-    on ``recompute`` random stored crops."""
+def verify_store(path, data=None, recompute: int | None = None, tolerance: float = 0.02,
+                 device: str = "auto") -> list[str]:
+    """Problems found in the store (:func:`store_problems`); with ``data``, DATA against the store: its
+    fingerprint (paths, classes, labels, sizes) and every image's CRC32C, loading no teacher; with
+    ``recompute`` too, the teachers re-run on that many random stored crops.
+
+    Only ``recompute`` loads teachers: they are loaded by the specs the store records (its maker's local
+    checkpoint paths, timm names), so checking a store from elsewhere against DATA must not read files or
+    fetch models it names. Checkpoint files are read as data unless ``--trust-checkpoint`` is in force."""
+    if recompute is not None and data is None:
+        raise StoreError(f"verify {path}: --recompute {recompute} re-runs the teachers on stored crops of DATA; "
+                         f"add --data DATA (the dataset the store was labelled from)")
     problems, _ = store_problems(path)
     if data is None or problems:
         return problems
     store = LabelStore.open(path)
     from ..common.data.dataset import build_index, image_crcs
-    from ..common.models.runtime import Runtime
-    from ..common.models.teachers import load_teacher
 
     index = build_index(data)
-    a = store.attrs
     if mismatch := dataset_mismatch(store, data, index):
-        return problems + [mismatch]
+        return [mismatch]
     crcs = image_crcs(index)
     changed = store.changed_images(crcs)
     if len(changed):   # what `train` refuses as it reads them
-        return problems + [str(store.images_changed(changed, crcs[changed], index.relpaths))]
-    # The teachers as recorded: their spec, the --res and the class names they were labelled with, mapped
-    # onto the store's classes (the dataset's, which the fingerprint covers, or the teachers').
+        return [str(store.images_changed(changed, crcs[changed], index.relpaths))]
+    return [] if recompute is None else _teacher_problems(store, index, recompute, tolerance, device)
+
+
+def _teacher_problems(store: LabelStore, index, recompute: int, tolerance: float, device: str) -> list[str]:
+    """The store's teachers as recorded (their spec, the --res and the class names they were labelled with,
+    mapped onto the store's classes: the dataset's, which the fingerprint covers, or the teachers'), checked
+    against their record, then re-run on ``recompute`` stored crops."""
+    from ..common.models.runtime import Runtime
+    from ..common.models.teachers import load_teacher
+
+    a = store.attrs
     teachers = [load_teacher(t["spec"], a["classes"], t["res"], stated_classes=t["output_classes"])
                 for t in a["teachers"]]
+    problems = []
     for t, recorded in zip(teachers, a["teachers"]):
         for key in ("sha256", "res", "mean", "std"):
             ours = list(getattr(t, key)) if key in ("mean", "std") else getattr(t, key)

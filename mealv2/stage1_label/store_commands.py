@@ -1,4 +1,5 @@
-"""`mealv2 inspect`, `verify` and `cache`: they import neither torch nor DALI unless `verify --data` re-runs
+"""`mealv2 inspect`, `verify`, `publish` and `cache`: they import neither torch nor DALI unless `verify
+--recompute` re-runs
 teachers."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, StorePath, device_op
 from ..common.errors import MealV2Error
 from ..common.store.cache import cached_stores, clear_cache, stores_root
 from ..common.store.objects import check_url, is_url
+from .publish import PublishConfig, published_lines, run_publish
 from .report import run_lines, store_problems, store_summary, verify_store
 
 
@@ -68,16 +70,21 @@ def _report(store, report_dir, data, err: bool = False) -> None:
 
 @click.command()
 @click.argument("store", type=StorePath(exists=True))
-@click.option("--data", type=LocalPath(exists=True), help="Dataset the store was made from: re-run the teachers.")
-@click.option("--recompute", type=POSITIVE, default=16, show_default=True, help="Stored crops to re-label with --data.")
+@click.option("--data", type=LocalPath(exists=True),
+              help="Dataset the store was made from: check its images against the store (paths, classes, labels, "
+                   "sizes, every image's CRC32C). Loads no teacher.")
+@click.option("--recompute", type=POSITIVE, metavar="N",
+              help="With --data: load the teachers the store names (its maker's checkpoint paths and timm models) "
+                   "and re-label N stored crops. Only for a store whose teachers you have and trust.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=0.02, show_default=True,
-              help="Largest allowed |stored - recomputed| probability.")
+              help="With --recompute: largest allowed |stored - recomputed| probability.")
 @device_option
 @trust_option
 def verify(store, data, recompute, tolerance, device):
-    """Check checksums and shard completion; with --data, re-run the teachers on stored crops."""
+    """Check checksums and shard completion; with --data, DATA's images against the store; with --recompute
+    too, re-run the teachers on stored crops."""
     problems, fix = store_problems(store)
-    if not problems and data:
+    if not problems and (data or recompute):
         problems = verify_store(store, data=data, recompute=recompute, tolerance=tolerance, device=device)
     if problems:
         for p in problems:
@@ -85,6 +92,9 @@ def verify(store, data, recompute, tolerance, device):
         if fix:
             click.echo(fix, err=True)
         raise SystemExit(1)
+    if data and recompute is None:
+        click.echo(f"--data {data}: its images are those the store labelled (paths, classes, labels, sizes, bytes); "
+                   f"teachers not re-run (--recompute N loads them)")
     click.echo(f"{store}: OK")
 
 
@@ -122,3 +132,13 @@ def cache_clear(url):
         click.echo(f"nothing cached{f' for {url}' if url else ''} in {stores_root()}")
     if skipped:
         raise SystemExit(1)
+
+
+@click.command()
+@click.argument("store", type=StorePath(exists=True))
+@click.argument("dest", type=StorePath(write=True))
+def publish(store, dest):
+    """Copy finished STORE to DEST to share it: its teachers' checkpoint paths become their file names; the
+    images' relative paths, class names and teacher names stay. DEST: a new or empty folder, or s3://."""
+    for line in published_lines(run_publish(PublishConfig(store, dest)), store):
+        click.echo(line)

@@ -29,7 +29,8 @@ from .mismatch import path_differences, settings_differences
 from .objects import LocalObjects, is_url, open_objects
 from .schema import (ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORMAT, PROB_LEVELS, ROUND_ARRAYS,
                      SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError, array_meta_digest, array_specs,
-                     chunk_key, join_chunks, json_digest, num_shards, per_round, writable, write_paths)
+                     chunk_key, identity_digest, join_chunks, json_digest, num_shards, per_round, writable,
+                     write_paths)
 
 RUNS_KEY = "mealv2_runs"   # what each labelling command took (record_run): history, outside the digest
 
@@ -173,8 +174,9 @@ class LabelStore(StoreIntegrity):
 
     @property
     def digest(self) -> str:
-        """SHA-256 of the store's attributes: what it was made from and how."""
-        return self.group.attrs[DIGEST_KEY]
+        """SHA-256 of the store's attributes: what it was made from and how; a published copy's is its
+        original's (schema.identity_digest)."""
+        return identity_digest(self.attrs, self.group.attrs[DIGEST_KEY])
 
     def grown_from(self, digest: str | None) -> int | None:
         """The rounds this store had when its digest was ``digest``, if it is that store with rounds appended
@@ -446,14 +448,14 @@ class LabelStore(StoreIntegrity):
         return self.objects.remove_partials()
 
 
-def acquire_writer_lock(path: str | Path) -> FileLock | Lease:
-    """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job
-    (locks.py): not inside it, since a new store is made elsewhere and renamed into place.
+def acquire_writer_lock(path: str | Path, command: str = "label") -> FileLock | Lease:
+    """Exclusive lock ``STORE.lock`` beside the store's real path for the one writing job, `mealv2
+    COMMAND` (locks.py): not inside it, since a new store is made elsewhere and renamed into place.
     A store at a URL has its lease ``STORE.lease`` instead (lease.py), whose ``check`` is
     then the store's guard."""
     if is_url(path):
-        return hold_lease(path, "label", error=StoreError)
-    return hold_lock(lock_path_beside(path), path, "label", StoreError)
+        return hold_lease(path, command, error=StoreError)
+    return hold_lock(lock_path_beside(path), path, command, StoreError)
 
 
 def writer_lock_share(lock: FileLock | Lease) -> tuple[str, float] | None:

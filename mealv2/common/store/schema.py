@@ -57,6 +57,9 @@ PROB_LEVELS = 127        # probs hold round(PROB_LEVELS * sqrt(p)); common/data/
 ATTR_KEY = "mealv2"
 DIGEST_KEY = "mealv2_sha256"
 ARRAYS_KEY = "mealv2_arrays_sha256"   # array name: SHA-256 of its metadata (array_meta_digest)
+# In a published copy's attributes (sharing.py): {"from": its original's identity digest, "as": the digest of
+# its other attributes as published}; see identity_digest.
+PUBLISHED_KEY = "published"
 
 # Keys that must agree between a store and a new labelling command for it to resume or append.
 IDENTITY_KEYS = ("format", "version", "prob_levels", "classes", "topk", "temperature", "seed", "crops_per_image",
@@ -149,6 +152,16 @@ def write_paths(group, relpaths: Sequence[str]) -> None:
 # ---- digests ----------------------------------------------------------------------------------
 def json_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def identity_digest(attrs: dict, digest: str) -> str:
+    """What a store's labels are known by (``train`` records it, and its ``--resume`` compares it): ``digest``,
+    the SHA-256 of its attributes ``attrs``; for a published copy whose attributes are still those it was
+    published with, its original's: publishing strips the teachers' checkpoint folders, not one label.
+    An attribute changed since (rounds appended) makes the copy a store of its own."""
+    published = attrs.get(PUBLISHED_KEY)
+    rest = {k: v for k, v in attrs.items() if k != PUBLISHED_KEY}
+    return published["from"] if published and published.get("as") == json_digest(rest) else digest
 
 
 def array_meta_digest(name: str, meta: dict) -> str:
