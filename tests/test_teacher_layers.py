@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from conftest import make_image_dataset, run_cli
+from mealv2.common.errors import MealV2Error
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -156,3 +157,92 @@ def test_two_ranks_write_the_same_layers_as_one(kept, setup, tmp_path):
     assert "on rank 0 of 2" in result.stdout
     names = ("boxes", "flips", "ids", "probs", "done", *layer_names(2))
     assert_same(arrays(path, names), arrays(out, names))
+
+
+# ---- stage 2: students from the layers, no teacher run ----------------------------------------------
+
+@pytest.fixture
+def no_teachers(monkeypatch):
+    """Stage 2 must not build a teacher: every way to one fails."""
+    import mealv2.common.models.teachers as teachers_module
+    import mealv2.stage2_train.modes as modes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a teacher was loaded in stage 2")
+    monkeypatch.setattr(teachers_module, "build_teacher", refuse)
+    monkeypatch.setattr(modes, "load_teacher", refuse)
+
+
+def replayed_targets(store, data, **kw) -> torch.Tensor:
+    import mealv2
+
+    loader = mealv2.ReplayLoader(store, data, batch_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu",
+                                 workers=1, **kw)
+    return torch.cat([targets for _, targets in loader])
+
+
+def test_replayed_layer_targets_are_each_teachers_and_their_weighted_mean(kept, setup, no_teachers):
+    out, alone, _ = kept
+    _, data, _ = setup
+    own = [replayed_targets(path, data) for path in alone]
+    for j in range(2):
+        weights = tuple(float(i == j) for i in range(2))
+        torch.testing.assert_close(replayed_targets(out, data, teacher_weights=weights), own[j], rtol=0, atol=1e-6)
+    torch.testing.assert_close(replayed_targets(out, data, teacher_weights=(1,)), own[0], rtol=0, atol=1e-6)
+    mixed = (2 * own[0] + own[1]) / 3
+    torch.testing.assert_close(replayed_targets(out, data, teacher_weights=(2, 1)), mixed / mixed.sum(1, keepdim=True),
+                               rtol=0, atol=1e-6)
+    ensemble = replayed_targets(out, data)
+    assert not torch.allclose(ensemble, own[0]) and not torch.allclose(ensemble, own[1])
+
+
+@pytest.mark.parametrize("weights", [None, (1.0, 0.0), (0.0, 1.0), (2.0, 1.0)], ids=["ensemble", "first", "second", "2,1"])
+def test_a_student_trains_from_any_weighting_of_the_layers_without_a_teacher(kept, setup, tmp_path, weights,
+                                                                            no_teachers, capsys):
+    import mealv2
+
+    out, _, _ = kept
+    _, data, _ = setup
+    cfg = mealv2.TrainConfig(str(data), str(tmp_path / "run"), "test_resnet", labels=str(out), teacher_weights=weights,
+                             epochs=1, batch_size=8, workers=1, device="cpu", progress=False)
+    mealv2.train(cfg)
+    said = capsys.readouterr().out
+    assert ("per-teacher layers averaged with weights" in said) == (weights is not None)
+    assert (tmp_path / "run" / "last.pt").exists()
+    # the config's equivalent command trains the same (the run records it, resumes compare it)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["settings"]["teacher_weights"] == (
+        None if weights is None else list(weights))
+    if weights is not None:   # a resume keeps the weights, and refuses other ones
+        mealv2.train(mealv2.resume_config(tmp_path / "run", epochs=2))
+        with pytest.raises(MealV2Error, match="teacher_weights"):
+            mealv2.train(mealv2.resume_config(tmp_path / "run", epochs=3, teacher_weights=(1.0, 3.0)))
+
+
+@pytest.mark.parametrize("weights, said", [
+    ((1.0, 1.0, 1.0), "--teacher-weights 1,1,1: 3 weights"),
+])
+def test_more_weights_than_layers_are_refused_naming_the_layers(kept, setup, tmp_path, in_process, weights, said):
+    out, _, _ = kept
+    _, data, _ = setup
+    r = in_process("train", data, "--labels", out, "-a", "test_resnet", "-o", tmp_path / "run", "--teacher-weights",
+                   ",".join(f"{w:g}" for w in weights), "--dry-run", "--device", "cpu", "--workers", "1")
+    assert r.returncode != 0 and said in r.stderr and "1. test_resnet=" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_teacher_weights_on_a_store_without_layers_name_keep_teachers(kept, setup, tmp_path, in_process):
+    _, _, plain = kept
+    _, data, _ = setup
+    r = in_process("train", data, "--labels", plain, "-a", "test_resnet", "-o", tmp_path / "run", "--teacher-weights",
+                   "1,0", "--dry-run", "--device", "cpu", "--workers", "1")
+    assert r.returncode != 0 and "has no per-teacher layers" in r.stderr and "--keep-teachers" in r.stderr
+
+
+@pytest.mark.parametrize("value, said", [
+    ((0.0, 0.0), "is all zeros"), ((1.0, -1.0), "negative or non-finite"), ((1.0, float("nan")), "non-finite"),
+    ((), "is not a list of numbers"),
+])
+def test_bad_weights_are_refused_by_the_config(value, said):
+    import mealv2
+
+    with pytest.raises(MealV2Error, match=said):
+        mealv2.TrainConfig("d", "o", "a", labels="s", teacher_weights=value)

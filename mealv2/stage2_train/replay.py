@@ -92,6 +92,25 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
     return classes, note
 
 
+def layer_weights(store: LabelStore, weights, flag: str = "--teacher-weights") -> dict[int, float] | None:
+    """``weights`` (one per per-teacher layer, in the store's layer order; layers past them weigh 0, so a run
+    resumes unchanged after a layer was added) as {layer: weight} of the nonzero ones; None (the ensemble's
+    labels) for None. Refused for a store without layers, or more weights than it has layers."""
+    if weights is None:
+        return None
+    shown = ",".join(f"{w:g}" for w in weights)
+    layers = store.layers
+    if not layers:
+        raise MealV2Error(f"{flag} {shown}: {store.path} has no per-teacher layers, only its ensemble's labels; label "
+                          f"the data with `mealv2 label ... --keep-teachers` to keep each teacher's own, or drop "
+                          f"{flag} to train from the ensemble")
+    if len(weights) > len(layers):
+        names = ", ".join(f"{j + 1}. {layer['teacher']['spec']}" for j, layer in enumerate(layers))
+        raise MealV2Error(f"{flag} {shown}: {len(weights)} weights, {store.path} has {len(layers)} per-teacher "
+                          f"layers ({names}); give at most one weight per layer, in that order")
+    return {j: float(w) for j, w in enumerate(weights) if w}
+
+
 def store_hard_labels(store: LabelStore, asked: str) -> np.ndarray:
     """Each image's class id in the store's classes, which the store records from the dataset it
     was labelled from; refused for a store of unlabelled images (``asked``: what wants them)."""
@@ -159,6 +178,9 @@ class ReplayLoader:
             (progressive resizing): the boxes are relative.
         mean, std: normalisation of the rendered crops; default the model's. One of ``model`` or
             ``mean``/``std`` is required.
+        teacher_weights: train from the store's per-teacher layers (``mealv2 label --keep-teachers``) averaged
+            with these weights (one per layer, in the store's layer order; layers past them weigh 0), as
+            ``--teacher-weights``; default None, the stored ensemble.
         seed: the pass order's seed (``--seed``).
         device: ``auto``, ``cpu``, ``cuda`` or a torch.device; under torchrun ``auto`` takes the
             rank's local GPU.
@@ -184,7 +206,7 @@ class ReplayLoader:
                  res: int | None = None, mean=None, std=None, seed: int = 0, device: str | torch.device = "auto",
                  loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
                  scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
-                 hard_labels: bool = False):
+                 hard_labels: bool = False, teacher_weights=None):
         resolve(loader)   # an unknown or missing backend is refused before the store is verified
         info = DistInfo.current()
         self.rank, self.world_size = info.rank, info.world_size
@@ -214,7 +236,7 @@ class ReplayLoader:
                               where="ReplayLoader: the model", fix="res=")
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.batch_size = seed, batch_size
-        labels = StoredLabels(self.store)
+        labels = StoredLabels(self.store, layer_weights(self.store, teacher_weights, "teacher_weights="))
         self.crops_per_image = labels.crops_per_image
         self._loader = TrainLoader(self.index, labels, [], images_per_step(batch_size, self.crops_per_image,
                                                                           info.world_size),
