@@ -246,3 +246,33 @@ def test_bad_weights_are_refused_by_the_config(value, said):
 
     with pytest.raises(MealV2Error, match=said):
         mealv2.TrainConfig("d", "o", "a", labels="s", teacher_weights=value)
+
+
+def test_inspect_reports_bytes_per_crop_per_layer(kept, in_process):
+    out, _, plain = kept
+    layers = json.loads(in_process("inspect", out, "--json").stdout)
+    by_layer = layers["bytes_per_crop_by_layer"]
+    assert list(by_layer)[2:] == [f"teacher {j + 1}: {t['spec']}" for j, t in enumerate(layers["teachers"])]
+    assert all(v > 0 for v in by_layer.values())
+    assert sum(by_layer.values()) == pytest.approx(layers["bytes_per_crop"], abs=0.05)
+    assert list(json.loads(in_process("inspect", plain, "--json").stdout)["bytes_per_crop_by_layer"]) == [
+        "crops (boxes, flips)", "ensemble"]
+
+
+def test_recombined_layers_come_close_to_the_exact_ensemble():
+    """KL(exact ensemble || per-teacher top-k recombined) is finite and no larger than the store encoding's own
+    KL(exact ensemble || stored ensemble top-k): both are mostly the tail a top-k spreads evenly, and the
+    recombination keeps the union of the teachers' top-k (up to 3k classes here)."""
+    from mealv2.common.data.targets import recombination_kl
+
+    torch.manual_seed(0)
+    classes, k = 100, 5
+    shared = 3 * torch.randn(256, classes)
+    probs = [torch.softmax(shared + torch.randn(256, classes), dim=1) for _ in range(3)]
+    stored, recombined = recombination_kl(probs, [1.0, 1.0, 1.0], k)
+    assert torch.isfinite(stored).all() and torch.isfinite(recombined).all()
+    assert (stored >= -1e-9).all() and (recombined >= -1e-9).all()
+    assert recombined.mean() < stored.mean() < 0.5
+    one, _ = recombination_kl(probs[:1], [1.0], k)
+    _, alone = recombination_kl(probs[:1], [1.0], k)
+    torch.testing.assert_close(alone, one, rtol=1e-4, atol=1e-7)   # one teacher: the recombination is the stored top-k itself
