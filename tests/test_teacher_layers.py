@@ -276,3 +276,16 @@ def test_recombined_layers_come_close_to_the_exact_ensemble():
     one, _ = recombination_kl(probs[:1], [1.0], k)
     _, alone = recombination_kl(probs[:1], [1.0], k)
     torch.testing.assert_close(alone, one, rtol=1e-4, atol=1e-7)   # one teacher: the recombination is the stored top-k itself
+
+
+def test_a_dry_run_counts_the_layers_objects_and_bytes(kept, setup, tmp_path, in_process):
+    import re
+
+    out, _, _ = kept
+    _, data, teachers = setup
+    r = in_process(*label_args(data, teachers, tmp_path / "s", "--keep-teachers", "--dry-run"))
+    assert r.returncode == 0, r.stderr
+    objects = int(re.search(r"(\d+) objects once finished", r.stdout).group(1))
+    assert objects == sum(1 for f in out.rglob("*") if f.is_file())
+    said = float(re.search(r"the store: ([\d.]+) B/crop", r.stdout).group(1))
+    assert said == pytest.approx(json.loads(in_process("inspect", out, "--json").stdout)["bytes_per_crop"], rel=0.02)

@@ -33,7 +33,7 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards
+from ..common.store.label_store import DATA_ARRAYS, ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards
 from ..common.store.lease import lease_seconds
 from ..common.store.objects import is_url, open_objects
 from ..common.store.writer import ShardWriter
@@ -248,13 +248,15 @@ def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np
     warm_up = times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate   # beyond its crops at the rate
     startup = max(0.0, warm_up) if len(batches) > 1 else 0.0
     trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
+    layers = len(ensemble.teachers) if cfg.keep_teachers else 0   # each adds an ids and a probs array
     rounds, shards, units = _work_todo(cfg, len(index))
     cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
                      store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
                      measured_crops=crops, crops_per_s=rate, startup_s=startup, write_s=trial.write_s,
                      pack_s=trial.pack_s, device=device_name(ensemble.device), bytes_per_crop=trial.bytes_per_crop,
-                     objects=trial.objects + len(ROUND_ARRAYS) * (rounds - 1),
-                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error))
+                     objects=trial.objects + (len(ROUND_ARRAYS) + 2 * layers) * (rounds - 1),
+                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error),
+                     arrays=len(DATA_ARRAYS) + 2 * layers)
     for line in cost.lines():
         print(line)
     return cost
