@@ -51,8 +51,8 @@ def layer_names(count: int) -> tuple[str, ...]:
 
 def assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for name in a:
-        assert np.array_equal(a[name], b[name]), f"array {name} differs"
+    for name, values in a.items():
+        assert np.array_equal(values, b[name]), f"array {name} differs"
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_verify_names_a_damaged_layer_chunk_and_label_repairs_it(kept, setup, tm
     from conftest import flip_chunk_byte
 
     out, _, _ = kept
-    root, data, teachers = setup
+    _, data, teachers = setup
     copy = tmp_path / "copy.zarr"
     shutil.copytree(out, copy)
     shown = flip_chunk_byte(copy, "teachers/1/probs", 1, 2)
@@ -164,8 +164,8 @@ def test_two_ranks_write_the_same_layers_as_one(kept, setup, tmp_path):
 @pytest.fixture
 def no_teachers(monkeypatch):
     """Stage 2 must not build a teacher: every way to one fails."""
-    import mealv2.common.models.teachers as teachers_module
-    import mealv2.stage2_train.modes as modes
+    from mealv2.common.models import teachers as teachers_module
+    from mealv2.stage2_train import modes
 
     def refuse(*args, **kwargs):
         raise AssertionError("a teacher was loaded in stage 2")
@@ -194,6 +194,16 @@ def test_replayed_layer_targets_are_each_teachers_and_their_weighted_mean(kept, 
                                rtol=0, atol=1e-6)
     ensemble = replayed_targets(out, data)
     assert not torch.allclose(ensemble, own[0]) and not torch.allclose(ensemble, own[1])
+    # a saved replay continues only with the weighting it replayed
+    import mealv2
+
+    def loader(**kw):
+        return mealv2.ReplayLoader(out, data, batch_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu", workers=1,
+                                   **kw)
+    saved = loader(teacher_weights=(2, 1)).state_dict()
+    loader(teacher_weights=(2.0, 1.0)).load_state_dict(saved)
+    with pytest.raises(MealV2Error, match="teacher_weights: the saved loader has"):
+        loader().load_state_dict(saved)
 
 
 @pytest.mark.parametrize("weights", [None, (1.0, 0.0), (0.0, 1.0), (2.0, 1.0)], ids=["ensemble", "first", "second", "2,1"])

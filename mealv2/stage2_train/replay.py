@@ -236,6 +236,7 @@ class ReplayLoader:
                               where="ReplayLoader: the model", fix="res=")
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed, self.batch_size = seed, batch_size
+        self.teacher_weights = None if teacher_weights is None else [float(w) for w in teacher_weights]
         labels = StoredLabels(self.store, layer_weights(self.store, teacher_weights, "teacher_weights="))
         self.crops_per_image = labels.crops_per_image
         self._loader = TrainLoader(self.index, labels, [], images_per_step(batch_size, self.crops_per_image,
@@ -301,15 +302,17 @@ class ReplayLoader:
     def state_dict(self) -> dict:
         """Where the replay stands (steps taken) and what it replays, for :meth:`load_state_dict`."""
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "store": self.store.digest,
-                "num_images": len(self.index)}
+                "num_images": len(self.index), "teacher_weights": self.teacher_weights}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed or batch size."""
+        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed, batch size or
+        teacher weighting."""
         ours = self.state_dict()
         diff = [f"{k}: the saved loader has {state.get(k)!r}, this one {ours[k]!r}"
-                for k in ("seed", "batch_size", "store", "num_images") if state.get(k) != ours[k]]
+                for k in ("seed", "batch_size", "store", "num_images", "teacher_weights") if state.get(k) != ours[k]]
         if diff:
             raise MealV2Error("ReplayLoader.load_state_dict: the saved state replays other crops, so it would not "
                               "continue exactly:\n  " + "\n  ".join(diff)
-                              + "\nBuild the loader with the saved run's store, data, seed and batch_size")
+                              + "\nBuild the loader with the saved run's store, data, seed, batch_size and "
+                                "teacher_weights")
         self.step = int(state["step"])
