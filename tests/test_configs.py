@@ -52,6 +52,9 @@ TRAIN_REFUSALS = {
     "pretrained and init": (["--hard-labels", "--pretrained", "--init", "{files}/w.pt"],
                             {"hard_labels": True, "pretrained": True, "init": "{files}/w.pt"},
                             "--pretrained and --init both set the starting weights"),
+    "teacher weights offline": (["--hard-labels", "--teacher-weights", "1,2"],
+                                {"hard_labels": True, "teacher_weights": (1.0, 2.0)},
+                                "--teacher-weights 1,2 weighs a store's per-teacher layers; it applies with --labels"),
     "no arch": (["--hard-labels", "-a", ""], {"hard_labels": True, "arch": ""}, "--arch is missing"),
 }
 
@@ -204,7 +207,8 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
                                crop=CropParams(res=32, scale=(0.35, 1.0), ratio=(0.5, 2.0)), topk=3, temperature=2.0,
                                batch_size=8, seed=1, loader="torch", device="cpu", workers=3, shard_size=4,
                                skip_bad=True, classes_file=names, teacher_classes={1: names}, teacher_check=False,
-                               teacher_precision="bf16", dry_run=True, progress=False, write_depth=0)
+                               teacher_precision="bf16", keep_teachers=True, dry_run=True, progress=False,
+                               write_depth=0)
     online = mealv2.TrainConfig(
         data, str(run), "a", teachers=["x.pt", "y.pt*2"], classes_file=names, teacher_classes={2: names},
         teacher_check=False, teacher_precision="bf16", temperature=2.0, res=32, scale=(0.35, 1.0),
@@ -214,7 +218,8 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
         cutmix_prob=0.5, mixup=0.2,
         model_ema=True, model_ema_decay=0.99, val=data, init=str(files / "w.pt"), loader="torch", device="cpu",
         workers=3, seed=5, compile=True, tensorboard=True, dry_run=True, progress=False)
-    stored = mealv2.TrainConfig(data, str(run), "a", labels=str(files), res=48, pretrained=True)
+    stored = mealv2.TrainConfig(data, str(run), "a", labels=str(files), res=48, pretrained=True,
+                                teacher_weights=(2, 0, 0.5))
     hard = mealv2.TrainConfig(data, str(run), "a", hard_labels=True, workers=2)
     run.mkdir()
     write_run_config(run, hard, {})

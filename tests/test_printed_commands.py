@@ -122,3 +122,23 @@ def test_the_repair_command_of_a_store_read_over_http_names_where_to_run_it(http
     r = run_printed(in_process, command, DATA=tiny_data, STORE=local)
     assert r.returncode == 0, r.stderr
     assert in_process("verify", local).returncode == 0
+
+
+def test_the_repair_command_of_a_store_with_per_teacher_layers_keeps_them(tiny_data, tmp_path, in_process):
+    """A store labelled with --keep-teachers is resumed only by a command keeping its layers: its printed repair
+    command says --keep-teachers, and run as printed it labels a damaged layer's shard again."""
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "teacher.pth")
+    out = tmp_path / "store"
+    r = in_process("label", tiny_data, "-t", f"test_resnet={tmp_path / 'teacher.pth'}@32", "-o", out, "--rounds", 1,
+                   "--crops-per-image", 2, "--res", 32, "--topk", 2, "--shard-size", 4, "--keep-teachers", *FAST)
+    assert r.returncode == 0, r.stderr
+    flip_chunk_byte(out, "teachers/0/ids", 0, 1)
+    r = in_process("verify", out)
+    assert r.returncode == 1
+    command = repair_command(r.stderr)
+    assert " --keep-teachers" in command
+    r = run_printed(in_process, command, DATA=tiny_data)
+    assert r.returncode == 0, r.stderr
+    assert "repair: teachers/0/ids/c/0/0/0/0[1]: damaged or missing" in r.stdout
+    assert in_process("verify", out).returncode == 0

@@ -118,11 +118,49 @@ def test_report_writes_every_picture_it_links_and_its_numbers_are_the_stores(lab
     p2 = _decoded(codes[..., 1])
     assert float(first[5].split(", ")[1].split()[-1]) == pytest.approx(p2.max(), abs=0.005)
     assert "## Teachers" in report and labelled.teacher in report
+    assert "`mealv2 label --keep-teachers` keeps each teacher's own labels" in report   # no layers: what enables them
     # a crop is shown once: the least confident sheet leaves out the disputed sheet's crops
     listed = lambda section: {tuple(line.split(" | ")[1:4]) for line in section.splitlines()
                               if re.match(r"\| \d+ \|", line)}   # (image, round, crop) of each row
     unsure = report.split("## Least confident crops")[1]
     assert len(listed(disputed)) == len(listed(unsure)) == 12 and not listed(disputed) & listed(unsure)
+
+
+def test_report_with_layers_gives_each_teachers_accuracy_and_their_agreement_per_class(labelled, tmp_path, in_process):
+    import timm
+    import torch
+
+    torch.manual_seed(7)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "second.pth")
+    teachers = f"{labelled.teacher},test_resnet={tmp_path / 'second.pth'}@32"
+    store = tmp_path / "store"
+    r = in_process("label", labelled.data, "-t", teachers, "-o", store, "--rounds", 1, "--res", 32,
+                   "--crops-per-image", 2, "--topk", 2, "--batch-size", 8, "--workers", 1, "--device", "cpu",
+                   "--keep-teachers", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "report"
+    r = in_process("inspect", store, "--report", out)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    links = _links(report)
+    assert sorted(p.name for p in out.iterdir()) == sorted({"report.md", *links})
+    assert {"teachers.png", "teacher1-classes.png", "teacher2-confidence.png"} <= set(links)
+    assert (out / "teachers.png").read_bytes()[:8] == PNG
+    assert "keeps each teacher's own labels (`--keep-teachers`" in report
+    # the per-class table, from the layers with plain zarr and numpy
+    g = zarr.open_group(store, mode="r")
+    labels = g["labels"][:]
+    top1 = [g[f"teachers/{j}/ids"][..., 0] for j in range(2)]
+    table = report.split("teachers agree on top-1")[1]
+    rows = {line.split(" | ")[0].strip("| *"): line for line in table.splitlines() if line.startswith("| ")}
+    for c, name in enumerate(g.attrs["mealv2"]["classes"]):
+        mine = labels == c
+        agree = (top1[0][:, mine] == top1[1][:, mine]).mean()
+        hits = [(t[:, mine] == c).mean() for t in top1]
+        assert rows[name] == (f"| {name} | {mine.sum() * 2} | {100 * agree:.1f} % | {100 * hits[0]:.1f} % | "
+                              f"{100 * hits[1]:.1f} % |"), rows[name]
+    everything = (top1[0] == labels[None, :, None]).mean()
+    assert rows["all"].split(" | ")[3] == f"{100 * everything:.1f} %"
 
 
 @pytest.mark.slow

@@ -34,6 +34,8 @@ BENCHMARKS = {
     "gpu": ("mealv2.benchmarks.gpu", "bench_gpu", "GPU smoke run: label, train bf16 + compile (+ torchrun), eval, export."),
     "precision": ("mealv2.benchmarks.precision", "bench_precision",
                   "KL of teachers' bf16/fp16 softmax from fp32, beside the store encoding's."),
+    "layers": ("mealv2.benchmarks.layers", "bench_layers",
+               "KL of per-teacher top-k layers recombined from the exact ensemble, beside the stored top-k's."),
     "demo": ("mealv2.benchmarks.demo", "bench_demo", "`mealv2 demo` over seeds: mean and spread of each gap."),
 }
 

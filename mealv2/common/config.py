@@ -158,6 +158,28 @@ class Channels(Setting):
         return "is not positive" if self.positive and min(value) <= 0 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights(Setting):
+    """Nonnegative finite weights, not all zero, as a tuple; the flag takes 'W,W,...' (decimals or fractions)."""
+
+    expected = "nonnegative finite weights, not all zero, as the flag's 'W,W,...' (e.g. 2,0,1)"
+    metavar = "W,W,..."
+
+    def problem(self, value) -> str | None:
+        if (not isinstance(value, (tuple, list)) or not value
+                or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value)):
+            return "is not a list of numbers"
+        if not all(math.isfinite(v) and v >= 0 for v in value):
+            return "holds a negative or non-finite weight"
+        return None if any(value) else "is all zeros"
+
+    def parse(self, text: str):
+        try:
+            return tuple(float(Fraction(v.strip())) for v in text.split(","))
+        except (ValueError, ZeroDivisionError):
+            return text
+
+
 class Specs(Setting):
     """Teacher specs, a list of strings: a single string would be read letter by letter."""
 

@@ -19,6 +19,8 @@ LABELS = {  # field: its flag's help, in --help's order
     "shard_size": "Images per shard: the unit of writing, resuming and splitting across ranks (a shard's largest "
                   "chunk may take up to 1 GiB).",
     "skip_bad": "Leave out unreadable images (recorded in the store) instead of failing.",
+    "keep_teachers": "Also store each teacher's own top-k over the same crops (per-teacher layers, same encoding), "
+                     "so `train --teacher-weights` can reweigh the teachers without running them again.",
     "dry_run": "Write nothing: time the teachers on a few batches of DATA's crops on --device and print what the "
                "run will take (crops, hours, the store's bytes and objects, S3 requests).",
 }

@@ -51,6 +51,7 @@ class LabelConfig:
     teacher_classes: dict[int, str] = setting(CLASS_FILES, factory=dict)  # teacher N's class names (--teacher-classes)
     teacher_check: bool = setting(FLAG, True)
     teacher_precision: str = setting(Choice(PRECISIONS), "fp32")
+    keep_teachers: bool = setting(FLAG, False)   # also store each teacher's own top-k (per-teacher layers)
     dry_run: bool = setting(FLAG, False)   # measure the teachers on a few batches, print what the run takes, write nothing
     progress: bool = setting(FLAG, True)
     write_depth: int = setting(INT_FROM_0, DEPTH)   # shards in flight on the background writer; 0 writes in the loop

@@ -38,6 +38,7 @@ class LabelCost:
     objects: int             # objects (files) of the finished store
     url: str | None = None   # the store's s3:// URL, whose requests are counted
     lease_s: float = 60.0    # the lease's duration; it is renewed every quarter of it
+    arrays: int = len(DATA_ARRAYS)   # per-crop arrays a work unit writes (2 more per teacher with --keep-teachers)
 
     @property
     def seconds(self) -> float:
@@ -64,7 +65,7 @@ class LabelCost:
         lease back once taken, and each other rank reads it as it is renewed (it watches it). DELETE: the staged objects of each packed round,
         1,000 keys a request, and the lease (probed with a wrong If-Match, then released). A run cut short and resumed
         repeats some of them."""
-        arrays = len(DATA_ARRAYS)
+        arrays = self.arrays
         rounds = math.ceil(self.units / self.shards)
         folders = rounds * (arrays + 1) + 1   # a packed round's staged arrays, and the images' CRC32Cs
         lookups = self.ranks * (self.units + rounds + ROOT_LOOKUPS[0]) + rounds + ROOT_LOOKUPS[1]

@@ -33,7 +33,7 @@ from ..common.models.teacher_check import check_teachers
 from ..common.models.teachers import (Ensemble, load_teachers, naming_extra_classes, read_classes_file,
                                       read_teacher_classes, teacher_table)
 from ..common.store.faults import fault_point
-from ..common.store.label_store import (ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards,
+from ..common.store.label_store import (DATA_ARRAYS, ROUND_ARRAYS, LabelStore, acquire_writer_lock, num_shards,
                                        watch_writer_lock, writer_lock_share)
 from ..common.store.lease import lease_seconds
 from ..common.store.objects import is_url, open_objects
@@ -75,8 +75,9 @@ def _requests(work: list[tuple[int, int, int, int]], sizes: np.ndarray, images_p
 
 def _labelled(cfg: LabelConfig, index, ensemble: Ensemble, work: list[tuple[int, int, int, int]],
               loader: str) -> Iterator[tuple]:
-    """(round, shard, boxes, flips, ids, codes, crcs) of each batch of ``work``, per image: crops sampled,
-    rendered by the loader, through the ensemble and the top-k code. What a run writes and a dry run times."""
+    """(round, shard, boxes, flips, ids, codes, crcs, layers) of each batch of ``work``, per image: crops sampled,
+    rendered by the loader, through the ensemble and the top-k code; ``layers`` each teacher's own (ids, codes)
+    with ``--keep-teachers``, else none. What a run writes and a dry run times."""
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     plan: deque = deque()
     batches = iterate(loader, index, _requests(work, index.sizes, images_per_batch, cfg, plan),
@@ -85,15 +86,21 @@ def _labelled(cfg: LabelConfig, index, ensemble: Ensemble, work: list[tuple[int,
     for batch in batches:
         fault_point("decode")      # a batch decoded, not yet labelled
         r, s, boxes, flips = plan.popleft()
-        probs = ensemble.probs(batch.views)
-        if not bool(probs.isfinite().all()):   # encoded, nan and inf would be stored as some top-k
+        probs, layers = ensemble.probs_and_layers(batch.views) if cfg.keep_teachers else (ensemble.probs(batch.views), [])
+        if not all(bool(p.isfinite().all()) for p in (probs, *layers)):   # encoded, nan and inf would be stored as some top-k
             raise MealV2Error(f"the teachers' probabilities for round {r}, shard {s} (images {batch.ids[0]}-"
                               f"{batch.ids[-1]}) are not finite (nan or inf): a teacher's weights hold nan or "
                               f"inf, or --teacher-precision {cfg.teacher_precision} overflows; the shard was not "
                               f"written")
-        ids, codes = encode_topk(probs, cfg.topk)
         shape = (len(batch.ids), cfg.crops_per_image, -1)
-        yield r, s, boxes, flips, ids.reshape(shape).cpu().numpy(), codes.reshape(shape).cpu().numpy(), batch.crcs
+        (ids, codes), *kept = [tuple(x.reshape(shape).cpu().numpy() for x in encode_topk(p, cfg.topk))
+                               for p in (probs, *layers)]
+        yield r, s, boxes, flips, ids, codes, batch.crcs, kept
+
+
+def join_layers(batches: list[list[tuple]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer its (ids, codes) over ``batches`` (each batch's list of per-layer (ids, codes)), joined in order."""
+    return [tuple(np.concatenate(x) for x in zip(*per_batch)) for per_batch in zip(*batches)]
 
 
 MAX_CHUNK_BYTES = 2**30   # a shard's chunk is held in RAM while labelled, and blosc takes at most 2 GiB
@@ -168,7 +175,8 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
             if info.is_main:   # the lease guards the resume's repair, pack and resize: a lease can be lost
                 store = LabelStore.create_or_resume(cfg.out, attrs, cfg.rounds, in_space.labels,
                                                     before_growing=lambda s: _check_unchanged(s, index, cfg),
-                                                    relpaths=index.relpaths, guard=getattr(lock, "check", None))
+                                                    relpaths=index.relpaths, guard=getattr(lock, "check", None),
+                                                    layers=attrs["teachers"] if cfg.keep_teachers else ())
                 store.remove_partial_writes()
                 for line in store.repairs:
                     say(f"repair: {line}")
@@ -244,13 +252,15 @@ def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np
     warm_up = times[1] - times[0] - len(batches[0][2]) * cfg.crops_per_image / rate   # beyond its crops at the rate
     startup = max(0.0, warm_up) if len(batches) > 1 else 0.0
     trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
+    layers = len(ensemble.teachers) if cfg.keep_teachers else 0   # each adds an ids and a probs array
     rounds, shards, units = _work_todo(cfg, len(index))
     cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
                      store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
                      measured_crops=crops, crops_per_s=rate, startup_s=startup, write_s=trial.write_s,
                      pack_s=trial.pack_s, device=device_name(ensemble.device), bytes_per_crop=trial.bytes_per_crop,
-                     objects=trial.objects + len(ROUND_ARRAYS) * (rounds - 1),
-                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error))
+                     objects=trial.objects + (len(ROUND_ARRAYS) + 2 * layers) * (rounds - 1),
+                     url=cfg.out if is_url(cfg.out) else None, lease_s=lease_seconds(None, MealV2Error),
+                     arrays=len(DATA_ARRAYS) + 2 * layers)
     for line in cost.lines():
         print(line)
     return cost
@@ -270,16 +280,19 @@ def trial_store(cfg: LabelConfig, attrs: dict, batches: list[tuple], labels: np.
     """``batches`` (``_labelled``'s, of the first images) written and packed as the run will do it (shards of
     its size, made durable), as a one-round store of those images in a temporary folder beside ``cfg.out``
     (on its disk: fsync costs differ between disks; in the system's temporary folder for a URL), deleted."""
-    boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:] for b in batches)))
+    boxes, flips, ids, codes, crcs = (np.concatenate(x) for x in zip(*(b[2:7] for b in batches)))
+    layers = join_layers([b[7] for b in batches])
     m = len(boxes)
     attrs = {**attrs, "dataset": {**attrs["dataset"], "num_images": m}}
     beside = None if is_url(cfg.out) else next(p for p in Path(cfg.out).absolute().parents if p.is_dir())
     with tempfile.TemporaryDirectory(prefix=".mealv2-dry-run-", dir=beside) as tmp:
-        store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m])
+        store = LabelStore.create_or_resume(Path(tmp) / "store", attrs, 1, labels[:m], relpaths=relpaths[:m],
+                                            layers=attrs["teachers"] if cfg.keep_teachers else ())
         started = time.perf_counter()
         for s in range(store.num_shards):
             a, b = store.shard_range(s)
-            store.write_shard(0, s, boxes[a:b], flips[a:b], ids[a:b].astype(store.id_dtype), codes[a:b], crcs[a:b])
+            store.write_shard(0, s, boxes[a:b], flips[a:b], ids[a:b].astype(store.id_dtype), codes[a:b], crcs[a:b],
+                              layers=[(i[a:b].astype(store.id_dtype), c[a:b]) for i, c in layers])
         written = time.perf_counter()
         store.pack()
         return TrialStore(store.data_bytes() / boxes[..., 0].size,
@@ -350,12 +363,15 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes
-        for r, s, boxes, flips, ids, codes, crcs in _labelled(cfg, index, ensemble, work, loader):
+        for r, s, boxes, flips, ids, codes, crcs, layers in _labelled(cfg, index, ensemble, work, loader):
             part = pending.setdefault((r, s), [])
-            part.append((boxes, flips, ids.astype(store.id_dtype), codes, crcs))
+            part.append((boxes, flips, ids.astype(store.id_dtype), codes, crcs,
+                         [(i.astype(store.id_dtype), c) for i, c in layers]))
             a, b = store.shard_range(s)
             if sum(len(p[0]) for p in part) == b - a:
-                writer.submit(r, s, *(np.concatenate(x) for x in zip(*pending.pop((r, s)))))
+                part = pending.pop((r, s))
+                writer.submit(r, s, *(np.concatenate(x) for x in zip(*(p[:5] for p in part))),
+                              layers=join_layers([p[5] for p in part]))
             bar.update(boxes.shape[0] * cfg.crops_per_image)
     bar.close()
     return crops_todo, time.perf_counter() - started

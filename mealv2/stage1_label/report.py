@@ -5,6 +5,7 @@ import numpy as np
 
 from ..common.data.loaders.registry import available_cores
 from ..common.store.label_store import LabelStore, StoreError
+from ..common.store.schema import layer_arrays
 
 # torch, timm and DALI are imported only by `verify --recompute`: inspect and verify stay quick.
 
@@ -37,6 +38,7 @@ def store_summary(path) -> dict:
         "skipped_images": len(a["dataset"]["skipped"]),
         "bytes_on_disk": store.bytes_on_disk(),
         "bytes_per_crop": round(data_bytes / crops, 2) if crops and data_bytes is not None else None,
+        "bytes_per_crop_by_layer": layer_bytes_per_crop(store, crops),
         "top1_agreement": None,
         "top1_histogram": None,
         "runs": store.runs(),
@@ -51,6 +53,21 @@ def store_summary(path) -> dict:
         else:
             summary["top1_histogram"] = top1_histogram(top1, a["classes"])
     return summary
+
+
+def layer_bytes_per_crop(store: LabelStore, crops: int) -> dict[str, float | None] | None:
+    """Bytes per crop of each layer's ids and codes, and of the crops (boxes, flips) they share: the ensemble's,
+    then each per-teacher layer's, by the teacher's spec (``label --keep-teachers``). None before a crop is stored."""
+    if not crops:
+        return None
+
+    def per_crop(names) -> float | None:
+        sizes = [store.array_bytes(name) for name in names]
+        return None if None in sizes else round(sum(sizes) / crops, 2)
+    layers = {"crops (boxes, flips)": per_crop(("boxes", "flips")), "ensemble": per_crop(("ids", "probs"))}
+    for j, layer in enumerate(store.layers):
+        layers[f"teacher {j + 1}: {layer['teacher']['spec']}"] = per_crop(layer_arrays(j))
+    return layers
 
 
 def _read_checked(store: LabelStore, read):

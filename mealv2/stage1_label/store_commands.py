@@ -1,6 +1,5 @@
-"""`mealv2 inspect`, `verify`, `publish` and `cache`: they import neither torch nor DALI unless `verify
---recompute` re-runs
-teachers."""
+"""`mealv2 inspect`, `verify`, `publish` and `cache`: they import neither torch nor DALI unless
+`verify --recompute` re-runs teachers."""
 from __future__ import annotations
 
 import json

@@ -32,12 +32,15 @@ def layer_stats(store: LabelStore) -> dict[str, LayerStats]:
     """Each label layer's statistics over the store's complete rounds, by layer name. A store holds one
     layer, the ensemble's; the report draws a section per layer, so layers of single teachers get theirs."""
     a = store.attrs
-    labels = store.labels()
-    total = LayerStats(len(a["classes"]), a["topk"])
+    labels, classes, layers = store.labels(), len(a["classes"]), store.layers_with_ensemble()
+    names = {None: "ensemble", **{j: f"teacher {j + 1}" for j in layers}}
+    totals = {name: LayerStats(classes, a["topk"]) for name in names.values()}
     for r in range(store.rounds_complete()):
-        d = store.read_round(r)
-        total = total + round_stats(r, d.boxes, d.flips, d.ids, d.probs, labels, len(a["classes"]))
-    return {"ensemble": total}
+        d = store.read_round(r, layers=layers)
+        for j, name in names.items():
+            ids, codes = (d.ids, d.probs) if j is None else d.layers[j]
+            totals[name] = totals[name] + round_stats(r, d.boxes, d.flips, ids, codes, labels, classes)
+    return totals
 
 
 def write_report(path, out, data=None) -> dict[str, str]:
@@ -57,11 +60,13 @@ def write_report(path, out, data=None) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     layers = layer_stats(store)
     pictures: dict[str, str] = {}
-    sections = [layer_section(store, name, stats, out, pictures, prefix="" if len(layers) == 1 else f"{name}-")
+    sections = [layer_section(store, name, stats, out, pictures,
+                              prefix="" if len(layers) == 1 else f"{name.replace(' ', '')}-")
                 for name, stats in layers.items()]
     picks = sheet_picks(layers["ensemble"])
     sheets = [sheet_section(store, sheet, picks[sheet[0]], out, pictures, index) for sheet in SHEETS]
-    (out / "report.md").write_text("\n\n".join([header(store, path, data), *sections, teacher_section(store), *sheets])
+    (out / "report.md").write_text("\n\n".join([header(store, path, data), *sections,
+                                                teacher_section(store, out, pictures), *sheets])
                                    + "\n")
     return {"report.md": f"the report on {store.name}", **pictures}
 
@@ -130,7 +135,7 @@ def class_order(row) -> tuple:
     return (row.accuracy if row.accuracy is not None else row.p1, row.p1)
 
 
-def teacher_section(store: LabelStore) -> str:
+def teacher_section(store: LabelStore, out: Path, pictures: dict) -> str:
     a = store.attrs
     checks = {c["teacher"]: c for c in a.get("teacher_check") or []}
     rows = []
@@ -139,11 +144,80 @@ def teacher_section(store: LabelStore) -> str:
         check = ("not recorded" if c is None else f"skipped ({c.get('why', '--no-teacher-check')})"
                  if c.get("skipped") else f"{percent(c['agreement'])} of {c['crops']} sampled crops ({c['verdict']})")
         rows.append([f"`{t['spec']}`", t["arch"], str(t["res"]), str(t["weight"]), check])
+    table = markdown_table(["teacher", "arch", "res", "weight", "teacher check: top-1 = label"], rows)
+    if not store.layers_with_ensemble():
+        return "\n".join(["## Teachers", "",
+                          "The store keeps the ensemble's labels (one layer): the figures above are the ensemble's. "
+                          "Each teacher's own top-1 agreement with the labels is the teacher check's, measured on "
+                          "sampled crops before labelling. Labelling with `mealv2 label --keep-teachers` keeps each "
+                          "teacher's own labels too, and this report then gives each teacher's accuracy against the "
+                          "labels over every stored crop and where the teachers agree, class by class.", "", table])
+    agreement = teacher_agreement(store)
+    pictures["teachers.png"] = "each teacher's top-1 accuracy and the teachers' agreement, per class"
+    draw_agreement(agreement, a["classes"], out / "teachers.png")
     return "\n".join(["## Teachers", "",
-                      "The store keeps the ensemble's labels (one layer): the figures above are the ensemble's. "
-                      "Each teacher's own top-1 agreement with the labels is the teacher check's, measured on "
-                      "sampled crops before labelling.", "",
-                      markdown_table(["teacher", "arch", "res", "weight", "teacher check: top-1 = label"], rows)])
+                      "The store keeps each teacher's own labels (`--keep-teachers`; their sections above). Over "
+                      "every stored crop: each teacher's top-1 against the image's label (where DATA has labels), and "
+                      "the share of crops whose top-1 all teachers agree on, per class (of the image's label, or of "
+                      "the ensemble's top-1 for unlabelled images).", "", table, "",
+                      f"![{pictures['teachers.png']}](teachers.png)", "", agreement_table(agreement, a["classes"])])
+
+
+def teacher_agreement(store: LabelStore) -> dict:
+    """Over the complete rounds: per class (the image's label, or the ensemble's top-1 without one) its crops,
+    the crops whose top-1 all teachers share, and per teacher the crops whose top-1 is the label (None without
+    labels)."""
+    layers, classes = store.layers_with_ensemble(), len(store.attrs["classes"])
+    labels = store.labels()
+    crops, agree = np.zeros(classes, np.int64), np.zeros(classes, np.int64)
+    hits = np.zeros((len(layers), classes), np.int64)
+    for r in range(store.rounds_complete()):
+        d = store.read_round(r, layers=layers)
+        top1 = np.stack([d.layers[j][0][..., 0] for j in layers]).astype(np.int64)   # (T, N, C)
+        labelled = labels >= 0
+        of = np.where(labelled[:, None], labels[:, None], d.ids[..., 0].astype(np.int64))   # (N, C)
+        crops += np.bincount(of.ravel(), minlength=classes)
+        agree += np.bincount(of.ravel(), weights=(top1 == top1[:1]).all(axis=0).ravel(), minlength=classes).astype(np.int64)
+        for t in range(len(layers)):
+            right = (top1[t] == labels[:, None]) & labelled[:, None]
+            hits[t] += np.bincount(of.ravel(), weights=right.ravel(), minlength=classes).astype(np.int64)
+    has_labels = bool((labels >= 0).any())
+    return {"teachers": [store.layers[j]["teacher"]["spec"] for j in layers], "crops": crops, "agree": agree,
+            "hits": hits if has_labels else None}
+
+
+def agreement_table(g: dict, classes) -> str:
+    """report.md's table of :func:`teacher_agreement`: a row per class with crops, then the whole store."""
+    def cells(crops, agree, hits) -> list[str]:
+        return [f"{crops:,}", percent(agree / crops) if crops else "-",
+                *([percent(h / crops) if crops else "-" for h in hits] if hits is not None else [])]
+    hits = g["hits"]
+    rows = [[name, *cells(g["crops"][c], g["agree"][c], None if hits is None else hits[:, c])]
+            for c, name in enumerate(classes) if g["crops"][c]]
+    rows.append(["**all**", *cells(g["crops"].sum(), g["agree"].sum(), None if hits is None else hits.sum(axis=1))])
+    head = ["class", "crops", "teachers agree on top-1",
+            *([f"teacher {t + 1} top-1 = label" for t in range(len(g["teachers"]))] if hits is not None else [])]
+    return markdown_table(head, rows)
+
+
+def draw_agreement(g: dict, classes, path: Path) -> None:
+    """Per class: the teachers' agreement on top-1 and, with labels, each teacher's top-1 accuracy."""
+    shown = [c for c in range(len(classes)) if g["crops"][c]]
+    crops = np.maximum(g["crops"][shown], 1)
+    series = [("all teachers agree on top-1", g["agree"][shown] / crops)]
+    if g["hits"] is not None:
+        series += [(f"teacher {t + 1} top-1 = label", g["hits"][t, shown] / crops) for t in range(len(g["teachers"]))]
+    fig = Figure(figsize=(max(6.0, 0.4 * len(shown) * len(series) / 2), 3.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, (what, values) in enumerate(series):
+        ax.bar(np.arange(len(shown)) + i * width, values, width, label=what)
+    ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2, [_short(classes[c]) for c in shown], rotation=60, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of the class's crops", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=DPI)
 
 
 SHEETS = (("disputed", "Crops the teachers dispute most",

@@ -59,6 +59,10 @@ EXECUTION = {
 @option("labels", "-l", checks={"exists": True},
         help="Label store made by `mealv2 label` (stored-label mode): a path, or a URL (https://, s3://, ...) read "
              "through a cache under $MEALV2_CACHE.")
+@option("teacher_weights",
+        help="With --labels: train from the store's per-teacher layers (`mealv2 label --keep-teachers`) averaged "
+             "with these weights, one per layer in the store's teacher order (`mealv2 inspect` lists them; layers "
+             "past the list weigh 0), e.g. 0,1 = teacher 2 alone; instead of the stored ensemble.")
 @option("hard_labels", help="Cross-entropy on the dataset labels (baselines, training teachers).")
 @teacher_options(TrainConfig)
 @option("temperature", help="Online mode: softmax temperature of the teachers.")

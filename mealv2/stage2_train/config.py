@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, FLOAT_FROM_0, INT_FROM_0, SPECS, TEXT,
-                             Choice, Number, OrNone, check_settings, declared, field_defaults, flag_name, setting, word)
+                             Choice, Number, OrNone, Weights, check_settings, declared, field_defaults, flag_name,
+                             setting, word)
 from ..common.data.crops import CROP_FLAGS, CropParams
 from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
 from ..common.errors import MealV2Error
@@ -63,6 +64,8 @@ class TrainConfig:
     out: str = setting(OrNone(LOCAL_PATH))
     arch: str = setting(OrNone(TEXT))
     labels: str | None = setting(OrNone(StorePath()), None)   # stored-label mode
+    # With --labels: the store's per-teacher layers mixed with these weights (layer order), instead of its ensemble
+    teacher_weights: tuple[float, ...] | None = setting(OrNone(Weights(), means="the store's ensemble"), None)
     hard_labels: bool = setting(FLAG, False)                  # hard-label mode
     teachers: list[str] = setting(SPECS, factory=list)        # online mode
     classes_file: str | None = setting(OrNone(LOCAL_PATH), None)   # online: state-dict teachers' class names
@@ -113,6 +116,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_settings("train", self)
+        if self.teacher_weights is not None:   # a list (JSON, a Python caller) compares equal to the flag's tuple
+            self.teacher_weights = tuple(self.teacher_weights)
         resolve(self.loader)   # a backend that is not installed is refused before any work
         CropParams(**self.given_crop)   # refuses a scale or ratio out of order or bounds, naming it
         for rule in TRAIN_RULES:
@@ -172,6 +177,9 @@ TRAIN_RULES = (
     "side, which weighs 1 - 1 = 0; lower --hard-label-weight or drop the discriminator"
     if c.hard_label_weight == 1 and c.use_discriminator_loss else None,
     _online_only,
+    lambda c: f"--teacher-weights {word(c.teacher_weights)} weighs a store's per-teacher layers; it applies with "
+              f"--labels STORE only (online mode weighs teachers with a spec's *WEIGHT)"
+    if c.teacher_weights is not None and not c.labels else None,
     lambda c: "--pretrained and --init both set the starting weights; give one" if c.pretrained and c.init else None,
     lambda c: f"--model-ema-decay {c.model_ema_decay:g}: the EMA keeps this share of its weights per update, so it "
               f"must be in [0, 1) (it averages over about 1 / (1 - D) updates: timm's default 0.9998 over 5,000; a "

@@ -37,7 +37,7 @@ from ..common.data.dataset import DatasetError, DatasetIndex
 from ..common.errors import MealV2Error
 from ..common.data.loaders.registry import iterate, resolve
 from ..common.store.label_store import LabelStore, RoundData, StoreError
-from ..common.data.targets import reconstruct_targets
+from ..common.data.targets import mixed_targets, reconstruct_targets
 
 
 @dataclass
@@ -53,16 +53,25 @@ class Batch:
 
 @dataclass
 class StoredTargets:
-    """One step's stored top-k, compact until the batch is yielded."""
+    """One step's stored top-k, compact until the batch is yielded: the ensemble's, or with ``weights`` the
+    per-teacher layers' (``layers``: the used layers' (ids, codes), ``weights`` theirs)."""
 
     top_ids: np.ndarray    # (b, C, k)
     codes: np.ndarray      # (b, C, k + 1)
     num_classes: int
+    layers: list[tuple[np.ndarray, np.ndarray]] | None = None
+    weights: list[float] | None = None
 
     def to(self, device: torch.device) -> torch.Tensor:
-        top_ids = torch.from_numpy(self.top_ids.astype(np.int64)).flatten(0, 1).to(device, non_blocking=True)
-        codes = torch.from_numpy(self.codes).flatten(0, 1).to(device, non_blocking=True)
-        return reconstruct_targets(top_ids, codes, self.num_classes)
+        if self.weights is not None:
+            return mixed_targets([_on(device, *layer) for layer in self.layers], self.weights, self.num_classes)
+        return reconstruct_targets(*_on(device, self.top_ids, self.codes), self.num_classes)
+
+
+def _on(device: torch.device, top_ids: np.ndarray, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, C, ...) stored ids and codes as (b * C, ...) tensors on ``device``."""
+    return (torch.from_numpy(top_ids.astype(np.int64)).flatten(0, 1).to(device, non_blocking=True),
+            torch.from_numpy(codes).flatten(0, 1).to(device, non_blocking=True))
 
 
 @dataclass
@@ -84,12 +93,17 @@ class ReplayedRound:
 
     data: RoundData
     num_classes: int
+    weights: dict[int, float] | None = None   # layer: its weight (the nonzero ones), None: the ensemble
 
     def crops(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.data.boxes[ids], self.data.flips[ids].astype(bool)
 
     def targets(self, ids: np.ndarray) -> StoredTargets:
-        return StoredTargets(self.data.ids[ids], self.data.probs[ids], self.num_classes)
+        if self.weights is None:
+            return StoredTargets(self.data.ids[ids], self.data.probs[ids], self.num_classes)
+        return StoredTargets(self.data.ids[ids], self.data.probs[ids], self.num_classes,
+                             [tuple(a[ids] for a in self.data.layers[j]) for j in self.weights],
+                             list(self.weights.values()))
 
 
 @dataclass
@@ -111,10 +125,12 @@ class FreshCrops:
 
 
 class StoredLabels:
-    """Pass p replays round p mod R, read into RAM in one slab; one round is held at a time."""
+    """Pass p replays round p mod R, read into RAM in one slab; one round is held at a time. ``weights`` (layer:
+    weight, the nonzero ones; :func:`~.replay.layer_weights`): targets from those per-teacher layers, not the
+    ensemble's."""
 
-    def __init__(self, store: LabelStore):
-        self.store = store
+    def __init__(self, store: LabelStore, weights: dict[int, float] | None = None):
+        self.store, self.weights = store, weights
         self.rounds = store.rounds_planned
         self.crops_per_image = store.attrs["crops_per_image"]
         self.num_classes = len(store.attrs["classes"])
@@ -124,12 +140,12 @@ class StoredLabels:
         r = pass_ % self.rounds
         if self._current is None or self._current[0] != r:
             self._current = None  # release the previous round before reading the next
-            self._current = (r, ReplayedRound(self._read(r), self.num_classes))
+            self._current = (r, ReplayedRound(self._read(r), self.num_classes, self.weights))
         return self._current[1]
 
     def _read(self, r: int) -> RoundData:
         try:
-            return self.store.read_round(r)
+            return self.store.read_round(r, layers=list(self.weights or ()))
         except StoreError:
             raise
         except Exception as e:  # zarr reports a checksum mismatch or a bad codec stream this way

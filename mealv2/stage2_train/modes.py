@@ -37,7 +37,7 @@ from ..common.store.label_store import LabelStore
 from .config import TrainConfig
 from .loader import FreshLabels, StoredLabels
 from .losses import Mix, mix_targets, objective_losses
-from .replay import check_store_matches, data_index, open_checked_store, store_hard_labels
+from .replay import check_store_matches, data_index, layer_weights, open_checked_store, store_hard_labels
 from .res_schedule import ResSchedule, res_schedule
 
 
@@ -174,7 +174,7 @@ class StoredMode(Mode):
         if note:
             say(note)
         crop = dataclasses.replace(CropParams.from_attrs(store.attrs["crop"]), res=schedule.final)
-        return cls(cfg, index, classes, crop, schedule, StoredLabels(store),
+        return cls(cfg, index, classes, crop, schedule, StoredLabels(store, layer_weights(store, cfg.teacher_weights)),
                    Objective(temperature=store.attrs["temperature"], topk=store.attrs["topk"],
                              hard_label_weight=cfg.hard_label_weight), store=store)
 
@@ -185,6 +185,11 @@ class StoredMode(Mode):
                  f"  labels: {self.store.path}, {rounds} rounds (pass p replays round p mod {rounds}: "
                  f"{replays(passes, rounds)}), top-{a['topk']}, T = {self.objective.temperature:g}; one round in "
                  f"RAM per rank: {round_bytes / 2**20:.1f} MiB"]
+        if self.labels.weights is not None:
+            layers = self.store.layers
+            lines.append("  targets: the per-teacher layers averaged with weights " + ", ".join(
+                f"{w:g} x {layers[j]['teacher']['spec']}" for j, w in self.labels.weights.items())
+                + " (--teacher-weights), not the stored ensemble")
         if passes > rounds:
             lines.append(f"  note: {passes:.2f} passes over {rounds} rounds replay a round {passes / rounds:.2f} "
                          f"times on average; `mealv2 label ... --rounds N` appends rounds")

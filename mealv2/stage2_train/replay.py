@@ -95,6 +95,25 @@ def check_store_matches(store: LabelStore, index, data: str) -> tuple[tuple[str,
     return classes, note
 
 
+def layer_weights(store: LabelStore, weights, flag: str = "--teacher-weights") -> dict[int, float] | None:
+    """``weights`` (one per per-teacher layer, in the store's layer order; layers past them weigh 0, so a run
+    resumes unchanged after a layer was added) as {layer: weight} of the nonzero ones; None (the ensemble's
+    labels) for None. Refused for a store without layers, or more weights than it has layers."""
+    if weights is None:
+        return None
+    shown = ",".join(f"{w:g}" for w in weights)
+    layers = store.layers
+    if not layers:
+        raise MealV2Error(f"{flag} {shown}: {store.path} has no per-teacher layers, only its ensemble's labels; label "
+                          f"the data with `mealv2 label ... --keep-teachers` to keep each teacher's own, or drop "
+                          f"{flag} to train from the ensemble")
+    if len(weights) > len(layers):
+        names = ", ".join(f"{j + 1}. {layer['teacher']['spec']}" for j, layer in enumerate(layers))
+        raise MealV2Error(f"{flag} {shown}: {len(weights)} weights, {store.path} has {len(layers)} per-teacher "
+                          f"layers ({names}); give at most one weight per layer, in that order")
+    return {j: float(w) for j, w in enumerate(weights) if w}
+
+
 def store_hard_labels(store: LabelStore, asked: str) -> np.ndarray:
     """Each image's class id in the store's classes, which the store records from the dataset it
     was labelled from; refused for a store of unlabelled images (``asked``: what wants them)."""
@@ -173,6 +192,9 @@ class ReplayLoader:
             (progressive resizing): the boxes are relative.
         mean, std: normalisation of the rendered crops, three finite numbers each (std > 0);
             default the model's. One of ``model`` or ``mean``/``std`` is required.
+        teacher_weights: train from the store's per-teacher layers (``mealv2 label --keep-teachers``) averaged
+            with these weights (one per layer, in the store's layer order; layers past them weigh 0), as
+            ``--teacher-weights``; default None, the stored ensemble.
         seed: the pass order's seed (``--seed``).
         device: ``auto``, ``cpu``, ``cuda`` or a torch.device; in a process group ``auto`` and
             ``cuda`` take the rank's GPU: ``LOCAL_RANK`` (torchrun), else the group rank modulo
@@ -202,7 +224,7 @@ class ReplayLoader:
                  res: int | None = None, mean=None, std=None, seed: int = 0, device: str | torch.device = "auto",
                  loader: str = "auto", workers: int | None = None, crops_per_image: int | None = None,
                  scale: tuple[float, float] | None = None, ratio: tuple[float, float] | None = None,
-                 hard_labels: bool = False):
+                 hard_labels: bool = False, teacher_weights=None):
         # The arguments that are `mealv2 train` flags are checked by TrainConfig's declarations, in its words.
         as_flags = {"batch_size": batch_size, "res": res, "seed": seed, "loader": loader,
                     "crops_per_image": crops_per_image, "scale": scale, "ratio": ratio,
@@ -211,7 +233,8 @@ class ReplayLoader:
             "store": (StorePath(), store), "data": (LOCAL_PATH, data), "model": (OrNone(Instance(nn.Module)), model),
             **{name: (declared(TrainConfig, name), value) for name, value in as_flags.items()},
             "workers": (OrNone(declared(TrainConfig, "workers")), workers), "mean": (OrNone(MEAN), mean),
-            "std": (OrNone(STD), std), "hard_labels": (FLAG, hard_labels)})
+            "std": (OrNone(STD), std), "hard_labels": (FLAG, hard_labels),
+            "teacher_weights": (declared(TrainConfig, "teacher_weights"), teacher_weights)})
         resolve(loader)   # a backend that is not installed is refused before the store is verified
         inner = None if model is None else unwrap_model(model)   # DDP, DataParallel, torch.compile hide its config
         if inner is not None and (mean is None or std is None):
@@ -246,7 +269,8 @@ class ReplayLoader:
                               where="ReplayLoader: the model", fix="res=")
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.seed, self.batch_size = seed, batch_size
-        labels = StoredLabels(self.store)
+        self.teacher_weights = None if teacher_weights is None else [float(w) for w in teacher_weights]
+        labels = StoredLabels(self.store, layer_weights(self.store, teacher_weights, "teacher_weights="))
         self.crops_per_image = labels.crops_per_image
         self._loader = TrainLoader(self.index, labels, [], images_per_step(batch_size, self.crops_per_image,
                                                                           info.world_size),
@@ -328,22 +352,23 @@ class ReplayLoader:
     def state_dict(self) -> dict:
         """Where the replay stands (steps taken) and what it replays, for :meth:`load_state_dict`."""
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "store": self.store.digest,
-                "num_images": len(self.index)}
+                "num_images": len(self.index), "teacher_weights": self.teacher_weights}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed or batch
-        size, if it is not a ReplayLoader's state, or while an iterator over this loader is live."""
+        """Continue at ``state``'s step, mid-epoch too; refused if it replayed another store, seed, batch size or
+        teacher weighting, if it is not a ReplayLoader's state, or while an iterator over this loader is live."""
         ours = self.state_dict()
-        if not isinstance(state, dict) or not ours.keys() <= state.keys():
+        if not isinstance(state, dict) or not ours.keys() - {"teacher_weights"} <= state.keys():
             shown = f"a dict with keys {sorted(state)}" if isinstance(state, dict) else repr(state)
             raise MealV2Error(f"ReplayLoader.load_state_dict: {shown} is not a ReplayLoader's state; expected "
                               f"what ReplayLoader.state_dict() returns, a dict with keys {sorted(ours)}")
         check_values("ReplayLoader.load_state_dict", {"step": (INT_FROM_0, state["step"])})
         diff = [f"{k}: the saved loader has {state.get(k)!r}, this one {ours[k]!r}"
-                for k in ("seed", "batch_size", "store", "num_images") if state.get(k) != ours[k]]
+                for k in ("seed", "batch_size", "store", "num_images", "teacher_weights") if state.get(k) != ours[k]]
         if diff:
             raise MealV2Error("ReplayLoader.load_state_dict: the saved state replays other crops, so it would not "
                               "continue exactly:\n  " + "\n  ".join(diff)
-                              + "\nBuild the loader with the saved run's store, data, seed and batch_size")
+                              + "\nBuild the loader with the saved run's store, data, seed, batch_size and "
+                                "teacher_weights")
         self._refuse_live("load a state")
-        self.step = state["step"]
+        self.step = int(state["step"])

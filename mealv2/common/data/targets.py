@@ -27,11 +27,19 @@ from ..store.schema import PROB_LEVELS
 _ZERO_CODE = 0.5 / math.sqrt(3)
 
 
+def teacher_probs(logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
+    """Each teacher's softmax(logits / T): what its per-teacher layer encodes (``label --keep-teachers``)."""
+    return [torch.softmax(z.float() / temperature, dim=1) for z in logits]
+
+
+def mix_probs(probs: list[torch.Tensor], weights) -> torch.Tensor:
+    """Weighted mean of probability rows ``probs`` (one tensor per teacher), in probability space."""
+    return sum(w * p for p, w in zip(probs, weights)) / sum(weights)
+
+
 def ensemble_probs(logits: list[torch.Tensor], weights: list[float], temperature: float) -> torch.Tensor:
     """Weighted mean of the teachers' softmax(logits / T), averaged in probability space."""
-    total = sum(weights)
-    probs = sum(w * torch.softmax(z.float() / temperature, dim=1) for z, w in zip(logits, weights))
-    return probs / total
+    return mix_probs(teacher_probs(logits, temperature), weights)
 
 
 def encode_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +72,29 @@ def reconstruct_targets(ids: torch.Tensor, codes: torch.Tensor, num_classes: int
     target = (rest / max(num_classes - k, 1)).expand(-1, num_classes).clone()
     target.scatter_(1, ids.long(), top)
     return target / target.sum(dim=1, keepdim=True)
+
+
+def mixed_targets(layers: list[tuple[torch.Tensor, torch.Tensor]], weights, num_classes: int) -> torch.Tensor:
+    """Dense targets from per-teacher layers: each layer's (ids, codes) rebuilt as :func:`reconstruct_targets`
+    rebuilds the ensemble's, then their mean with ``weights`` (one per layer, nonnegative, not all zero),
+    renormalised so rows sum to 1. Layers of weight 0 are not rebuilt."""
+    used = [(layer, w) for layer, w in zip(layers, weights) if w]
+    mixed = mix_probs([reconstruct_targets(ids, codes, num_classes) for (ids, codes), _ in used], [w for _, w in used])
+    return mixed / mixed.sum(dim=1, keepdim=True)
+
+
+def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, in nats (0 log 0 = 0)."""
+    p, q = p.double(), q.double()
+    return torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.log()), torch.zeros_like(p)).sum(dim=1)
+
+
+def recombination_kl(probs: list[torch.Tensor], weights, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, how far from the exact ensemble (``mix_probs(probs, weights)``: the teachers' softmax rows)
+    its stored forms are: (KL(exact || stored ensemble top-k), KL(exact || the per-teacher top-k layers
+    recombined with ``weights``)), each encoded with :func:`encode_topk` as the store does."""
+    exact = mix_probs(probs, weights)
+    classes = exact.shape[1]
+    stored = reconstruct_targets(*encode_topk(exact, k), classes)
+    recombined = mixed_targets([encode_topk(p, k) for p in probs], weights, classes)
+    return kl_rows(exact, stored), kl_rows(exact, recombined)

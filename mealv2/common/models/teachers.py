@@ -55,7 +55,7 @@ from .checkpoints import (ClassCountError, ModelSpecError, create_timm_model, de
                      load_checkpoint_file, load_weights, model_from_mealv2_checkpoint, pretrained_cfg,
                      preview_classes, state_dict_sha256, unwrap_state_dict)
 from .runtime import Runtime
-from ..data.targets import ensemble_probs
+from ..data.targets import ensemble_probs, mix_probs, teacher_probs
 
 NORMS = {  # named normalisations a spec can state with %NAME
     "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
@@ -422,6 +422,13 @@ class Ensemble:
     def probs(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Weighted mean of the teachers' softmax(logits / T)."""
         return ensemble_probs(self.logits(views), [t.weight for t in self.teachers], self.temperature)
+
+    @torch.no_grad()
+    def probs_and_layers(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The ensemble's probabilities (:meth:`probs`, bit for bit) and each teacher's softmax(logits / T),
+        from one forward pass of each teacher."""
+        layers = teacher_probs(self.logits(views), self.temperature)
+        return mix_probs(layers, [t.weight for t in self.teachers]), layers
 
 
 @contextmanager

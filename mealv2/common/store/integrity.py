@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .schema import (DATA_ARRAYS, REQUIRED_ARRAYS, STAGED, StoreError, array_meta_digest, chunk_key, crc_matches,
+from .schema import (REQUIRED_ARRAYS, STAGED, StoreError, array_meta_digest, chunk_key, crc_matches,
                      inner_chunk, per_round, writable, write_paths)
 
 _RESTORE = "restore the file from a copy of the store, or re-label into a new --out"
@@ -39,11 +39,11 @@ def array_meta(objects, name: str) -> dict:
     return meta
 
 
-def check_metadata(objects, digests: dict, rounds: int) -> None:
+def check_metadata(objects, digests: dict, rounds: int, layers: Sequence[str] = ()) -> None:
     """Every array's metadata as the store was made (``digests``: its recorded SHA-256s): an edited
     transpose order would replay permuted labels without a word, and a changed shape would fail epochs
-    into a run."""
-    for name in (*REQUIRED_ARRAYS, *(["paths"] if "paths" in digests else [])):
+    into a run. ``layers``: the per-teacher layers' arrays the store records."""
+    for name in (*REQUIRED_ARRAYS, *(["paths"] if "paths" in digests else []), *layers):
         meta = array_meta(objects, name)
         file = objects.where(f"{name}/zarr.json")
         if digests.get(name) != array_meta_digest(name, meta):
@@ -174,7 +174,7 @@ class StoreIntegrity:
         for r, bad in rounds.items():
             marks = sorted(set(range(self.num_shards)) - bad)
             for s in marks:
-                for name in DATA_ARRAYS:
+                for name in self.data_arrays:
                     stage(name, r, s)
             if marks:
                 writable(self.group[f"{STAGED}/done"]).set_orthogonal_selection((r, np.array(marks)), 1)

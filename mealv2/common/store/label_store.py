@@ -11,7 +11,7 @@ import shlex
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,10 +27,10 @@ from .lease import Lease, hold_lease, watch_lease, writable_url
 from .locks import hold_lock, lock_path_beside
 from .mismatch import path_differences, settings_differences
 from .objects import LocalObjects, is_url, open_objects
-from .schema import (ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORMAT, PROB_LEVELS, ROUND_ARRAYS,
-                     SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError, array_meta_digest, array_specs,
-                     chunk_key, identity_digest, join_chunks, json_digest, num_shards, per_round, writable,
-                     write_paths)
+from .schema import (ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORMAT, LAYERS_DIGEST_KEY, LAYERS_KEY,
+                     PROB_LEVELS, ROUND_ARRAYS, SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError,
+                     array_meta_digest, array_specs, chunk_key, identity_digest, join_chunks, json_digest, layer_arrays,
+                     layer_specs, num_shards, per_round, writable, write_paths)
 
 RUNS_KEY = "mealv2_runs"   # what each labelling command took (record_run): history, outside the digest
 
@@ -43,10 +43,12 @@ class RoundData:
     flips: np.ndarray   # (N, C) uint8
     ids: np.ndarray     # (N, C, k) uint16
     probs: np.ndarray   # (N, C, k + 1) uint8: top-k codes, then the leftover mass's (common/data/targets.py)
+    layers: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)   # layer: its (ids, probs), as read
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.boxes, self.flips, self.ids, self.probs))
+        return sum(a.nbytes for a in (self.boxes, self.flips, self.ids, self.probs,
+                                      *(a for layer in self.layers.values() for a in layer)))
 
 
 class LabelStore(StoreIntegrity):
@@ -81,20 +83,27 @@ class LabelStore(StoreIntegrity):
         if group.attrs.get(DIGEST_KEY) != json_digest(attrs):
             raise StoreError(f"{path}/zarr.json: the '{ATTR_KEY}' attributes were edited after the "
                              f"store was made (SHA-256 does not match); the store cannot be trusted")
-        check_metadata(objects, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"])
+        layers = group.attrs.get(LAYERS_KEY, [])
+        if group.attrs.get(LAYERS_DIGEST_KEY, json_digest([])) != json_digest(layers):
+            raise StoreError(f"{path}/zarr.json: the '{LAYERS_KEY}' attribute (its per-teacher layers) was edited "
+                             f"after they were made (SHA-256 does not match); the layers cannot be trusted")
+        check_metadata(objects, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"],
+                       [name for j in range(len(layers)) for name in _with_staged(layer_arrays(j))])
         return cls(path, group, objects)
 
     @classmethod
     def create_or_resume(cls, path: str | Path, attrs: dict, rounds: int, labels: np.ndarray,
                          before_growing=None, relpaths: Sequence[str] | None = None, *,
-                         guard=None) -> "LabelStore":
+                         layers: Sequence[dict] = (), guard=None) -> "LabelStore":
         """Make a new store, or reopen one made by the same teachers, data and crop settings.
 
         ``rounds`` larger than the store's plan appends rounds, once ``before_growing(store)``
         (the caller's last checks) has returned: a refused command leaves the store as it was.
         Smaller shrinks the plan back, down to the rounds already complete, never below. Call
         on one process only (rank 0); the others :meth:`open` it afterwards in mode ``r+``.
-        ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset.
+        ``relpaths``: the dataset's image paths, kept to name the files of a changed dataset. ``layers``:
+        the teachers' records (``attrs["teachers"]``) whose own top-k a new store keeps beside the ensemble's
+        (``--keep-teachers``); a store is resumed only by a command keeping the layers it keeps.
         A resumed store is repaired first (:meth:`repair`; ``repairs`` says what was), then its
         labelled rounds are packed (:meth:`pack`). ``guard`` (a lease's ``check``) is the store's from
         before the first of those writes, and checked before each commit among them.
@@ -108,6 +117,10 @@ class LabelStore(StoreIntegrity):
             problems = settings_differences(store.attrs, attrs)
             if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
                 problems.append(store.dataset_changes(relpaths))
+            kept = bool(store.layers_with_ensemble())
+            if kept != bool(layers):
+                problems.append(f"--keep-teachers: the store {'keeps' if kept else 'has no'} per-teacher layers, this "
+                                f"command {'does not keep them' if kept else 'keeps them'}")
             if problems:
                 raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
                                  + "\n  ".join(problems)
@@ -123,28 +136,31 @@ class LabelStore(StoreIntegrity):
             if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
                 store._resize(rounds)
             return store
-        store = cls._create(objects, attrs, rounds, labels, relpaths, guard)
+        store = cls._create(objects, attrs, rounds, labels, relpaths, layers, guard)
         store.guard = guard
         return store
 
     @classmethod
     def _create(cls, objects, attrs: dict, rounds: int, labels: np.ndarray,
-                relpaths: Sequence[str] | None, guard=None) -> "LabelStore":
+                relpaths: Sequence[str] | None, layers: Sequence[dict] = (), guard=None) -> "LabelStore":
         attrs = {**attrs, "rounds_planned": rounds}
         tmp = objects.build_folder()
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
         group.create_group(STAGED)
-        for name, spec in array_specs(images=attrs["dataset"]["num_images"], crops=attrs["crops_per_image"],
-                                      topk=attrs["topk"], classes=len(attrs["classes"]),
-                                      shard_size=attrs["shard_size"], rounds=rounds).items():
+        specs = array_specs(images=attrs["dataset"]["num_images"], crops=attrs["crops_per_image"],
+                            topk=attrs["topk"], classes=len(attrs["classes"]), shard_size=attrs["shard_size"],
+                            rounds=rounds)
+        for name, spec in [*specs.items(), *(item for j in range(len(layers)) for item in layer_specs(specs, j).items())]:
             group.create_array(name, **spec)
         writable(group["labels"])[:] = labels
         if relpaths is not None:
             write_paths(group, relpaths)
-        arrays = {name: array_meta_digest(name, array_meta(LocalObjects(tmp), name)) for name in ARRAYS
-                  if name in group}
-        group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: json_digest(attrs), ARRAYS_KEY: arrays})
+        named = [*ARRAYS, *(name for j in range(len(layers)) for name in _with_staged(layer_arrays(j)))]
+        arrays = {name: array_meta_digest(name, array_meta(LocalObjects(tmp), name)) for name in named if name in group}
+        records = [{"teacher": teacher, "marks": "ensemble"} for teacher in layers]
+        group.attrs.update({ATTR_KEY: attrs, DIGEST_KEY: json_digest(attrs), ARRAYS_KEY: arrays,
+                            **({LAYERS_KEY: records, LAYERS_DIGEST_KEY: json_digest(records)} if records else {})})
         try:
             if guard is not None:
                 guard()
@@ -159,7 +175,7 @@ class LabelStore(StoreIntegrity):
         store whose plan its arrays hold, completed by the next command (a round's labels are a
         pure function of the seed, so chunks left of a dropped round are still its labels)."""
         def arrays():
-            for name in (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if per_round(n))):
+            for name in (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if per_round(n)), *_with_staged(self.layer_data)):
                 arr = self.group[name]
                 arr.resize((rounds, *arr.shape[1:]))
                 fault_point("append")
@@ -195,6 +211,27 @@ class LabelStore(StoreIntegrity):
     def runs(self) -> list[dict]:
         """The labelling runs recorded, oldest first; none in a store made before they were."""
         return list(self.group.attrs.get(RUNS_KEY, []))
+
+    # ---- per-teacher layers (schema.LAYERS_KEY) ------------------------------------------
+    @property
+    def layers(self) -> list[dict]:
+        """The per-teacher layers' records, layer j's arrays ``teachers/j/ids`` and ``teachers/j/probs``;
+        none in a store labelled without ``--keep-teachers``."""
+        return list(self.group.attrs.get(LAYERS_KEY, []))
+
+    def layers_with_ensemble(self) -> list[int]:
+        """The layers written with the ensemble's shards, under its done marks (``--keep-teachers``)."""
+        return [j for j, layer in enumerate(self.layers) if layer["marks"] == "ensemble"]
+
+    @property
+    def layer_data(self) -> tuple[str, ...]:
+        """The packed per-crop arrays of the layers written with the ensemble's shards."""
+        return tuple(name for j in self.layers_with_ensemble() for name in layer_arrays(j))
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """Every per-crop array a (round, shard) writes and a round packs: the ensemble's, then its layers'."""
+        return (*DATA_ARRAYS, *self.layer_data)
 
     # ---- geometry ----------------------------------------------------------------------
     @property
@@ -247,8 +284,9 @@ class LabelStore(StoreIntegrity):
     def id_dtype(self) -> np.dtype:
         return self.group["ids"].dtype
 
-    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None) -> None:
+    def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None, layers=()) -> None:
         """Write one shard's data into the staged arrays, then mark it labelled (never the other way round).
+        ``layers``: each per-teacher layer's (ids, probs), one per layer kept with the ensemble's.
 
         ``crcs`` are the CRC32C of the images' bytes as this round read them; a shard that
         another round already completed must have read the same bytes (``names``: the images'
@@ -256,6 +294,9 @@ class LabelStore(StoreIntegrity):
         self._check_guard()   # no data written by a writer that lost the store, where it can tell
         a, b = self.shard_range(shard)
         crcs = np.asarray(crcs, dtype=np.uint32)
+        if len(layers) != len(self.layers_with_ensemble()):
+            raise StoreError(f"{self.path}: round {round_} shard {shard} comes with {len(layers)} per-teacher layers, "
+                             f"the store keeps {len(self.layers_with_ensemble())}")
         keys = self._chunk_keys(round_, [shard])
         labelled = self.done_mask([shard]).any()     # R marks, not the whole array
         if labelled:
@@ -268,7 +309,9 @@ class LabelStore(StoreIntegrity):
             self.objects.make_parents(keys, fsync=self.fsync)   # the new folders' entries durable too
             if not labelled:
                 writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
-            for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs))):
+            layer_values = [v for layer in layers for v in layer]
+            for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs),
+                                                *zip(self.layer_data, layer_values))):
                 writing = self.objects.where(f"{STAGED}/{name}")
                 if i:
                     fault_point("chunk_write")     # some of the shard's arrays written, not all
@@ -294,7 +337,7 @@ class LabelStore(StoreIntegrity):
         packed, labelled = self.packed(), self.done_mask().all(axis=1)
         rounds = [r for r in range(len(packed)) if labelled[r] and not packed[r]]
         for r in rounds:   # the images' CRC32Cs are packed with the first round (all shards then have them)
-            for name in (*DATA_ARRAYS, *([] if packed.any() else ["crc32c"])):
+            for name in (*self.data_arrays, *([] if packed.any() else ["crc32c"])):
                 self._pack_object(name, r)
             fault_point("pack")                # objects written, round not committed
             self._check_guard()
@@ -306,8 +349,9 @@ class LabelStore(StoreIntegrity):
             packed[r] = True
         # The staged chunks of packed rounds, found in one listing (at a URL, one request per 1,000 keys
         # instead of one per array and round): the folders `STAGED/ARRAY/c/ROUND` and `STAGED/crc32c/c`.
-        staged = {"/".join(key.split("/")[:depth]) for key in self.objects.keys(STAGED) for depth in (3, 4)}
-        leftovers = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed) for name in ROUND_ARRAYS]
+        staged = {"/".join(key.split("/")[:depth]) for key in self.objects.keys(STAGED) for depth in (3, 4, 5, 6)}
+        leftovers = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed)
+                     for name in (*ROUND_ARRAYS, *self.layer_data)]
         for prefix in [*leftovers, *([f"{STAGED}/crc32c/c"] if packed.any() else [])]:
             if prefix in staged:
                 self._check_guard()   # a taker may be staging this round again
@@ -348,8 +392,9 @@ class LabelStore(StoreIntegrity):
     def complete(self) -> bool:
         return self.rounds_complete() == self.rounds_planned
 
-    def read_round(self, round_: int) -> RoundData:
-        """Load one complete round into RAM in one read per array (one object each)."""
+    def read_round(self, round_: int, layers: Sequence[int] = ()) -> RoundData:
+        """Load one complete round into RAM in one read per array (one object each), with the per-teacher
+        ``layers`` asked for."""
         if not self._marks("done")[round_].all():
             raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
                              f"the same `mealv2 label` command")
@@ -357,8 +402,9 @@ class LabelStore(StoreIntegrity):
         if missing:
             raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
         g = self.group
-        return RoundData(boxes=g["boxes"][round_], flips=g["flips"][round_],
-                         ids=g["ids"][round_], probs=g["probs"][round_])
+        return RoundData(boxes=g["boxes"][round_], flips=g["flips"][round_], ids=g["ids"][round_],
+                         probs=g["probs"][round_],
+                         layers={j: tuple(g[name][round_] for name in layer_arrays(j)) for j in layers})
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
@@ -396,13 +442,13 @@ class LabelStore(StoreIntegrity):
                           + "; labels of one image must describe one set of pixels. Restore the images, or "
                             "label into a new --out")
 
-    def _object_keys(self, round_: int, names=DATA_ARRAYS) -> list[str]:
-        return [chunk_key(name, self.group[name].ndim, round_, 0) for name in names]
+    def _object_keys(self, round_: int, names=None) -> list[str]:
+        return [chunk_key(name, self.group[name].ndim, round_, 0) for name in names or self.data_arrays]
 
     def _chunk_keys(self, round_: int, shards) -> list[str]:
         """The staged chunk files of (round, shard) for ``shards``, array by array."""
-        ndims = {name: len(self.group[name].shape) for name in SHARD_ARRAYS}   # one metadata read per array
-        return [chunk_key(f"{STAGED}/{name}", ndims[name], round_, int(s)) for name in SHARD_ARRAYS for s in shards]
+        ndims = {name: len(self.group[name].shape) for name in (*SHARD_ARRAYS, *self.layer_data)}   # one read each
+        return [chunk_key(f"{STAGED}/{name}", ndim, round_, int(s)) for name, ndim in ndims.items() for s in shards]
 
     def bytes_on_disk(self) -> int | None:
         """The store's bytes; None for a URL whose host cannot list its objects."""
@@ -412,7 +458,12 @@ class LabelStore(StoreIntegrity):
         """Bytes of the objects and staged chunk files of the per-crop arrays (what bytes-per-crop
         figures divide); the arrays' few-hundred-byte zarr.json metadata files are not counted. None as
         bytes_on_disk."""
-        sizes = [self.objects.size(f"{where}{name}/c") for name in DATA_ARRAYS for where in ("", f"{STAGED}/")]
+        sizes = [self.array_bytes(name) for name in self.data_arrays]
+        return None if None in sizes else sum(sizes)
+
+    def array_bytes(self, name: str) -> int | None:
+        """Bytes of the objects and staged chunk files of per-crop array ``name``; None as bytes_on_disk."""
+        sizes = [self.objects.size(f"{where}{name}/c") for where in ("", f"{STAGED}/")]
         return None if None in sizes else sum(sizes)
 
     def label_command(self) -> str:
@@ -439,13 +490,18 @@ class LabelStore(StoreIntegrity):
                   "scale": tuple(crop["scale"]), "ratio": tuple(crop["ratio"]), "topk": a["topk"],
                   "temperature": a["temperature"], "seed": a["seed"], "shard_size": a["shard_size"],
                   "skip_bad": bool(a["dataset"]["skipped"]) or None, "teacher_classes": named,
-                  "teacher_precision": a["teacher_precision"]}
+                  "teacher_precision": a["teacher_precision"], "keep_teachers": bool(self.layers_with_ensemble()) or None}
         return shlex.join(["mealv2", "label", *command_args(values)]) + "".join(f"\n  {note}" for note in notes)
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
         self._check_guard()
         return self.objects.remove_partials()
+
+
+def _with_staged(names) -> list[str]:
+    """Arrays ``names`` and their staged twins."""
+    return [f"{where}{name}" for name in names for where in ("", f"{STAGED}/")]
 
 
 def acquire_writer_lock(path: str | Path, command: str = "label") -> FileLock | Lease:

@@ -14,6 +14,8 @@ A zarr v3 group on local disk or in S3, read from either or from any URL (object
     done        (R, S)         uint8   1 once shard s of round r is fully written
     paths       (bytes,)       uint8   the images' relative paths, UTF-8, one per line (to name what
                                        changed when a dataset's fingerprint differs; optional)
+    teachers/<j>/ids, teachers/<j>/probs   layer j: one teacher's own top-k over the same crops, encoded
+                                       as ids/probs (optional: ``label --keep-teachers``; :data:`LAYERS_KEY`)
 
 The round is the leading axis so a training epoch reads its round as one slab. Data
 chunks are (1 round, ``shard_size`` images), each with its CRC32C. They are written twice:
@@ -72,6 +74,16 @@ DATA_ARRAYS = ROUND_ARRAYS[:-1]   # per-crop arrays, whose bytes per crop are co
 ARRAYS = (*ROUND_ARRAYS, "labels", "crc32c", *STAGED_ARRAYS, "paths")   # paths: optional (index without paths)
 REQUIRED_ARRAYS = ARRAYS[:-1]
 INDEX_ENTRY = 16    # a sharding index entry: (offset, nbytes), two little-endian uint64s
+# Per-teacher layers: layer j is the arrays LAYER_GROUP/j/ids and LAYER_GROUP/j/probs (and their staged twins),
+# encoded, chunked and packed as the ensemble's. Which layers a store holds is the attribute LAYERS_KEY, a list
+# of records {"teacher": the teacher's record as in `teachers`, "marks": "ensemble"} (its layer is written with
+# the ensemble's shards, under their done marks), with its own SHA-256 LAYERS_DIGEST_KEY. It is outside the
+# `mealv2` attributes and their digest (the store's identity): a layer added later appends a record and new
+# arrays, so the ensemble's labels, the store's digest and every run trained from it stay as they were.
+LAYER_GROUP = "teachers"
+LAYER_DATA = ("ids", "probs")
+LAYERS_KEY = "mealv2_layers"
+LAYERS_DIGEST_KEY = "mealv2_layers_sha256"
 
 
 class StoreError(MealV2Error):
@@ -110,6 +122,18 @@ def _encoding(name: str, crops: int) -> dict:
     if name == "probs":
         return {"filters": _transpose(0, 3, 1, 2), "compressors": _BITSHUFFLE_ZSTD}
     return {"compressors": _BITSHUFFLE_ZSTD}
+
+
+def layer_arrays(layer: int) -> tuple[str, ...]:
+    """The per-crop arrays of layer ``layer`` (packed; their staged twins are under ``staged/``)."""
+    return tuple(f"{LAYER_GROUP}/{layer}/{name}" for name in LAYER_DATA)
+
+
+def layer_specs(specs: dict[str, dict], layer: int) -> dict[str, dict]:
+    """The arrays of layer ``layer``, staged and packed: the ensemble's ``ids``/``probs`` specs of ``specs``
+    (:func:`array_specs`) under the layer's names, so a layer is encoded, chunked and packed as they are."""
+    return {f"{where}{LAYER_GROUP}/{layer}/{name}": specs[f"{where}{name}"]
+            for where in ("", f"{STAGED}/") for name in LAYER_DATA}
 
 
 def array_specs(*, images: int, crops: int, topk: int, classes: int, shard_size: int, rounds: int) -> dict[str, dict]:
@@ -176,7 +200,13 @@ def array_meta_digest(name: str, meta: dict) -> str:
 
 
 def per_round(name: str) -> bool:
-    return name.removeprefix(f"{STAGED}/") in ROUND_ARRAYS
+    return base_array(name) in ROUND_ARRAYS
+
+
+def base_array(name: str) -> str:
+    """The ensemble's array whose encoding array ``name`` has: ``staged/teachers/1/ids`` -> ``ids``."""
+    parts = name.removeprefix(f"{STAGED}/").split("/")
+    return parts[2] if parts[0] == LAYER_GROUP and len(parts) == 3 else parts[0]
 
 
 # ---- where the bytes are ----------------------------------------------------------------------

@@ -49,15 +49,16 @@ class ShardWriter:
         if error is None:
             self._raise_if_failed()
 
-    def submit(self, round_: int, shard: int, *arrays) -> None:
-        """Hand one complete shard over; blocks while ``depth`` shards are in flight."""
+    def submit(self, round_: int, shard: int, *arrays, layers=()) -> None:
+        """Hand one complete shard over (``layers``: its per-teacher layers' (ids, probs)); blocks while
+        ``depth`` shards are in flight."""
         self._raise_if_failed()
         if self._thread is None:
-            self._write(round_, shard, arrays)
+            self._write(round_, shard, arrays, layers)
             self._raise_if_failed()
             return
         self._slots.acquire()
-        self._queue.put((round_, shard, arrays))
+        self._queue.put((round_, shard, arrays, layers))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -65,9 +66,9 @@ class ShardWriter:
                 self._write(*item)
             self._slots.release()
 
-    def _write(self, round_: int, shard: int, arrays) -> None:
+    def _write(self, round_: int, shard: int, arrays, layers=()) -> None:
         try:
-            self.store.write_shard(round_, shard, *arrays, names=self.names)
+            self.store.write_shard(round_, shard, *arrays, names=self.names, layers=layers)
         except MealV2Error as e:
             self._error = e
         except OSError as e:   # a full disk, a read-only or vanished store
