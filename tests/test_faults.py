@@ -15,7 +15,7 @@ import timm
 import torch
 import zarr
 
-from conftest import flip_chunk_byte, make_image_dataset, run_cli
+from conftest import flip_chunk_byte, make_image_dataset, run_cli, save_teachers
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=3)
-    teachers = []
-    for i, arch in enumerate(("test_resnet", "test_efficientnet")):
-        torch.manual_seed(i)
-        path = root / f"t{i}.pth"
-        torch.save(timm.create_model(arch, num_classes=3).state_dict(), path)
-        teachers.append(f"{arch}={path}@32")
+    teachers = save_teachers(root)
     return root, data, ",".join(teachers)
 
 

@@ -190,8 +190,8 @@ def test_a_takeover_during_a_put_comes_after_the_old_writers_last_commit_landed(
     _, store = _start_a(wire)   # its lease is lost here: it never deletes B's
 
     def decide(request):
-        if request.key.endswith(".lease"):
-            return "cut"
+        if request.key.endswith(".lease"):   # cut once A has committed (a loaded machine may be slow to start)
+            return "cut" if _a_commits(wire) else None
         return ("hold", 0.4) if request.method == "PUT" and "done/c/" in request.key else None
 
     wire.proxy.decide = decide

@@ -146,7 +146,7 @@ def test_peeking_takes_a_step_and_the_documented_peek_does_not(labelled):
 
 @pytest.mark.parametrize("state, refusal", [
     (None, (r"None is not a ReplayLoader's state; expected what ReplayLoader.state_dict\(\) returns, a dict with "
-            r"keys \['batch_size', 'num_images', 'seed', 'step', 'store'\]")),
+            r"keys \['batch_size', 'num_images', 'seed', 'step', 'store', 'teacher_weights'\]")),
     ({"step": 3}, r"a dict with keys \['step'\] is not a ReplayLoader's state"),
     ({"state": {}, "param_groups": []}, r"a dict with keys \['param_groups', 'state'\] is not a ReplayLoader's"),
 ])

@@ -11,11 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
 import zarr
 
-from conftest import make_image_dataset, run_cli
+from conftest import make_image_dataset, run_cli, save_teachers
 from mealv2.common.errors import MealV2Error
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -25,12 +24,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("layers")
     data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=3)
-    teachers = []
-    for i, arch in enumerate(("test_resnet", "test_efficientnet")):
-        torch.manual_seed(i)
-        path = root / f"t{i}.pth"
-        torch.save(timm.create_model(arch, num_classes=3).state_dict(), path)
-        teachers.append(f"{arch}={path}@32")
+    teachers = save_teachers(root)
     return root, data, teachers
 
 
