@@ -15,7 +15,6 @@ import pytest
 import timm
 import torch
 import zarr
-
 from conftest import make_image_dataset, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -60,9 +59,8 @@ def read(path, names) -> dict:
 
 
 def grown(setup, tmp_path, which):
-    root, data, teachers, stores = setup
     copy = tmp_path / f"{which}.zarr"
-    shutil.copytree(stores[which], copy)
+    shutil.copytree(setup[3][which], copy)
     return copy
 
 
@@ -86,8 +84,8 @@ def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_ident
     added = read(copy, (f"teachers/{layer}/ids", f"teachers/{layer}/probs", f"teachers/{layer}/done"))
     assert np.array_equal(added[f"teachers/{layer}/ids"], own["ids"])
     assert np.array_equal(added[f"teachers/{layer}/probs"], own["probs"])
-    assert added[f"teachers/{layer}/done"].all() and not (copy / "staged" / "teachers").exists() or \
-        not any(f.is_file() for f in (copy / "staged" / "teachers").rglob("c/*"))
+    assert added[f"teachers/{layer}/done"].all()
+    assert not [f for f in (copy / "staged" / "teachers").rglob("*") if f.is_file() and "/c/" in str(f)]   # packed
     assert "Traceback" not in r.stderr
     # added again: refused, the store as it was
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
@@ -108,7 +106,7 @@ def test_a_student_trains_from_all_three_teachers_after_adding_the_third(setup, 
 
 
 def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
-    root, data, teachers, stores = setup
+    _, data, teachers, _ = setup
     # a teacher already in the ensemble
     copy = grown(setup, tmp_path, "plain")
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[0]))
@@ -166,6 +164,6 @@ def test_two_ranks_add_the_same_layer_as_one(setup, tmp_path, in_process):
     shutil.copytree(setup[3]["kept"], path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mealv2.cli", *label_args(data, path, "--add-teacher", teachers[2])]
-    result = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, check=False, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert files(path) == files(whole)
