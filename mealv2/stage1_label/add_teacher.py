@@ -16,13 +16,8 @@ from ..common.data.dataset import build_index_shared, in_classes, skipped_report
 from ..common.errors import MealV2Error
 from ..common.models.distributed import distributed
 from ..common.models.runtime import Runtime
-from ..common.models.teachers import (
-    Ensemble,
-    load_teachers,
-    read_classes_file,
-    read_teacher_classes,
-    teacher_table,
-)
+from ..common.models.teachers import (Ensemble, load_teachers, read_classes_file, read_teacher_classes,
+                                      teacher_table)
 from ..common.store.added_layer import AddedLayer
 from ..common.store.label_store import LabelStore, acquire_writer_lock
 from ..common.store.schema import ADDED_MARKS
