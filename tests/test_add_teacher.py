@@ -53,6 +53,11 @@ def files(path: Path) -> dict[str, str]:
             for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path) != Path("zarr.json")}
 
 
+def layers(path: Path) -> list[dict]:
+    """The store's layer records (outside ``files``: its root zarr.json also records each command's run)."""
+    return zarr.open_group(str(path), mode="r").attrs["mealv2_layers"]
+
+
 def read(path, names) -> dict:
     group = zarr.open_group(str(path), mode="r")
     return {name: group[name][:] for name in names}
@@ -120,7 +125,13 @@ def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
     wide = tmp_path / "wide.pth"
     torch.save(timm.create_model("test_resnet", num_classes=5).state_dict(), wide)
     r = in_process(*label_args(data, copy, "--add-teacher", f"test_resnet={wide}@32"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and ("classes" in r.stderr)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "has shape (5, 96)" in r.stderr
+    names = tmp_path / "names.txt"
+    names.write_text("class_0\nclass_1\nclass_2\nextra_a\nextra_b\n")   # the store's classes and two more
+    r = in_process(*label_args(data, copy, "--add-teacher", f"test_resnet={wide}@32", "--teacher-classes",
+                               f"1={names}"))
+    assert r.returncode != 0 and "its 5 classes cannot be mapped onto the store's 3" in r.stderr
+    assert "--teacher-classes 1=FILE" in r.stderr
     # an unfinished store (planned 3 rounds, 2 labelled)
     zarr_json = copy / "zarr.json"
     unfinished = tmp_path / "unfinished.zarr"
@@ -151,7 +162,7 @@ def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
-    assert files(path) == files(whole)
+    assert files(path) == files(whole) and layers(path) == layers(whole)
 
 
 @pytest.mark.slow
@@ -166,4 +177,4 @@ def test_two_ranks_add_the_same_layer_as_one(setup, tmp_path, in_process):
            "-m", "mealv2.cli", *label_args(data, path, "--add-teacher", teachers[2])]
     result = subprocess.run(cmd, check=False, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert files(path) == files(whole)
+    assert files(path) == files(whole) and layers(path) == layers(whole)
