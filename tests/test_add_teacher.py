@@ -92,6 +92,9 @@ def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_ident
     assert added[f"teachers/{layer}/done"].all()
     assert not [f for f in (copy / "staged" / "teachers").rglob("*") if f.is_file() and "/c/" in str(f)]   # packed
     assert "Traceback" not in r.stderr
+    assert in_process("verify", copy).returncode == 0
+    r = in_process("inspect", copy)
+    assert r.returncode == 0 and teachers[2] in r.stdout
     # added again: refused, the store as it was
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
     assert r.returncode != 0 and "already holds this teacher" in r.stderr and teachers[2] in r.stderr
@@ -160,6 +163,10 @@ def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path
     shutil.copytree(setup[3]["kept"], path)
     killed = run_cli(*label_args(data, path, "--add-teacher", teachers[2]), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
+    from mealv2.common.store.label_store import LabelStore, StoreError
+
+    with pytest.raises(StoreError, match="layer 2 .* is not labelled for round 1.*--add-teacher"):
+        LabelStore.open(path).read_round(1, layers=[2])   # an unfinished layer is never replayed
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
     assert files(path) == files(whole) and layers(path) == layers(whole)

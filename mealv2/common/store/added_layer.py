@@ -91,7 +91,7 @@ class AddedLayer:
             packed[r] = True
         staged = set(store.objects.keys(f"{STAGED}/{self.ids.rsplit('/', 1)[0]}"))
         for r in np.flatnonzero(packed):
-            for name in (self.ids, self.probs):
+            for name in (self.ids, self.probs, self.marks):
                 prefix = f"{STAGED}/{name}/c/{r}"
                 if any(key.startswith(prefix + "/") for key in staged):
                     store.objects.delete_tree(prefix)
