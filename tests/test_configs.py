@@ -224,9 +224,10 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
     run.mkdir()
     write_run_config(run, hard, {})
     resumed = mealv2.resume_config(run, epochs=5, res=64, workers=1)
-    every_field_set([label])
+    grown = mealv2.LabelConfig(data, [], str(files / "store"), add_teacher="z.pt@32")
+    every_field_set([label, grown])
     every_field_set([online, stored, hard, resumed])
-    for command, cfg in (("label", label), ("train", online), ("train", stored), ("train", hard),
+    for command, cfg in (("label", label), ("label", grown), ("train", online), ("train", stored), ("train", hard),
                          ("train", resumed)):
         assert parsed(command, config_args(cfg), monkeypatch) == cfg, config_args(cfg)
 

@@ -21,6 +21,9 @@ LABELS = {  # field: its flag's help, in --help's order
     "skip_bad": "Leave out unreadable images (recorded in the store) instead of failing.",
     "keep_teachers": "Also store each teacher's own top-k over the same crops (per-teacher layers, same encoding), "
                      "so `train --teacher-weights` can reweigh the teachers without running them again.",
+    "add_teacher": "Instead of --teachers: run only this teacher (a spec as --teachers') over the finished store "
+                   "--out's own crops, teacher-checked, and add its per-teacher layer; the store's labels, digest and "
+                   "runs trained from it stay as they were (docs/STORE.md). Re-run to resume.",
     "dry_run": "Write nothing: time the teachers on a few batches of DATA's crops on --device and print what the "
                "run will take (crops, hours, the store's bytes and objects, S3 requests).",
 }
@@ -33,7 +36,7 @@ EXECUTION = {
 
 @click.command()
 @config_argument(LabelConfig, "data", exists=True)
-@teacher_options(LabelConfig, required=True)
+@teacher_options(LabelConfig)
 @option("out", "-o", required=True,
         help="Label store to create, resume or append to: a local path, or s3://BUCKET/PREFIX.zarr.")
 @option("rounds", help="Label rounds; training pass p (each image with its crops) replays round p mod R. More than "

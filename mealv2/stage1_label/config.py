@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, INT_FROM_0, SPECS, Choice, Instance,
-                             OrNone, check_settings, setting)
+from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, INT_FROM_0, SPECS, TEXT, Choice,
+                             Instance, OrNone, check_settings, setting)
 from ..common.data.crops import CropParams
 from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
 from ..common.errors import MealV2Error
@@ -22,6 +22,8 @@ class LabelConfig:
     Args:
         data: images to label (ImageFolder, CSV or a folder of loose images); DATA.
         teachers: teacher specs (ARCH, ARCH=CKPT, CKPT with @RES, %NORM, *WEIGHT suffixes); --teachers.
+        add_teacher: one more teacher spec (the same form) to run over the finished store ``out``'s own crops and
+            add as a per-teacher layer, instead of labelling with ``teachers``; --add-teacher.
         out: the store to create, resume or append rounds to; --out.
         rounds, crops_per_image, crop, topk, temperature, ...: as the flags of the same name
             (``crop`` holds --res/--scale/--ratio).
@@ -52,6 +54,7 @@ class LabelConfig:
     teacher_check: bool = setting(FLAG, True)
     teacher_precision: str = setting(Choice(PRECISIONS), "fp32")
     keep_teachers: bool = setting(FLAG, False)   # also store each teacher's own top-k (per-teacher layers)
+    add_teacher: str | None = setting(OrNone(TEXT), None)   # run only this teacher over a finished store's crops, add its layer
     dry_run: bool = setting(FLAG, False)   # measure the teachers on a few batches, print what the run takes, write nothing
     progress: bool = setting(FLAG, True)
     write_depth: int = setting(INT_FROM_0, DEPTH)   # shards in flight on the background writer; 0 writes in the loop
@@ -59,5 +62,13 @@ class LabelConfig:
     def __post_init__(self):
         check_settings("label", self)
         resolve(self.loader)   # a backend that is not installed is refused before any work
-        if not self.teachers:
-            raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated)")
+        if self.add_teacher is not None and self.teachers:
+            raise MealV2Error(f"label --add-teacher {self.add_teacher}: also given --teachers "
+                              f"{','.join(self.teachers)}; --add-teacher runs only the new teacher over the store's "
+                              f"crops (the store records its ensemble): drop --teachers")
+        if self.add_teacher is not None and (self.keep_teachers or self.dry_run):
+            raise MealV2Error(f"label --add-teacher {self.add_teacher}: --keep-teachers and --dry-run do not apply "
+                              f"(it adds one teacher's layer): drop them")
+        if not self.teachers and self.add_teacher is None:
+            raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated), or "
+                              "--add-teacher SPEC to add a teacher's layer to a finished store")

@@ -62,25 +62,27 @@ def store_attrs(cfg: LabelConfig, index, teachers, classes=None) -> dict:
     }
 
 
-def _requests(work: list[tuple[int, int, int, int]], sizes: np.ndarray, images_per_batch: int, cfg: LabelConfig,
-              plan: deque) -> Iterator[CropRequest]:
-    """Crop requests for each (round, shard, first image, end), in batches that never span two shards."""
+def _requests(work: list[tuple[int, int, int, int]], crops, images_per_batch: int, plan: deque) -> Iterator[CropRequest]:
+    """Crop requests for each (round, shard, first image, end), in batches that never span two shards;
+    ``crops(round, ids)``: the images' boxes and flips."""
     for r, s, a, b in work:
         for start in range(a, b, images_per_batch):
             ids = np.arange(start, min(start + images_per_batch, b))
-            boxes, flips = sample_crops(cfg.seed, r, ids, sizes[ids], cfg.crops_per_image, cfg.crop)
+            boxes, flips = crops(r, ids)
             plan.append((r, s, boxes, flips))
             yield CropRequest(ids, boxes, flips)
 
 
 def _labelled(cfg: LabelConfig, index, ensemble: Ensemble, work: list[tuple[int, int, int, int]],
-              loader: str) -> Iterator[tuple]:
-    """(round, shard, boxes, flips, ids, codes, crcs, layers) of each batch of ``work``, per image: crops sampled,
-    rendered by the loader, through the ensemble and the top-k code; ``layers`` each teacher's own (ids, codes)
-    with ``--keep-teachers``, else none. What a run writes and a dry run times."""
+              loader: str, crops=None) -> Iterator[tuple]:
+    """(round, shard, boxes, flips, ids, codes, crcs, layers) of each batch of ``work``, per image: crops sampled
+    (or ``crops(round, ids)``'s: a store's, for ``--add-teacher``), rendered by the loader, through the ensemble
+    and the top-k code; ``layers`` each teacher's own (ids, codes) with ``--keep-teachers``, else none. What a
+    run writes and a dry run times."""
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     plan: deque = deque()
-    batches = iterate(loader, index, _requests(work, index.sizes, images_per_batch, cfg, plan),
+    crops = crops or (lambda r, ids: sample_crops(cfg.seed, r, ids, index.sizes[ids], cfg.crops_per_image, cfg.crop))
+    batches = iterate(loader, index, _requests(work, crops, images_per_batch, plan),
                       ensemble.views, cfg.crops_per_image, batch_size=images_per_batch,
                       device=ensemble.device.type, threads=cfg.workers)
     for batch in batches:
@@ -134,6 +136,10 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
     """
     if not is_url(cfg.out):
         refuse_nested(cfg.data, cfg.out, "--out")
+    if cfg.add_teacher:
+        from .add_teacher import run_add_teacher   # it imports this module's labelling loop
+
+        return run_add_teacher(cfg)
     check_shard_size(cfg)
     started = time.perf_counter()
     with distributed(cfg.device) as (info, device):
@@ -347,8 +353,9 @@ def _check(cfg: LabelConfig, ensemble: Ensemble, index) -> list[dict] | MealV2Er
     return [dataclasses.asdict(c) for c in checks]
 
 
-def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info) -> tuple[int, float]:
-    """Label this rank's incomplete shards; returns (crops labelled, seconds)."""
+def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble, info, crops=None) -> tuple[int, float]:
+    """Label this rank's incomplete shards of ``store`` (or of an added layer: common/store/added_layer.py,
+    with its ``crops``); returns (crops labelled, seconds)."""
     done = store.done_mask()
     work = [(r, s, *store.shard_range(s)) for r in range(store.rounds_planned) for s in range(store.num_shards)
             if not done[r, s] and s % info.world_size == info.rank]
@@ -363,7 +370,7 @@ def label_shards(cfg: LabelConfig, store: LabelStore, index, ensemble: Ensemble,
     pending: dict[tuple[int, int], list] = {}
     started = time.perf_counter()
     with ShardWriter(store, cfg.write_depth, names=index.relpaths) as writer:   # exit waits for the last writes
-        for r, s, boxes, flips, ids, codes, crcs, layers in _labelled(cfg, index, ensemble, work, loader):
+        for r, s, boxes, flips, ids, codes, crcs, layers in _labelled(cfg, index, ensemble, work, loader, crops):
             part = pending.setdefault((r, s), [])
             part.append((boxes, flips, ids.astype(store.id_dtype), codes, crcs,
                          [(i.astype(store.id_dtype), c) for i, c in layers]))

@@ -27,10 +27,10 @@ from .lease import Lease, hold_lease, watch_lease, writable_url
 from .locks import hold_lock, lock_path_beside
 from .mismatch import path_differences, settings_differences
 from .objects import LocalObjects, is_url, open_objects
-from .schema import (ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORMAT, LAYERS_DIGEST_KEY, LAYERS_KEY,
-                     PROB_LEVELS, ROUND_ARRAYS, SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError,
-                     array_meta_digest, array_specs, chunk_key, identity_digest, join_chunks, json_digest, layer_arrays,
-                     layer_specs, num_shards, per_round, writable, write_paths)
+from .schema import (ADDED_MARKS, ARRAYS, ARRAYS_KEY, ATTR_KEY, DATA_ARRAYS, DIGEST_KEY, FORMAT, LAYERS_DIGEST_KEY,
+                     LAYERS_KEY, PROB_LEVELS, ROUND_ARRAYS, SHARD_ARRAYS, STAGED, STAGED_ARRAYS, VERSION, StoreError,
+                     added_layer_arrays, array_meta_digest, array_specs, chunk_key, identity_digest, join_chunks,
+                     json_digest, layer_arrays, layer_specs, num_shards, per_round, writable, write_paths)
 
 RUNS_KEY = "mealv2_runs"   # what each labelling command took (record_run): history, outside the digest
 
@@ -88,7 +88,7 @@ class LabelStore(StoreIntegrity):
             raise StoreError(f"{path}/zarr.json: the '{LAYERS_KEY}' attribute (its per-teacher layers) was edited "
                              f"after they were made (SHA-256 does not match); the layers cannot be trusted")
         check_metadata(objects, group.attrs.get(ARRAYS_KEY) or {}, attrs["rounds_planned"],
-                       [name for j in range(len(layers)) for name in _with_staged(layer_arrays(j))])
+                       [name for j, layer in enumerate(layers) for name in _with_staged(_record_arrays(j, layer))])
         return cls(path, group, objects)
 
     @classmethod
@@ -131,6 +131,11 @@ class LabelStore(StoreIntegrity):
             if rounds < complete:
                 raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
                                  f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
+            if rounds > planned and (added := [j for j, layer in enumerate(store.layers)
+                                               if layer["marks"] == ADDED_MARKS]):
+                raise StoreError(f"--rounds {rounds}: {path} has {planned} rounds and a layer added by --add-teacher "
+                                 f"({store.layers[added[0]]['teacher']['spec']}), which would not cover new rounds; "
+                                 f"pass --rounds {planned}, or label into a new --out")
             if rounds > planned and before_growing is not None:
                 before_growing(store)
             if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
@@ -218,6 +223,24 @@ class LabelStore(StoreIntegrity):
         """The per-teacher layers' records, layer j's arrays ``teachers/j/ids`` and ``teachers/j/probs``;
         none in a store labelled without ``--keep-teachers``."""
         return list(self.group.attrs.get(LAYERS_KEY, []))
+
+    def add_layer(self, record: dict) -> int:
+        """Append an added layer (``record``: {"teacher": ..., "marks": ADDED_MARKS, ...}; ``label --add-teacher``):
+        make its arrays (the ensemble's ``ids``/``probs``/``done`` specs, staged and packed), then record them and
+        the layer in one attribute update, so a kill in between leaves arrays the next call overwrites. Returns
+        its position. Touches no other array or attribute: the store's digest stays as it was."""
+        j = len(self.layers)
+        specs = array_specs(images=self.num_images, crops=self.attrs["crops_per_image"], topk=self.attrs["topk"],
+                            classes=len(self.attrs["classes"]), shard_size=self.shard_size, rounds=self.rounds_planned)
+        for name, spec in layer_specs(specs, j, ("ids", "probs", "done")).items():
+            self.group.create_array(name, overwrite=True, **spec)
+        self.objects.refresh()
+        arrays = {**self.group.attrs[ARRAYS_KEY],
+                  **{name: array_meta_digest(name, array_meta(self.objects, name))
+                     for name in _with_staged(added_layer_arrays(j))}}
+        records = [*self.layers, record]
+        self.group.attrs.update({ARRAYS_KEY: arrays, LAYERS_KEY: records, LAYERS_DIGEST_KEY: json_digest(records)})
+        return j
 
     def layers_with_ensemble(self) -> list[int]:
         """The layers written with the ensemble's shards, under its done marks (``--keep-teachers``)."""
@@ -398,6 +421,11 @@ class LabelStore(StoreIntegrity):
         if not self._marks("done")[round_].all():
             raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
                              f"the same `mealv2 label` command")
+        for j in layers:
+            if self.layers[j]["marks"] == ADDED_MARKS and not self._marks(added_layer_arrays(j)[-1])[round_].all():
+                raise StoreError(f"{self.path}: layer {j} ({self.layers[j]['teacher']['spec']}) is not labelled for "
+                                 f"round {round_}; finish it by re-running its `mealv2 label DATA --add-teacher "
+                                 f"{self.layers[j]['teacher']['spec']} --out {self.path}`")
         missing = self.missing_chunks(round_)
         if missing:
             raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
@@ -497,6 +525,11 @@ class LabelStore(StoreIntegrity):
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
         self._check_guard()
         return self.objects.remove_partials()
+
+
+def _record_arrays(layer: int, record: dict) -> tuple[str, ...]:
+    """The packed arrays of layer ``layer`` whose record is ``record``: an added layer has its done marks too."""
+    return added_layer_arrays(layer) if record["marks"] == ADDED_MARKS else layer_arrays(layer)
 
 
 def _with_staged(names) -> list[str]:

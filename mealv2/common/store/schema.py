@@ -84,6 +84,10 @@ LAYER_GROUP = "teachers"
 LAYER_DATA = ("ids", "probs")
 LAYERS_KEY = "mealv2_layers"
 LAYERS_DIGEST_KEY = "mealv2_layers_sha256"
+# A layer's record's "marks": "ensemble" (written with the ensemble's shards, under their done marks, by
+# `label --keep-teachers`) or ADDED_MARKS (added to a finished store by `label --add-teacher`: its own done
+# marks LAYER_GROUP/j/done and their staged twin, as the ensemble's `done`).
+ADDED_MARKS = "own"
 
 
 class StoreError(MealV2Error):
@@ -129,11 +133,18 @@ def layer_arrays(layer: int) -> tuple[str, ...]:
     return tuple(f"{LAYER_GROUP}/{layer}/{name}" for name in LAYER_DATA)
 
 
-def layer_specs(specs: dict[str, dict], layer: int) -> dict[str, dict]:
+def added_layer_arrays(layer: int) -> tuple[str, ...]:
+    """The arrays of a layer added by ``--add-teacher`` (packed; staged twins under ``staged/``): its data and
+    its own done marks."""
+    return (*layer_arrays(layer), f"{LAYER_GROUP}/{layer}/done")
+
+
+def layer_specs(specs: dict[str, dict], layer: int, data: Sequence[str] = LAYER_DATA) -> dict[str, dict]:
     """The arrays of layer ``layer``, staged and packed: the ensemble's ``ids``/``probs`` specs of ``specs``
-    (:func:`array_specs`) under the layer's names, so a layer is encoded, chunked and packed as they are."""
+    (:func:`array_specs`) under the layer's names, so a layer is encoded, chunked and packed as they are;
+    ``data``: which of the ensemble's arrays (an added layer's also ``done``)."""
     return {f"{where}{LAYER_GROUP}/{layer}/{name}": specs[f"{where}{name}"]
-            for where in ("", f"{STAGED}/") for name in LAYER_DATA}
+            for where in ("", f"{STAGED}/") for name in data}
 
 
 def array_specs(*, images: int, crops: int, topk: int, classes: int, shard_size: int, rounds: int) -> dict[str, dict]:

@@ -1,0 +1,135 @@
+"""`mealv2 label DATA --add-teacher SPEC --out STORE`: grow a finished store by one teacher's layer.
+
+Only the new teacher runs, over the store's own crops (its boxes and flips, read back, rendered by the same
+loaders as ``label``), at the store's temperature, top-k and encoding; its top-k is a per-teacher layer with
+its own done marks (common/store/added_layer.py). The ensemble's labels, the layers before it and the store's
+identity (its ``mealv2`` attributes and digest) are never rewritten, so every run trained from the store
+replays and resumes as before. Resuming and splitting across ranks are the labeller's (``label_shards``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from ..common.data.crops import CropParams
+from ..common.data.dataset import build_index_shared, in_classes, skipped_report
+from ..common.errors import MealV2Error
+from ..common.models.distributed import distributed
+from ..common.models.runtime import Runtime
+from ..common.models.teachers import (Ensemble, load_teachers, read_classes_file, read_teacher_classes,
+                                      teacher_table)
+from ..common.store.added_layer import AddedLayer
+from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.store.schema import ADDED_MARKS
+from .config import LabelConfig
+from .labeler import _check, label_shards, run_record
+
+
+def store_settings(cfg: LabelConfig, store: LabelStore) -> LabelConfig:
+    """``cfg`` with the store's crops, top-k, temperature, seed and shards: a layer is labelled as the store was."""
+    a = store.attrs
+    return dataclasses.replace(cfg, crop=CropParams.from_attrs(a["crop"]), crops_per_image=a["crops_per_image"],
+                               topk=a["topk"], temperature=a["temperature"], seed=a["seed"],
+                               shard_size=a["shard_size"])
+
+
+def same_teacher(a: dict, b: dict) -> bool:
+    """Whether two teachers' records name one teacher: the same spec, or the same architecture and weights."""
+    return a["spec"] == b["spec"] or (a.get("sha256") is not None and (a["arch"], a["sha256"]) == (b["arch"], b["sha256"]))
+
+
+def layer_to_resume(store: LabelStore, record: dict) -> int | None:
+    """The position of the unfinished layer ``--add-teacher`` of teacher ``record`` began, None for a teacher
+    new to the store; refused for a teacher the store already holds (in its ensemble or a layer)."""
+    for j, layer in enumerate(store.layers):
+        if layer["marks"] == ADDED_MARKS and layer["teacher"] == record and not AddedLayer(store, j).complete:
+            return j
+    for where, records in (("its ensemble", store.attrs["teachers"]),
+                           ("its per-teacher layers", [layer["teacher"] for layer in store.layers])):
+        if any(same_teacher(record, t) for t in records):
+            raise MealV2Error(f"--add-teacher {record['spec']}: {store.path} already holds this teacher in {where} "
+                              f"(`mealv2 inspect {store.path}` lists them); add another teacher, or train from its "
+                              f"layer with `train --teacher-weights`")
+    return None
+
+
+def refuse_unfinished(store: LabelStore) -> None:
+    if not store.complete:
+        raise MealV2Error(f"--add-teacher: {store.path} is not finished ({store.rounds_complete()}/"
+                          f"{store.rounds_planned} rounds complete): a teacher is added over a finished store's "
+                          f"crops; finish it first with its own command:\n  {store.label_command()}")
+
+
+def refuse_other_data(store: LabelStore, index, data: str) -> None:
+    if index.fingerprint != store.attrs["dataset"]["fingerprint"]:
+        raise MealV2Error(f"--add-teacher: DATA {data} is not the data {store.path} was labelled from (fingerprint "
+                          f"{index.fingerprint}, the store's {store.attrs['dataset']['fingerprint']}): pass the "
+                          f"store's dataset as DATA\n  " + store.dataset_changes(index.relpaths))
+
+
+def run_add_teacher(cfg: LabelConfig) -> LabelStore:
+    """Add teacher ``cfg.add_teacher``'s layer to the finished store ``cfg.out`` over DATA (``cfg.data``), as
+    ``mealv2 label --add-teacher`` does; re-run after a kill, it resumes. Returns the store."""
+    started = time.perf_counter()
+    with distributed(cfg.device) as (info, device):
+        say = print if info.is_main else (lambda *a, **k: None)
+        store = LabelStore.open(cfg.out)
+        refuse_unfinished(store)
+        cfg = store_settings(cfg, store)
+        index = build_index_shared(cfg.data, info, skip_bad=cfg.skip_bad or bool(store.attrs["dataset"]["skipped"]),
+                                   workers=max(cfg.workers, 8), progress=cfg.progress and info.is_main)
+        if skipped := skipped_report(index):
+            say(skipped)
+        refuse_other_data(store, index, cfg.data)
+        classes = store.attrs["classes"]
+        names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
+        teachers, mapped, _ = load_teachers([cfg.add_teacher], classes, cfg.crop.res, names,
+                                            stated_classes=read_teacher_classes(cfg.teacher_classes, 1))
+        if list(mapped) != list(classes):
+            raise MealV2Error(f"--add-teacher {cfg.add_teacher}: its {len(mapped)} classes cannot be mapped onto the "
+                              f"store's {len(classes)} ({', '.join(classes[:3])}, ...): give its class names in "
+                              f"output order with --teacher-classes 1=FILE (or --classes FILE) naming the store's "
+                              f"classes")
+        say(teacher_table(teachers, cfg.crop.res, "store"))
+        record = teachers[0].to_attrs()
+        j = layer_to_resume(store, record)
+        ensemble = Ensemble(teachers, Runtime(device, cfg.teacher_precision), cfg.temperature)
+        checks = None
+        if j is None:   # a layer being resumed was checked when it was begun
+            in_space = in_classes(index, classes) if index.labelled else index
+            checks = info.broadcast_object(_check(cfg, ensemble, in_space) if info.is_main else None)
+            if isinstance(checks, MealV2Error):
+                raise checks
+        lock = acquire_writer_lock(cfg.out) if info.is_main else None
+        try:
+            if info.is_main:
+                store = LabelStore.open(cfg.out, mode="r+")
+                store.remove_partial_writes()
+                store.guard = getattr(lock, "check", None)
+                if j is None:
+                    j = store.add_layer({"teacher": record, "marks": ADDED_MARKS,
+                                         "teacher_precision": cfg.teacher_precision, "teacher_check": checks[0]})
+            j = info.broadcast_object(j)
+            info.barrier()
+            if not info.is_main:
+                store = LabelStore.open(cfg.out, mode="r+")
+            layer = AddedLayer(store, j)
+            labelling = time.perf_counter()
+            crops, seconds = label_shards(cfg, layer, index, ensemble, info, crops=layer.crops)
+            info.barrier()
+            labelled = int(info.all_sum([crops])[0])
+            if info.is_main:
+                layer.pack()
+                if labelled:
+                    store.record_run({**run_record(cfg, labelled, time.perf_counter() - labelling,
+                                                   time.perf_counter() - started, device, info.world_size),
+                                      "added_teacher": cfg.add_teacher})
+        finally:
+            if lock is not None:
+                lock.release()
+        if info.is_main:
+            print(f"mealv2 label --add-teacher: {crops} crops in {seconds:.1f}s; {store.path}: layer {j} "
+                  f"({cfg.add_teacher}) {'complete' if layer.complete else 'not complete'}; train from it with "
+                  f"`mealv2 train --labels {store.path} --teacher-weights " + ",".join(
+                      "1" if i == j else "0" for i in range(j + 1)) + "`")
+        return store
