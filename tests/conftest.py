@@ -22,7 +22,6 @@ os.environ.setdefault("MEALV2_CACHE", tempfile.mkdtemp(prefix="mealv2-test-cache
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -266,13 +265,3 @@ def moto_s3(tmp_path, monkeypatch):
     log.setLevel(level)
     log.propagate = propagate
 
-
-def save_teachers(root: Path, archs=("test_resnet", "test_efficientnet"), num_classes: int = 3) -> list[str]:
-    """Teachers initialised with seeds 0, 1, ... saved as state dicts in ``root``: their `--teachers` specs."""
-    specs = []
-    for i, arch in enumerate(archs):
-        torch.manual_seed(i)
-        path = root / f"t{i}.pth"
-        torch.save(timm.create_model(arch, num_classes=num_classes).state_dict(), path)
-        specs.append(f"{arch}={path}@32")
-    return specs

@@ -16,6 +16,8 @@ import timm
 import torch
 import zarr
 from conftest import make_image_dataset, run_cli
+from mealv2.benchmarks.common import random_teachers
+from mealv2.common.store.label_store import LabelStore, StoreError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 ENSEMBLE = ("boxes", "flips", "ids", "probs", "done", "labels", "crc32c")
@@ -32,12 +34,7 @@ def setup(tmp_path_factory):
     teacher's own store (the same crops: the same seed and crop settings)."""
     root = tmp_path_factory.mktemp("add_teacher")
     data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=5)
-    teachers = []
-    for i, arch in enumerate(("test_resnet", "test_efficientnet", "test_resnet")):
-        torch.manual_seed(10 + i)
-        path = root / f"t{i}.pth"
-        torch.save(timm.create_model(arch, num_classes=3).state_dict(), path)
-        teachers.append(f"{arch}={path}@32")
+    teachers = random_teachers(("test_resnet", "test_efficientnet", "test_resnet"), 3, root, 32, first_seed=10)
     stores = {}
     for name, specs, extra in (("kept", teachers[:2], ["--keep-teachers"]), ("plain", teachers[:2], []),
                                ("third", teachers[2:], [])):
@@ -63,19 +60,27 @@ def read(path, names) -> dict:
     return {name: group[name][:] for name in names}
 
 
-def grown(setup, tmp_path, which):
+def copied(setup, tmp_path, which):
+    """A copy of the setup's finished store ``which`` ("kept", "plain"), to grow."""
     copy = tmp_path / f"{which}.zarr"
     shutil.copytree(setup[3][which], copy)
+    return copy
+
+
+def grown(setup, tmp_path, in_process, which="kept"):
+    """A copy of store ``which`` with the third teacher added, uninterrupted."""
+    _, data, teachers, _ = setup
+    copy = copied(setup, tmp_path, which)
+    r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
+    assert r.returncode == 0, r.stderr
     return copy
 
 
 @pytest.mark.parametrize("which, layer", [("kept", 2), ("plain", 0)])
 def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_identical(setup, tmp_path, in_process,
                                                                                      which, layer):
-    from mealv2.common.store.label_store import LabelStore
-
     _, data, teachers, stores = setup
-    copy = grown(setup, tmp_path, which)
+    copy = copied(setup, tmp_path, which)
     before, digest = files(copy), LabelStore.open(copy).digest
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
@@ -103,9 +108,7 @@ def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_ident
 @pytest.mark.slow
 def test_a_student_trains_from_all_three_teachers_after_adding_the_third(setup, tmp_path, in_process):
     _, data, teachers, _ = setup
-    copy = grown(setup, tmp_path, "kept")
-    r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
-    assert r.returncode == 0, r.stderr
+    copy = grown(setup, tmp_path, in_process)
     run = tmp_path / "run"
     r = in_process("train", data, "--labels", copy, "-a", "test_resnet", "-o", run, "--epochs", 1,
                    "--teacher-weights", "1,1,1", "--batch-size", 8, "--workers", 1, "--device", "cpu", "--no-progress")
@@ -116,7 +119,7 @@ def test_a_student_trains_from_all_three_teachers_after_adding_the_third(setup, 
 def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
     _, data, teachers, _ = setup
     # a teacher already in the ensemble
-    copy = grown(setup, tmp_path, "plain")
+    copy = copied(setup, tmp_path, "plain")
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[0]))
     assert r.returncode != 0 and "already holds this teacher in its ensemble" in r.stderr
     # DATA that is not the store's
@@ -139,8 +142,6 @@ def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
     zarr_json = copy / "zarr.json"
     unfinished = tmp_path / "unfinished.zarr"
     shutil.copytree(copy, unfinished)
-    from mealv2.common.store.label_store import LabelStore
-
     store = LabelStore.create_or_resume(unfinished, {k: v for k, v in LabelStore.open(copy).attrs.items()
                                                      if k != "rounds_planned"}, 3, LabelStore.open(copy).labels())
     assert not store.complete
@@ -156,15 +157,11 @@ def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
 @pytest.mark.parametrize("kill_at", ["chunk_write:3", "shard_mark:4", "pack:1"])
 def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path, in_process, kill_at):
     _, data, teachers, _ = setup
-    whole = grown(setup, tmp_path, "kept")
-    r = in_process(*label_args(data, whole, "--add-teacher", teachers[2]))
-    assert r.returncode == 0, r.stderr
+    whole = grown(setup, tmp_path, in_process)
     path = tmp_path / "killed.zarr"
     shutil.copytree(setup[3]["kept"], path)
     killed = run_cli(*label_args(data, path, "--add-teacher", teachers[2]), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
-    from mealv2.common.store.label_store import LabelStore, StoreError
-
     with pytest.raises(StoreError, match="layer 2 .* is not labelled for round 1.*--add-teacher"):
         LabelStore.open(path).read_round(1, layers=[2])   # an unfinished layer is never replayed
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
@@ -175,9 +172,7 @@ def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path
 @pytest.mark.slow
 def test_two_ranks_add_the_same_layer_as_one(setup, tmp_path, in_process):
     _, data, teachers, _ = setup
-    whole = grown(setup, tmp_path, "kept")
-    r = in_process(*label_args(data, whole, "--add-teacher", teachers[2]))
-    assert r.returncode == 0, r.stderr
+    whole = grown(setup, tmp_path, in_process)
     path = tmp_path / "ranks.zarr"
     shutil.copytree(setup[3]["kept"], path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

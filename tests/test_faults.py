@@ -15,7 +15,8 @@ import timm
 import torch
 import zarr
 
-from conftest import flip_chunk_byte, make_image_dataset, run_cli, save_teachers
+from conftest import flip_chunk_byte, make_image_dataset, run_cli
+from mealv2.benchmarks.common import random_teachers
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=3)
-    teachers = save_teachers(root)
+    teachers = random_teachers(("test_resnet", "test_efficientnet"), 3, root, 32)
     return root, data, ",".join(teachers)
 
 

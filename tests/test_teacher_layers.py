@@ -14,7 +14,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_image_dataset, run_cli, save_teachers
+from conftest import make_image_dataset, run_cli
+from mealv2.benchmarks.common import random_teachers
 from mealv2.common.errors import MealV2Error
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -24,7 +25,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("layers")
     data = make_image_dataset(root / "data", num_classes=3, per_class=4, seed=3)
-    teachers = save_teachers(root)
+    teachers = random_teachers(("test_resnet", "test_efficientnet"), 3, root, 32)
     return root, data, teachers
 
 

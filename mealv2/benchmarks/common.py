@@ -33,12 +33,13 @@ def make_photo_dataset(root: Path, num_classes: int, per_class: int, seed: int =
     return root
 
 
-def random_teachers(archs, num_classes: int, folder: Path, res: int) -> list[str]:
-    """Random-init checkpoints for timm architectures (no downloads): speed, not accuracy."""
+def random_teachers(archs, num_classes: int, folder: Path, res: int, *, first_seed: int = 0) -> list[str]:
+    """Random-init checkpoints for timm architectures (no downloads), teacher i seeded ``first_seed + i``:
+    speed, not accuracy (and the tests' teachers). Named by position, so an architecture may repeat."""
     specs = []
     for i, arch in enumerate(archs):
-        torch.manual_seed(i)
-        path = folder / f"{arch}.pth"
+        torch.manual_seed(first_seed + i)
+        path = folder / f"t{i}-{arch}.pth"
         torch.save(timm.create_model(arch, num_classes=num_classes).state_dict(), path)
         specs.append(f"{arch}={path}@{res}")
     return specs
