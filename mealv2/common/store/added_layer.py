@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .faults import fault_point
 from .label_store import LabelStore
-from .schema import STAGED, StoreError, added_layer_arrays, chunk_key, writable
+from .schema import STAGED, StoreError, added_layer_arrays, chunk_key
 
 
 class AddedLayer:
@@ -54,21 +53,8 @@ class AddedLayer:
             raise StoreError(f"{store.path}: round {round_} shard {shard}: the crops labelled are not the store's; "
                              f"nothing was written")
         keys = [chunk_key(f"{STAGED}/{name}", store.group[name].ndim, round_, shard) for name in (self.ids, self.probs)]
-        try:
-            store.objects.make_parents(keys, fsync=store.fsync)
-            for i, (name, values) in enumerate(((self.ids, ids), (self.probs, probs))):
-                if i:
-                    fault_point("chunk_write")
-                writable(store.group[f"{STAGED}/{name}"])[round_, a:b] = values
-            if store.fsync:   # a shard marked done has its data
-                store.objects.sync(keys)
-        except OSError as e:
-            raise StoreError(f"{e.filename or store.path}: cannot write round {round_} shard {shard} of layer "
-                             f"{self.layer} of {store.path} ({e.strerror or e}; {store.objects.free_space()}); free "
-                             f"some space and re-run the same command: it resumes with this shard") from e
-        fault_point("shard_mark")
-        store._check_guard()
-        writable(store.group[f"{STAGED}/{self.marks}"])[round_, shard] = 1
+        store._stage_shard(round_, shard, [(self.ids, ids), (self.probs, probs)], keys, self.marks,
+                           f"layer {self.layer} of {store.path}")
 
     def pack(self) -> list[int]:
         """Pack each round whose shards are all labelled: the layer's staged chunks joined into its objects,
@@ -79,22 +65,11 @@ class AddedLayer:
         packed = store._marks(self.marks).all(axis=1)
         rounds = [r for r in range(len(done)) if done[r] and not packed[r]]
         for r in rounds:
-            for name in (self.ids, self.probs):
-                store._pack_object(name, r)
-            fault_point("pack")
-            store._check_guard()
-            commit = [chunk_key(self.marks, 2, r, 0)]
-            store.objects.make_parents(commit, fsync=store.fsync)
-            writable(store.group[self.marks])[r] = 1
-            if store.fsync:
-                store.objects.sync(commit)
+            store._pack_round(r, [self.ids, self.probs], self.marks)
             packed[r] = True
         staged = set(store.objects.keys(f"{STAGED}/{self.ids.rsplit('/', 1)[0]}"))
-        for r in np.flatnonzero(packed):
-            for name in (self.ids, self.probs, self.marks):
-                prefix = f"{STAGED}/{name}/c/{r}"
-                if any(key.startswith(prefix + "/") for key in staged):
-                    store.objects.delete_tree(prefix)
+        prefixes = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed) for name in (self.ids, self.probs, self.marks)]
+        store._delete_staged([p for p in prefixes if any(key.startswith(p + "/") for key in staged)])
         return rounds
 
     @property

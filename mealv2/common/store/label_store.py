@@ -327,14 +327,24 @@ class LabelStore(StoreIntegrity):
             if len(changed):
                 raise self.images_changed(a + changed, crcs[changed], names)
             keys = [key for key in keys if not key.startswith(f"{STAGED}/crc32c/")]   # kept as they are
+        layer_values = [v for layer in layers for v in layer]
+        self._stage_shard(round_, shard, [("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs),
+                                          *zip(self.layer_data, layer_values)], keys, "done", self.path,
+                          crcs=None if labelled else crcs)
+
+    def _stage_shard(self, round_: int, shard: int, arrays, keys: list[str], marks: str, what: str, *,
+                     crcs: np.ndarray | None = None) -> None:
+        """Write one shard's ``arrays`` ((name, values) pairs; first its images' ``crcs`` if given) into their
+        staged arrays (``keys``: the chunk files), durable, then set its staged mark in ``marks`` (never the
+        other way round); ``what``: what is written, for the refusal. The one way a shard is staged, the
+        ensemble's and an added layer's."""
+        a, b = self.shard_range(shard)
         writing = self.path
         try:
             self.objects.make_parents(keys, fsync=self.fsync)   # the new folders' entries durable too
-            if not labelled:
+            if crcs is not None:
                 writable(self.group[f"{STAGED}/crc32c"])[a:b] = crcs
-            layer_values = [v for layer in layers for v in layer]
-            for i, (name, values) in enumerate((("boxes", boxes), ("flips", flips), ("ids", ids), ("probs", probs),
-                                                *zip(self.layer_data, layer_values))):
+            for i, (name, values) in enumerate(arrays):
                 writing = self.objects.where(f"{STAGED}/{name}")
                 if i:
                     fault_point("chunk_write")     # some of the shard's arrays written, not all
@@ -343,12 +353,12 @@ class LabelStore(StoreIntegrity):
             if self.fsync:   # as a database before its commit record: a shard marked done has its data
                 self.objects.sync(keys)
         except OSError as e:   # zarr's and fsync's errors often name no file
-            raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {self.path} "
+            raise StoreError(f"{e.filename or writing}: cannot write round {round_} shard {shard} of {what} "
                              f"({e.strerror or e}; {self.objects.free_space()}); "
                              f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
         self._check_guard()
-        writable(self.group[f"{STAGED}/done"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
+        writable(self.group[f"{STAGED}/{marks}"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
 
     def pack(self) -> list[int]:
         """Pack every round whose shards are all labelled and staged: join each array's staged chunk
@@ -360,26 +370,35 @@ class LabelStore(StoreIntegrity):
         packed, labelled = self.packed(), self.done_mask().all(axis=1)
         rounds = [r for r in range(len(packed)) if labelled[r] and not packed[r]]
         for r in rounds:   # the images' CRC32Cs are packed with the first round (all shards then have them)
-            for name in (*self.data_arrays, *([] if packed.any() else ["crc32c"])):
-                self._pack_object(name, r)
-            fault_point("pack")                # objects written, round not committed
-            self._check_guard()
-            commit = [chunk_key("done", 2, r, 0)]
-            self.objects.make_parents(commit, fsync=self.fsync)
-            writable(self.group["done"])[r] = 1
-            if self.fsync:                     # the staged files are deleted next
-                self.objects.sync(commit)
+            self._pack_round(r, [*self.data_arrays, *([] if packed.any() else ["crc32c"])], "done")
             packed[r] = True
         # The staged chunks of packed rounds, found in one listing (at a URL, one request per 1,000 keys
         # instead of one per array and round): the folders `STAGED/ARRAY/c/ROUND` and `STAGED/crc32c/c`.
         staged = {"/".join(key.split("/")[:depth]) for key in self.objects.keys(STAGED) for depth in (3, 4, 5, 6)}
         leftovers = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed)
                      for name in (*ROUND_ARRAYS, *self.layer_data)]
-        for prefix in [*leftovers, *([f"{STAGED}/crc32c/c"] if packed.any() else [])]:
-            if prefix in staged:
-                self._check_guard()   # a taker may be staging this round again
-                self.objects.delete_tree(prefix)
+        self._delete_staged([p for p in [*leftovers, *([f"{STAGED}/crc32c/c"] if packed.any() else [])]
+                             if p in staged])
         return rounds
+
+    def _pack_round(self, round_: int, names, marks: str) -> None:
+        """Join round ``round_``'s staged chunks of arrays ``names`` into their objects, then commit the round
+        by its row of ``marks``, durable before the staged files go: the ensemble's and an added layer's."""
+        for name in names:
+            self._pack_object(name, round_)
+        fault_point("pack")                # objects written, round not committed
+        self._check_guard()
+        commit = [chunk_key(marks, 2, round_, 0)]
+        self.objects.make_parents(commit, fsync=self.fsync)
+        writable(self.group[marks])[round_] = 1
+        if self.fsync:                     # the staged files are deleted next
+            self.objects.sync(commit)
+
+    def _delete_staged(self, prefixes) -> None:
+        """Delete the staged folders ``prefixes`` of committed rounds, each only while the store is still ours."""
+        for prefix in prefixes:
+            self._check_guard()   # a taker may be staging this round again
+            self.objects.delete_tree(prefix)
 
     def _pack_object(self, name: str, round_: int, threads: int = 16) -> None:
         ndim = self.group[name].ndim
