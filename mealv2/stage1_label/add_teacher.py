@@ -19,7 +19,7 @@ from ..common.models.runtime import Runtime
 from ..common.models.teachers import (Ensemble, load_teachers, read_classes_file, read_teacher_classes,
                                       teacher_table)
 from ..common.store.added_layer import AddedLayer
-from ..common.store.label_store import LabelStore, acquire_writer_lock
+from ..common.store.label_store import LabelStore, acquire_writer_lock, watch_writer_lock, writer_lock_share
 from ..common.store.schema import ADDED_MARKS
 from .config import LabelConfig
 from .labeler import _check, label_shards, run_record
@@ -101,18 +101,20 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
             if isinstance(checks, MealV2Error):
                 raise checks
         lock = acquire_writer_lock(cfg.out) if info.is_main else None
+        watch = None   # rank 0's lease, as the other ranks watch it (as `label` does)
         try:
             if info.is_main:
                 store = LabelStore.open(cfg.out, mode="r+")
+                store.guard = getattr(lock, "check", None)   # from the first write: a lease can be lost
                 store.remove_partial_writes()
-                store.guard = getattr(lock, "check", None)
                 if j is None:
                     j = store.add_layer({"teacher": record, "marks": ADDED_MARKS,
                                          "teacher_precision": cfg.teacher_precision, "teacher_check": checks[0]})
-            j = info.broadcast_object(j)
-            info.barrier()
+            j, share = info.broadcast_object((j, writer_lock_share(lock)) if info.is_main else None)   # and a barrier
             if not info.is_main:
                 store = LabelStore.open(cfg.out, mode="r+")
+                watch = watch_writer_lock(cfg.out, share)
+                store.guard = getattr(watch, "check", None)
             layer = AddedLayer(store, j)
             labelling = time.perf_counter()
             crops, seconds = label_shards(cfg, layer, index, ensemble, info, crops=layer.crops)
@@ -125,8 +127,9 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
                                                    time.perf_counter() - started, device, info.world_size),
                                       "added_teacher": cfg.add_teacher})
         finally:
-            if lock is not None:
-                lock.release()
+            for held in (watch, lock):
+                if held is not None:
+                    held.release()
         if info.is_main:
             print(f"mealv2 label --add-teacher: {crops} crops in {seconds:.1f}s; {store.path}: layer {j} "
                   f"({cfg.add_teacher}) {'complete' if layer.complete else 'not complete'}; train from it with "

@@ -68,7 +68,8 @@ class AddedLayer:
             store._pack_round(r, [self.ids, self.probs], self.marks)
             packed[r] = True
         staged = set(store.objects.keys(f"{STAGED}/{self.ids.rsplit('/', 1)[0]}"))
-        prefixes = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed) for name in (self.ids, self.probs, self.marks)]
+        prefixes = [f"{STAGED}/{name}/c/{r}" for r in np.flatnonzero(packed)
+                    for name in (self.ids, self.probs, self.marks)]
         store._delete_staged([p for p in prefixes if any(key.startswith(p + "/") for key in staged)])
         return rounds
 
