@@ -17,7 +17,9 @@ import torch
 import zarr
 from conftest import make_image_dataset, run_cli
 from mealv2.benchmarks.common import random_teachers
+from mealv2.common.errors import MealV2Error
 from mealv2.common.store.label_store import LabelStore, StoreError
+from mealv2.stage2_train.replay import open_checked_store
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 ENSEMBLE = ("boxes", "flips", "ids", "probs", "done", "labels", "crc32c")
@@ -100,9 +102,10 @@ def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_ident
     assert in_process("verify", copy).returncode == 0
     r = in_process("inspect", copy)
     assert r.returncode == 0 and teachers[2] in r.stdout
-    # added again: refused, the store as it was
+    # added again: a finished, sound layer is left as it is (as `label` leaves a finished store)
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
-    assert r.returncode != 0 and "already holds this teacher" in r.stderr and teachers[2] in r.stderr
+    assert r.returncode == 0 and "0 crops" in r.stdout and "repair" not in r.stdout, r.stderr
+    assert files(copy) == after and LabelStore.open(copy).digest == digest
 
 
 @pytest.mark.slow
@@ -162,7 +165,7 @@ def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path
     shutil.copytree(setup[3]["kept"], path)
     killed = run_cli(*label_args(data, path, "--add-teacher", teachers[2]), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
-    with pytest.raises(StoreError, match="layer 2 .* is not labelled for round 1.*--add-teacher"):
+    with pytest.raises(StoreError, match="(?s)layer 2 .* is not labelled for round 1.*--add-teacher"):
         LabelStore.open(path).read_round(1, layers=[2])   # an unfinished layer is never replayed
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
@@ -180,3 +183,30 @@ def test_two_ranks_add_the_same_layer_as_one(setup, tmp_path, in_process):
     result = subprocess.run(cmd, check=False, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert files(path) == files(whole) and layers(path) == layers(whole)
+
+
+def test_damage_in_an_added_layer_is_found_named_and_repaired_by_its_command(setup, tmp_path, in_process):
+    """verify and a run training from the layer name its damaged chunk and the `--add-teacher` command that
+    repairs it; a run from the ensemble is not held up by it; the command labels exactly that shard again."""
+    _, data, teachers, _ = setup
+    whole = grown(setup, tmp_path, in_process)
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(whole, path)
+    packed = path / "teachers/2/probs/c/1/0/0/0"   # round 1's object of the added layer's codes
+    raw = bytearray(packed.read_bytes())
+    raw[10] ^= 0xFF   # inside shard 0's chunk
+    packed.write_bytes(bytes(raw))
+    (path / "teachers/2/ids/c/0/0/0/0").unlink()   # round 0's object of its ids: every shard of the round
+    r = in_process("verify", path)
+    assert r.returncode != 0
+    assert f"layer 2 ({teachers[2]}): teachers/2/probs/c/1/0/0/0[0]: unreadable chunk" in r.stdout + r.stderr
+    assert f"layer 2 ({teachers[2]}): teachers/2/ids/c/0/0/0/0[1]: missing chunk" in r.stdout + r.stderr
+    assert f"--add-teacher {teachers[2]}" in r.stdout + r.stderr
+    open_checked_store(path)   # the ensemble's labels are sound: trained from as they are
+    with pytest.raises(MealV2Error, match=rf"(?s)layer 2 .*teachers/2/probs/c/1/0/0/0\[0\].*--add-teacher"):
+        open_checked_store(path, teacher_weights=(0, 0, 1))
+    r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
+    assert r.returncode == 0, r.stderr
+    assert "repair: teachers/2/probs/c/1/0/0/0[0]: damaged or missing; shard 0 of round 1" in r.stdout
+    assert "crops" in r.stdout and "0 crops" not in r.stdout   # only the damaged shards were labelled again
+    assert files(path) == files(whole) and in_process("verify", path).returncode == 0

@@ -222,19 +222,19 @@ def _done_count(out: Path) -> int:
 
 
 def _kill_mid_run(args: list[str], out: Path, total: int, at_least: int) -> int:
-    """Start `mealv2 label`, SIGKILL it once more than ``at_least`` but not all shards are done."""
+    """Start `mealv2 label`, SIGKILL it once more than ``at_least`` but not all shards are done; its exit code
+    (0: it finished before a kill landed). No deadline of its own: on a loaded machine the first shard can take
+    minutes, and a kill before it would test nothing (pytest's --timeout bounds a hang)."""
     proc = subprocess.Popen([sys.executable, "-m", "mealv2.cli", *args], env={**os.environ, **ENV},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            done = _done_count(out)
-            if at_least < done < total:
+        while proc.poll() is None:
+            if at_least < _done_count(out) < total:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.002)
     finally:
-        if proc.poll() is None and time.monotonic() >= deadline:
+        if proc.poll() is None:   # the test failed or was interrupted: leave no labeller behind
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     return proc.returncode

@@ -39,10 +39,11 @@ def same_teacher(a: dict, b: dict) -> bool:
 
 
 def layer_to_resume(store: LabelStore, record: dict) -> int | None:
-    """The position of the unfinished layer ``--add-teacher`` of teacher ``record`` began, None for a teacher
-    new to the store; refused for a teacher the store already holds (in its ensemble or a layer)."""
-    for j, layer in enumerate(store.layers):
-        if layer["marks"] == ADDED_MARKS and layer["teacher"] == record and not AddedLayer(store, j).complete:
+    """The position of the layer an earlier ``--add-teacher`` of teacher ``record`` began (to finish or repair;
+    a sound finished one is left as it is), None for a teacher new to the store; refused for a teacher the store
+    holds otherwise (in its ensemble, a kept layer, or added under another spec)."""
+    for j in store.added_layers():
+        if store.layers[j]["teacher"] == record:
             return j
     for where, records in (("its ensemble", store.attrs["teachers"]),
                            ("its per-teacher layers", [layer["teacher"] for layer in store.layers])):
@@ -107,7 +108,10 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
                 store = LabelStore.open(cfg.out, mode="r+")
                 store.guard = getattr(lock, "check", None)   # from the first write: a lease can be lost
                 store.remove_partial_writes()
-                if j is None:
+                if j is not None:   # a kill or damage: exactly its missing and damaged shards are labelled
+                    for line in store.repair_layer(j):
+                        say(f"repair: {line}")
+                else:
                     j = store.add_layer({"teacher": record, "marks": ADDED_MARKS,
                                          "teacher_precision": cfg.teacher_precision, "teacher_check": checks[0]})
             j, share = info.broadcast_object((j, writer_lock_share(lock)) if info.is_main else None)   # and a barrier

@@ -119,9 +119,10 @@ def store_problems(path) -> tuple[list[str], str | None]:
     problems = store.verify()
     if not problems:
         return [], None
-    return problems, (f"repair: re-run the `mealv2 label` command that made {store.path}; it labels again "
-                      f"exactly the shards named above (DATA is the dataset it was made from; --batch-size, "
-                      f"--workers and --device may differ):\n  {store.label_command()}")
+    return problems, (f"repair: re-run the `mealv2 label` command that made {store.path} (and, for an added "
+                      f"layer, its `--add-teacher` command); it labels again exactly the shards named above (DATA "
+                      f"is the dataset it was made from; --batch-size, --workers and --device may differ):\n  "
+                      + "\n  ".join(store.repair_commands(problems)))
 
 
 def verify_store(path, data=None, recompute: int | None = None, tolerance: float = 0.02,

@@ -73,7 +73,8 @@ def open_store(cfg: TrainConfig, info: DistInfo = DistInfo()) -> LabelStore:
     given = {name: getattr(cfg, name) for name in ("scale", "ratio", "crops_per_image")}
     return open_checked_store(cfg.labels, info, {name: (" ".join(command_args({name: value})),
                                                         list(value) if isinstance(value, tuple) else value)
-                                                 for name, value in given.items() if value is not None})
+                                                 for name, value in given.items() if value is not None},
+                              teacher_weights=cfg.teacher_weights)
 
 
 def student_schedule(cfg: TrainConfig, store: LabelStore | None) -> ResSchedule:

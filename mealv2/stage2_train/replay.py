@@ -32,8 +32,10 @@ from .losses import mix_batch
 
 
 def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
-                       given: dict[str, tuple[str, object]] | None = None, res_flag: str = "--res") -> LabelStore:
-    """The store, refused unless complete and made with the crop settings ``given`` (if any).
+                       given: dict[str, tuple[str, object]] | None = None, res_flag: str = "--res", *,
+                       teacher_weights=None, weights_flag: str = "--teacher-weights") -> LabelStore:
+    """The store, refused unless complete and made with the crop settings ``given`` (if any), and, with
+    ``teacher_weights`` (:func:`layer_weights`'; spelled ``weights_flag``), unless the layers they weigh are.
 
     ``given``: setting name (``scale``, ``ratio``, ``crops_per_image``) -> (how the caller spelled
     it, its value in the store's attrs form), e.g. ``{"crops_per_image": ("--crops-per-image 4", 4)}``;
@@ -45,7 +47,9 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
     store = LabelStore.open(path)  # refuses other format versions, naming both
     shards = range(info.rank, store.num_shards, info.world_size)
     done = store.done_mask(shards)
-    found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done)))
+    added = set(store.added_layers())   # each under its own marks: checked where trained from
+    layers = [j for j in layer_weights(store, teacher_weights, weights_flag) or () if j in added]
+    found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done, layers=layers)))
     full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
     if not full.all():
         raise MealV2Error(f"{store.path}: only {int(np.argmin(full))}/{store.rounds_planned} label rounds "
@@ -53,9 +57,11 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
                           f"(it resumes where it stopped)")
     problems = [p for _, rank_problems in found for p in rank_problems]
     if problems:
-        raise MealV2Error(f"{store.path} is damaged, refusing to train on it:\n  " + "\n  ".join(problems[:10])
+        raise MealV2Error(f"{store.path} is damaged or unfinished, refusing to train on it:\n  "
+                          + "\n  ".join(problems[:10])
                           + f"\n`mealv2 verify {store.path}` lists every problem; the `mealv2 label` command that "
-                          f"made the store labels exactly those shards again:\n  {store.label_command()}")
+                          f"made the store (or added the layer) labels exactly those shards again:\n  "
+                          + "\n  ".join(store.repair_commands(problems)))
     stored = {**store.attrs["crop"], "crops_per_image": store.attrs["crops_per_image"]}
     # The res is not among them: it is the student's, and the stored boxes are relative, so they render at any res.
     for name, (spelled, value) in (given or {}).items():
@@ -254,7 +260,8 @@ class ReplayLoader:
                  for name, value in (("crops_per_image", crops_per_image), ("scale", scale), ("ratio", ratio))
                  if value is not None}
         workers = available_cores() if workers is None else workers
-        self.store = open_checked_store(store, info, given, res_flag="res=")
+        self.store = open_checked_store(store, info, given, res_flag="res=", teacher_weights=teacher_weights,
+                                        weights_flag="teacher_weights=")
         self.index = data_index(data, self.store, info, workers=workers)
         self.classes, note = check_store_matches(self.store, self.index, str(data))
         self.notes = [note] if note else []

@@ -33,11 +33,7 @@ class AddedLayer:
 
     def done_mask(self) -> np.ndarray:
         """(R, S) bool: the layer's shards labelled, staged or packed."""
-        done = self.store._marks(self.marks)
-        rows = np.flatnonzero(~done.all(axis=1))
-        if len(rows):
-            done[rows] |= self.store._marks(f"{STAGED}/{self.marks}", rows=rows)
-        return done
+        return self.store.done_mask(marks=self.marks)
 
     def write_shard(self, round_: int, shard: int, boxes, flips, ids, probs, crcs, names=None, layers=()) -> None:
         """Write the layer's (ids, probs) of one shard into its staged arrays, then mark it. ``boxes``/``flips``
@@ -62,7 +58,7 @@ class AddedLayer:
         store = self.store
         store.objects.refresh()   # the shards other ranks wrote
         done = self.done_mask().all(axis=1)
-        packed = store._marks(self.marks).all(axis=1)
+        packed = store.packed(self.marks)
         rounds = [r for r in range(len(done)) if done[r] and not packed[r]]
         for r in rounds:
             store._pack_round(r, [self.ids, self.probs], self.marks)

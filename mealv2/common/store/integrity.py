@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .schema import (REQUIRED_ARRAYS, STAGED, StoreError, array_meta_digest, chunk_key, crc_matches,
-                     inner_chunk, per_round, writable, write_paths)
+from .schema import (REQUIRED_ARRAYS, STAGED, StoreError, added_layer_arrays, array_meta_digest, chunk_key,
+                     crc_matches, inner_chunk, layer_arrays, per_round, writable, write_paths)
 
 _RESTORE = "restore the file from a copy of the store, or re-label into a new --out"
 
@@ -67,44 +67,96 @@ class StoreIntegrity:
             self.guard()
 
     def verify(self, shards: Sequence[int] | None = None, done: np.ndarray | None = None,
-               threads: int = 8) -> list[str]:
+               threads: int = 8, layers: Sequence[int] | None = None) -> list[str]:
         """Every problem found in ``shards`` (default: all), each naming its place; empty when sound.
 
         Ranks of a job each verify a share of the shards. ``done``: ``done_mask(shards)`` when
-        already read.
+        already read. ``layers``: the added layers (``--add-teacher``, under their own done marks) to
+        check too, default all; their problems begin with the layer (:meth:`layer_name`).
         """
         shards = np.arange(self.num_shards) if shards is None else np.asarray(shards, dtype=np.int64)
         done = self.done_mask(shards) if done is None else done
-        problems = [f"round {r} shard {shards[j]}: not complete ({STAGED}/done/c/{r}/{shards[j]} unset)"
+        problems = self._unfinished(shards, done, "done", "the store's `mealv2 label` command")
+        bad = self._check_places(self._ensemble_places(shards, done), threads)
+        problems += [f"{key}: {found[0]}" for key, found in bad.items()]
+        for j in self.added_layers() if layers is None else layers:
+            problems += [f"{self.layer_name(j)}: {p}" for p in self._layer_problems(j, shards, threads)]
+        return problems
+
+    def layer_name(self, layer: int) -> str:
+        return f"layer {layer} ({self.layers[layer]['teacher']['spec']})"
+
+    def repair_commands(self, problems: Sequence[str]) -> list[str]:
+        """The commands that repair or finish what ``problems`` (:meth:`verify`'s) name: the store's `label`
+        command for the ensemble's, each added layer's `--add-teacher` command for its own."""
+        prefixes = {j: f"{self.layer_name(j)}: " for j in self.added_layers()}
+        layers = [j for j, prefix in prefixes.items() if any(p.startswith(prefix) for p in problems)]
+        ensemble = any(not p.startswith(tuple(prefixes.values())) for p in problems)
+        return [*([self.label_command()] if ensemble else []), *(self.add_teacher_command(j) for j in layers)]
+
+    def _layer_problems(self, layer: int, shards: np.ndarray, threads: int) -> list[str]:
+        """The problems of added layer ``layer`` in ``shards``: its unlabelled shards and bad chunks."""
+        *names, marks = added_layer_arrays(layer)
+        done = self.done_mask(shards, marks)
+        bad = self._check_places(self._round_places(names, shards, done, self.packed(marks)), threads)
+        return (self._unfinished(shards, done, marks, "its `mealv2 label --add-teacher` command")
+                + [f"{key}: {found[0]}" for key, found in bad.items()])
+
+    def _unfinished(self, shards: np.ndarray, done: np.ndarray, marks: str, command: str) -> list[str]:
+        """The shards among ``shards`` not labelled under ``marks``, and (said once, with shard 0) the rounds
+        labelled in full but not packed (a kill before their packing), which ``command`` packs."""
+        problems = [f"round {r} shard {shards[j]}: not complete ({STAGED}/{marks}/c/{r}/{shards[j]} unset)"
                     for r, j in zip(*np.nonzero(~done))]
-        if 0 in shards:   # a round labelled but not packed (a kill before its packing), said once
-            problems += [f"round {r}: every shard labelled, not packed; re-run the store's `mealv2 label` command"
-                         for r in np.flatnonzero(self.done_mask().all(axis=1) & ~self.packed())]
-        return problems + [f"{key}: {bad[0]}" for key, bad in self._bad_chunks(shards, done, threads).items()]
+        if 0 in shards:
+            problems += [f"round {r}: every shard labelled, not packed; re-run {command}"
+                         for r in np.flatnonzero(self.done_mask(marks=marks).all(axis=1) & ~self.packed(marks))]
+        return problems
 
-    def missing_chunks(self, round_: int) -> list[str]:
-        """The objects of packed round ``round_`` that are absent (zarr would read them as zeros)."""
-        return [key for key in self._object_keys(round_) if not self.objects.exists(key)]
+    def missing_chunks(self, round_: int, layers: Sequence[int] = ()) -> list[str]:
+        """The objects of packed round ``round_`` that are absent (zarr would read them as zeros), the
+        ensemble's and those of ``layers``."""
+        names = [*self.data_arrays, *(name for j in layers if j not in self.layers_with_ensemble()
+                                      for name in layer_arrays(j))]
+        return [key for key in self._object_keys(round_, names) if not self.objects.exists(key)]
 
-    def _bad_chunks(self, shards: np.ndarray, done: np.ndarray, threads: int = 8) -> dict[str, tuple]:
-        """{chunk: (problem, array, round, shard, packed)} over the data chunks of the labelled shards
-        among ``shards``; a chunk of a packed round's object is named ``OBJECT[shard]``."""
-        packed = self.packed()
-        places = {}   # name shown: (file key, index in its object or None, array, round, shard)
-        for r in range(done.shape[0]):
-            for s in shards[done[r]]:
-                s = int(s)
+    def _round_places(self, names: Sequence[str], shards: np.ndarray, done: np.ndarray,
+                      packed: np.ndarray) -> dict[str, tuple]:
+        """{shown: (file key, index in its object or None, array, round, shard)}: the chunks of per-crop arrays
+        ``names`` in the labelled (round, shard)s among ``shards``; a packed round's chunk is shown as its
+        object's ``OBJECT[shard]``, another round's is a staged file."""
+        ndims = {name: self.group[name].ndim for name in names}   # one read each
+        places = {}
+        for r, j in zip(*np.nonzero(done)):
+            r, s = int(r), int(shards[j])
+            for name, ndim in ndims.items():
                 if packed[r]:
-                    places.update({f"{key}[{s}]": (key, s, key.split("/")[0], r, s) for key in self._object_keys(r)})
+                    key = chunk_key(name, ndim, r, 0)
+                    places[f"{key}[{s}]"] = (key, s, name, r, s)
                 else:
-                    places.update({key: (key, None, key.split("/")[1], r, s) for key in self._chunk_keys(r, [s])
-                                   if not (packed.any() and key.startswith(f"{STAGED}/crc32c/"))})
+                    key = chunk_key(f"{STAGED}/{name}", ndim, r, s)
+                    places[key] = (key, None, name, r, s)
+        return places
+
+    def _ensemble_places(self, shards: np.ndarray, done: np.ndarray) -> dict[str, tuple]:
+        """:meth:`_round_places` of the ensemble's arrays (and the layers kept with it), with the images'
+        CRC32Cs (staged per shard, or packed with the first round) and, with shard 0, the one chunk of the
+        per-image labels and of the paths."""
+        packed = self.packed()
+        places = self._round_places(self.data_arrays, shards, done, packed)
         if packed.any():
             key = chunk_key("crc32c", 1, 0, 0)
             places.update({f"{key}[{s}]": (key, int(s), "crc32c", None, int(s)) for s in shards})
-        if 0 in shards:   # the one chunk of the per-image labels (and of the paths) goes with shard 0
+        else:
+            places.update({key: (key, None, "crc32c", int(r), int(shards[j])) for r, j in zip(*np.nonzero(done))
+                           for key in [chunk_key(f"{STAGED}/crc32c", 1, 0, int(shards[j]))]})
+        if 0 in shards:
             places.update({key: (key, None, key.split("/")[0], None, 0)
                            for key in (chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group)})
+        return places
+
+    def _check_places(self, places: dict[str, tuple], threads: int = 8) -> dict[str, tuple]:
+        """{shown: (problem, array, round, shard, packed)} of the ``places`` (:meth:`_round_places`') that are
+        missing or damaged."""
         with ThreadPoolExecutor(threads) as pool:
             found = pool.map(lambda p: self._check_chunk(p[0], p[1]), places.values())
             return {shown: (problem, *place[2:], place[1] is not None)
@@ -132,12 +184,16 @@ class StoreIntegrity:
         per-image labels and paths; returns one line per repair. A damaged done mark counts as unset.
         A packed round with a bad chunk is unpacked: its sound chunks are staged again. A shard's
         image CRC32Cs (one chunk for all rounds) are checked by every round, so their damage redoes
-        the shard in every round. Call with the writer lock held (and ``guard`` set: each write checks it)."""
+        the shard in every round. The added layers are :meth:`repair_layer`'s (their command labels them).
+        Call with the writer lock held (and ``guard`` set: each write checks it)."""
         self._check_guard()
-        lines = [f"{key}: damaged done mark; its shard(s) will be labelled again" for key in self._drop_damaged_marks()]
+        lines = [f"{key}: damaged done mark; its shard(s) will be labelled again"
+                 for key in self._drop_damaged_marks("done")]
         unpack: dict[int, set[int]] = {}   # packed round: its shards with a bad chunk
         packed = self.packed()
-        for key, (_, array, round_, shard, _) in self._bad_chunks(np.arange(self.num_shards), self.done_mask()).items():
+        shards = np.arange(self.num_shards)
+        for key, (_, array, round_, shard, _) in self._check_places(self._ensemble_places(shards,
+                                                                                          self.done_mask())).items():
             if array == "labels":
                 writable(self.group["labels"])[:] = labels
             elif array == "paths" and relpaths is not None:
@@ -154,39 +210,58 @@ class StoreIntegrity:
                     self.group[f"{STAGED}/done"][r, shard] = 0
             lines.append(f"{key}: damaged or missing; shard {shard} of round(s) "
                          f"{', '.join(map(str, rounds))} will be labelled again")
-        self._unpack(unpack, all_packed=set(unpack) == set(np.flatnonzero(packed)))
-        return lines
-
-    def _unpack(self, rounds: dict[int, set[int]], all_packed: bool) -> None:
-        """Stage again the sound chunks of packed rounds ``rounds`` (round: its bad shards), then
-        uncommit each round; ``all_packed``: no packed round remains, so the images' sound CRC32Cs are
-        staged again first."""
-        def stage(name: str, round_: int, shard: int) -> None:
-            ndim = self.group[name].ndim
-            self.objects.write(f"{STAGED}/{chunk_key(name, ndim, round_, shard)}",
-                               inner_chunk(self.objects.file(chunk_key(name, ndim, round_, 0)), shard, self.num_shards),
-                               self.fsync)
-
-        if all_packed and rounds:
+        if unpack and set(unpack) == set(np.flatnonzero(packed)):   # no packed round left: restage the CRC32Cs
             for s in range(self.num_shards):
                 if not self._check_chunk(chunk_key("crc32c", 1, 0, 0), s):
-                    stage("crc32c", 0, s)
-        for r, bad in rounds.items():
-            marks = sorted(set(range(self.num_shards)) - bad)
-            for s in marks:
-                for name in self.data_arrays:
-                    stage(name, r, s)
-            if marks:
-                writable(self.group[f"{STAGED}/done"]).set_orthogonal_selection((r, np.array(marks)), 1)
-            self._check_guard()
-            self.objects.delete(chunk_key("done", 2, r, 0))   # the round's commit undone
+                    self._restage("crc32c", 0, s)
+        self._unpack(unpack, self.data_arrays, "done")
+        return lines
 
-    def _drop_damaged_marks(self) -> list[str]:
-        """Delete the done marks whose chunk file (or packed row) is damaged (a deleted mark reads as
-        unset); their keys."""
-        bad = [key for key in self.objects.keys(f"{STAGED}/done/c") if self._check_chunk(key)]
-        for r in range(self.group["done"].shape[0]):
-            key = chunk_key("done", 2, r, 0)
+    def repair_layer(self, layer: int) -> list[str]:
+        """:meth:`repair` of added layer ``layer``: its damaged marks dropped and its shards with a missing or
+        damaged chunk unmarked (a packed round unpacked), so its ``--add-teacher`` command labels exactly
+        those again; one line per repair. Call with the writer lock held."""
+        self._check_guard()
+        *names, marks = added_layer_arrays(layer)
+        lines = [f"{key}: damaged done mark; its shard(s) will be labelled again"
+                 for key in self._drop_damaged_marks(marks)]
+        packed, shards, unpack = self.packed(marks), np.arange(self.num_shards), {}
+        places = self._round_places(names, shards, self.done_mask(marks=marks), packed)
+        for key, (_, _, round_, shard, _) in self._check_places(places).items():
+            if packed[round_]:
+                unpack.setdefault(round_, set()).add(shard)
+            else:
+                self.group[f"{STAGED}/{marks}"][round_, shard] = 0
+            lines.append(f"{key}: damaged or missing; shard {shard} of round {round_} will be labelled again")
+        self._unpack(unpack, names, marks)
+        return lines
+
+    def _restage(self, name: str, round_: int, shard: int) -> None:
+        """Write chunk ``shard`` of packed array ``name``'s round ``round_`` object back to its staged file."""
+        ndim = self.group[name].ndim
+        self.objects.write(f"{STAGED}/{chunk_key(name, ndim, round_, shard)}",
+                           inner_chunk(self.objects.file(chunk_key(name, ndim, round_, 0)), shard, self.num_shards),
+                           self.fsync)
+
+    def _unpack(self, rounds: dict[int, set[int]], names: Sequence[str], marks: str) -> None:
+        """Stage again the sound chunks of arrays ``names`` in packed rounds ``rounds`` (round: its bad
+        shards) with their marks in ``marks``, then uncommit each round (its row of ``marks``)."""
+        for r, bad in rounds.items():
+            sound = sorted(set(range(self.num_shards)) - bad)
+            for s in sound:
+                for name in names:
+                    self._restage(name, r, s)
+            if sound:
+                writable(self.group[f"{STAGED}/{marks}"]).set_orthogonal_selection((r, np.array(sound)), 1)
+            self._check_guard()
+            self.objects.delete(chunk_key(marks, 2, r, 0))   # the round's commit undone
+
+    def _drop_damaged_marks(self, marks: str) -> list[str]:
+        """Delete the done marks of ``marks`` whose chunk file (or packed row) is damaged (a deleted mark
+        reads as unset); their keys."""
+        bad = [key for key in self.objects.keys(f"{STAGED}/{marks}/c") if self._check_chunk(key)]
+        for r in range(self.group[marks].shape[0]):
+            key = chunk_key(marks, 2, r, 0)
             if self.objects.exists(key) and any(self._check_chunk(key, s) for s in range(self.num_shards)):
                 bad.append(key)
         for key in bad:

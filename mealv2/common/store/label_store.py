@@ -131,8 +131,7 @@ class LabelStore(StoreIntegrity):
             if rounds < complete:
                 raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
                                  f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
-            if rounds > planned and (added := [j for j, layer in enumerate(store.layers)
-                                               if layer["marks"] == ADDED_MARKS]):
+            if rounds > planned and (added := store.added_layers()):
                 raise StoreError(f"--rounds {rounds}: {path} has {planned} rounds and a layer added by --add-teacher "
                                  f"({store.layers[added[0]]['teacher']['spec']}), which would not cover new rounds; "
                                  f"pass --rounds {planned}, or label into a new --out")
@@ -278,18 +277,24 @@ class LabelStore(StoreIntegrity):
         return start, min(start + self.shard_size, self.num_images)
 
     # ---- writing -----------------------------------------------------------------------
-    def done_mask(self, shards: Sequence[int] | None = None) -> np.ndarray:
+    def done_mask(self, shards: Sequence[int] | None = None, marks: str = "done") -> np.ndarray:
         """(R, S) bool: which shards are labelled, staged or packed; (R, len(shards)) for ``shards`` only.
-        Staged marks are read for the rounds not packed only (a finished store has none to read)."""
-        done = self._marks("done", shards)
+        Staged marks are read for the rounds not packed only (a finished store has none to read). ``marks``:
+        whose, the ensemble's or an added layer's (``teachers/<j>/done``)."""
+        done = self._marks(marks, shards)
         rows = np.flatnonzero(~done.all(axis=1))
         if len(rows):
-            done[rows] |= self._marks(f"{STAGED}/done", shards, rows)
+            done[rows] |= self._marks(f"{STAGED}/{marks}", shards, rows)
         return done
 
-    def packed(self) -> np.ndarray:
-        """(R,) bool: the rounds packed into one object per array (their row of the main ``done``)."""
-        return self._marks("done").all(axis=1)
+    def packed(self, marks: str = "done") -> np.ndarray:
+        """(R,) bool: the rounds packed into one object per array (their row of the main ``done``, or of an
+        added layer's ``marks``)."""
+        return self._marks(marks).all(axis=1)
+
+    def added_layers(self) -> list[int]:
+        """The layers added to a finished store (``--add-teacher``), each under its own done marks."""
+        return [j for j, layer in enumerate(self.layers) if layer["marks"] == ADDED_MARKS]
 
     def _marks(self, name: str, shards: Sequence[int] | None = None, rows=None) -> np.ndarray:
         done = self.group[name]
@@ -442,10 +447,9 @@ class LabelStore(StoreIntegrity):
                              f"the same `mealv2 label` command")
         for j in layers:
             if self.layers[j]["marks"] == ADDED_MARKS and not self._marks(added_layer_arrays(j)[-1])[round_].all():
-                raise StoreError(f"{self.path}: layer {j} ({self.layers[j]['teacher']['spec']}) is not labelled for "
-                                 f"round {round_}; finish it by re-running its `mealv2 label DATA --add-teacher "
-                                 f"{self.layers[j]['teacher']['spec']} --out {self.path}`")
-        missing = self.missing_chunks(round_)
+                raise StoreError(f"{self.path}: {self.layer_name(j)} is not labelled for round {round_}; finish it "
+                                 f"by re-running its command:\n  {self.add_teacher_command(j)}")
+        missing = self.missing_chunks(round_, layers)
         if missing:
             raise StoreError(f"{self.path}: chunk files missing although marked done: {missing[:5]}")
         g = self.group
@@ -520,14 +524,7 @@ class LabelStore(StoreIntegrity):
         a file, a checkpoint or timm is not recorded, and stating them gives the same teacher); a store this
         machine reads at a URL `label` cannot write is named STORE, to be run where it can be written."""
         a = self.attrs
-        out, notes = str(self.path), []
-        if is_url(out):
-            try:
-                writable_url(out, MealV2Error)
-            except MealV2Error:
-                notes.append(f"STORE: {out} where `mealv2 label` can write it: a local path or an s3:// URL "
-                             f"(it cannot write {urlsplit(out).scheme}:// URLs)")
-                out = "STORE"
+        out, notes = self._out_for_label()
         named = {n: f"FILE_{n}" for n, t in enumerate(a["teachers"], 1) if t.get("output_classes") is not None}
         notes += [f"FILE_{n}: teacher {n}'s class names in output order, one per line (its output_classes in "
                   f"`mealv2 inspect {self.path} --json`)" for n in named]
@@ -539,6 +536,30 @@ class LabelStore(StoreIntegrity):
                   "skip_bad": bool(a["dataset"]["skipped"]) or None, "teacher_classes": named,
                   "teacher_precision": a["teacher_precision"], "keep_teachers": bool(self.layers_with_ensemble()) or None}
         return shlex.join(["mealv2", "label", *command_args(values)]) + "".join(f"\n  {note}" for note in notes)
+
+    def add_teacher_command(self, layer: int) -> str:
+        """The `mealv2 label --add-teacher` command that labels added layer ``layer``: what finishes or
+        repairs it (DATA as in :meth:`label_command`; the layer's settings are the store's)."""
+        teacher = self.layers[layer]["teacher"]
+        out, notes = self._out_for_label()
+        named = {1: "FILE_1"} if teacher.get("output_classes") is not None else {}
+        notes += [f"FILE_1: the teacher's class names in output order, one per line (its output_classes in "
+                  f"{self.name}/zarr.json's {LAYERS_KEY}, record {layer})"] if named else []
+        values = {"data": "DATA", "add_teacher": teacher["spec"], "out": out, "teacher_classes": named,
+                  "teacher_precision": self.layers[layer].get("teacher_precision")}
+        return shlex.join(["mealv2", "label", *command_args(values)]) + "".join(f"\n  {note}" for note in notes)
+
+    def _out_for_label(self) -> tuple[str, list[str]]:
+        """The store as `mealv2 label --out` names it, and a note when that is STORE: a URL this machine reads
+        but `label` cannot write, to be run where it can be written."""
+        out = str(self.path)
+        if is_url(out):
+            try:
+                writable_url(out, MealV2Error)
+            except MealV2Error:
+                return "STORE", [f"STORE: {out} where `mealv2 label` can write it: a local path or an s3:// URL "
+                                 f"(it cannot write {urlsplit(out).scheme}:// URLs)"]
+        return out, []
 
     def remove_partial_writes(self) -> int:
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
