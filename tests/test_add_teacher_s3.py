@@ -112,6 +112,7 @@ def test_a_second_add_teacher_into_s3_while_one_runs_is_refused_by_the_lease_and
             assert time.monotonic() < deadline, "the first run never took the lease"
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)   # held mid-run, its lease (60 s) live: the second run starts now
+        time.sleep(0.5)                     # the server done with (and logged) a request the first had sent
         moto_s3.requests.clear()
         r = in_process(*add_third(setup))
         writes = [(m, p) for m, p in moto_s3.requests if m in ("PUT", "POST", "DELETE") and ".lease" not in p]
@@ -122,4 +123,18 @@ def test_a_second_add_teacher_into_s3_while_one_runs_is_refused_by_the_lease_and
     assert "Traceback" not in r.stderr and writes == []
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
+    _assert_equals_disk(moto_s3.client, on_disk)
+
+
+def test_two_ranks_add_a_teacher_into_s3_as_one_process_does(setup, moto_s3, tmp_path, in_process):
+    """Rank 1 stages its shards into S3 under rank 0's lease, which it watches (as `label`'s ranks do)."""
+    on_disk = grown(setup, tmp_path, in_process)
+    upload(setup, moto_s3.client)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mealv2.cli", *map(str, add_third(setup))]
+    r = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mealv2 label --add-teacher: 24 crops in" in r.stdout, r.stdout[-2000:]   # rank 0's half of the 48
+    run = LabelStore.open(URL).runs()[-1]
+    assert (run["ranks"], run["crops"], run["added_teacher"]) == (2, 48, setup[2][2])
     _assert_equals_disk(moto_s3.client, on_disk)
