@@ -1,6 +1,7 @@
 """`mealv2 label --add-teacher` into a store at an s3:// URL (moto's S3 server on localhost: real HTTP, botocore,
 s3fs): the store it grows is the store the same add grows on disk, object for object; a kill resumes to it once
-the dead run's lease expires (or is broken); a second run at once is refused by the lease and writes nothing."""
+the dead run's lease expires (or is broken); a second run at once is refused by the lease and writes nothing; two
+ranks add it as one process does."""
 from __future__ import annotations
 
 import os
@@ -37,9 +38,10 @@ def upload(setup, client) -> dict[str, bytes]:
     return _objects(client)
 
 
-def add_third(setup, out=URL) -> list:
+def add_third(setup) -> list:
+    """`mealv2 label DATA --add-teacher THIRD --out URL`."""
     _, data, teachers, _ = setup
-    return label_args(data, out, "--add-teacher", teachers[2])
+    return label_args(data, URL, "--add-teacher", teachers[2])
 
 
 def test_a_teacher_added_into_s3_is_the_one_added_on_disk_and_a_student_trains_from_it(setup, moto_s3, tmp_path,
