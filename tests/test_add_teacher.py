@@ -210,3 +210,19 @@ def test_damage_in_an_added_layer_is_found_named_and_repaired_by_its_command(set
     assert "repair: teachers/2/probs/c/1/0/0/0[0]: damaged or missing; shard 0 of round 1" in r.stdout
     assert "crops" in r.stdout and "0 crops" not in r.stdout   # only the damaged shards were labelled again
     assert files(path) == files(whole) and in_process("verify", path).returncode == 0
+
+
+def test_a_layers_teacher_changed_under_the_same_spec_is_refused_naming_what_changed(setup, tmp_path, in_process):
+    _, data, teachers, _ = setup
+    copy = copied(setup, tmp_path, "plain")
+    checkpoint = tmp_path / "t.pth"
+    shutil.copy(teachers[2].split("=")[1].split("@")[0], checkpoint)
+    spec = f"test_resnet={checkpoint}@32"
+    assert in_process(*label_args(data, copy, "--add-teacher", spec)).returncode == 0
+    before = files(copy)
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), checkpoint)   # retrained in place
+    r = in_process(*label_args(data, copy, "--add-teacher", spec))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"layer 0 ({spec}) was labelled from this spec, which now loads another teacher (sha256" in r.stderr
+    assert "restore the teacher as it was" in r.stderr and files(copy) == before

@@ -43,8 +43,16 @@ def layer_to_resume(store: LabelStore, record: dict) -> int | None:
     a sound finished one is left as it is), None for a teacher new to the store; refused for a teacher the store
     holds otherwise (in its ensemble, a kept layer, or added under another spec)."""
     for j in store.added_layers():
-        if store.layers[j]["teacher"] == record:
+        held = store.layers[j]["teacher"]
+        if held == record:
             return j
+        if held["spec"] == record["spec"]:
+            changed = "; ".join(f"{key} {str(held.get(key))[:40]} -> {str(value)[:40]}"
+                                for key, value in record.items() if held.get(key) != value)
+            raise MealV2Error(f"--add-teacher {record['spec']}: {store.path}'s {store.layer_name(j)} was labelled "
+                              f"from this spec, which now loads another teacher ({changed}); finishing or repairing "
+                              f"the layer with it would mix two teachers' labels: restore the teacher as it was, or "
+                              f"give the new one under another path")
     for where, records in (("its ensemble", store.attrs["teachers"]),
                            ("its per-teacher layers", [layer["teacher"] for layer in store.layers])):
         if any(same_teacher(record, t) for t in records):
