@@ -203,7 +203,7 @@ def test_damage_in_an_added_layer_is_found_named_and_repaired_by_its_command(set
     assert f"layer 2 ({teachers[2]}): teachers/2/ids/c/0/0/0/0[1]: missing chunk" in r.stdout + r.stderr
     assert f"--add-teacher {teachers[2]}" in r.stdout + r.stderr
     open_checked_store(path)   # the ensemble's labels are sound: trained from as they are
-    with pytest.raises(MealV2Error, match=rf"(?s)layer 2 .*teachers/2/probs/c/1/0/0/0\[0\].*--add-teacher"):
+    with pytest.raises(MealV2Error, match=r"(?s)layer 2 .*teachers/2/probs/c/1/0/0/0\[0\].*--add-teacher"):
         open_checked_store(path, teacher_weights=(0, 0, 1))
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
