@@ -226,3 +226,31 @@ def test_a_layers_teacher_changed_under_the_same_spec_is_refused_naming_what_cha
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"layer 0 ({spec}) was labelled from this spec, which now loads another teacher (sha256" in r.stderr
     assert "restore the teacher as it was" in r.stderr and files(copy) == before
+
+
+def test_the_report_gives_an_added_teachers_accuracy_beside_the_kept_ones(setup, tmp_path, in_process):
+    _, data, teachers, _ = setup
+    copy = grown(setup, tmp_path, in_process)
+    out = tmp_path / "report"
+    r = in_process("inspect", copy, "--report", out)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    assert "## The teacher 3's labels" in report and (out / "teacher3-confidence.png").exists()
+    assert f"| 3 | `{teachers[2]}` | test_resnet | 32 | - (added) |" in report
+    g = zarr.open_group(str(copy), mode="r")
+    labels, top1 = g["labels"][:], [g[f"teachers/{j}/ids"][..., 0] for j in range(3)]
+    row = next(line for line in report.split("teachers agree on top-1")[1].splitlines() if line.startswith("| **all"))
+    hits = [f"{100 * (t == labels[None, :, None]).mean():.1f} %" for t in top1]
+    agree = f"{100 * ((top1[0] == top1[1]) & (top1[1] == top1[2])).mean():.1f} %"
+    assert row == f"| **all** | {top1[0].size} | {agree} | {' | '.join(hits)} |"
+
+
+def test_the_report_of_a_plain_store_grown_by_one_teacher_gives_its_accuracy_alone(setup, tmp_path, in_process):
+    _, data, teachers, _ = setup
+    copy = grown(setup, tmp_path, in_process, "plain")
+    out = tmp_path / "report"
+    assert in_process("inspect", copy, "--report", out).returncode == 0
+    report = (out / "report.md").read_text()
+    assert "keeps the labels of the teachers added to it (`--add-teacher`" in report
+    assert f"| 1 | `{teachers[2]}` | test_resnet | 32 | - (added) |" in report and "| - | `" in report
+    assert "teachers agree on top-1" not in report and "| class | crops | teacher 1 top-1 = label |" in report

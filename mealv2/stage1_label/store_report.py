@@ -32,7 +32,7 @@ def layer_stats(store: LabelStore) -> dict[str, LayerStats]:
     """Each label layer's statistics over the store's complete rounds, by layer name. A store holds one
     layer, the ensemble's; the report draws a section per layer, so layers of single teachers get theirs."""
     a = store.attrs
-    labels, classes, layers = store.labels(), len(a["classes"]), store.layers_with_ensemble()
+    labels, classes, layers = store.labels(), len(a["classes"]), store.readable_layers()
     names = {None: "ensemble", **{j: f"teacher {j + 1}" for j in layers}}
     totals = {name: LayerStats(classes, a["topk"]) for name in names.values()}
     for r in range(store.rounds_complete()):
@@ -138,36 +138,48 @@ def class_order(row) -> tuple:
 def teacher_section(store: LabelStore, out: Path, pictures: dict) -> str:
     a = store.attrs
     checks = {c["teacher"]: c for c in a.get("teacher_check") or []}
-    rows = []
-    for t in a["teachers"]:
-        c = checks.get(t["spec"])
-        check = ("not recorded" if c is None else f"skipped ({c.get('why', '--no-teacher-check')})"
-                 if c.get("skipped") else f"{percent(c['agreement'])} of {c['crops']} sampled crops ({c['verdict']})")
-        rows.append([f"`{t['spec']}`", t["arch"], str(t["res"]), str(t["weight"]), check])
-    table = markdown_table(["teacher", "arch", "res", "weight", "teacher check: top-1 = label"], rows)
-    if not store.layers_with_ensemble():
+    kept, layers = store.layers_with_ensemble(), store.readable_layers()
+
+    def check(c) -> str:
+        return ("not recorded" if c is None else f"skipped ({c.get('why', '--no-teacher-check')})"
+                if c.get("skipped") else f"{percent(c['agreement'])} of {c['crops']} sampled crops ({c['verdict']})")
+
+    rows = [[str(i + 1) if i in kept else "-", f"`{t['spec']}`", t["arch"], str(t["res"]), str(t["weight"]),
+             check(checks.get(t["spec"]))] for i, t in enumerate(a["teachers"])]
+    rows += [[str(j + 1), f"`{store.layers[j]['teacher']['spec']}`", store.layers[j]["teacher"]["arch"],
+              str(store.layers[j]["teacher"]["res"]), "- (added)", check(store.layers[j].get("teacher_check"))]
+             for j in layers if j not in kept]
+    table = markdown_table(["layer", "teacher", "arch", "res", "weight", "teacher check: top-1 = label"], rows)
+    if not layers:
         return "\n".join(["## Teachers", "",
                           "The store keeps the ensemble's labels (one layer): the figures above are the ensemble's. "
                           "Each teacher's own top-1 agreement with the labels is the teacher check's, measured on "
                           "sampled crops before labelling. Labelling with `mealv2 label --keep-teachers` keeps each "
                           "teacher's own labels too, and this report then gives each teacher's accuracy against the "
                           "labels over every stored crop and where the teachers agree, class by class.", "", table])
-    agreement = teacher_agreement(store)
-    pictures["teachers.png"] = "each teacher's top-1 accuracy and the teachers' agreement, per class"
+    agreement = teacher_agreement(store, layers)
+    if agreement["agree"] is None and agreement["hits"] is None:
+        return "\n".join(["## Teachers", "", "One teacher's own labels and no image labels: nothing to compare "
+                                             "them with (its section is above).", "", table])
+    pictures["teachers.png"] = "each teacher's top-1 accuracy" + (" and the teachers' agreement" if len(layers) > 1
+                                                                  else "") + ", per class"
     draw_agreement(agreement, a["classes"], out / "teachers.png")
+    how = ("keeps each teacher's own labels (`--keep-teachers`" if kept else
+           "keeps the labels of the teachers added to it (`--add-teacher`")
     return "\n".join(["## Teachers", "",
-                      "The store keeps each teacher's own labels (`--keep-teachers`; their sections above). Over "
-                      "every stored crop: each teacher's top-1 against the image's label (where DATA has labels), and "
-                      "the share of crops whose top-1 all teachers agree on, per class (of the image's label, or of "
-                      "the ensemble's top-1 for unlabelled images).", "", table, "",
+                      f"The store {how}; their sections above, layer N as `teacher N`, the N-th weight of "
+                      "`train --teacher-weights`). Over every stored crop: each teacher's top-1 against the image's "
+                      "label (where DATA has labels), and with two layers or more the share of crops whose top-1 all "
+                      "of them agree on, per class (of the image's label, or of the ensemble's top-1 for unlabelled "
+                      "images).", "", table, "",
                       f"![{pictures['teachers.png']}](teachers.png)", "", agreement_table(agreement, a["classes"])])
 
 
-def teacher_agreement(store: LabelStore) -> dict:
+def teacher_agreement(store: LabelStore, layers: list[int]) -> dict:
     """Over the complete rounds: per class (the image's label, or the ensemble's top-1 without one) its crops,
-    the crops whose top-1 all teachers share, and per teacher the crops whose top-1 is the label (None without
-    labels)."""
-    layers, classes = store.layers_with_ensemble(), len(store.attrs["classes"])
+    the crops whose top-1 all teachers of ``layers`` share (None for one layer), and per teacher the crops whose
+    top-1 is the label (None without labels)."""
+    classes = len(store.attrs["classes"])
     labels = store.labels()
     crops, agree = np.zeros(classes, np.int64), np.zeros(classes, np.int64)
     hits = np.zeros((len(layers), classes), np.int64)
@@ -182,21 +194,22 @@ def teacher_agreement(store: LabelStore) -> dict:
             right = (top1[t] == labels[:, None]) & labelled[:, None]
             hits[t] += np.bincount(of.ravel(), weights=right.ravel(), minlength=classes).astype(np.int64)
     has_labels = bool((labels >= 0).any())
-    return {"teachers": [store.layers[j]["teacher"]["spec"] for j in layers], "crops": crops, "agree": agree,
-            "hits": hits if has_labels else None}
+    return {"teachers": [store.layers[j]["teacher"]["spec"] for j in layers], "layers": layers, "crops": crops,
+            "agree": agree if len(layers) > 1 else None, "hits": hits if has_labels else None}
 
 
 def agreement_table(g: dict, classes) -> str:
     """report.md's table of :func:`teacher_agreement`: a row per class with crops, then the whole store."""
     def cells(crops, agree, hits) -> list[str]:
-        return [f"{crops:,}", percent(agree / crops) if crops else "-",
+        return [f"{crops:,}", *([percent(agree / crops) if crops else "-"] if agree is not None else []),
                 *([percent(h / crops) if crops else "-" for h in hits] if hits is not None else [])]
-    hits = g["hits"]
-    rows = [[name, *cells(g["crops"][c], g["agree"][c], None if hits is None else hits[:, c])]
+    hits, agree = g["hits"], g["agree"]
+    rows = [[name, *cells(g["crops"][c], None if agree is None else agree[c], None if hits is None else hits[:, c])]
             for c, name in enumerate(classes) if g["crops"][c]]
-    rows.append(["**all**", *cells(g["crops"].sum(), g["agree"].sum(), None if hits is None else hits.sum(axis=1))])
-    head = ["class", "crops", "teachers agree on top-1",
-            *([f"teacher {t + 1} top-1 = label" for t in range(len(g["teachers"]))] if hits is not None else [])]
+    rows.append(["**all**", *cells(g["crops"].sum(), None if agree is None else agree.sum(),
+                                   None if hits is None else hits.sum(axis=1))])
+    head = ["class", "crops", *(["teachers agree on top-1"] if agree is not None else []),
+            *([f"teacher {j + 1} top-1 = label" for j in g["layers"]] if hits is not None else [])]
     return markdown_table(head, rows)
 
 
@@ -204,9 +217,9 @@ def draw_agreement(g: dict, classes, path: Path) -> None:
     """Per class: the teachers' agreement on top-1 and, with labels, each teacher's top-1 accuracy."""
     shown = [c for c in range(len(classes)) if g["crops"][c]]
     crops = np.maximum(g["crops"][shown], 1)
-    series = [("all teachers agree on top-1", g["agree"][shown] / crops)]
+    series = [("all teachers agree on top-1", g["agree"][shown] / crops)] if g["agree"] is not None else []
     if g["hits"] is not None:
-        series += [(f"teacher {t + 1} top-1 = label", g["hits"][t, shown] / crops) for t in range(len(g["teachers"]))]
+        series += [(f"teacher {j + 1} top-1 = label", g["hits"][t, shown] / crops) for t, j in enumerate(g["layers"])]
     fig = Figure(figsize=(max(6.0, 0.4 * len(shown) * len(series) / 2), 3.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(series)

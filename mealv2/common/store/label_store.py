@@ -292,6 +292,12 @@ class LabelStore(StoreIntegrity):
         added layer's ``marks``)."""
         return self._marks(marks).all(axis=1)
 
+    def readable_layers(self) -> list[int]:
+        """The per-teacher layers every complete round holds: those kept with the ensemble, and the added ones
+        finished (one its ``--add-teacher`` is still labelling is left out until that command finishes it)."""
+        return [j for j, layer in enumerate(self.layers)
+                if layer["marks"] != ADDED_MARKS or self.packed(added_layer_arrays(j)[-1]).all()]
+
     def added_layers(self) -> list[int]:
         """The layers added to a finished store (``--add-teacher``), each under its own done marks."""
         return [j for j, layer in enumerate(self.layers) if layer["marks"] == ADDED_MARKS]
