@@ -323,8 +323,9 @@ def _fraction(value: float) -> str:
 
 def command_args(values: dict, defaults: dict | None = None) -> list[str]:
     """The arguments of the `mealv2` command whose config has these field ``values``: DATA, then a flag per
-    value that differs from its entry in ``defaults`` (every value without them; None is unset). The one printer of commands: a Python call's
-    equivalent, a run's continuation (`mealv2 train`) and a store's repair (`mealv2 label`)."""
+    value that differs from its entry in ``defaults`` (every value without them; None is unset). The one printer
+    of commands: a Python call's equivalent, a run's continuation (`mealv2 train`) and a store's repair
+    (`mealv2 label`)."""
     defaults = defaults or {}
     args = [str(values["data"])] if values.get("data") is not None else []
     for name, value in values.items():
