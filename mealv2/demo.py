@@ -359,7 +359,7 @@ def run_demo(s: Settings) -> dict:
     crop = CropParams(res=s.res, scale=Pair().parse(s.scale))
     _, label_step = run.label("label", LabelConfig(
         data=str(train_dir), teachers=teachers, out=str(store), rounds=rounds, crops_per_image=s.crops_per_image,
-        crop=crop, topk=min(s.topk, cfg.num_classes), seed=s.seed, **where))
+        res=crop.res, scale=crop.scale, topk=min(s.topk, cfg.num_classes), seed=s.seed, **where))
     inspect, _ = run("label", ["inspect", store, "--json"], store_summary, store)
     report_dir = out / "labels" / "report"
     pictures, _ = run("store report", ["inspect", store, "--report", report_dir, "--data", train_dir], write_report,

@@ -16,6 +16,8 @@ import timm
 import torch
 import zarr
 from conftest import make_image_dataset, run_cli
+
+import mealv2
 from mealv2.benchmarks.common import random_teachers
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store.label_store import LabelStore, StoreError
@@ -106,6 +108,28 @@ def test_an_added_teacher_labels_the_stores_crops_and_leaves_the_rest_byte_ident
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2]))
     assert r.returncode == 0 and "0 crops" in r.stdout and "repair" not in r.stdout, r.stderr
     assert files(copy) == after and LabelStore.open(copy).digest == digest
+
+
+def test_store_settings_given_beside_add_teacher_must_be_the_stores(setup, tmp_path, in_process):
+    """The layer is labelled with the store's settings: one given otherwise is refused before any work, naming the
+    flag and both values, from the CLI and from Python; given as the store's, the layer is an unset run's."""
+    _, data, teachers, _ = setup
+    copy = copied(setup, tmp_path, "plain")
+    before = files(copy), (copy / "zarr.json").read_bytes()
+    r = in_process(*label_args(data, copy, "--add-teacher", teachers[2], "--scale", "0.35,1", "--topk", "3"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    for said in ("--scale 0.35,1, the store's is 0.08,1", "--topk 3, the store's is 2", "drop --scale --topk"):
+        assert said in " ".join(r.stderr.split()), said
+    with pytest.raises(MealV2Error, match=r"--res 48, the store's is 32.*drop --res \(unset"):
+        mealv2.label(mealv2.LabelConfig(str(data), [], str(copy), add_teacher=teachers[2], res=48, device="cpu"))
+    assert (files(copy), (copy / "zarr.json").read_bytes()) == before   # refused before any work
+    # unset: the store's settings; given as the store's (label_args): the same layer, byte for byte
+    unset = copied(setup, tmp_path / "unset", "plain")
+    r = in_process("label", data, "-o", unset, "--add-teacher", teachers[2], "--batch-size", 4, "--workers", 1,
+                   "--no-progress", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    given = grown(setup, tmp_path / "given", in_process, "plain")
+    assert files(unset) == files(given) and layers(unset) == layers(given)
 
 
 @pytest.mark.slow

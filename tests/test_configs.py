@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mealv2
-from mealv2.common.config import field_defaults, fields_from_flags, flag_name
-from mealv2.common.data.crops import CROP_FLAGS, CropParams
+from mealv2.common.config import field_defaults, flag_name, word
+from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.data.targets import reconstruct_targets
 from test_bad_input import mealv2 as mealv2_cli, refused  # noqa: F401 (a fixture: mealv2 ARGS in this process)
@@ -165,8 +165,27 @@ def test_the_train_commands_untyped_flags_are_the_configs_defaults(files):
     from mealv2.stage1_label.commands import label
 
     ctx = label.make_context("label", [str(files / "data"), "-o", "store", "-t", "x"])
-    assert mealv2.LabelConfig(**fields_from_flags(mealv2.LabelConfig, ctx.params)) == mealv2.LabelConfig(
+    assert mealv2.LabelConfig(**ctx.params) == mealv2.LabelConfig(
         str(files / "data"), ["x"], "store")
+
+
+def test_label_settings_a_store_records_are_the_stores_with_add_teacher_and_the_defaults_without():
+    """Unset (None), what a store records is the store's with --add-teacher (add_teacher.store_settings refuses
+    another value given) and, without it, the default `label --help` shows, filled in for the labeller."""
+    import click
+
+    from mealv2.stage1_label.commands import label
+
+    defaults = {"rounds": 4, "crops_per_image": 4, "res": 224, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3),
+                "topk": 10, "temperature": 1.0, "seed": 0, "shard_size": 1024}
+    fresh = mealv2.LabelConfig("d", ["t"], "o")
+    assert {name: getattr(fresh, name) for name in defaults} == defaults and fresh.crop == CropParams()
+    grown = mealv2.LabelConfig("d", [], "o", add_teacher="t", topk=10)
+    assert {name: getattr(grown, name) for name in defaults} == {**dict.fromkeys(defaults), "topk": 10}
+    ctx = click.Context(label)
+    helps = {p.name: " ".join(p.get_help_record(ctx)[1].split()) for p in label.params}   # as --help shows them
+    for name, value in defaults.items():
+        assert helps[name].endswith(f"[default: (the store's with --add-teacher, else {word(value)})]"), name
 
 
 def parsed(command: str, args: list, monkeypatch):
@@ -204,7 +223,7 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
 
     names, data, run = str(files / "names.txt"), str(files / "data"), files / "run"
     label = mealv2.LabelConfig(data, ["x.pt", "y.pt*2"], str(files / "store"), rounds=2, crops_per_image=2,
-                               crop=CropParams(res=32, scale=(0.35, 1.0), ratio=(0.5, 2.0)), topk=3, temperature=2.0,
+                               res=32, scale=(0.35, 1.0), ratio=(0.5, 2.0), topk=3, temperature=2.0,
                                batch_size=8, seed=1, loader="torch", device="cpu", workers=3, shard_size=4,
                                skip_bad=True, classes_file=names, teacher_classes={1: names}, teacher_check=False,
                                teacher_precision="bf16", keep_teachers=True, dry_run=True, progress=False,
@@ -224,7 +243,7 @@ def test_the_printed_command_of_a_config_builds_the_same_config(files, monkeypat
     run.mkdir()
     write_run_config(run, hard, {})
     resumed = mealv2.resume_config(run, epochs=5, res=64, workers=1)
-    grown = mealv2.LabelConfig(data, [], str(files / "store"), add_teacher="z.pt@32")
+    grown = mealv2.LabelConfig(data, [], str(files / "store"), add_teacher="z.pt@32", topk=3)   # given: printed
     every_field_set([label, grown])
     every_field_set([online, stored, hard, resumed])
     for command, cfg in (("label", label), ("label", grown), ("train", online), ("train", stored), ("train", hard),
@@ -238,7 +257,6 @@ def number_cases():
     from mealv2.common.config import Number, OrNone
 
     fields = [("label", mealv2.LabelConfig, f) for f in dataclasses.fields(mealv2.LabelConfig)]
-    fields += [("label", CropParams, f) for f in dataclasses.fields(CropParams) if f.name in CROP_FLAGS]
     fields += [("train", mealv2.TrainConfig, f) for f in dataclasses.fields(mealv2.TrainConfig)]
     for command, config, f in fields:
         kind = f.metadata["setting"]
@@ -260,7 +278,7 @@ def test_a_number_a_flag_refuses_is_refused_by_the_config_in_the_same_words(comm
                                                                             mealv2_cli):
     """Ranges and types are declared once, on the config's field: the config and the flag say the same."""
     base = {mealv2.LabelConfig: {"data": "d", "teachers": ["t"], "out": "o"},
-            mealv2.TrainConfig: {"data": "d", "out": "o", "arch": "a", "hard_labels": True}, CropParams: {}}[config]
+            mealv2.TrainConfig: {"data": "d", "out": "o", "arch": "a", "hard_labels": True}}[config]
     with pytest.raises(MealV2Error) as refused_in_python:
         config(**base, **{name: value})
     said = str(refused_in_python.value).split(f"{name} = ", 1)[1]

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import mealv2
-from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.stage2_train.loader import epoch_order
@@ -210,7 +209,7 @@ def unlabelled_store(labelled, tmp_path_factory):
         shutil.copy(image, loose / f"{image.parent.name}_{image.name}")
     (work / "names.txt").write_text("class_0\nclass_1\nclass_2\n")
     mealv2.label(mealv2.LabelConfig(str(loose), [labelled.teacher], str(work / "store"), rounds=1, crops_per_image=2,
-                                    crop=CropParams(res=32), topk=2, batch_size=8, workers=1, device="cpu",
+                                    res=32, topk=2, batch_size=8, workers=1, device="cpu",
                                     classes_file=str(work / "names.txt"), progress=False))
     return work
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import crc32c
@@ -73,7 +72,7 @@ def _args(data, teachers, out, **over) -> list[str]:
 
 def _config(data, teachers, out, **over) -> LabelConfig:
     kw = dict(data=str(data), teachers=list(teachers), out=str(out), rounds=ROUNDS, crops_per_image=CROPS,
-              crop=CROP, topk=TOPK, batch_size=4, seed=0, device="cpu", workers=2,
+              res=RES, topk=TOPK, batch_size=4, seed=0, device="cpu", workers=2,
               shard_size=SHARD, progress=False)
     kw.update(over)
     return LabelConfig(**kw)
@@ -307,8 +306,8 @@ def test_cli_refusal_exits_2_naming_both_values(tmp_path, data, teachers, refere
     (dict(teachers="other"), "teachers[1].spec: store has \"test_efficientnet="),
     (dict(teachers="more"), "teachers: store has 2 teacher(s) [test_resnet="),
     (dict(teachers="swapped_weights"), "teachers[0].sha256: store has"),
-    (dict(crop=replace(CROP, res=48)), "crop.res: store has 32, this run has 48"),
-    (dict(crop=replace(CROP, scale=(0.25, 1.0))), "crop.scale: store has [0.08, 1.0], this run has [0.25, 1.0]"),
+    (dict(res=48), "crop.res: store has 32, this run has 48"),
+    (dict(scale=(0.25, 1.0)), "crop.scale: store has [0.08, 1.0], this run has [0.25, 1.0]"),
     (dict(topk=1), "topk: store has 2, this run has 1"),
     (dict(temperature=2.0), "temperature: store has 1.0, this run has 2.0"),
     (dict(seed=1), "seed: store has 0, this run has 1"),

@@ -27,7 +27,7 @@ def store(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "t.pth")
     return run_label(LabelConfig(data=str(tiny_data), teachers=[f"test_resnet={work / 't.pth'}@32"],
-                                 out=str(work / "store"), rounds=2, crops_per_image=3, crop=CropParams(res=32),
+                                 out=str(work / "store"), rounds=2, crops_per_image=3, res=32,
                                  topk=2, batch_size=12, workers=2, device="cpu", progress=False))
 
 

@@ -17,7 +17,6 @@ import timm
 import torch
 from conftest import BUCKET, SECRET, run_cli
 
-from mealv2.common.data.crops import CropParams
 from mealv2.common.store.cache import key_hash
 from mealv2.common.store.label_store import LabelStore
 from mealv2.stage1_label.config import LabelConfig
@@ -38,7 +37,7 @@ def store(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
     run_label(LabelConfig(data=str(tiny_data), teachers=[f"test_resnet={work / 'teacher.pth'}@32"],
-                          out=str(work / "store.zarr"), rounds=2, crops_per_image=2, crop=CropParams(res=32),
+                          out=str(work / "store.zarr"), rounds=2, crops_per_image=2, res=32,
                           topk=2, shard_size=8, batch_size=8, workers=1, device="cpu", teacher_check=False,
                           progress=False))
     return work / "store.zarr"

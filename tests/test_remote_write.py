@@ -17,7 +17,6 @@ import timm
 import torch
 
 from conftest import BUCKET, SECRET, run_cli
-from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store.lease import hold_lease
 from mealv2.common.store.label_store import RUNS_KEY, LabelStore
@@ -29,7 +28,7 @@ pytest.importorskip("s3fs")
 
 URL = f"s3://{BUCKET}/labels.zarr"
 # 12 images in shards of 4: 3 shards x 2 rounds
-SETTINGS = dict(rounds=2, crops_per_image=2, crop=CropParams(res=32), topk=2, shard_size=4, batch_size=4,
+SETTINGS = dict(rounds=2, crops_per_image=2, res=32, topk=2, shard_size=4, batch_size=4,
                 workers=1, device="cpu", teacher_check=False, progress=False)
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MEALV2_LEASE_SECONDS": "10"}
 

@@ -16,7 +16,6 @@ import torch
 import zarr
 
 from conftest import BUCKET, make_image_dataset
-from mealv2.common.data.crops import CropParams
 from mealv2.common.data.targets import encode_topk, reconstruct_targets
 from mealv2.common.store.label_store import RUNS_KEY, LabelStore
 from mealv2.stage1_label.config import LabelConfig
@@ -202,7 +201,7 @@ def setup(tmp_path_factory):
 
 def _config(setup, out, **over) -> LabelConfig:
     _, data, teacher = setup
-    kw = dict(data=str(data), teachers=[teacher], out=str(out), rounds=3, crops_per_image=2, crop=CropParams(res=32),
+    kw = dict(data=str(data), teachers=[teacher], out=str(out), rounds=3, crops_per_image=2, res=32,
               topk=2, batch_size=8, shard_size=10, device="cpu", workers=1, teacher_check=False, progress=False)
     return LabelConfig(**{**kw, **over})
 

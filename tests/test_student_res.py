@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-from mealv2.common.data.crops import CropParams
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models.checkpoints import load_checkpoint_file
 from mealv2.common.store.label_store import LabelStore
@@ -35,7 +34,7 @@ def store32(tiny_data, tmp_path_factory):
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), work / "teacher.pth")
     teacher = f"test_resnet={work / 'teacher.pth'}@{STORE_RES}"
     run_label(LabelConfig(data=str(tiny_data), teachers=[teacher], out=str(work / "store"), rounds=2,
-                          crops_per_image=2, crop=CropParams(res=STORE_RES), topk=2, batch_size=8, workers=2,
+                          crops_per_image=2, res=STORE_RES, topk=2, batch_size=8, workers=2,
                           device="cpu", teacher_check=False, progress=False))
     return SimpleNamespace(data=tiny_data, store=work / "store", teacher=teacher)
 

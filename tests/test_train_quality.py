@@ -47,7 +47,7 @@ def test_stored_labels_beat_hard_labels_on_noisy_data(tmp_path):
                                 **common))
     assert teacher[-1]["val_top1"] >= 80
     run_label(LabelConfig(data=str(noisy), teachers=[str(tmp_path / "teacher" / "last.pt")],
-                          out=str(tmp_path / "store"), rounds=2, crop=CROP, crops_per_image=4, topk=CLASSES,
+                          out=str(tmp_path / "store"), rounds=2, **FRESH_CROP, crops_per_image=4, topk=CLASSES,
                           workers=2, device="cpu", progress=False))
 
     stored = train(TrainConfig(data=str(noisy), out=str(tmp_path / "stored"), labels=str(tmp_path / "store"),

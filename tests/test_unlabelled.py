@@ -20,7 +20,6 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_image_dataset, train_outside_mealv2
-from mealv2.common.data.crops import CropParams
 from mealv2.common.data.dataset import build_index
 from mealv2.common.errors import MealV2Error
 from mealv2.common.models.checkpoints import ModelSpecError, load_checkpoint_file, save_checkpoint
@@ -85,7 +84,7 @@ def w(tmp_path_factory):
 
 def label(data, teachers, out, **kw) -> LabelStore:
     return run_label(LabelConfig(data=str(data), teachers=list(teachers), out=str(out), rounds=1, crops_per_image=2,
-                                 crop=CropParams(res=32, scale=(0.35, 1.0)), topk=2, batch_size=16, device="cpu",
+                                 res=32, scale=(0.35, 1.0), topk=2, batch_size=16, device="cpu",
                                  workers=2, shard_size=64, progress=False, **kw))
 
 

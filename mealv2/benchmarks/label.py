@@ -166,7 +166,7 @@ def labeller_case(data: Path | None, teachers: list[str], folder: Path, res: int
     dev = runtime.device
     loaded = [load_teacher(spec, full.classes, res) for spec in specs]
     cfg = LabelConfig(data=str(data), teachers=[t.spec for t in loaded], out="", rounds=1,
-                      crops_per_image=crops, crop=CropParams(res=res), topk=k, batch_size=batch_size,
+                      crops_per_image=crops, res=res, topk=k, batch_size=batch_size,
                       device=dev.type, workers=workers, shard_size=shard_size, progress=False,
                       teacher_precision=teacher_precision)
     attrs = store_attrs(cfg, index, loaded)

@@ -146,7 +146,7 @@ def bench_train(data, teachers, arch, res, crops, topk, images, classes, batch_s
         specs = split_specs(teachers) or random_teachers(DEFAULT_TEACHERS, len(index.classes), folder, res)
         crop = CropParams(res=res)
         store = run_label(LabelConfig(data=str(data), teachers=specs, out=str(folder / "store"), rounds=1,
-                                      crops_per_image=crops, crop=crop, topk=topk, batch_size=batch_size,
+                                      crops_per_image=crops, res=res, topk=topk, batch_size=batch_size,
                                       device=device, workers=workers, teacher_check=False, progress=False))
         round_bytes = store.read_round(0).nbytes / store.num_images
         common = dict(arch=arch, res=res, crops_per_image=crops, batch_size=batch_size, epochs=epochs,

@@ -8,7 +8,6 @@ import dataclasses
 import click
 
 from ..common.config import ClassFiles, Flag, Specs, flag_name, word
-from ..common.data.crops import CROP_FLAGS
 from ..common.models.teachers import split_specs
 from .params import LocalPath, flag_type
 
@@ -96,11 +95,8 @@ CROP_HELP = {
 
 def crop_options(config):
     """--res, --scale, --ratio, --crops-per-image: the random-resized-crop distribution, as ``config`` declares
-    them (its own fields, or for --res/--scale/--ratio those of the CropParams it holds as ``crop``)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    owner = fields["crop"].metadata["setting"].cls if "crop" in fields else config
-    return stack([config_option(owner if name in CROP_FLAGS else config, name, help=CROP_HELP[name])
-                  for name in (*CROP_FLAGS, "crops_per_image")])
+    them."""
+    return config_options(config, CROP_HELP)
 
 
 def teacher_options(config, required: bool = False):

@@ -208,7 +208,7 @@ class ClassFiles(Setting):
 
 @dataclasses.dataclass(frozen=True)
 class Instance(Setting):
-    """An object of one class (a config inside a config: LabelConfig.crop is a CropParams)."""
+    """An object of one class (ReplayLoader's model is an nn.Module)."""
 
     cls: type
 
@@ -246,6 +246,33 @@ def setting(kind: Setting, default=dataclasses.MISSING, *, factory=dataclasses.M
     return dataclasses.field(default=default, default_factory=factory, metadata={"setting": kind})
 
 
+def store_setting(kind: Setting, store: str, fresh, *, fills: bool = False) -> dataclasses.Field:
+    """A setting a store holds: unset (None) by default, which means the store's with field ``store``'s flag
+    (--labels, --add-teacher) and ``fresh`` otherwise, as --help says. ``fills``: the config sets it to
+    ``fresh`` where ``store`` is None (:func:`fill_unset`), so its readers meet values."""
+    return dataclasses.field(default=None, metadata={
+        "setting": OrNone(kind, means=f"the store's with {flag_name(store)}, else {word(fresh)}"),
+        "fresh": fresh, "filled_without": store if fills else None})
+
+
+def _filled(config) -> dict:
+    """The settings ``config`` fills, having no store to take them from, with their values then (``fresh``)."""
+    return {f.name: f.metadata["fresh"] for f in dataclasses.fields(config)
+            if f.metadata.get("filled_without") and getattr(config, f.metadata["filled_without"]) is None}
+
+
+def fill_unset(config) -> None:
+    """Set each unset (None) setting that ``config`` fills without a store to its ``fresh`` value."""
+    for name, fresh in _filled(config).items():
+        if getattr(config, name) is None:
+            setattr(config, name, fresh)
+
+
+def given(config, names) -> dict:
+    """The settings ``names`` of ``config`` that are given (not None)."""
+    return {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+
+
 def declared(cls, name: str) -> Setting:
     """The Setting of field ``name`` of the config class ``cls``."""
     return next(f.metadata["setting"] for f in dataclasses.fields(cls) if f.name == name)
@@ -278,19 +305,6 @@ def flag_name(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
-def fields_from_flags(cls, flags: dict) -> dict:
-    """A command's parameters as the fields of config ``cls``: the flags of a config inside it (LabelConfig.crop's
-    --res, --scale, --ratio) make up that config, the others are fields of the same name."""
-    fields = dict(flags)
-    for f in dataclasses.fields(cls):
-        inner = f.metadata.get("setting")
-        if isinstance(inner, Instance) and dataclasses.is_dataclass(inner.cls):
-            given = {g.name: fields.pop(g.name) for g in dataclasses.fields(inner.cls) if g.name in fields}
-            if given:
-                fields[f.name] = inner.cls(**given)
-    return fields
-
-
 def word(value) -> str:
     """``value`` as a flag's word, exactly (parsed back, it is equal) and short: 1.0 -> '1', (0.08, 1.0) ->
     '0.08,1', and in a pair a fraction where it is shorter: (3/4, 4/3) -> '3/4,4/3'."""
@@ -309,18 +323,16 @@ def _fraction(value: float) -> str:
 
 def command_args(values: dict, defaults: dict | None = None) -> list[str]:
     """The arguments of the `mealv2` command whose config has these field ``values``: DATA, then a flag per
-    value that differs from its entry in ``defaults`` (every value without them; None is unset). A config
-    inside (a CropParams) gives its own fields' flags. The one printer of commands: a Python call's
-    equivalent, a run's continuation (`mealv2 train`) and a store's repair (`mealv2 label`)."""
+    value that differs from its entry in ``defaults`` (every value without them; None is unset). The one printer
+    of commands: a Python call's equivalent, a run's continuation (`mealv2 train`) and a store's repair
+    (`mealv2 label`)."""
     defaults = defaults or {}
     args = [str(values["data"])] if values.get("data") is not None else []
     for name, value in values.items():
         default = defaults.get(name, dataclasses.MISSING)
         if name == "data" or value is None or value == default:
             continue
-        if dataclasses.is_dataclass(value):   # its fields' flags; one no flag sets is refused when run
-            args += command_args(dataclasses.asdict(value), field_defaults(type(value)))
-        elif isinstance(value, bool):
+        if isinstance(value, bool):
             args.append(flag_name(name) if value else f"--no-{flag_name(name)[2:]}")
         elif isinstance(value, dict):
             args += [w for n, path in value.items() for w in (flag_name(name), f"{n}={path}")]
@@ -331,6 +343,7 @@ def command_args(values: dict, defaults: dict | None = None) -> list[str]:
 
 def config_args(config) -> list[str]:
     """The arguments of the `mealv2` command that builds ``config`` (a LabelConfig or TrainConfig): what a
-    report prints for a Python call, and a run for its continuation."""
-    defaults = {k: v for k, v in field_defaults(type(config)).items() if k not in ALWAYS_GIVEN}
+    report prints for a Python call, and a run for its continuation. A setting the config filled is left out
+    where it is the value an unset one takes (fill_unset)."""
+    defaults = {k: v for k, v in {**field_defaults(type(config)), **_filled(config)}.items() if k not in ALWAYS_GIVEN}
     return command_args({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, defaults)

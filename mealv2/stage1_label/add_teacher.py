@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from ..common.data.crops import CropParams
+from ..common.config import flag_name, given, word
 from ..common.data.dataset import build_index_shared, in_classes, skipped_report
 from ..common.errors import MealV2Error
 from ..common.models.distributed import distributed
@@ -26,11 +26,19 @@ from .labeler import _check, label_shards, run_record
 
 
 def store_settings(cfg: LabelConfig, store: LabelStore) -> LabelConfig:
-    """``cfg`` with the store's crops, top-k, temperature, seed and shards: a layer is labelled as the store was."""
-    a = store.attrs
-    return dataclasses.replace(cfg, crop=CropParams.from_attrs(a["crop"]), crops_per_image=a["crops_per_image"],
-                               topk=a["topk"], temperature=a["temperature"], seed=a["seed"],
-                               shard_size=a["shard_size"])
+    """``cfg`` with the store's rounds, crops, top-k, temperature, seed and shards: a layer is labelled as the
+    store was. A setting given (not None) is refused unless it is the store's: taking the store's instead would
+    label with another value than typed, without a word; the same value is taken, so a user's own `label`
+    command, --teachers swapped for --add-teacher, runs as it is."""
+    ours = store.label_settings
+    differ = {name: value for name, value in given(cfg, ours).items() if word(value) != word(ours[name])}
+    if differ:
+        named = "; ".join(f"{flag_name(name)} {word(value)}, the store's is {word(ours[name])}"
+                          for name, value in differ.items())
+        raise MealV2Error(f"--add-teacher {cfg.add_teacher}: {store.path} was labelled with other settings "
+                          f"({named}): a teacher's layer is labelled over the store's own crops with the store's "
+                          f"settings; drop {' '.join(map(flag_name, differ))} (unset, they are the store's)")
+    return dataclasses.replace(cfg, **ours)
 
 
 def same_teacher(a: dict, b: dict) -> bool:

@@ -7,7 +7,6 @@ import click
 
 from ..cli.options import config_argument, config_option, config_options, crop_options, teacher_options
 from ..cli.params import device_option, loader_option, trust_option, workers_option
-from ..common.config import fields_from_flags
 from .config import LabelConfig
 
 option = partial(config_option, LabelConfig)   # the flag of a LabelConfig field
@@ -23,7 +22,9 @@ LABELS = {  # field: its flag's help, in --help's order
                      "so `train --teacher-weights` can reweigh the teachers without running them again.",
     "add_teacher": "Instead of --teachers: run only this teacher (a spec as --teachers') over the finished store "
                    "--out's own crops, teacher-checked, and add its per-teacher layer; the store's labels, digest and "
-                   "runs trained from it stay as they were (docs/STORE.md). Re-run to resume.",
+                   "runs trained from it stay as they were (docs/STORE.md). The layer takes the store's --rounds, "
+                   "crops, --topk, --temperature, --seed and --shard-size: leave them out or give the store's (another "
+                   "value is refused). Re-run to resume.",
     "dry_run": "Write nothing: time the teachers on a few batches of DATA's crops on --device and print what the "
                "run will take (crops, hours, the store's bytes and objects, S3 requests).",
 }
@@ -55,4 +56,4 @@ def label(**flags):
     and, on labelled data, checks it against the labels (see --no-teacher-check)."""
     from .labeler import run_label
 
-    run_label(LabelConfig(**fields_from_flags(LabelConfig, flags)))
+    run_label(LabelConfig(**flags))

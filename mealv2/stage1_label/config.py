@@ -2,16 +2,22 @@
 Python callers meet the CLI's refusals."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import Field, dataclass
 
 from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, INT_FROM_0, SPECS, TEXT, Choice,
-                             Instance, OrNone, check_settings, setting)
-from ..common.data.crops import CropParams
+                             OrNone, Setting, check_settings, declared, fill_unset, given, setting, store_setting)
+from ..common.data.crops import CROP_FLAGS, CropParams
 from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
 from ..common.errors import MealV2Error
 from ..common.models.runtime import PRECISIONS
 from ..common.store.locations import LOCAL_PATH, StorePath
 from ..common.store.writer import DEPTH
+
+
+def _store_flag(kind: Setting, fresh) -> Field:
+    """A setting the store records: unset (None) it is the store's with --add-teacher (a value given must equal
+    it: add_teacher.store_settings), ``fresh`` otherwise (filled in at construction)."""
+    return store_setting(kind, "add_teacher", fresh, fills=True)
 
 
 @dataclass
@@ -25,8 +31,10 @@ class LabelConfig:
         add_teacher: one more teacher spec (the same form) to run over the finished store ``out``'s own crops and
             add as a per-teacher layer, instead of labelling with ``teachers``; --add-teacher.
         out: the store to create, resume or append rounds to; --out.
-        rounds, crops_per_image, crop, topk, temperature, ...: as the flags of the same name
-            (``crop`` holds --res/--scale/--ratio).
+        rounds, crops_per_image, res, scale, ratio, topk, temperature, seed, shard_size: what the store records;
+            None (unset): the store's with ``add_teacher`` (a value given must equal it), else 4, 4, 224,
+            RandomResizedCrop's scale and ratio, 10, 1, 0, 1024 (filled in at construction); --rounds, ...
+        batch_size, loader, ...: as the flags of the same name.
 
     Example::
 
@@ -37,17 +45,19 @@ class LabelConfig:
     data: str = setting(LOCAL_PATH)
     teachers: list[str] = setting(SPECS)
     out: str = setting(StorePath(write=True))
-    rounds: int = setting(COUNT, 4)
-    crops_per_image: int = setting(COUNT, 4)
-    crop: CropParams = setting(Instance(CropParams), CropParams())
-    topk: int = setting(COUNT, 10)
-    temperature: float = setting(FLOAT_ABOVE_0, 1.0)
+    rounds: int | None = _store_flag(COUNT, 4)
+    crops_per_image: int | None = _store_flag(COUNT, 4)
+    res: int | None = _store_flag(declared(CropParams, "res"), CropParams.res)
+    scale: tuple[float, float] | None = _store_flag(declared(CropParams, "scale"), CropParams.scale)
+    ratio: tuple[float, float] | None = _store_flag(declared(CropParams, "ratio"), CropParams.ratio)
+    topk: int | None = _store_flag(COUNT, 10)
+    temperature: float | None = _store_flag(FLOAT_ABOVE_0, 1.0)
     batch_size: int = setting(COUNT, 256)
-    seed: int = setting(INT_FROM_0, 0)
+    seed: int | None = _store_flag(INT_FROM_0, 0)
     loader: str = setting(Choice(LOADER_CHOICES), "auto")
     device: str = setting(DEVICE, "auto")
     workers: int = setting(COUNT, factory=available_cores)
-    shard_size: int = setting(COUNT, 1024)
+    shard_size: int | None = _store_flag(COUNT, 1024)
     skip_bad: bool = setting(FLAG, False)
     classes_file: str | None = setting(OrNone(LOCAL_PATH), None)   # a state-dict teacher's class names in output order
     teacher_classes: dict[int, str] = setting(CLASS_FILES, factory=dict)  # teacher N's class names (--teacher-classes)
@@ -61,6 +71,8 @@ class LabelConfig:
 
     def __post_init__(self):
         check_settings("label", self)
+        fill_unset(self)   # without --add-teacher; with it, store_settings gives the store's
+        CropParams(**given(self, CROP_FLAGS))   # refuses a scale or ratio out of order or bounds, naming it
         resolve(self.loader)   # a backend that is not installed is refused before any work
         if self.add_teacher is not None and self.teachers:
             raise MealV2Error(f"label --add-teacher {self.add_teacher}: also given --teachers "
@@ -72,3 +84,8 @@ class LabelConfig:
         if not self.teachers and self.add_teacher is None:
             raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated), or "
                               "--add-teacher SPEC to add a teacher's layer to a finished store")
+
+    @property
+    def crop(self) -> CropParams:
+        """The crops: --res, --scale and --ratio (with --add-teacher, the store's once store_settings gave them)."""
+        return CropParams(**given(self, CROP_FLAGS))

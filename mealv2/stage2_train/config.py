@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..common.config import (CLASS_FILES, COUNT, DEVICE, FLAG, FLOAT_ABOVE_0, FLOAT_FROM_0, INT_FROM_0, SPECS, TEXT,
                              Choice, Number, OrNone, Weights, check_settings, declared, field_defaults, flag_name,
-                             setting, word)
+                             given, setting, store_setting, word)
 from ..common.data.crops import CROP_FLAGS, CropParams
 from ..common.data.loaders.registry import LOADER_CHOICES, available_cores, resolve
 from ..common.errors import MealV2Error
@@ -30,8 +30,7 @@ RESOLVED_ON_RESUME = ("min_res", "ramp_start", "ramp_end", "res_step")
 def _crop_flag(name: str, fresh) -> dataclasses.Field:
     """TrainConfig's crop setting ``name``: unset (None) by default, which means the store's with --labels and
     ``fresh`` otherwise."""
-    kind = COUNT if name == "crops_per_image" else declared(CropParams, name)
-    return setting(OrNone(kind, means=f"the store's with --labels, else {word(fresh)}"), None)
+    return store_setting(COUNT if name == "crops_per_image" else declared(CropParams, name), "labels", fresh)
 
 
 @dataclass
@@ -133,7 +132,7 @@ class TrainConfig:
     @property
     def given_crop(self) -> dict:
         """The res, scale and ratio given (not None)."""
-        return {name: getattr(self, name) for name in CROP_FLAGS if getattr(self, name) is not None}
+        return given(self, CROP_FLAGS)
 
     @property
     def fresh_crops_per_image(self) -> int:

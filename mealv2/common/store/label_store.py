@@ -523,6 +523,15 @@ class LabelStore(StoreIntegrity):
         sizes = [self.objects.size(f"{where}{name}/c") for where in ("", f"{STAGED}/")]
         return None if None in sizes else sum(sizes)
 
+    @property
+    def label_settings(self) -> dict:
+        """The settings of `mealv2 label` (LabelConfig's fields) the store was labelled with, as their flags take
+        them: its rounds, crops, top-k, temperature, seed and shard size."""
+        a, crop = self.attrs, self.attrs["crop"]
+        return {"rounds": a["rounds_planned"], "crops_per_image": a["crops_per_image"], "res": crop["res"],
+                "scale": tuple(crop["scale"]), "ratio": tuple(crop["ratio"]), "topk": a["topk"],
+                "temperature": a["temperature"], "seed": a["seed"], "shard_size": a["shard_size"]}
+
     def label_command(self) -> str:
         """The `mealv2 label` command that makes this store as it is, from its attributes (printed by
         common.config.command_args): what repairs or completes it. DATA is the dataset it was made from;
@@ -534,11 +543,7 @@ class LabelStore(StoreIntegrity):
         named = {n: f"FILE_{n}" for n, t in enumerate(a["teachers"], 1) if t.get("output_classes") is not None}
         notes += [f"FILE_{n}: teacher {n}'s class names in output order, one per line (its output_classes in "
                   f"`mealv2 inspect {self.path} --json`)" for n in named]
-        crop = a["crop"]
-        values = {"data": "DATA", "teachers": [t["spec"] for t in a["teachers"]], "out": out,
-                  "rounds": a["rounds_planned"], "crops_per_image": a["crops_per_image"], "res": crop["res"],
-                  "scale": tuple(crop["scale"]), "ratio": tuple(crop["ratio"]), "topk": a["topk"],
-                  "temperature": a["temperature"], "seed": a["seed"], "shard_size": a["shard_size"],
+        values = {"data": "DATA", "teachers": [t["spec"] for t in a["teachers"]], "out": out, **self.label_settings,
                   "skip_bad": bool(a["dataset"]["skipped"]) or None, "teacher_classes": named,
                   "teacher_precision": a["teacher_precision"], "keep_teachers": bool(self.layers_with_ensemble()) or None}
         return shlex.join(["mealv2", "label", *command_args(values)]) + "".join(f"\n  {note}" for note in notes)
