@@ -52,10 +52,10 @@ def test_smoke_run_steps_work_on_the_cpu(tmp_path, monkeypatch, in_process):
         assert (f"| stage-2 stored-label img/s / synthetic-tensor img/s, `--loader {backend}` "
                 f"({r['stored_img_per_s'][backend]:.0f} / {r['synthetic_img_per_s']:.0f}) | {ratio:.2f} | >= 0.95"
                 ) in table
-    assert f"| stage-1 labeller / bare teacher forward (test_resnet bf16; " in table
+    assert "| stage-1 labeller / bare teacher forward (test_resnet bf16; " in table
     assert f"| {s1['ratio']:.2f} | >= 0.9 |" in table
     assert "| stored / online img/s, teachers test_resnet + test_efficientnet bf16" in table
-    assert f"of it | >= 0.9 of the ideal |" in table
+    assert "of it | >= 0.9 of the ideal |" in table
     assert "`--loader no-such-backend` | not measured: failed" in table
     assert "| train --loader no-such-backend |" in table
     json.dumps(r)   # what bench gpu writes
