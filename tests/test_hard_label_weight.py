@@ -218,7 +218,7 @@ def unlabelled_store(labelled, tmp_path_factory):
 def test_a_store_of_unlabelled_images_is_refused_naming_the_fix(unlabelled_store, tmp_path, in_process):
     store, loose = unlabelled_store / "store", unlabelled_store / "loose"
     message = ("was labelled from images without labels (a folder of loose images or a CSV without a 'label' "
-               f"column), so there are no hard labels to weigh in")
+               "column), so there are no hard labels to weigh in")
     r = in_process("train", loose, "--labels", store, "-o", tmp_path / "run", "-a", "test_resnet",
                    "--hard-label-weight", 0.5, "--dry-run", *FAST)
     assert r.returncode != 0 and f"--hard-label-weight 0.5: {store}" in r.stderr and message in r.stderr, r.stderr
