@@ -42,7 +42,7 @@ class S3Proxy:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.decide = lambda request: None
-        self.log: list[tuple[str, str, str, float | None]] = []
+        self.log: list[tuple[str, str, str, float | None, float]] = []   # method, key, what, answered, arrived
         self._lock = threading.Lock()
         proxy = self
 
@@ -62,9 +62,10 @@ class S3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def record(self, method: str, key: str, what: str, answered: float | None) -> None:
+    def record(self, method: str, key: str, what: str, answered: float | None, arrived: float) -> None:
+        """Log a request: when the server answered it (None: cut) and when it arrived here."""
         with self._lock:
-            self.log.append((method, key, what, answered))
+            self.log.append((method, key, what, answered, arrived))
 
 
 def _faults(decided) -> list:
@@ -99,6 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _relay(self) -> None:
+        arrived = time.time()
         body = self._body()
         path = urlsplit(self.path).path
         key = unquote(path.lstrip("/").partition("/")[2])
@@ -107,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
         names = {f if isinstance(f, str) else f[0]: (None if isinstance(f, str) else f[1]) for f in faults}
         what = ",".join(names) or "forwarded"
         if "cut" in names:
-            self.owner.record(self.command, key, what, None)
+            self.owner.record(self.command, key, what, None, arrived)
             return self._hang_up()
         if "hold" in names:
             time.sleep(names["hold"])
@@ -121,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = reply.read()
         finally:
             upstream.close()
-        self.owner.record(self.command, key, what, time.time())
+        self.owner.record(self.command, key, what, time.time(), arrived)
         if "drop" in names:
             return self._hang_up()
         if "late" in names:

@@ -7,6 +7,7 @@ users' 10 s minimum: MIN_SECONDS is lowered here) keep it short: renewed every 0
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -116,7 +117,7 @@ class _Taker(threading.Thread):
 
 def _a_commits(wire) -> list[float]:
     """When the server answered each of A's done marks (its commits)."""
-    return [at for method, key, _, at in wire.proxy.log if method == "PUT" and "done/c/" in key and at]
+    return [at for method, key, _, at, _ in wire.proxy.log if method == "PUT" and "done/c/" in key and at]
 
 
 def test_after_a_lost_renewal_reply_the_holder_dates_its_hold_from_the_object_and_one_writer_commits(
@@ -154,7 +155,7 @@ def test_after_a_lost_renewal_reply_the_holder_dates_its_hold_from_the_object_an
     assert lease.etag == wire.client.head_object(Bucket=BUCKET, Key=wire.key)["ETag"]
     # the renewal whose reply was lost was written before the server answered it (its Last-Modified is in
     # whole seconds: the proxy's clock tells better): A's hold ends no later than that write's plus the lease
-    landed = next(at for method, key, what, at in wire.proxy.log if what == "drop")
+    landed = next(at for method, key, what, at, _ in wire.proxy.log if what == "drop")
     assert lease.expires <= lease_clock() - (time.time() - landed) + SECONDS
     taker = _Taker(wire.url)
     taker.start()
@@ -186,20 +187,31 @@ def test_a_partition_longer_than_the_lease_stops_the_old_writer_before_its_next_
 
 def test_a_takeover_during_a_put_comes_after_the_old_writers_last_commit_landed(wire, uninterrupted):
     """A's lease is cut off while it keeps committing, each done mark held in flight 0.4 s (under the 0.5 s
-    request deadline): every commit that passed its check lands before B can take the lease over."""
-    _, store = _start_a(wire)   # its lease is lost here: it never deletes B's
+    request deadline): every commit that passed its check and landed within the deadline of it (the guarantee's
+    condition, lease.py; a loaded machine can stall A between its check and its request) lands before B can
+    take the lease over."""
+    lease, store = _start_a(wire)   # its lease is lost here: it never deletes B's
+    checks = []   # when A's guard passed
+
+    def guard():
+        lease.check()
+        checks.append(time.time())
 
     def decide(request):
         if request.key.endswith(".lease"):   # cut once A has committed (a loaded machine may be slow to start)
             return "cut" if _a_commits(wire) else None
         return ("hold", 0.4) if request.method == "PUT" and "done/c/" in request.key else None
 
+    store.guard = guard
     wire.proxy.decide = decide
     taker = _Taker(wire.url)
     taker.start()
     _a_until_stopped(store)
     taker.finish()
-    assert _a_commits(wire) and max(_a_commits(wire)) < taker.started
+    commits = [(max((c for c in checks if c <= arrived), default=-math.inf), at)   # (its last check, landed)
+               for method, key, _, at, arrived in wire.proxy.log if method == "PUT" and "done/c/" in key and at]
+    timely = [at for checked, at in commits if at - checked <= lease.deadline]
+    assert timely and max(timely) < taker.started, (commits, taker.started)
     _assert_same_store(wire.url, uninterrupted)
 
 
