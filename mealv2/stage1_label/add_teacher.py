@@ -22,7 +22,7 @@ from ..common.store.added_layer import AddedLayer
 from ..common.store.label_store import LabelStore, acquire_writer_lock, watch_writer_lock, writer_lock_share
 from ..common.store.schema import ADDED_MARKS
 from .config import LabelConfig
-from .labeler import _check, label_shards, run_record
+from .labeler import _check, label_shards, run_record, throughput
 
 
 def store_settings(cfg: LabelConfig, store: LabelStore) -> LabelConfig:
@@ -151,7 +151,7 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
                 if held is not None:
                     held.release()
         if info.is_main:
-            print(f"mealv2 label --add-teacher: {crops} crops in {seconds:.1f}s; {store.path}: layer {j} "
+            print(f"mealv2 label --add-teacher: {throughput(crops, seconds, info)}; {store.path}: layer {j} "
                   f"({cfg.add_teacher}) {'complete' if layer.complete else 'not complete'}; train from it with "
                   f"`mealv2 train --labels {store.path} --teacher-weights " + ",".join(
                       "1" if i == j else "0" for i in range(j + 1)) + "`")

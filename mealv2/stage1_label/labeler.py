@@ -205,12 +205,15 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
                 if held is not None:
                     held.release()
         if info.is_main:
-            rate = f"{crops / seconds:.0f} crops/s" if seconds > 0 else "nothing left to do"
-            print(f"mealv2 label: {crops} crops in {seconds:.1f}s ({rate}"
-                  f"{f' on rank 0 of {info.world_size}' if info.enabled else ''}); "
-                  f"{store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
+            print(f"mealv2 label: {throughput(crops, seconds, info)}; {store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
                   f"{store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
+
+
+def throughput(crops: int, seconds: float, info) -> str:
+    """What this rank labelled and how fast, for the line a labelling command ends with."""
+    rate = f"{crops / seconds:.0f} crops/s" if seconds > 0 else "nothing left to do"
+    return f"{crops} crops in {seconds:.1f}s ({rate}{f' on rank 0 of {info.world_size}' if info.enabled else ''})"
 
 
 def run_record(cfg: LabelConfig, crops: int, label_s: float, wall_s: float, device, ranks: int) -> dict:
