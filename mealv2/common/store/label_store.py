@@ -368,8 +368,9 @@ class LabelStore(StoreIntegrity):
                              f"({e.strerror or e}; {self.objects.free_space()}); "
                              f"free some space and re-run the same command: it resumes with this shard") from e
         fault_point("shard_mark")              # data written, shard not yet marked done
+        done = writable(self.group[f"{STAGED}/{marks}"])   # opened first (at a URL, a read): the check, then one PUT
         self._check_guard()
-        writable(self.group[f"{STAGED}/{marks}"])[round_, shard] = 1   # not synced: a lost mark only redoes the shard
+        done[round_, shard] = 1   # not synced: a lost mark only redoes the shard
 
     def pack(self) -> list[int]:
         """Pack every round whose shards are all labelled and staged: join each array's staged chunk
@@ -398,10 +399,11 @@ class LabelStore(StoreIntegrity):
         for name in names:
             self._pack_object(name, round_)
         fault_point("pack")                # objects written, round not committed
-        self._check_guard()
         commit = [chunk_key(marks, 2, round_, 0)]
         self.objects.make_parents(commit, fsync=self.fsync)
-        writable(self.group[marks])[round_] = 1
+        done = writable(self.group[marks])   # opened before the check, so only the commit's PUT follows it
+        self._check_guard()
+        done[round_] = 1
         if self.fsync:                     # the staged files are deleted next
             self.objects.sync(commit)
 
