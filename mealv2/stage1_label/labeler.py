@@ -205,8 +205,8 @@ def run_label(cfg: LabelConfig) -> LabelStore | LabelCost:
                 if held is not None:
                     held.release()
         if info.is_main:
-            print(f"mealv2 label: {throughput(crops, seconds, info)}; {store.path}: {store.rounds_complete()}/{store.rounds_planned} rounds complete, "
-                  f"{store.bytes_on_disk() / 2**20:.1f} MiB")
+            print(f"mealv2 label: {throughput(crops, seconds, info)}; {store.path}: {store.rounds_complete()}/"
+                  f"{store.rounds_planned} rounds complete, {store.bytes_on_disk() / 2**20:.1f} MiB")
         return store
 
 

@@ -71,4 +71,4 @@ class AddedLayer:
 
     @property
     def complete(self) -> bool:
-        return bool(self.store._marks(self.marks).all())
+        return bool(self.store.packed(self.marks).all())

@@ -146,9 +146,9 @@ class StoreIntegrity:
         if packed.any():
             key = chunk_key("crc32c", 1, 0, 0)
             places.update({f"{key}[{s}]": (key, int(s), "crc32c", None, int(s)) for s in shards})
-        else:
-            places.update({key: (key, None, "crc32c", int(r), int(shards[j])) for r, j in zip(*np.nonzero(done))
-                           for key in [chunk_key(f"{STAGED}/crc32c", 1, 0, int(shards[j]))]})
+        else:   # staged, one chunk per shard labelled in any round
+            places.update({key: (key, None, "crc32c", None, int(s)) for s in shards[done.any(axis=0)]
+                           for key in [chunk_key(f"{STAGED}/crc32c", 1, 0, int(s))]})
         if 0 in shards:
             places.update({key: (key, None, key.split("/")[0], None, 0)
                            for key in (chunk_key(name, 1, 0, 0) for name in ("labels", "paths") if name in self.group)})
@@ -191,9 +191,8 @@ class StoreIntegrity:
                  for key in self._drop_damaged_marks("done")]
         unpack: dict[int, set[int]] = {}   # packed round: its shards with a bad chunk
         packed = self.packed()
-        shards = np.arange(self.num_shards)
-        for key, (_, array, round_, shard, _) in self._check_places(self._ensemble_places(shards,
-                                                                                          self.done_mask())).items():
+        bad = self._check_places(self._ensemble_places(np.arange(self.num_shards), self.done_mask()))
+        for key, (_, array, round_, shard, _) in bad.items():
             if array == "labels":
                 writable(self.group["labels"])[:] = labels
             elif array == "paths" and relpaths is not None:
@@ -203,11 +202,7 @@ class StoreIntegrity:
                                                                  else "left (no paths given)"))
                 continue
             rounds = range(self.rounds_planned) if array == "crc32c" else [round_]
-            for r in rounds:
-                if packed[r]:
-                    unpack.setdefault(r, set()).add(shard)
-                else:
-                    self.group[f"{STAGED}/done"][r, shard] = 0
+            self._unmark(shard, rounds, packed, "done", unpack)
             lines.append(f"{key}: damaged or missing; shard {shard} of round(s) "
                          f"{', '.join(map(str, rounds))} will be labelled again")
         if unpack and set(unpack) == set(np.flatnonzero(packed)):   # no packed round left: restage the CRC32Cs
@@ -228,13 +223,19 @@ class StoreIntegrity:
         packed, shards, unpack = self.packed(marks), np.arange(self.num_shards), {}
         places = self._round_places(names, shards, self.done_mask(marks=marks), packed)
         for key, (_, _, round_, shard, _) in self._check_places(places).items():
-            if packed[round_]:
-                unpack.setdefault(round_, set()).add(shard)
-            else:
-                self.group[f"{STAGED}/{marks}"][round_, shard] = 0
+            self._unmark(shard, [round_], packed, marks, unpack)
             lines.append(f"{key}: damaged or missing; shard {shard} of round {round_} will be labelled again")
         self._unpack(unpack, names, marks)
         return lines
+
+    def _unmark(self, shard: int, rounds, packed: np.ndarray, marks: str, unpack: dict[int, set[int]]) -> None:
+        """Have ``shard`` of ``rounds`` labelled again: its staged mark in ``marks`` unset, or in a packed round
+        the shard added to ``unpack`` (round: its bad shards), for :meth:`_unpack`."""
+        for r in rounds:
+            if packed[r]:
+                unpack.setdefault(r, set()).add(shard)
+            else:
+                self.group[f"{STAGED}/{marks}"][r, shard] = 0
 
     def _restage(self, name: str, round_: int, shard: int) -> None:
         """Write chunk ``shard`` of packed array ``name``'s round ``round_`` object back to its staged file."""

@@ -454,7 +454,7 @@ class LabelStore(StoreIntegrity):
             raise StoreError(f"{self.path}: round {round_} is not complete; finish it by re-running "
                              f"the same `mealv2 label` command")
         for j in layers:
-            if self.layers[j]["marks"] == ADDED_MARKS and not self._marks(added_layer_arrays(j)[-1])[round_].all():
+            if self.layers[j]["marks"] == ADDED_MARKS and not self.packed(added_layer_arrays(j)[-1])[round_]:
                 raise StoreError(f"{self.path}: {self.layer_name(j)} is not labelled for round {round_}; finish it "
                                  f"by re-running its command:\n  {self.add_teacher_command(j)}")
         missing = self.missing_chunks(round_, layers)
