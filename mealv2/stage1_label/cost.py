@@ -62,9 +62,9 @@ class LabelCost:
         written yet (a HEAD and a LIST each) and each round's done row, rank 0 the rows once more as it packs,
         and each staged folder is listed before it is deleted. GET, at most: packing reads back the chunks
         other ranks wrote, unless they ran on its machine (ranks of a machine share its cache), rank 0 reads the
-        lease back once taken, and each other rank reads it as it is renewed (it watches it). DELETE: the staged objects of each packed round,
-        1,000 keys a request, and the lease (probed with a wrong If-Match, then released). A run cut short and resumed
-        repeats some of them."""
+        lease back once taken, and each other rank reads it as it is renewed (it watches it). DELETE: the staged
+        objects of each packed round, 1,000 keys a request, and the lease (probed with a wrong If-Match, then
+        released). A run cut short and resumed repeats some of them."""
         arrays = self.arrays
         rounds = math.ceil(self.units / self.shards)
         folders = rounds * (arrays + 1) + 1   # a packed round's staged arrays, and the images' CRC32Cs

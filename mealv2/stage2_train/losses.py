@@ -193,9 +193,10 @@ class MealV2Loss(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         saved = state.get("d_optimizer") if isinstance(state, dict) else None
         if (saved is None) != (self.d_optimizer is None):
-            raise MealV2Error(f"MealV2Loss.load_state_dict: the state was saved {'without' if saved is None else 'with'} "
-                              f"a discriminator (discriminator=True), this loss has "
-                              f"{'one' if saved is None else 'none'}; build the loss as the saved one was built")
+            raise MealV2Error(f"MealV2Loss.load_state_dict: the state was saved "
+                              f"{'without' if saved is None else 'with'} a discriminator (discriminator=True), this "
+                              f"loss has {'one' if saved is None else 'none'}; build the loss as the saved one was "
+                              f"built")
         if saved is not None:
             self.d_optimizer.load_state_dict(saved)
 

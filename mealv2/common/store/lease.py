@@ -510,9 +510,9 @@ class S3Lease(Lease):
             return
         server, here = parsedate_to_datetime(date).timestamp(), time.time()
         if abs(server - here) > self.seconds / 4 + CLOCK_RESOLUTION:
+            shown = [time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) for t in (server, here)]
             raise _Skewed(
-                f"the clock of {self._server()} (its Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(server))})"
-                f" and this machine's ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(here))}) differ by "
+                f"the clock of {self._server()} (its Date: {shown[0]}) and this machine's ({shown[1]}) differ by "
                 f"{server - here:+.0f} s, more than a quarter of the {self.seconds:g} s lease, so another writer "
                 f"could take over a live lease; sync the clocks (NTP: `timedatectl set-ntp true`, chrony) and run "
                 f"again")
