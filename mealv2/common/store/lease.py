@@ -283,12 +283,11 @@ class Lease(ABC):
                 continue
             except _Absent:   # a DELETE If-Match on a missing object: it was deleted, unconditionally
                 pass
-            self._delete_quietly()
-            raise self.error(f"{self.store}: the object store at {self._server()} ignores conditional writes "
-                             f"({what} over the existing {redact(self.url)} succeeded where it must get 412), so "
-                             f"mealv2 cannot keep a second writer out of the store there. Write the store to a local "
-                             f"path and copy it to the bucket once labelled, or use a server with conditional "
-                             f"writes (AWS S3, MinIO)")
+            raise self._server_refusal(
+                f"ignores conditional writes ({what} over the existing {redact(self.url)} succeeded where it must "
+                f"get 412), so mealv2 cannot keep a second writer out of the store there. Write the store to a local "
+                f"path and copy it to the bucket once labelled, or use a server with conditional writes (AWS S3, "
+                f"MinIO)")
 
     def _check_dates(self) -> None:
         """Read the lease just taken back: its age by the server (Date against Last-Modified) must be about
@@ -298,12 +297,16 @@ class Lease(ABC):
         if seen.body is None or seen.body["token"] != self.token:   # taken over already: the heartbeat tells
             return
         if abs(seen.age) > self.seconds / 4 + CLOCK_RESOLUTION + self.deadline:
-            self._delete_quietly()
-            raise self.error(f"{self.store}: the object store at {self._server()} dates objects by another clock "
-                             f"than its replies: the lease {redact(self.url)}, just written, is {seen.age:+.0f} s old "
-                             f"by its Last-Modified and the reply's Date, more than a quarter of the "
-                             f"{self.seconds:g} s lease, so another writer could take over a live lease; sync the "
-                             f"server's clocks (NTP on each of its nodes) and run again")
+            raise self._server_refusal(
+                f"dates objects by another clock than its replies: the lease {redact(self.url)}, just written, is "
+                f"{seen.age:+.0f} s old by its Last-Modified and the reply's Date, more than a quarter of the "
+                f"{self.seconds:g} s lease, so another writer could take over a live lease; sync the server's clocks "
+                f"(NTP on each of its nodes) and run again")
+
+    def _server_refusal(self, what: str) -> MealV2Error:
+        """The lease just taken deleted, and the refusal of a server that cannot keep a lease: ``what`` it does."""
+        self._delete_quietly()
+        return self.error(f"{self.store}: the object store at {self._server()} {what}")
 
     def _refusal(self, seen: _Seen) -> MealV2Error:
         left = math.ceil(seen.body["seconds"] + CLOCK_RESOLUTION - seen.age)
