@@ -17,7 +17,7 @@ from filelock import FileLock
 
 from mealv2.common.errors import MealV2Error
 from mealv2.common.store.label_store import LabelStore, StoreError, acquire_writer_lock
-from mealv2.common.store.schema import ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, chunk_key
+from mealv2.common.store.schema import ADDED_MARKS, ARRAYS_KEY, DIGEST_KEY, FORMAT, REQUIRED_ARRAYS, VERSION, chunk_key
 from mealv2.common.data.targets import PROB_LEVELS
 
 from conftest import flip_chunk_byte, partial_of, record_fsyncs
@@ -430,6 +430,27 @@ def test_packing_makes_each_new_folder_durable_up_to_one_that_existed(store, mon
         assert str(f.parent) in before_commit and any(partial_of(f).fullmatch(path) for path in before_commit), f
     assert {str(commit), str(commit.parent)} <= {path for path, _ in synced}
     assert str(store.path / "boxes" / "c") in before_commit   # boxes/c/1 was new
+
+
+def test_metadata_rewritten_in_place_is_made_durable(store, monkeypatch):
+    """A plan grown, a layer added or a run recorded rewrites a zarr.json; zarr renames the new file into
+    place and syncs nothing, so a power cut could take back what the arrays already hold."""
+    _fill(store)
+    synced = record_fsyncs(monkeypatch)
+
+    def made_durable(*names: str) -> bool:
+        paths = {path for path, _ in synced}
+        files = [store.path / name / "zarr.json" for name in names]
+        return all({str(f), str(f.parent)} <= paths for f in files)
+
+    grown = LabelStore.create_or_resume(store.path, _attrs(), 3, np.arange(N) % 7)
+    assert grown.rounds_planned == 3 and made_durable("", "boxes", "probs", "done", "staged/done")
+    synced.clear()
+    grown.add_layer({"teacher": _attrs()["teachers"][0], "marks": ADDED_MARKS})
+    assert made_durable("", "teachers/0/probs", "teachers/0/done", "staged/teachers/0/probs")
+    synced.clear()
+    grown.record_run({"crops": 1})
+    assert made_durable("")
 
 
 def test_a_new_store_is_durable_before_it_appears_under_its_name(tmp_path, monkeypatch):

@@ -182,15 +182,27 @@ class LabelStore(StoreIntegrity):
             for name in (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if per_round(n)), *_with_staged(self.layer_data)):
                 arr = self.group[name]
                 arr.resize((rounds, *arr.shape[1:]))
+                self._sync_meta(name)
                 fault_point("append")
 
         def plan():
             self.attrs["rounds_planned"] = rounds
-            self.group.attrs.update({ATTR_KEY: self.attrs, DIGEST_KEY: json_digest(self.attrs)})
+            self._update_attrs({ATTR_KEY: self.attrs, DIGEST_KEY: json_digest(self.attrs)})
 
         for step in (arrays, plan) if rounds > self.rounds_planned else (plan, arrays):
             self._check_guard()
             step()
+
+    def _update_attrs(self, values: dict) -> None:
+        """Update the store's attributes, durably: zarr replaces its zarr.json by a rename but syncs nothing,
+        and a power cut could take back a plan or a layer the arrays already hold."""
+        self.group.attrs.update(values)
+        self._sync_meta("")
+
+    def _sync_meta(self, name: str) -> None:
+        """Make the metadata zarr rewrote for array or group ``name`` ("": the store's) durable."""
+        if self.fsync:
+            self.objects.sync([f"{name}/zarr.json".lstrip("/")])
 
     @property
     def digest(self) -> str:
@@ -210,7 +222,7 @@ class LabelStore(StoreIntegrity):
         ``mealv2_runs``. It is history, not what the labels are, so it stays outside the digest: a resumed
         store keeps an uninterrupted one's digest, and runs trained from it their resume check."""
         self._check_guard()
-        self.group.attrs.update({RUNS_KEY: [*self.runs(), run]})
+        self._update_attrs({RUNS_KEY: [*self.runs(), run]})
 
     def runs(self) -> list[dict]:
         """The labelling runs recorded, oldest first; none in a store made before they were."""
@@ -233,12 +245,13 @@ class LabelStore(StoreIntegrity):
                             classes=len(self.attrs["classes"]), shard_size=self.shard_size, rounds=self.rounds_planned)
         for name, spec in layer_specs(specs, j, ("ids", "probs", "done")).items():
             self.group.create_array(name, overwrite=True, **spec)
+            self._sync_meta(name)
         self.objects.refresh()
         arrays = {**self.group.attrs[ARRAYS_KEY],
                   **{name: array_meta_digest(name, array_meta(self.objects, name))
                      for name in _with_staged(added_layer_arrays(j))}}
         records = [*self.layers, record]
-        self.group.attrs.update({ARRAYS_KEY: arrays, LAYERS_KEY: records, LAYERS_DIGEST_KEY: json_digest(records)})
+        self._update_attrs({ARRAYS_KEY: arrays, LAYERS_KEY: records, LAYERS_DIGEST_KEY: json_digest(records)})
         return j
 
     def layers_with_ensemble(self) -> list[int]:
