@@ -1,4 +1,4 @@
-"""What the benchmarks share: generated inputs, random-init teachers, the machine's description."""
+"""What the benchmarks share: generated inputs and random-init teachers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,6 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-
-from ..common.models.runtime import machine_description  # noqa: F401 (the benchmarks' and the demo's)
 
 DEFAULT_TEACHERS = ("resnet50", "efficientnet_b0")
 

@@ -43,10 +43,10 @@ from ..common.data.dataset import build_index
 from ..common.errors import MealV2Error
 from ..common.data.loaders.registry import LOADERS, installed, resolve
 from ..common.models.checkpoints import create_timm_model
-from ..common.models.runtime import Runtime
+from ..common.models.runtime import Runtime, machine_description
 from ..common.models.teachers import Ensemble, load_teacher
 from ..stage2_train.losses import soft_cross_entropy
-from .common import machine_description, make_photo_dataset, met, random_teachers
+from .common import make_photo_dataset, met, random_teachers
 from .label import labeller_case
 from . import precision
 from .startup import make_case

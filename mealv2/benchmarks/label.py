@@ -36,12 +36,12 @@ from ..common.data.crops import CropParams, sample_crops
 from ..common.data.dataset import DatasetIndex, build_index
 from ..common.data.targets import encode_topk, reconstruct_targets
 from ..common.models.distributed import DistInfo
-from ..common.models.runtime import Runtime
+from ..common.models.runtime import Runtime, machine_description
 from ..common.models.teachers import Ensemble, load_teacher, split_specs
 from ..common.store.label_store import LabelStore
 from ..stage1_label.config import LabelConfig
 from ..stage1_label.labeler import label_shards, store_attrs
-from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, met, random_teachers
+from .common import DEFAULT_TEACHERS, make_photo_dataset, met, random_teachers
 
 # ---- inputs ------------------------------------------------------------------------------------
 

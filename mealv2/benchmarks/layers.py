@@ -24,11 +24,10 @@ from ..common.data.dataset import build_index
 from ..common.data.loaders.base import CropRequest
 from ..common.data.loaders.registry import available_cores, iterate
 from ..common.data.targets import recombination_kl
-from ..common.models.runtime import Runtime
+from ..common.models.runtime import Runtime, machine_description
 from ..common.models.teachers import Ensemble, load_teachers
 from ..demo import shipped_teachers
 from ..synthetic import SyntheticConfig, generate
-from .common import machine_description
 
 
 @click.command()

@@ -34,15 +34,14 @@ import torch
 
 from ..cli.params import POSITIVE, device_option
 
-from ..common.data.loaders.registry import available_cores
 from ..common.data.loaders.base import CropRequest, View, normalise
 from ..common.data.crops import CropParams, boxes_to_relative, sample_crops
 from ..common.data.dataset import build_index
-from ..common.data.loaders.registry import LOADERS, installed, iterate
-from ..common.models.runtime import resolve_device
+from ..common.data.loaders.registry import LOADERS, available_cores, installed, iterate
+from ..common.models.runtime import machine_description, resolve_device
 from ..common.models.teachers import NORMS
 from ..common.data.loaders.torch import decode_cpu, decode_jpeg_rgb, jpeg_kind, render_batch, render_crops
-from .common import machine_description, make_photo_dataset, met
+from .common import make_photo_dataset, met
 
 TARGET = 0.8
 SHAPE = (375, 500)   # ImageNet's most common size (h, w)

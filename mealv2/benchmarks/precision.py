@@ -33,9 +33,9 @@ from ..common.data.crops import CropParams, sample_crops
 from ..common.data.dataset import build_index
 from ..common.data.loaders.registry import iterate
 from ..common.data.targets import encode_topk
-from ..common.models.runtime import Runtime
+from ..common.models.runtime import Runtime, machine_description
 from ..common.models.teachers import NORMS
-from .common import machine_description, make_photo_dataset
+from .common import make_photo_dataset
 from .label import kl_to_stored
 
 ARCHS = ("resnet50", "efficientnet_b0")

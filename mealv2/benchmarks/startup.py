@@ -39,7 +39,8 @@ from ..common.data.crops import CropParams, sample_crops
 from ..common.data.dataset import DatasetIndex
 from ..common.store.label_store import LabelStore
 from ..common.data.targets import encode_topk
-from .common import machine_description, make_photo_dataset, met
+from ..common.models.runtime import machine_description
+from .common import make_photo_dataset, met
 from .label import synthetic_ensemble_probs, synthetic_store_attrs
 
 IMAGENET_TRAIN = 1_281_167

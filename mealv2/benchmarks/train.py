@@ -29,7 +29,7 @@ from ..common.data.crops import CropParams
 from ..common.data.dataset import build_index
 from ..common.data.loaders.base import View
 from ..common.models.checkpoints import create_timm_model, default_data_config
-from ..common.models.runtime import Runtime
+from ..common.models.runtime import Runtime, machine_description
 from ..common.models.teachers import Ensemble, load_teacher, split_specs
 from ..stage1_label.config import LabelConfig
 from ..stage1_label.labeler import run_label
@@ -38,7 +38,7 @@ from ..stage2_train.loader import FreshLabels, TrainLoader
 from ..stage2_train.losses import soft_cross_entropy
 from ..stage2_train.res_schedule import ResSchedule, res_schedule
 from ..stage2_train.trainer import train
-from .common import DEFAULT_TEACHERS, machine_description, make_photo_dataset, met, random_teachers
+from .common import DEFAULT_TEACHERS, make_photo_dataset, met, random_teachers
 
 IMAGENET_IMAGES = 1_281_167
 MODES = ("stored", "hard", "online")
