@@ -25,6 +25,8 @@ from mealv2.common.store.lease import LeaseError, hold_lease, lease_clock
 s3fs = pytest.importorskip("s3fs")
 
 SECONDS = 2.0
+REFUSING = 4.0   # the refusal tests' leases: nothing there waits for an expiry, and a 1 s request deadline
+                 # leaves a loaded machine room
 ROUNDS = 3
 LABELS = np.arange(N) % 7
 
@@ -241,25 +243,25 @@ def test_a_server_ignoring_if_match_is_refused_naming_it(wire, method):
     wire.proxy.decide = lambda request: "no-if-match" if request.method == method else None
     wire.via(wire.proxy.endpoint)
     with pytest.raises(LeaseError) as refused:
-        hold_lease(wire.url, "label", seconds=SECONDS)
+        hold_lease(wire.url, "label", seconds=REFUSING)
     assert (f"the object store at {wire.proxy.endpoint} ignores conditional writes (a {method} with a wrong "
             f"If-Match over the existing {wire.url}.lease succeeded where it must get 412)") in str(refused.value)
     assert wire.client.list_objects_v2(Bucket=BUCKET, Prefix=wire.key)["KeyCount"] == 0
 
 
 def test_a_server_date_skewed_from_this_machines_clock_is_refused_and_never_takes_a_live_lease(wire):
-    """Through a proxy whose Date is 5 s ahead, A's live 2 s lease looks expired; B must not take it."""
-    with hold_lease(wire.url, "label", seconds=SECONDS) as live:
+    """Through a proxy whose Date is 5 s ahead, A's live 4 s lease looks expired; B must not take it."""
+    with hold_lease(wire.url, "label", seconds=REFUSING) as live:
         wire.proxy.decide = lambda request: ("date", 5)
         wire.via(wire.proxy.endpoint)
         with pytest.raises(LeaseError) as refused:
-            hold_lease(wire.url, "label", seconds=SECONDS)
+            hold_lease(wire.url, "label", seconds=REFUSING)
         live.check()
         token = live.token
         assert _body_token(wire) == token
     message = str(refused.value)
     assert f"the clock of {wire.proxy.endpoint} (its Date: " in message and "and this machine's (" in message
-    assert re.search(r"differ by \+[45] s, more than a quarter of the 2 s lease", message)   # Date: whole seconds
+    assert re.search(r"differ by \+[45] s, more than a quarter of the 4 s lease", message)   # Date: whole seconds
     assert "sync the clocks (NTP" in message
 
 
@@ -270,7 +272,7 @@ def test_a_server_whose_last_modified_is_off_its_date_is_refused(wire):
     with pytest.raises(LeaseError, match=rf"the object store at {wire.proxy.endpoint} dates objects by another clock "
                                          rf"than its replies: the lease {wire.url}.lease, just written, is \+[56] s "
                                          rf"old .*NTP on each of its nodes"):
-        hold_lease(wire.url, "label", seconds=SECONDS)
+        hold_lease(wire.url, "label", seconds=REFUSING)
     assert wire.client.list_objects_v2(Bucket=BUCKET, Prefix=wire.key)["KeyCount"] == 0
 
 
