@@ -18,6 +18,7 @@ import zarr
 from conftest import BUCKET, make_image_dataset
 from mealv2.common.data.targets import encode_topk, reconstruct_targets
 from mealv2.common.store.label_store import RUNS_KEY, LabelStore
+from mealv2.common.store.schema import StoreError
 from mealv2.stage1_label.config import LabelConfig
 from mealv2.stage1_label.cost import LabelCost
 from mealv2.stage1_label.labeler import run_label
@@ -231,6 +232,16 @@ def test_dry_run_writes_nothing_and_predicts_the_run(setup, tmp_path, capsys):
     more = run_label(_config(setup, out, rounds=4, dry_run=True))
     assert (more.crops, more.units) == (24 * 2, 3)
     assert len(run_label(_config(setup, out, rounds=4)).runs()) == 2
+
+    # a store the run would refuse, its dry run refuses with the run's reason; neither touches the store
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    for over, reason in (({"temperature": 2.0}, "temperature: store has 1.0, this run has 2.0"),
+                         ({"keep_teachers": True}, "--keep-teachers: the store has no per-teacher layers"),
+                         ({"rounds": 2}, "--rounds 2 would drop some of its 4 complete rounds")):
+        for dry_run in (True, False):
+            with pytest.raises(StoreError, match=re.escape(reason)):
+                run_label(_config(setup, out, dry_run=dry_run, **over))
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
 
 
 @pytest.mark.slow

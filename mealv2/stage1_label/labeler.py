@@ -242,7 +242,9 @@ DRY_RUN_SECONDS = 10.0
 def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np.ndarray, ranks: int) -> LabelCost:
     """What the run of ``cfg`` will take, printed: batches of round 0's crops of the first images through the
     run's own loader, ensemble and top-k code, timed after the first, then written and packed as the store
-    does it (:func:`trial_store`, deleted). Nothing is written to ``cfg.out``."""
+    does it (:func:`trial_store`, deleted). Nothing is written to ``cfg.out``; a store there is refused first as
+    the run would refuse it."""
+    rounds, shards, units = _work_todo(cfg, attrs, index.relpaths)
     images_per_batch = max(1, cfg.batch_size // cfg.crops_per_image)
     n = min(len(index), images_per_batch * (1 + DRY_RUN_BATCHES[1]))
     work = [(0, s, a, min(a + cfg.shard_size, n)) for s, a in enumerate(range(0, n, cfg.shard_size))]
@@ -262,7 +264,6 @@ def dry_run(cfg: LabelConfig, index, ensemble: Ensemble, attrs: dict, labels: np
     startup = max(0.0, warm_up) if len(batches) > 1 else 0.0
     trial = trial_store(cfg, attrs, batches, labels, index.relpaths)
     layers = len(ensemble.teachers) if cfg.keep_teachers else 0   # each adds an ids and a probs array
-    rounds, shards, units = _work_todo(cfg, len(index))
     cost = LabelCost(crops=sum(b - a for a, b in units) * cfg.crops_per_image, units=len(units),
                      store_crops=rounds * len(index) * cfg.crops_per_image, rounds=rounds, shards=shards, ranks=ranks,
                      measured_crops=crops, crops_per_s=rate, startup_s=startup, write_s=trial.write_s,
@@ -309,17 +310,17 @@ def trial_store(cfg: LabelConfig, attrs: dict, batches: list[tuple], labels: np.
                           (written - started) / store.num_shards, time.perf_counter() - written)
 
 
-def _work_todo(cfg: LabelConfig, num_images: int) -> tuple[int, int, list[tuple[int, int]]]:
-    """(rounds, shards, the image range of each (round, shard) left to label) for the run of ``cfg``: every
-    unit of a new store, those without a done mark in a store that exists (read, not written)."""
+def _work_todo(cfg: LabelConfig, attrs: dict, relpaths) -> tuple[int, int, list[tuple[int, int]]]:
+    """(rounds, shards, the image range of each (round, shard) left to label) for the run of ``cfg`` (its store
+    attributes ``attrs``, its images ``relpaths``): every unit of a new store, those without a done mark in a
+    store that exists (read, not written), after the refusals the run would give that store."""
+    num_images = len(relpaths)
     rounds, shards = cfg.rounds, num_shards(num_images, cfg.shard_size)
     done = np.zeros((rounds, shards), dtype=bool)
     if open_objects(cfg.out).exists("zarr.json"):
         store = LabelStore.open(cfg.out)
-        if store.shard_size != cfg.shard_size:
-            raise MealV2Error(f"--dry-run: {store.path} has shards of {store.shard_size} images, this command "
-                              f"--shard-size {cfg.shard_size}; the run would refuse it: pass --shard-size "
-                              f"{store.shard_size}")
+        store.check_resumable(attrs, keeps_layers=cfg.keep_teachers, relpaths=relpaths)
+        store.check_rounds(rounds)
         marks = store.done_mask()[:rounds]
         done[:len(marks)] = marks
     ranges = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, num_images)) for s in range(shards)]

@@ -114,35 +114,47 @@ class LabelStore(StoreIntegrity):
         if objects.exists("zarr.json"):
             store = cls.open(path, mode="r+")
             store.guard = guard   # before any write of the resume: repair, pack, resize, deletions
-            problems = settings_differences(store.attrs, attrs)
-            if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
-                problems.append(store.dataset_changes(relpaths))
-            kept = bool(store.layers_with_ensemble())
-            if kept != bool(layers):
-                problems.append(f"--keep-teachers: the store {'keeps' if kept else 'has no'} per-teacher layers, this "
-                                f"command {'does not keep them' if kept else 'keeps them'}")
-            if problems:
-                raise StoreError(f"{path} was made with other settings; refusing to mix labels:\n  "
-                                 + "\n  ".join(problems)
-                                 + "\nUse a new --out, or the settings the store was made with.")
+            store.check_resumable(attrs, keeps_layers=bool(layers), relpaths=relpaths)
             store.repairs = store.repair(labels, relpaths)   # before anything reads the done marks
             store.pack()   # rounds a killed run labelled in full but did not pack
-            planned, complete = store.rounds_planned, store.rounds_complete()
-            if rounds < complete:
-                raise StoreError(f"{path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
-                                 f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
-            if rounds > planned and (added := store.added_layers()):
-                raise StoreError(f"--rounds {rounds}: {path} has {planned} rounds and a layer added by --add-teacher "
-                                 f"({store.layers[added[0]]['teacher']['spec']}), which would not cover new rounds; "
-                                 f"pass --rounds {planned}, or label into a new --out")
-            if rounds > planned and before_growing is not None:
+            store.check_rounds(rounds)
+            if rounds > store.rounds_planned and before_growing is not None:
                 before_growing(store)
-            if rounds != planned or store.group[f"{STAGED}/done"].shape[0] != planned:   # or a resize was cut short
-                store._resize(rounds)
+            if rounds != store.rounds_planned or store.group[f"{STAGED}/done"].shape[0] != store.rounds_planned:
+                store._resize(rounds)   # or a resize was cut short
             return store
         store = cls._create(objects, attrs, rounds, labels, relpaths, layers, guard)
         store.guard = guard
         return store
+
+    def check_resumable(self, attrs: dict, *, keeps_layers: bool, relpaths: Sequence[str] | None = None) -> None:
+        """Refuse a labelling command whose ``attrs`` (teachers, data, crop settings) differ from the store's, or
+        that keeps per-teacher layers where the store does not (or the reverse): resuming would mix labels.
+        Reads only, so a dry run gives the refusal the run would."""
+        attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
+        problems = settings_differences(self.attrs, attrs)
+        if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
+            problems.append(self.dataset_changes(relpaths))
+        kept = bool(self.layers_with_ensemble())
+        if kept != keeps_layers:
+            problems.append(f"--keep-teachers: the store {'keeps' if kept else 'has no'} per-teacher layers, this "
+                            f"command {'does not keep them' if kept else 'keeps them'}")
+        if problems:
+            raise StoreError(f"{self.path} was made with other settings; refusing to mix labels:\n  "
+                             + "\n  ".join(problems)
+                             + "\nUse a new --out, or the settings the store was made with.")
+
+    def check_rounds(self, rounds: int) -> None:
+        """Refuse ``--rounds`` that would drop complete rounds, or grow a store with an added layer (which would
+        not cover the new rounds)."""
+        planned, complete = self.rounds_planned, self.rounds_complete()
+        if rounds < complete:
+            raise StoreError(f"{self.path}: store plans {planned} rounds, --rounds {rounds} would drop some of its "
+                             f"{complete} complete rounds; pass --rounds {complete} (or more, to append)")
+        if rounds > planned and (added := self.added_layers()):
+            raise StoreError(f"--rounds {rounds}: {self.path} has {planned} rounds and a layer added by --add-teacher "
+                             f"({self.layers[added[0]]['teacher']['spec']}), which would not cover new rounds; "
+                             f"pass --rounds {planned}, or label into a new --out")
 
     @classmethod
     def _create(cls, objects, attrs: dict, rounds: int, labels: np.ndarray,
