@@ -164,8 +164,13 @@ def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
     names.write_text("class_0\nclass_1\nclass_2\nextra_a\nextra_b\n")   # the store's classes and two more
     r = in_process(*label_args(data, copy, "--add-teacher", f"test_resnet={wide}@32", "--teacher-classes",
                                f"1={names}"))
-    assert r.returncode != 0 and "its 5 classes cannot be mapped onto the store's 3" in r.stderr
-    assert "--teacher-classes 1=FILE" in r.stderr
+    assert r.returncode != 0 and "it has 2 classes the store lacks (extra_a, extra_b)" in r.stderr
+    # given twice, or as a comma list: one teacher a run
+    for given in (["--add-teacher", teachers[2], "--add-teacher", teachers[0]], ["--add-teacher", ",".join(teachers[:2])]):
+        r = in_process(*label_args(data, copy, *given))
+        assert r.returncode == 2 and "a run adds one teacher's layer" in r.stderr and "once per teacher" in r.stderr
+    r = in_process(*label_args(data, copy, "--add-teacher", teachers[2], "--dry-run"))
+    assert r.returncode != 0 and "--dry-run does not apply" in r.stderr and "--keep-teachers" not in r.stderr
     # an unfinished store (planned 3 rounds, 2 labelled)
     zarr_json = copy / "zarr.json"
     unfinished = tmp_path / "unfinished.zarr"

@@ -102,6 +102,11 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
         names = read_classes_file(cfg.classes_file) if cfg.classes_file else None
         teachers, mapped, _ = load_teachers([cfg.add_teacher], classes, cfg.crop.res, names,
                                             stated_classes=read_teacher_classes(cfg.teacher_classes, 1))
+        if extra := [c for c in mapped if c not in classes]:
+            raise MealV2Error(f"--add-teacher {cfg.add_teacher}: it has {len(extra)} classes the store lacks "
+                              f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); a layer is over the "
+                              f"store's {len(classes)} classes, which its crops were labelled in: add a teacher of "
+                              f"those classes, or label a new store with this teacher among --teachers")
         if list(mapped) != list(classes):
             raise MealV2Error(f"--add-teacher {cfg.add_teacher}: its {len(mapped)} classes cannot be mapped onto the "
                               f"store's {len(classes)} ({', '.join(classes[:3])}, ...): give its class names in "

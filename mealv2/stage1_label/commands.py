@@ -20,11 +20,6 @@ LABELS = {  # field: its flag's help, in --help's order
     "skip_bad": "Leave out unreadable images (recorded in the store) instead of failing.",
     "keep_teachers": "Also store each teacher's own top-k over the same crops (per-teacher layers, same encoding), "
                      "so `train --teacher-weights` can reweigh the teachers without running them again.",
-    "add_teacher": "Instead of --teachers: run only this teacher (a spec as --teachers') over the finished store "
-                   "--out's own crops, teacher-checked, and add its per-teacher layer; the store's labels, digest and "
-                   "runs trained from it stay as they were (docs/STORE.md). The layer takes the store's --rounds, "
-                   "crops, --topk, --temperature, --seed and --shard-size: leave them out or give the store's (another "
-                   "value is refused). Re-run to resume.",
     "dry_run": "Write nothing: time the teachers on a few batches of DATA's crops on --device and print what the "
                "run will take (crops, hours, the store's bytes and objects, S3 requests).",
 }
@@ -33,6 +28,14 @@ EXECUTION = {
     "progress": "Progress bars on stderr.",
 }
 # The labeller (torch, timm, DALI) is imported when `label` runs.
+
+
+def _once(param, specs: tuple[str, ...]) -> str | None:
+    """--add-teacher's one spec: given twice, click would keep the last one silently."""
+    if len(specs) > 1:
+        raise click.BadParameter(f"given {len(specs)} times ({', '.join(specs)}); a run adds one teacher's layer: run "
+                                 f"`mealv2 label --add-teacher SPEC` once per teacher", param=param)
+    return specs[0] if specs else None
 
 
 @click.command()
@@ -44,6 +47,12 @@ EXECUTION = {
                        "the store has appends.")
 @crop_options(LabelConfig)
 @config_options(LabelConfig, LABELS)
+@option("add_teacher", multiple=True, callback=lambda ctx, param, specs: _once(param, specs),
+        help="Instead of --teachers: run only this teacher (a spec as --teachers') over the finished store --out's "
+             "own crops, teacher-checked, and add its per-teacher layer; the store's labels, digest and runs trained "
+             "from it stay as they were (docs/STORE.md). The layer takes the store's --rounds, crops, --topk, "
+             "--temperature, --seed and --shard-size: leave them out or give the store's (another value is refused). "
+             "One teacher a run. Re-run to resume.")
 @loader_option
 @device_option
 @workers_option

@@ -78,9 +78,15 @@ class LabelConfig:
             raise MealV2Error(f"label --add-teacher {self.add_teacher}: also given --teachers "
                               f"{','.join(self.teachers)}; --add-teacher runs only the new teacher over the store's "
                               f"crops (the store records its ensemble): drop --teachers")
-        if self.add_teacher is not None and (self.keep_teachers or self.dry_run):
-            raise MealV2Error(f"label --add-teacher {self.add_teacher}: --keep-teachers and --dry-run do not apply "
-                              f"(it adds one teacher's layer): drop them")
+        if self.add_teacher is not None and "," in self.add_teacher:
+            raise MealV2Error(f"label --add-teacher {self.add_teacher}: a run adds one teacher's layer, this names "
+                              f"{len(self.add_teacher.split(','))} (a comma list is --teachers'); run `mealv2 label "
+                              f"--add-teacher SPEC` once per teacher")
+        if self.add_teacher is not None and (unused := [flag for flag, on in (("--keep-teachers", self.keep_teachers),
+                                                                              ("--dry-run", self.dry_run)) if on]):
+            raise MealV2Error(f"label --add-teacher {self.add_teacher}: {' and '.join(unused)} "
+                              f"{'does' if len(unused) == 1 else 'do'} not apply (it adds one teacher's layer): "
+                              f"drop {'it' if len(unused) == 1 else 'them'}")
         if not self.teachers and self.add_teacher is None:
             raise MealV2Error("label: no teachers given: pass --teachers SPEC (repeatable or comma separated), or "
                               "--add-teacher SPEC to add a teacher's layer to a finished store")
