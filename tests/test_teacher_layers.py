@@ -4,6 +4,7 @@ a teacher again."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import zarr
 
 from conftest import make_image_dataset, run_cli
 from mealv2.benchmarks.common import random_teachers
+from mealv2.common.config import Weights
 from mealv2.common.errors import MealV2Error
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -189,6 +191,10 @@ def test_replayed_layer_targets_are_each_teachers_and_their_weighted_mean(kept, 
                                rtol=0, atol=1e-6)
     ensemble = replayed_targets(out, data)
     assert not torch.allclose(ensemble, own[0]) and not torch.allclose(ensemble, own[1])
+    # weights are relative at any size: float32 flushed 1e-45 and overflowed 1e308 + 1e308 (NaN targets)
+    for weights, want in (((1e-45, 0), own[0]), ((0, 1e-320), own[1]),
+                          ((1e308, 1e308), replayed_targets(out, data, teacher_weights=(1, 1)))):
+        torch.testing.assert_close(replayed_targets(out, data, teacher_weights=weights), want, rtol=0, atol=1e-6)
     # a saved replay continues only with the weighting it replayed
     import mealv2
 
@@ -251,6 +257,12 @@ def test_bad_weights_are_refused_by_the_config(value, said):
 
     with pytest.raises(MealV2Error, match=said):
         mealv2.TrainConfig("d", "o", "a", labels="s", teacher_weights=value)
+
+
+def test_a_weight_past_floats_range_is_read_as_infinite_and_refused():
+    """'1e400' made the flag's parser raise OverflowError (a traceback) instead of the refusal."""
+    weights = Weights().parse("1e400,1")
+    assert weights == (math.inf, 1.0) and "non-finite" in Weights().problem(weights)
 
 
 def test_inspect_reports_bytes_per_crop_per_layer(kept, in_process):

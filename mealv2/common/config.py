@@ -132,7 +132,7 @@ class Pair(Setting):
 
     def parse(self, text: str):
         try:
-            lo, hi = (float(Fraction(v.strip())) for v in text.split(","))
+            lo, hi = (_as_float(Fraction(v.strip())) for v in text.split(","))
         except (ValueError, ZeroDivisionError):
             return text
         return lo, hi
@@ -175,9 +175,17 @@ class Weights(Setting):
 
     def parse(self, text: str):
         try:
-            return tuple(float(Fraction(v.strip())) for v in text.split(","))
+            return tuple(_as_float(Fraction(v.strip())) for v in text.split(","))
         except (ValueError, ZeroDivisionError):
             return text
+
+
+def _as_float(value: Fraction) -> float:
+    """``value`` as a float; one past float's range (1e400) is infinite, as Python's float('1e400') is."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 class Specs(Setting):

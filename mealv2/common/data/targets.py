@@ -25,6 +25,8 @@ from ..store.schema import PROB_LEVELS
 # Code 0 covers p in [0, (0.5/127)^2); it decodes to that bin's mean under a uniform sqrt,
 # (0.5/127)^2 / 3, never to 0, so no class of a rebuilt target has zero probability.
 _ZERO_CODE = 0.5 / math.sqrt(3)
+# Teacher weights whose largest is within 2**±20 of 1 are mixed as given (mix_probs).
+WEIGHT_EXPONENT = 20
 
 
 def teacher_probs(logits: list[torch.Tensor], temperature: float) -> list[torch.Tensor]:
@@ -33,7 +35,13 @@ def teacher_probs(logits: list[torch.Tensor], temperature: float) -> list[torch.
 
 
 def mix_probs(probs: list[torch.Tensor], weights) -> torch.Tensor:
-    """Weighted mean of probability rows ``probs`` (one tensor per teacher), in probability space."""
+    """Weighted mean of probability rows ``probs`` (one tensor per teacher), in probability space. Weights whose
+    largest is far from 1 (1e-45, 1e308: relative weights, any size) are first scaled by a power of two, which is
+    exact, so float32 neither flushes them to zero nor overflows their sum; ordinary ones are used as given, so
+    the labels stores hold stay bit for bit what their teachers gave."""
+    exponent = math.frexp(max(weights))[1]
+    if abs(exponent) > WEIGHT_EXPONENT:
+        weights = [math.ldexp(w, -exponent) for w in weights]
     return sum(w * p for p, w in zip(probs, weights)) / sum(weights)
 
 
