@@ -3,6 +3,7 @@ running its teachers again or changing what it held."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -195,7 +196,7 @@ def test_a_killed_add_teacher_resumes_to_the_uninterrupted_store(setup, tmp_path
     shutil.copytree(setup[3]["kept"], path)
     killed = run_cli(*label_args(data, path, "--add-teacher", teachers[2]), env={**ONE_THREAD, "MEALV2_KILL_AT": kill_at})
     assert killed.returncode == -signal.SIGKILL, f"the fault point {kill_at} was never reached"
-    with pytest.raises(StoreError, match="(?s)layer 2 .* is not labelled for round 1.*--add-teacher"):
+    with pytest.raises(StoreError, match="(?s)layer 3 .* is not labelled for round 1.*--add-teacher"):
         LabelStore.open(path).read_round(1, layers=[2])   # an unfinished layer is never replayed
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
@@ -229,11 +230,11 @@ def test_damage_in_an_added_layer_is_found_named_and_repaired_by_its_command(set
     (path / "teachers/2/ids/c/0/0/0/0").unlink()   # round 0's object of its ids: every shard of the round
     r = in_process("verify", path)
     assert r.returncode != 0
-    assert f"layer 2 ({teachers[2]}): teachers/2/probs/c/1/0/0/0[0]: unreadable chunk" in r.stdout + r.stderr
-    assert f"layer 2 ({teachers[2]}): teachers/2/ids/c/0/0/0/0[1]: missing chunk" in r.stdout + r.stderr
+    assert f"layer 3 ({teachers[2]}): teachers/2/probs/c/1/0/0/0[0]: unreadable chunk" in r.stdout + r.stderr
+    assert f"layer 3 ({teachers[2]}): teachers/2/ids/c/0/0/0/0[1]: missing chunk" in r.stdout + r.stderr
     assert f"--add-teacher {teachers[2]}" in r.stdout + r.stderr
     open_checked_store(path)   # the ensemble's labels are sound: trained from as they are
-    with pytest.raises(MealV2Error, match=r"(?s)layer 2 .*teachers/2/probs/c/1/0/0/0\[0\].*--add-teacher"):
+    with pytest.raises(MealV2Error, match=r"(?s)layer 3 .*teachers/2/probs/c/1/0/0/0\[0\].*--add-teacher"):
         open_checked_store(path, teacher_weights=(0, 0, 1))
     r = in_process(*label_args(data, path, "--add-teacher", teachers[2]))
     assert r.returncode == 0, r.stderr
@@ -255,8 +256,25 @@ def test_a_layers_teacher_changed_under_the_same_spec_is_refused_naming_what_cha
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), checkpoint)   # retrained in place
     r = in_process(*label_args(data, copy, "--add-teacher", spec))
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert f"layer 0 ({spec}) was labelled from this spec, which now loads another teacher (sha256" in r.stderr
+    assert f"layer 1 ({spec}) was labelled from this spec, which now loads another teacher (sha256" in r.stderr
     assert "restore the teacher as it was" in r.stderr and files(copy) == before
+
+
+def test_inspect_lists_every_layer_by_its_weight_position_and_counts_its_bytes(setup, tmp_path, in_process):
+    """An added teacher is in no ensemble list: inspect lists the layers (what --teacher-weights positions
+    mean), and bytes_per_crop counts the added layer's ids and codes too."""
+    _, data, teachers, _ = setup
+    copy = grown(setup, tmp_path, in_process)
+    shown = json.loads(in_process("inspect", copy, "--json").stdout)
+    assert [(x["position"], x["teacher"]["spec"], x["added_by"], x["finished"]) for x in shown["layers"]] == [
+        (1, teachers[0], "--keep-teachers", True), (2, teachers[1], "--keep-teachers", True),
+        (3, teachers[2], "--add-teacher", True)]
+    assert shown["layers"][2]["teacher_check"]["teacher"] == teachers[2]
+    by_layer = shown["bytes_per_crop_by_layer"]
+    assert len(by_layer) == 5 and sum(by_layer.values()) == pytest.approx(shown["bytes_per_crop"], abs=0.05)
+    text = in_process("inspect", copy).stdout
+    assert "per-teacher layers (their --teacher-weights positions):" in text
+    assert f"  3. --add-teacher: {teachers[2]}  (test_resnet, 32 px" in text
 
 
 def test_the_report_gives_an_added_teachers_accuracy_beside_the_kept_ones(setup, tmp_path, in_process):

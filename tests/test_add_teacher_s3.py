@@ -81,7 +81,7 @@ def test_a_killed_add_teacher_into_s3_resumes_after_its_lease_expires_or_is_brok
     r = run_cli(*add_third(setup), env={**ENV, "MEALV2_KILL_AT": "shard_mark:4"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert _objects(moto_s3.client, "labels.zarr/staged/teachers/2/ids/c/")   # some of the layer's shards staged
-    with pytest.raises(StoreError, match="(?s)layer 2 .* is not labelled for round 0.*--add-teacher"):
+    with pytest.raises(StoreError, match="(?s)layer 3 .* is not labelled for round 0.*--add-teacher"):
         LabelStore.open(URL).read_round(0, layers=[2])   # an unfinished layer is never replayed
     # the dead run's lease is still there: the same command is refused until it expires
     r = in_process(*add_third(setup))
@@ -97,7 +97,7 @@ def test_a_killed_add_teacher_into_s3_resumes_after_its_lease_expires_or_is_brok
     moto_s3.client.delete_object(Bucket=BUCKET, Key="labels.zarr.lease")
     r = in_process(*add_third(setup))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"layer 2 ({setup[2][2]}) complete" in r.stdout
+    assert f"layer 3 ({setup[2][2]}) complete" in r.stdout
     _assert_equals_disk(moto_s3.client, on_disk)
 
 

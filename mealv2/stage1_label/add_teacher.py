@@ -156,8 +156,8 @@ def run_add_teacher(cfg: LabelConfig) -> LabelStore:
                 if held is not None:
                     held.release()
         if info.is_main:
-            print(f"mealv2 label --add-teacher: {throughput(crops, seconds, info)}; {store.path}: layer {j} "
-                  f"({cfg.add_teacher}) {'complete' if layer.complete else 'not complete'}; train from it with "
+            print(f"mealv2 label --add-teacher: {throughput(crops, seconds, info)}; {store.path}: "
+                  f"{store.layer_name(j)} {'complete' if layer.complete else 'not complete'}; train from it with "
                   f"`mealv2 train --labels {store.path} --teacher-weights " + ",".join(
                       "1" if i == j else "0" for i in range(j + 1)) + "`")
         return store

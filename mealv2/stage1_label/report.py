@@ -32,6 +32,7 @@ def store_summary(path) -> dict:
         "seed": a["seed"],
         "crop": a["crop"],
         "teachers": a["teachers"],
+        "layers": layer_summary(store),
         "teacher_precision": a["teacher_precision"],
         "teacher_check": a.get("teacher_check"),
         "dataset_fingerprint": a["dataset"]["fingerprint"],
@@ -53,6 +54,16 @@ def store_summary(path) -> dict:
         else:
             summary["top1_histogram"] = top1_histogram(top1, a["classes"])
     return summary
+
+
+def layer_summary(store: LabelStore) -> list[dict]:
+    """The per-teacher layers, by their position in ``train --teacher-weights`` (1, 2, ...): each one's teacher,
+    how it came (with the ensemble, ``--keep-teachers``; or later, ``--add-teacher``, with its own teacher check),
+    and whether it is finished (an added layer is until its command has labelled every round)."""
+    finished = set(store.readable_layers())
+    return [{"position": j + 1, "teacher": layer["teacher"], "added_by": "--add-teacher" if j in store.added_layers()
+             else "--keep-teachers", "finished": j in finished, "teacher_check": layer.get("teacher_check")}
+            for j, layer in enumerate(store.layers)]
 
 
 def layer_bytes_per_crop(store: LabelStore, crops: int) -> dict[str, float | None] | None:
@@ -95,7 +106,8 @@ def top1_histogram(top1: np.ndarray, classes: list[str], top: int = HISTOGRAM_CL
 def run_lines(runs: list[dict]) -> list[str]:
     """One line per labelling run a store recorded: what it took."""
     if not runs:
-        return ["none recorded (the store was made before mealv2 recorded its labelling runs)"]
+        return ["none recorded: no labelling run has finished (a run is recorded when it ends), or the store was "
+                "made before mealv2 recorded its runs"]
     return [f"{r['finished']}: {r['crops']:,} crops in {r['label_s']:.1f} s ({r['crops_per_s']:.1f} crops/s) on "
             f"{r['device']}" + (f" x {r['ranks']} ranks" if r["ranks"] > 1 else "")
             + f", loader {r['loader']}, batch {r['batch_size']}; the whole command {r['wall_s']:.1f} s" for r in runs]

@@ -38,13 +38,14 @@ def inspect(store, as_json, report_dir, data):
         if key == "teachers":
             click.echo("teachers:")
             for t in value:
-                check = checks.get(t["spec"], {})
-                why = f" ({check['why']})" if check.get("why") else ""
-                agreement = (f"teacher check skipped{why}" if check.get("skipped") else
-                             f"top-1 agrees with the labels on {100 * check['agreement']:.1f}% of "
-                             f"{check['crops']} sampled crops" if check else "not checked")
-                click.echo(f"  {t['spec']}  ({t['arch']}, {t['res']} px, mean {t['mean']} std {t['std']}, weight "
-                           f"{t['weight']}, sha256 {t['sha256'][:12]}): {agreement}")
+                click.echo(f"  {_teacher_line(t, checks.get(t['spec']))}")
+        elif key == "layers":
+            if value:
+                click.echo("per-teacher layers (their --teacher-weights positions):")
+            for layer in value:
+                check = checks.get(layer["teacher"]["spec"]) if layer["teacher_check"] is None else layer["teacher_check"]
+                state = "" if layer["finished"] else " [unfinished: re-run its `mealv2 label --add-teacher` command]"
+                click.echo(f"  {layer['position']}. {layer['added_by']}{state}: {_teacher_line(layer['teacher'], check)}")
         elif key == "runs":
             click.echo("labelling runs:")
             for line in run_lines(value):
@@ -57,6 +58,17 @@ def inspect(store, as_json, report_dir, data):
         elif not (key == "top1_agreement" and summary["top1_histogram"] is not None):
             click.echo(f"{key}: {value}")
     _report(store, report_dir, data)
+
+
+def _teacher_line(teacher: dict, check: dict | None) -> str:
+    """A teacher as the store records it, with its teacher check's outcome."""
+    check = check or {}
+    why = f" ({check['why']})" if check.get("why") else ""
+    agreement = (f"teacher check skipped{why}" if check.get("skipped") else
+                 f"top-1 agrees with the labels on {100 * check['agreement']:.1f}% of {check['crops']} sampled crops"
+                 if check else "not checked")
+    return (f"{teacher['spec']}  ({teacher['arch']}, {teacher['res']} px, mean {teacher['mean']} std {teacher['std']}, "
+            f"weight {teacher['weight']}, sha256 {teacher['sha256'][:12]}): {agreement}")
 
 
 def _report(store, report_dir, data, err: bool = False) -> None:

@@ -50,7 +50,7 @@ class AddedLayer:
                              f"nothing was written")
         keys = [chunk_key(f"{STAGED}/{name}", store.group[name].ndim, round_, shard) for name in (self.ids, self.probs)]
         store._stage_shard(round_, shard, [(self.ids, ids), (self.probs, probs)], keys, self.marks,
-                           f"layer {self.layer} of {store.path}")
+                           f"{store.layer_name(self.layer)} of {store.path}")
 
     def pack(self) -> list[int]:
         """Pack each round whose shards are all labelled: the layer's staged chunks joined into its objects,

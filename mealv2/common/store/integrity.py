@@ -84,7 +84,9 @@ class StoreIntegrity:
         return problems
 
     def layer_name(self, layer: int) -> str:
-        return f"layer {layer} ({self.layers[layer]['teacher']['spec']})"
+        """Layer ``layer`` as users count it, by its --teacher-weights position (1, 2, ...; its arrays
+        ``teachers/{layer}/`` count from 0), with its teacher."""
+        return f"layer {layer + 1} ({self.layers[layer]['teacher']['spec']})"
 
     def repair_commands(self, problems: Sequence[str]) -> list[str]:
         """The commands that repair or finish what ``problems`` (:meth:`verify`'s) name: the store's `label`

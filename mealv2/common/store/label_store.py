@@ -539,10 +539,11 @@ class LabelStore(StoreIntegrity):
         return self.objects.size()
 
     def data_bytes(self) -> int | None:
-        """Bytes of the objects and staged chunk files of the per-crop arrays (what bytes-per-crop
-        figures divide); the arrays' few-hundred-byte zarr.json metadata files are not counted. None as
-        bytes_on_disk."""
-        sizes = [self.array_bytes(name) for name in self.data_arrays]
+        """Bytes of the objects and staged chunk files of the per-crop arrays, every layer's (what bytes-per-crop
+        figures divide); the arrays' few-hundred-byte zarr.json metadata files and an added layer's done marks are
+        not counted. None as bytes_on_disk."""
+        layers = (name for j in range(len(self.layers)) for name in layer_arrays(j))
+        sizes = [self.array_bytes(name) for name in (*DATA_ARRAYS, *layers)]
         return None if None in sizes else sum(sizes)
 
     def array_bytes(self, name: str) -> int | None:
