@@ -294,6 +294,19 @@ def test_the_report_gives_an_added_teachers_accuracy_beside_the_kept_ones(setup,
     assert row == f"| **all** | {top1[0].size} | {agree} | {' | '.join(hits)} |"
 
 
+def test_a_report_into_a_folder_of_an_earlier_one_replaces_it_and_leaves_other_files(setup, tmp_path, in_process):
+    """A three-layer store's report, then a plain store's into the same folder: the first one's pictures of
+    teachers 1-3 must not stay beside a report that does not link them."""
+    out = tmp_path / "report"
+    assert in_process("inspect", grown(setup, tmp_path, in_process), "--report", out).returncode == 0
+    assert (out / "teacher3-confidence.png").exists()
+    (out / "notes.txt").write_text("mine")
+    r = in_process("inspect", copied(setup, tmp_path, "plain"), "--report", out)
+    assert r.returncode == 0 and "in place of the report there and the files it linked" in r.stdout
+    links = re.findall(r"\]\(([^)\s]+)\)", (out / "report.md").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted({"report.md", "notes.txt", *links})
+
+
 def test_the_report_of_a_plain_store_grown_by_one_teacher_gives_its_accuracy_alone(setup, tmp_path, in_process):
     _, data, teachers, _ = setup
     copy = grown(setup, tmp_path, in_process, "plain")

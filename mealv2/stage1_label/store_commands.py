@@ -75,8 +75,10 @@ def _report(store, report_dir, data, err: bool = False) -> None:
     if report_dir:
         from .store_report import write_report   # matplotlib and torch: only for a report
 
+        replacing = (Path(report_dir) / "report.md").is_file()
         files = write_report(store, report_dir, data=data)
-        click.echo(f"wrote {Path(report_dir) / 'report.md'} and {len(files) - 1} pictures", err=err)
+        click.echo(f"wrote {Path(report_dir) / 'report.md'} and {len(files) - 1} pictures"
+                   + (" in place of the report there and the files it linked" if replacing else ""), err=err)
 
 
 @click.command()

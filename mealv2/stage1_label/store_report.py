@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ def write_report(path, out, data=None) -> dict[str, str]:
             raise MealV2Error(f"{problem}: pass --data the dataset {store.path} was labelled from")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_previous(out)
     layers = layer_stats(store)
     pictures: dict[str, str] = {}
     sections = [layer_section(store, name, stats, out, pictures,
@@ -69,6 +71,20 @@ def write_report(path, out, data=None) -> dict[str, str]:
                                                 teacher_section(store, out, pictures), *sheets])
                                    + "\n")
     return {"report.md": f"the report on {store.name}", **pictures}
+
+
+def remove_previous(out: Path) -> list[str]:
+    """Delete the report in ``out`` and the files it links (its pictures and tables: file names in ``out``),
+    which a new report, of another store or layers, would not all overwrite and leave beside itself; the
+    folder's other files are left. Returns what was deleted."""
+    old = out / "report.md"
+    if not old.is_file():
+        return []
+    owned = {link for link in re.findall(r"\]\(([^)\s/]+)\)", old.read_text(errors="replace"))
+             if (out / link).is_file()}
+    for name in (*owned, "report.md"):
+        (out / name).unlink(missing_ok=True)
+    return ["report.md", *sorted(owned)]
 
 
 # ---------------------------------------------------------------------------------- report.md
