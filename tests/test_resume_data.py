@@ -115,3 +115,21 @@ def test_a_store_grown_by_rounds_resumes_and_another_store_is_refused(labelled, 
     with pytest.raises(MealV2Error, match=f"labels: the run was trained on another label store than {other} "
                                           r"\(store digests differ\)"):
         train(resume_config(run, labels=str(other), epochs=3, dry_run=True))
+
+
+def test_a_run_given_relative_paths_resumes_from_another_folder(labelled, data, tmp_path, monkeypatch, in_process):
+    """DATA and --labels typed relative to where the run started: a resume from elsewhere reads those, not
+    whatever (or nothing) has their names there ('store: not a label store' sent users after the wrong fault)."""
+    shutil.copytree(labelled.store, tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    r = in_process("train", "data", "--labels", "store", "-a", "test_resnet", "-o", "run", "--epochs", 1,
+                   "--batch-size", 8, "--workers", 1, "--device", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    elsewhere = tmp_path / "elsewhere"
+    make_image_dataset(elsewhere / "data", per_class=2, seed=9)   # a folder of the same name, other images
+    monkeypatch.chdir(elsewhere)
+    r = in_process("train", "--resume", tmp_path / "run", "--epochs", 2)
+    assert r.returncode == 0, r.stderr
+    assert len(load_checkpoint_file(tmp_path / "run" / "last.pt")["metrics"]) == 2
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert (settings["data"], settings["labels"]) == (str(tmp_path / "data"), str(tmp_path / "store"))

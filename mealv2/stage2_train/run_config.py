@@ -15,6 +15,7 @@ from pathlib import Path
 from ..common.data.crops import CROP_FLAGS
 from ..common.errors import MealV2Error
 from ..common.models.checkpoints import load_checkpoint_file
+from ..common.store.objects import is_url
 from .config import TRAIN_DEFAULTS, TrainConfig
 from .utils import CONFIG_FILE
 
@@ -76,10 +77,34 @@ def resume_config(run: str | Path, **changes) -> TrainConfig:
     settings = run_settings(run)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {**dict.fromkeys(known), **TRAIN_DEFAULTS, **{k: v for k, v in settings.items() if k in known}}
+    values.update(_located(values, started_in(run)))
     # JSON gives lists and string keys back
     values.update({name: tuple(values[name]) for name in ("scale", "ratio") if values[name] is not None},
                   teacher_classes={int(n): path for n, path in values["teacher_classes"].items()})
     return TrainConfig(**{**values, "out": str(run), "resume": True, **changes})
+
+
+# The recorded paths a resume reads where the run was started (they may change on resume: RESUME_MAY_CHANGE).
+LOCATED = ("data", "labels", "val", "init")
+
+
+def started_in(run: str | Path) -> str | None:
+    """The folder ``run`` was started in (RUN/config.json's ``cwd``); None for a run that did not record it."""
+    try:
+        cwd = json.loads((Path(run) / CONFIG_FILE).read_text()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cwd if isinstance(cwd, str) else None
+
+
+def _located(values: dict, cwd: str | None) -> dict:
+    """The run's relative local paths (data, labels, ...) joined to ``cwd``, the folder they were given in: a
+    resume from another folder reads the run's files, not others of the same name (or none) there."""
+    if cwd is None or Path(cwd) == Path.cwd():
+        return {}
+    return {name: str(Path(cwd) / values[name]) for name in LOCATED
+            if isinstance(values[name], str) and values[name] and not is_url(values[name])
+            and not Path(values[name]).is_absolute()}
 
 
 def config_from_flags(flags: dict, typed: set[str]) -> TrainConfig:

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -22,11 +23,12 @@ CONFIG_FILE = "config.json"
 
 
 def write_run_config(run: Path, cfg, resolved: dict) -> Path:
-    """RUN/config.json, whole and durably (common/store/files.py): ``settings`` (every field of the TrainConfig ``cfg``, typed or default:
-    what --resume continues with, run_config.py) and ``resolved`` (what they came to: the store's crops, the
-    student's res per epoch, ...)."""
+    """RUN/config.json, whole and durably (common/store/files.py): ``settings`` (every field of the TrainConfig
+    ``cfg``, typed or default: what --resume continues with, run_config.py), ``resolved`` (what they came to: the
+    store's crops, the student's res per epoch, ...) and ``cwd``, the folder relative paths among them are in."""
     path = run / CONFIG_FILE
-    text = json.dumps({"settings": dataclasses.asdict(cfg), "resolved": resolved}, indent=1) + "\n"
+    text = json.dumps({"settings": dataclasses.asdict(cfg), "resolved": resolved, "cwd": os.getcwd()},
+                      indent=1) + "\n"
     write_file(path, text.encode(), sole_writer=True)
     return path
 
