@@ -167,7 +167,8 @@ def test_refusals_name_the_value_and_the_fix(setup, tmp_path, in_process):
                                f"1={names}"))
     assert r.returncode != 0 and "it has 2 classes the store lacks (extra_a, extra_b)" in r.stderr
     # given twice, or as a comma list: one teacher a run
-    for given in (["--add-teacher", teachers[2], "--add-teacher", teachers[0]], ["--add-teacher", ",".join(teachers[:2])]):
+    for given in (["--add-teacher", teachers[2], "--add-teacher", teachers[0]],
+                  ["--add-teacher", ",".join(teachers[:2])]):
         r = in_process(*label_args(data, copy, *given))
         assert r.returncode == 2 and "a run adds one teacher's layer" in r.stderr and "once per teacher" in r.stderr
     r = in_process(*label_args(data, copy, "--add-teacher", teachers[2], "--dry-run"))

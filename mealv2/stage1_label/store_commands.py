@@ -43,9 +43,10 @@ def inspect(store, as_json, report_dir, data):
             if value:
                 click.echo("per-teacher layers (their --teacher-weights positions):")
             for layer in value:
-                check = checks.get(layer["teacher"]["spec"]) if layer["teacher_check"] is None else layer["teacher_check"]
+                teacher, check = layer["teacher"], layer["teacher_check"]
+                check = checks.get(teacher["spec"]) if check is None else check   # a kept layer's: its teacher's
                 state = "" if layer["finished"] else " [unfinished: re-run its `mealv2 label --add-teacher` command]"
-                click.echo(f"  {layer['position']}. {layer['added_by']}{state}: {_teacher_line(layer['teacher'], check)}")
+                click.echo(f"  {layer['position']}. {layer['added_by']}{state}: {_teacher_line(teacher, check)}")
         elif key == "runs":
             click.echo("labelling runs:")
             for line in run_lines(value):
