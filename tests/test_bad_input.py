@@ -544,6 +544,16 @@ def test_urls_are_refused_not_taken_as_local_folders(work, tmp_path, mealv2, arg
     assert not out.exists() and not Path("s3:").exists() and not Path("https:").exists()
 
 
+def test_a_mistyped_store_url_is_refused_not_published_to_a_local_folder(store_copy, tmp_path, mealv2,
+                                                                        monkeypatch):
+    """'s3:/bucket/x' (one slash) was a local folder 's3:' that publish reported as published."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    r = mealv2("publish", store_copy, "s3:/bucket/x")
+    refused(r, "'DEST': s3:/bucket/x", "likely a mistyped URL; write s3://bucket/x for the URL")
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", ["label", "train", "eval"])
 def test_device_cuda_without_a_gpu_is_a_clear_error(work, tmp_path, mealv2, command):

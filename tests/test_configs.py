@@ -310,6 +310,9 @@ BAD_VALUES = [
     ("train", {"data": "s3://bkt/train"}, "train: data = s3://bkt/train is a URL"),
     ("label", {"data": "gs://bkt/train"}, "label: data = gs://bkt/train is a URL"),
     ("label", {"out": "http://host/s.zarr"}, "label: out = http://host/s.zarr: stores are written to a local path"),
+    ("label", {"out": "s3:/bkt/s.zarr"}, "label: out = s3:/bkt/s.zarr reads as a local folder named 's3:', likely a "
+                                         "mistyped URL; write s3://bkt/s.zarr for the URL, or ./s3:/bkt/s.zarr"),
+    ("train", {"labels": "S3:bkt/s.zarr", "hard_labels": False}, "likely a mistyped URL; write S3://bkt/s.zarr"),
 ]
 
 

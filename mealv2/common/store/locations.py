@@ -4,11 +4,16 @@ without a word, so it is refused in the config, for Python callers as for flags.
 from __future__ import annotations
 
 import os
+import re
 
 from ..config import Setting
 from ..errors import MealV2Error
 from .lease import writable_url
 from .objects import READ_BY, check_url, is_url, redact
+
+
+# A protocol followed by ':' or ':/' but not '://' ('s3:/bucket/x'): taken as a path, it is a folder named 's3:'.
+_URL_TYPO = re.compile(r"^(s3|s3a|gs|gcs|az|abfs|abfss|adl|http|https|hf|ftp|sftp|file):/?(?!/)", re.IGNORECASE)
 
 
 class LocalPath(Setting):
@@ -26,6 +31,9 @@ class LocalPath(Setting):
         if is_url(value):
             return (f"{redact(value)} is a URL; here mealv2 takes a local path: URLs are taken only as label stores "
                     f"({READ_BY}). Mount it (e.g. s3fs, gcsfuse) or copy it, and pass the local path")
+        if isinstance(value, str) and (typo := _URL_TYPO.match(value)):
+            return (f"{value} reads as a local folder named '{typo[1]}:', likely a mistyped URL; write "
+                    f"{typo[1]}://{value[typo.end():]} for the URL, or ./{value} for a local folder of that name")
         return super().refusal(value)
 
 
