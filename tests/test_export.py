@@ -151,3 +151,16 @@ def test_export_refuses_disagreeing_arch(tmp_path):
     assert "test_resnet" in str(res.exception) and "test_efficientnet" in str(res.exception)
     res = _export(tmp_path / "best.pt", "--format", "onnx", "--out", tmp_path / "best.pt")
     assert isinstance(res.exception, ex.ExportError) and "checkpoint itself" in str(res.exception)
+
+
+def test_an_opset_torch_cannot_reach_is_refused_and_one_it_can_is_written(tmp_path):
+    """torch.onnx falls back to its own opset when converting down fails: --opset 7 wrote opset 18 and exited 0."""
+    _checkpoint(tmp_path / "best.pt", "test_resnet")
+    res = _export(tmp_path / "best.pt", "--format", "onnx", "--opset", 7)
+    assert isinstance(res.exception, ex.ExportError)
+    assert "--opset 7: torch.onnx could not convert test_resnet to opset 7 and wrote opset" in str(res.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    res = _export(tmp_path / "best.pt", "--format", "onnx", "--opset", 20)
+    assert res.exit_code == 0, res.output
+    assert {e.domain or "ai.onnx": e.version for e in onnx.load(str(tmp_path / "best.onnx")).opset_import}[
+        "ai.onnx"] == 20

@@ -69,6 +69,13 @@ def _write_onnx(model, example, path: Path, meta: dict, opset: int | None) -> No
     program.save(str(path))   # weights go to PATH.data only past protobuf's 2 GB limit
     import onnx
     onnx.checker.check_model(str(path), full_check=True)
+    written = {entry.domain or "ai.onnx": entry.version for entry in onnx.load(str(path), load_external_data=False)
+               .opset_import}.get("ai.onnx")
+    if opset is not None and written != opset:   # torch falls back to its own opset when conversion fails
+        raise ExportError(f"--opset {opset}: torch.onnx could not convert {meta['arch']} to opset {opset} and wrote "
+                          f"opset {written}; nothing written. torch exports opset {written} and later, and converts "
+                          f"down only where ONNX's version converter can: leave --opset out, or pass {written} or "
+                          f"more")
 
 
 def _run_onnx(path: Path, x):
@@ -194,7 +201,9 @@ def export_model(loaded: LoadedModel, fmt: str, out: Path, res: int, source: str
               help="Input resolution of the export and the check. Default: the checkpoint's (required for a state dict).")
 @click.option("--ema", is_flag=True,
               help="Export the checkpoint's EMA weights (`train --model-ema`), not its raw ones.")
-@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: torch's).")
+@click.option("--opset", type=click.IntRange(min=7), default=None,
+              help="ONNX opset (default: torch's). Below torch's own it is converted down, and refused where "
+                   "that fails.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=1e-3, show_default=True,
               help="Largest allowed |exported - PyTorch| logit difference, relative to max(1, max |logit|).")
 @trust_option
