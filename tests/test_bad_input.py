@@ -249,6 +249,19 @@ def test_skip_bad_leaves_out_and_records_the_bad_files(work, tmp_path, mealv2):
         r = mealv2(*args)
         labelled_ok(r)
         assert said in r.out, args[0]
+    r = mealv2("verify", out, "--data", data)   # the images the store left out are left out here too
+    assert r.code == 0, r.err
+
+
+def test_verify_names_an_image_of_data_gone_bad_since_labelling(work, store_copy, tmp_path, mealv2):
+    """verify has no --skip-bad: it said to pass one, then refused it as no such option."""
+    _, data, _ = work
+    copy = shutil.copytree(data, tmp_path / "data")
+    jpeg = (copy / "class_1" / "cmyk.jpg").read_bytes()
+    (copy / "class_1" / "cmyk.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    r = mealv2("verify", store_copy, "--data", copy)
+    assert r.code != 0 and "Traceback" not in r.err and "--skip-bad" not in r.err
+    assert f"--data {copy}: 1 image(s) cannot be read, which the store was labelled from: class_1/cmyk.jpg (" in r.err
 
 
 @pytest.mark.parametrize("command,where", [("label", "inside"), ("train", "inside"), ("train", "is"),

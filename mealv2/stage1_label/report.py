@@ -153,9 +153,14 @@ def verify_store(path, data=None, recompute: int | None = None, tolerance: float
     if data is None or problems:
         return problems
     store = LabelStore.open(path)
-    from ..common.data.dataset import build_index, image_crcs
+    from ..common.data.dataset import BadImagesError, build_index, image_crcs
 
-    index = build_index(data)
+    try:   # a store labelled with --skip-bad records the images it left out: the same are left out here
+        index = build_index(data, skip_bad=bool(store.attrs["dataset"]["skipped"]))
+    except BadImagesError as e:
+        return [f"--data {data}: {len(e.bad)} image(s) cannot be read, which the store was labelled from: "
+                + "; ".join(f"{rel} ({reason})" for rel, reason in e.bad[:5]) + ("; ..." if len(e.bad) > 5 else "")
+                + "; restore them from the dataset's source"]
     if mismatch := dataset_mismatch(store, data, index):
         return [mismatch]
     crcs = image_crcs(index)
