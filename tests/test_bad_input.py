@@ -683,3 +683,17 @@ def test_a_truncated_run_config_resumes_from_last_pt_or_says_what_works(work, la
     refused(mealv2("train", "--resume", run), f"{config} is not a mealv2 run config", "holds no last.pt",
             "start the run again without --resume")
     labelled_ok(mealv2("train", data, "--labels", store, "--out", run, *TRAIN_FLAGS))
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--num_crops", "4"], "No such option: --num_crops. In mealv2: --crops-per-image (FKD's num_crops)"),
+    (["--softlabel_path", "x"], "In mealv2: --labels STORE"),
+    (["--mode", "fkd_save"], "is `mealv2 label DATA -t TEACHERS -o STORE`"),
+    (["-j", "4"], "No such option: -j. In mealv2: --workers"),
+    (["--multiprocessing-distributed"], "torchrun --nproc_per_node N -m mealv2.cli train"),
+    (["--lr-x", "3"], "(Did you mean one of: '--d-lr', '--lr', '--lr-step'?)"),   # others: click's guess
+])
+def test_flags_copied_from_fkd_and_meal_v2_are_named_as_mealv2_calls_them(work, mealv2, flags, said):
+    """Click's guess by spelling sent FKD's --num_crops to --cos."""
+    _, data, _ = work
+    refused(mealv2("train", data, *flags), said)

@@ -73,11 +73,46 @@ def bench():
     """Benchmarks that measure the targets side by side in one run; figures go to BENCHMARKS.md."""
 
 
+# Flags of MEAL V2's and FKD's train.py that users copy from their READMEs: what mealv2 calls them (click's own
+# guess by spelling sent --num_crops to --cos).
+TORCHRUN = "many GPUs are torchrun's: `torchrun --nproc_per_node N -m mealv2.cli train ...` (README)"
+FOREIGN_FLAGS = {
+    "--num_crops": "--crops-per-image (FKD's num_crops)",
+    "--softlabel_path": "--labels STORE, a label store `mealv2 label` wrote (FKD's soft labels)",
+    "--mode": "FKD's --mode fkd_save is `mealv2 label DATA -t TEACHERS -o STORE`, and training from the "
+              "store `mealv2 train DATA --labels STORE`",
+    "--temp": "--temperature",
+    "-j": "--workers",
+    "-b": "--batch-size (crops per step, over all ranks)",
+    "--teacher-model": "-t/--teachers (comma separated, as MEAL V2's)",
+    "--student-model": "-a/--arch",
+    "--s-arch": "-a/--arch",
+    "--save": "-o/--out",
+    "--save_checkpoint_path": "-o/--out",
+    "--warm-up": "--warmup-epochs N",
+    "--multiprocessing-distributed": TORCHRUN,
+    "--dist-url": TORCHRUN,
+    "--world-size": TORCHRUN,
+    "--rank": TORCHRUN,
+}
+
+
+def foreign_flag_hint(e: click.NoSuchOption) -> None:
+    """Say what mealv2 calls a flag of MEAL V2's or FKD's scripts, in place of click's guess by spelling."""
+    if hint := FOREIGN_FLAGS.get(e.option_name):
+        e.message = f"No such option: {e.option_name}. In mealv2: {hint}"
+        e.possibilities = None
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.NoSuchOption as e:
+        foreign_flag_hint(e)
+        e.show()
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
