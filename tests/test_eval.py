@@ -118,6 +118,27 @@ def test_eval_json_mealv2_checkpoint_matches_independent_loop(six_class_data, tm
     assert f"top-1 {want['top1']:.2f}%" in res.output and f"top-5 {want['top5']:.2f}%" in res.output
 
 
+def test_eval_of_a_safetensors_export_runs_it_as_its_checkpoint(six_class_data, tmp_path, in_process):
+    """`mealv2 export --format safetensors` records the arch, classes, res and mean/std: eval used ImageNet's
+    mean/std beside weights trained with others, and asked for -a."""
+    classes = [f"class_{c}" for c in range(6)]
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    model = _model(6, data=six_class_data, norm=(mean, std))
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, model=model, arch=ARCH, classes=classes, res=32, mean=mean, std=std, epoch=3)
+    assert in_process("export", ckpt, "--format", "safetensors").returncode == 0
+    scored = [json.loads(in_process("eval", six_class_data, "--checkpoint", f, "--json", "--workers", "1",
+                                    "--device", "cpu").stdout) for f in (ckpt, tmp_path / "best.safetensors")]
+    for key in ("top1", "top5", "res", "mean", "std", "arch"):
+        assert scored[0][key] == scored[1][key], key
+    assert scored[1]["model"] == "mealv2-export"
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(reversed(classes)) + "\n")
+    for f in (ckpt, tmp_path / "best.safetensors"):   # --classes is a state dict's: refused, not ignored
+        res = _invoke(six_class_data, "--checkpoint", f, "--classes", names, "--workers", 1)
+        assert isinstance(res.exception, ev.EvalError) and "leave --classes out" in str(res.exception)
+
+
 def test_eval_meal_v2_release_style_state_dict(six_class_data, tmp_path):
     """MEAL V2 releases: DataParallel 'module.' keys under 'state_dict', -a ARCH, ImageNet mean/std."""
     model = _model(6, seed=1, data=six_class_data)

@@ -45,7 +45,7 @@ class LoadedModel:
     res: int | None                # resolution the file records (None: a state dict records none)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    kind: str                      # 'mealv2-checkpoint' | 'state-dict' | 'timm-pretrained'
+    kind: str                      # 'mealv2-checkpoint' | 'mealv2-export' | 'state-dict' | 'timm-pretrained'
     ema: bool = False              # the checkpoint's EMA weights (--ema), not its raw ones
 
 
@@ -98,14 +98,24 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
 
     obj = M.load_checkpoint_file(checkpoint)
     if M.is_mealv2_checkpoint(obj):
-        if arch and arch != obj["arch"]:
-            raise EvalError(f"{checkpoint} is a mealv2 checkpoint of {obj['arch']}, but -a says {arch}; "
-                            f"leave -a out or make it agree")
+        _check_recorded(checkpoint, "a mealv2 checkpoint", obj["arch"], obj["classes"], arch, state_dict_classes)
         classes = [str(c) for c in obj["classes"]]   # DATA's classes are matched to them by name
         with config:
             model = M.model_from_mealv2_checkpoint(obj, str(checkpoint), ema=ema)
         return LoadedModel(model.eval(), obj["arch"], len(classes), classes, int(obj["res"]),
                            tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint", ema)
+    if (meta := M.export_file_metadata(checkpoint)) is not None:   # its metadata says how its weights ran
+        classes = json.loads(meta["classes"])
+        _check_recorded(checkpoint, "a `mealv2 export`", meta["arch"], classes, arch, state_dict_classes)
+        if ema:
+            raise EvalError(f"--ema picks a mealv2 checkpoint's EMA weights; {checkpoint} is a `mealv2 export` of one "
+                            f"set of weights (its {meta['weights']} ones): leave --ema out")
+        n = int(meta["num_classes"])
+        with config:
+            model = M.create_timm_model(meta["arch"], n, where=str(checkpoint))
+        M.load_weights(model, obj, str(checkpoint))
+        return LoadedModel(model.eval(), meta["arch"], n, classes, int(meta["res"]), tuple(json.loads(meta["mean"])),
+                           tuple(json.loads(meta["std"])), "mealv2-export", meta["weights"] == "ema")
 
     if ema:
         raise _no_ema(f"{checkpoint} is a plain state dict, which")
@@ -126,6 +136,18 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     if state_dict_classes is not None and len(state_dict_classes) != n:
         raise EvalError(f"--classes names {len(state_dict_classes)} classes, {checkpoint} has {n} outputs")
     return LoadedModel(model.eval(), arch, n, state_dict_classes, None, mean, std, "state-dict")
+
+
+def _check_recorded(checkpoint, what: str, recorded_arch: str, recorded_classes, arch: str | None,
+                    classes: list[str] | None) -> None:
+    """Refuse -a or --classes that disagree with, or would be ignored beside, what ``checkpoint`` records."""
+    if arch and arch != recorded_arch:
+        raise EvalError(f"{checkpoint} is {what} of {recorded_arch}, but -a says {arch}; leave -a out or make it "
+                        f"agree")
+    if classes is not None and recorded_classes is not None:
+        raise EvalError(f"--classes names a state dict's outputs; {checkpoint} is {what}, which records its own "
+                        f"{len(recorded_classes)} classes ({', '.join(map(str, recorded_classes[:3]))}, ...), matched "
+                        f"to DATA's by name: leave --classes out")
 
 
 def _no_ema(what: str) -> EvalError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import safetensors
 import safetensors.torch
 import timm
 import torch
@@ -173,6 +174,19 @@ def load_checkpoint_file(path: str | Path) -> dict:
                              f"(torch.save(model.state_dict(), FILE)) where you trust it") from None
     except Exception as e:
         raise ModelSpecError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+
+
+def export_file_metadata(path) -> dict[str, str] | None:
+    """The metadata of a `mealv2 export --format safetensors` file (arch, classes, res, mean, std: strings, JSON
+    where not plain), which says how to run its weights as its checkpoint did; None for any other file."""
+    if not _is_safetensors(path):
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:   # load_checkpoint_file names the damage
+        return None
+    return meta if meta.get("mealv2_format") == "mealv2-export" else None
 
 
 def _is_safetensors(path) -> bool:
