@@ -117,7 +117,7 @@ def test_a_store_grown_by_rounds_resumes_and_another_store_is_refused(labelled, 
         train(resume_config(run, labels=str(other), epochs=3, dry_run=True))
 
 
-def test_a_run_given_relative_paths_resumes_from_another_folder(labelled, data, tmp_path, monkeypatch, in_process):
+def test_a_run_given_relative_paths_resumes_from_another_folder_and_only_onward(labelled, data, tmp_path, monkeypatch, in_process):
     """DATA and --labels typed relative to where the run started: a resume from elsewhere reads those, not
     whatever (or nothing) has their names there ('store: not a label store' sent users after the wrong fault)."""
     shutil.copytree(labelled.store, tmp_path / "store")
@@ -133,3 +133,11 @@ def test_a_run_given_relative_paths_resumes_from_another_folder(labelled, data, 
     assert len(load_checkpoint_file(tmp_path / "run" / "last.pt")["metrics"]) == 2
     settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
     assert (settings["data"], settings["labels"]) == (str(tmp_path / "data"), str(tmp_path / "store"))
+    # fewer epochs than it has trained: refused (it recorded the shorter plan and trained nothing); as many:
+    # nothing to do, said
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    r = in_process("train", "--resume", tmp_path / "run", "--epochs", 1)
+    assert r.returncode == 2 and "--epochs 1: " in r.stderr and "has trained 2 epochs already" in r.stderr
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
+    r = in_process("train", "--resume", tmp_path / "run")
+    assert r.returncode == 0 and "has trained all its 2 epochs; nothing to do" in r.stdout

@@ -507,6 +507,13 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig, mode: Mode, *, val_index: Da
                           f"continue the run exactly:\n  " + "\n  ".join(diff)
                           + "\nRepeat the run's flags (they are in the checkpoint's train_config), or start "
                             "a new run with another --out")
+    done = int(ckpt.get("epoch", 0))
+    if cfg.epochs < done:   # it would record the shorter plan and train nothing
+        raise MealV2Error(f"--epochs {cfg.epochs}: {path} has trained {done} epochs already; pass more than {done} "
+                          f"to train on, or evaluate RUN/best.pt or last.pt as they are")
+    if cfg.epochs == done and not cfg.dry_run:
+        say(f"mealv2 train: {run} has trained all its {done} epochs; nothing to do (pass --epochs above {done} "
+            f"to train on)")
     return ckpt
 
 
