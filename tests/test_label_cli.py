@@ -453,3 +453,18 @@ def test_verify_with_data_recomputes_and_reports_the_deviation(tmp_path, data, r
     other = make_image_dataset(tmp_path / "other", per_class=5)
     problems = verify_store(reference, data=other)
     assert problems and "dataset fingerprint" in problems[0]
+
+
+def test_verify_while_a_label_run_writes_the_store_says_so_instead_of_damage(tmp_path, reference, in_process):
+    """Shards labelled but not packed yet read as problems, with a repair command, while the run is going."""
+    out = _copy(reference, tmp_path)
+    lock = FileLock(f"{out}.lock", timeout=0)
+    lock.acquire()
+    Path(f"{out}.lock").write_text("pid 4242 on host, since now\n")
+    try:
+        r = in_process("verify", out)
+        assert r.returncode != 0 and "is being written by a `mealv2 label` process now (pid 4242 on host" in r.stderr
+        assert "verify it once that command has ended" in r.stderr and "repair" not in r.stderr
+    finally:
+        lock.release()
+    assert in_process("verify", out).returncode == 0

@@ -5,6 +5,8 @@ import numpy as np
 
 from ..common.data.loaders.registry import available_cores
 from ..common.store.label_store import LabelStore, StoreError
+from ..common.store.locks import held_by, lock_path_beside
+from ..common.store.objects import is_url
 from ..common.store.schema import layer_arrays
 
 # torch, timm and DALI are imported only by `verify --recompute`: inspect and verify stay quick.
@@ -128,6 +130,9 @@ def store_problems(path) -> tuple[list[str], str | None]:
         store = LabelStore.open(path)
     except StoreError as e:
         return [str(e)], None
+    if not is_url(store.path) and (holder := held_by(lock_path_beside(store.path))):
+        return [f"{store.path} is being written by a `mealv2 label` process now ({holder}): what it has not "
+                f"finished would read as damage; verify it once that command has ended"], None
     problems = store.verify()
     if not problems:
         return [], None

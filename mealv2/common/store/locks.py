@@ -50,6 +50,24 @@ def hold_lock(lock_file: str | Path, target: str | Path, command: str,
     return lock
 
 
+def held_by(lock_file: str | Path) -> str | None:
+    """Who holds ``lock_file`` now (its holder's record, or 'holder unknown'); None when no one does, or when
+    this process cannot tell (no such file, or one it cannot open: a read-only copy). Makes no file."""
+    lock_file = Path(lock_file)
+    if not lock_file.is_file():
+        return None
+    holder = _read_holder(lock_file)
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return holder or "holder unknown"
+    except OSError:
+        return None
+    lock.release()
+    return None
+
+
 def _read_holder(lock_file: Path) -> str:
     try:
         return lock_file.read_text().strip()
