@@ -561,3 +561,17 @@ def test_the_store_loads_neither_torch_nor_click_and_its_schema_not_zarr():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert len(modules) > 8 and out.split("\n")[:2] == ["False", "[]"], out
 
+
+
+def test_a_store_labelled_but_not_packed_is_counted_alike_by_inspect_and_train(store):
+    """A killed run leaves its rounds labelled, not packed: inspect and publish said 0 rounds complete, train
+    'only 1/2' of the same store."""
+    from mealv2.stage1_label.report import store_summary
+    from mealv2.stage2_train.replay import open_checked_store
+
+    _fill(store, pack=False)
+    summary = store_summary(store.path)
+    assert (summary["rounds_complete"], summary["rounds_labelled"]) == (0, 2)
+    store.group["staged/done"][1, 0] = False   # and round 1 cut short
+    with pytest.raises(MealV2Error, match=re.escape("only 0/2 label rounds are complete (1 labelled: a run packs")):
+        open_checked_store(store.path)

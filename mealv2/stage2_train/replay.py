@@ -51,10 +51,13 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
     layers = [j for j in layer_weights(store, teacher_weights, weights_flag) or () if j in added]
     found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done, layers=layers)))
     full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
-    if not full.all():
-        raise MealV2Error(f"{store.path}: only {int(np.argmin(full))}/{store.rounds_planned} label rounds "
-                          f"are complete; finish it by re-running the `mealv2 label` command that made it "
-                          f"(it resumes where it stopped)")
+    if not full.all():   # counted as inspect and publish count: a round is complete once packed
+        complete, labelled = store.rounds_complete(), int(np.argmin(full))
+        unpacked = (f" ({labelled} labelled: a run packs its rounds as it ends, and this one did not end)"
+                    if labelled > complete else "")
+        raise MealV2Error(f"{store.path}: only {complete}/{store.rounds_planned} label rounds are complete{unpacked}; "
+                          f"finish it by re-running the `mealv2 label` command that made it (it resumes where it "
+                          f"stopped)")
     problems = [p for _, rank_problems in found for p in rank_problems]
     if problems:
         raise MealV2Error(f"{store.path} is damaged or unfinished, refusing to train on it:\n  "
