@@ -186,6 +186,10 @@ def test_publish_refuses_a_dest_that_holds_something_or_lies_in_the_store(labell
     r = in_process("publish", store, tmp_path / "busy")
     assert r.returncode == 2 and "is not empty and not a label store" in r.stderr and "notes.txt" in r.stderr
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("mine")
+    r = in_process("publish", store, tmp_path / "file")
+    assert r.returncode == 2 and "is a file; the copy is a store folder" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("file")) == ["file"]   # no lock, no copy
     (tmp_path / "empty").mkdir()
     assert in_process("publish", store, tmp_path / "empty").returncode == 0
 

@@ -37,6 +37,9 @@ class PublishConfig:
             where = "the store itself" if _same(self.dest, self.store) else f"inside STORE {self.store}"
             raise StoreError(f"publish: DEST {self.dest} is {where}; the copy goes beside it, not into it: "
                              f"choose a DEST outside STORE")
+        if not is_url(self.dest) and Path(self.dest).exists() and not Path(self.dest).is_dir():
+            raise StoreError(f"publish: DEST {self.dest} is a file; the copy is a store folder: choose a new or "
+                             f"empty folder")
 
 
 def _location(path) -> str:
