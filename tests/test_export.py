@@ -11,11 +11,13 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mealv2.common.models.checkpoints import save_checkpoint
 from mealv2.stage2_train import export as ex
+from mealv2.stage2_train.utils import RUN_LOCK
 
 CLASSES = ["cat", "dog", "owl", "yak"]
 MEAN, STD = (0.5, 0.45, 0.4), (0.2, 0.25, 0.3)
@@ -164,3 +166,16 @@ def test_an_opset_torch_cannot_reach_is_refused_and_one_it_can_is_written(tmp_pa
     assert res.exit_code == 0, res.output
     assert {e.domain or "ai.onnx": e.version for e in onnx.load(str(tmp_path / "best.onnx")).opset_import}[
         "ai.onnx"] == 20
+
+
+def test_exporting_a_checkpoint_of_a_run_still_training_says_so(tmp_path, in_process):
+    _checkpoint(tmp_path / "best.pt", "test_resnet")
+    lock = FileLock(tmp_path / RUN_LOCK, timeout=0)
+    lock.acquire()
+    (tmp_path / RUN_LOCK).write_text("pid 4242 on host, since now\n")
+    try:
+        r = in_process("export", tmp_path / "best.pt", "--format", "safetensors")
+    finally:
+        lock.release()
+    assert r.returncode == 0 and f"note: {tmp_path} is still training (pid 4242 on host" in r.stderr
+    assert "still training" not in in_process("export", tmp_path / "best.pt", "--format", "safetensors").stderr

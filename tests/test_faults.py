@@ -227,7 +227,7 @@ def test_one_writer_per_run_folder_and_store_even_through_a_symlink(setup, tmp_p
     The first `train` is another process; the others are this one, holding the lock by another handle."""
     from mealv2.common.store.locks import hold_lock
     from mealv2.common.store.label_store import acquire_writer_lock
-    from mealv2.stage2_train.trainer import RUN_LOCK
+    from mealv2.stage2_train.utils import RUN_LOCK
 
     _, data, teachers = setup
     run = tmp_path / "run"

@@ -26,7 +26,9 @@ import click
 
 from ..cli.params import NON_NEGATIVE, POSITIVE, LocalPath, trust_option
 from ..common.errors import MealV2Error
+from ..common.store.locks import held_by
 from .evaluate import EvalError, LoadedModel, load_model
+from .utils import RUN_LOCK
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TRACE_BATCH = 2    # example batch for tracing / export
@@ -223,3 +225,6 @@ def export(checkpoint, fmt, out, arch, res, ema, opset, tolerance):
                f"[batch, 3, {res}, {res}] normalised with mean {list(loaded.mean)} std {list(loaded.std)})")
     click.echo(f"max abs difference of logits vs PyTorch on a random batch of {CHECK_BATCH}: {diff:.3g} "
                f"(tolerance {tolerance:g} x max(1, max |logit|))")
+    if holder := held_by(Path(checkpoint).resolve().parent / RUN_LOCK):
+        click.echo(f"note: {Path(checkpoint).parent} is still training ({holder}): this is {checkpoint} as saved "
+                   f"so far; export it again once the run has ended", err=True)

@@ -77,7 +77,7 @@ from .replay import check_student_res
 from .res_schedule import ResSchedule, res_schedule
 from .run_config import current_settings
 from .run_data import RECORD_KEY, check_run_data, record_summary, run_data_record
-from .utils import RunLog, write_run_config
+from .utils import RUN_LOCK, RunLog, write_run_config
 from .validate import DecodedVal, class_order, validate
 
 
@@ -260,8 +260,6 @@ def _say_how_to_continue(cfg: TrainConfig) -> None:
         print(f"\nmealv2 train: interrupted; {last} holds the last finished epoch. Continue the run with:\n"
               f"  {command}", file=sys.stderr)
 
-
-RUN_LOCK = "train.lock"
 
 
 @contextmanager

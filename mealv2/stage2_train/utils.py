@@ -20,6 +20,7 @@ METRICS = ("epoch", "res", "lr", "loss", "d_loss", "val_top1", "val_top5", "val_
 # more than a whole epoch of a small run; metrics.csv is rewritten every epoch.
 PLOT_EVERY_S = 30.0
 CONFIG_FILE = "config.json"
+RUN_LOCK = "train.lock"   # in RUN, held by the one `mealv2 train` writing it
 
 
 def write_run_config(run: Path, cfg, resolved: dict) -> Path:
