@@ -468,3 +468,14 @@ def test_verify_while_a_label_run_writes_the_store_says_so_instead_of_damage(tmp
     finally:
         lock.release()
     assert in_process("verify", out).returncode == 0
+
+
+def test_verify_names_the_images_of_data_that_differ_at_the_same_paths(tmp_path, data, reference):
+    """Other images under the store's paths: the fingerprint differs, and the stored CRC32Cs say which files."""
+    copy = shutil.copytree(data, tmp_path / "data")
+    first = sorted((copy / "class_0").iterdir())
+    first[0].write_bytes(first[1].read_bytes())   # another image under the first one's name
+    (problem,) = verify_store(reference, data=copy)
+    assert "dataset fingerprint" in problem and "1 image(s) changed since earlier rounds were labelled: " \
+        f"class_0/{first[0].name} (CRC32C" in problem
+    assert "label into a new --out" not in problem and "pass --data the dataset it was labelled from" in problem

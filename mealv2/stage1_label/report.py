@@ -174,12 +174,18 @@ def verify_store(path, data=None, recompute: int | None = None, tolerance: float
         return [f"--data {data}: {len(e.bad)} image(s) cannot be read, which the store was labelled from: "
                 + "; ".join(f"{rel} ({reason})" for rel, reason in e.bad[:5]) + ("; ..." if len(e.bad) > 5 else "")
                 + "; restore them from the dataset's source"]
+    fix = f"Restore the images {store.path} was labelled from, or pass --data the dataset it was labelled from"
     if mismatch := dataset_mismatch(store, data, index):
+        if store.relpaths() == list(index.relpaths):   # the same paths: the stored CRC32Cs name the files changed
+            crcs = image_crcs(index)
+            changed = np.flatnonzero(store.crcs() != crcs)
+            if len(changed):
+                mismatch += f"\n  {store.images_changed(changed, crcs[changed], index.relpaths, fix)}"
         return [mismatch]
     crcs = image_crcs(index)
     changed = store.changed_images(crcs)
     if len(changed):   # what `train` refuses as it reads them
-        return [str(store.images_changed(changed, crcs[changed], index.relpaths))]
+        return [str(store.images_changed(changed, crcs[changed], index.relpaths, fix))]
     return [] if recompute is None else _teacher_problems(store, index, recompute, tolerance, device)
 
 

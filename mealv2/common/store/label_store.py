@@ -516,15 +516,16 @@ class LabelStore(StoreIntegrity):
         labelled = np.repeat(self.done_mask().any(axis=0), self.shard_size)[:self.num_images]
         return np.flatnonzero(labelled & (self.crcs() != np.asarray(crcs, dtype=np.uint32)))
 
-    def images_changed(self, ids: np.ndarray, crcs: np.ndarray, names=None) -> StoreError:
-        """The refusal of images ``ids`` (now ``crcs``) changed since labelled, by path when ``names``."""
+    def images_changed(self, ids: np.ndarray, crcs: np.ndarray, names=None,
+                       fix: str = "Restore the images, or label into a new --out") -> StoreError:
+        """The refusal of images ``ids`` (now ``crcs``) changed since labelled, by path when ``names``; ``fix``:
+        what to do about it, as the command at hand can."""
         stored = self._crc_array().get_coordinate_selection(np.asarray(ids, dtype=np.int64))
         first = [f"{names[i] if names is not None else f'image {i}'} (CRC32C {crc:08x}, the store has {old:08x})"
                  for i, crc, old in list(zip(ids, crcs, stored))[:5]]
         return StoreError(f"{self.path}: {len(ids)} image(s) changed since earlier rounds were labelled: "
                           + ", ".join(first) + (", ..." if len(ids) > 5 else "")
-                          + "; labels of one image must describe one set of pixels. Restore the images, or "
-                            "label into a new --out")
+                          + f"; labels of one image must describe one set of pixels. {fix}")
 
     def _object_keys(self, round_: int, names=None) -> list[str]:
         return [chunk_key(name, self.group[name].ndim, round_, 0) for name in names or self.data_arrays]
