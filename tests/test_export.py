@@ -134,6 +134,11 @@ def test_export_plain_state_dict_with_arch(tmp_path):
     x = _batch(2)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+    # its outputs are unnamed: eval takes --classes for them, one name per output
+    names = [f"c{i}" for i in range(7)]
+    assert ex.load_model(out, None, state_dict_classes=names).classes == names
+    with pytest.raises(ex.EvalError, match="--classes names 6 classes, .* has 7 outputs"):
+        ex.load_model(out, None, state_dict_classes=names[:6])
 
 
 def test_export_fails_and_writes_nothing_when_outputs_differ(tmp_path, monkeypatch):

@@ -105,15 +105,15 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
         return LoadedModel(model.eval(), obj["arch"], len(classes), classes, int(obj["res"]),
                            tuple(obj["mean"]), tuple(obj["std"]), "mealv2-checkpoint", ema)
     if (meta := M.export_file_metadata(checkpoint)) is not None:   # its metadata says how its weights ran
-        classes = json.loads(meta["classes"])
-        _check_recorded(checkpoint, "a `mealv2 export`", meta["arch"], classes, arch, state_dict_classes)
+        recorded = json.loads(meta["classes"])   # null: exported from a state dict, whose outputs --classes names
+        _check_recorded(checkpoint, "a `mealv2 export`", meta["arch"], recorded, arch, state_dict_classes)
         if ema:
             raise EvalError(f"--ema picks a mealv2 checkpoint's EMA weights; {checkpoint} is a `mealv2 export` of one "
                             f"set of weights (its {meta['weights']} ones): leave --ema out")
         n = int(meta["num_classes"])
+        classes = recorded if recorded is not None else _named_outputs(state_dict_classes, n, checkpoint)
         with config:
-            model = M.create_timm_model(meta["arch"], n, where=str(checkpoint))
-        M.load_weights(model, obj, str(checkpoint))
+            model = M.model_from_export(obj, meta, str(checkpoint))
         return LoadedModel(model.eval(), meta["arch"], n, classes, int(meta["res"]), tuple(json.loads(meta["mean"])),
                            tuple(json.loads(meta["std"])), "mealv2-export", meta["weights"] == "ema")
 
@@ -133,9 +133,15 @@ def load_model(checkpoint: str | None, arch: str | None, pretrained: bool = Fals
     where = f"{checkpoint} (-a {arch}, {n} classes)"
     M.load_weights(model, state, where)
     mean, std = NORMS[STATE_DICT_NORM]
-    if state_dict_classes is not None and len(state_dict_classes) != n:
-        raise EvalError(f"--classes names {len(state_dict_classes)} classes, {checkpoint} has {n} outputs")
-    return LoadedModel(model.eval(), arch, n, state_dict_classes, None, mean, std, "state-dict")
+    return LoadedModel(model.eval(), arch, n, _named_outputs(state_dict_classes, n, checkpoint), None, mean, std,
+                       "state-dict")
+
+
+def _named_outputs(classes: list[str] | None, n: int, checkpoint) -> list[str] | None:
+    """``--classes``' names of a model's ``n`` outputs, refused unless there is one per output."""
+    if classes is not None and len(classes) != n:
+        raise EvalError(f"--classes names {len(classes)} classes, {checkpoint} has {n} outputs")
+    return classes
 
 
 def _check_recorded(checkpoint, what: str, recorded_arch: str, recorded_classes, arch: str | None,

@@ -122,18 +122,11 @@ def _write_safetensors(model, example, path: Path, meta: dict, opset: int | None
 def load_safetensors_model(path: str | Path):
     """A fresh timm model with the weights of a `mealv2 export --format safetensors` file,
     and the file's metadata (arch, classes, res, mean, std as JSON strings)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..common.models.checkpoints import create_timm_model, load_weights
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "arch" not in meta or "num_classes" not in meta:
-        raise ExportError(f"{path}: no 'arch'/'num_classes' in the safetensors metadata; "
-                          f"not written by mealv2 export")
-    model = create_timm_model(meta["arch"], int(meta["num_classes"]), where=str(path))
-    load_weights(model, load_file(str(path)), str(path))
-    return model.eval(), meta
+    from ..common.models.checkpoints import export_file_metadata, load_checkpoint_file, model_from_export
+    meta = export_file_metadata(path)
+    if meta is None:
+        raise ExportError(f"{path}: no mealv2 export metadata in the safetensors file; not written by mealv2 export")
+    return model_from_export(load_checkpoint_file(path), meta, str(path)).eval(), meta
 
 
 def _run_safetensors(path: Path, x):

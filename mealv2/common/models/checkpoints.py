@@ -225,6 +225,14 @@ def model_from_mealv2_checkpoint(ckpt: dict, where: str, ema: bool = False) -> n
     return model
 
 
+def model_from_export(state: dict, meta: dict[str, str], where: str) -> nn.Module:
+    """The model of a `mealv2 export --format safetensors` file: its weights ``state`` in the timm model its
+    metadata ``meta`` (:func:`export_file_metadata`) names."""
+    model = create_timm_model(meta["arch"], int(meta["num_classes"]), where=where)
+    load_weights(model, state, where)
+    return model
+
+
 def preview_classes(classes) -> str:
     classes = list(classes)
     return str(classes if len(classes) <= 4 else classes[:3] + ["..."])
