@@ -24,7 +24,7 @@ def store_summary(path) -> dict:
         "store": str(store.path),
         "complete": store.complete,
         "rounds_complete": rounds,
-        "rounds_labelled": rounds_labelled(store),
+        "rounds_labelled": store.rounds_labelled(),
         "rounds_planned": store.rounds_planned,
         "num_images": store.num_images,
         "crops_per_image": a["crops_per_image"],
@@ -57,13 +57,6 @@ def store_summary(path) -> dict:
         else:
             summary["top1_histogram"] = top1_histogram(top1, a["classes"])
     return summary
-
-
-def rounds_labelled(store: LabelStore) -> int:
-    """Leading rounds whose every shard is labelled: the complete ones, and those a run labelled but did not pack
-    (it packs its rounds as it ends: a killed run leaves them for the next to pack)."""
-    full = store.done_mask().all(axis=1)
-    return int(np.argmin(full)) if not full.all() else len(full)
 
 
 def layer_summary(store: LabelStore) -> list[dict]:

@@ -89,8 +89,8 @@ def _report(store, report_dir, data, err: bool = False) -> None:
                    "sizes, every image's CRC32C). Loads no teacher.")
 @click.option("--recompute", type=POSITIVE, metavar="N",
               help="With --data: load the teachers the store names (its maker's checkpoint paths and timm models) "
-                   "and re-label the stored crops of N random images of a random round. Only for a store whose teachers you "
-                   "have and trust.")
+                   "and re-label the stored crops of N random images of a random round. Only for a store whose "
+                   "teachers you have and trust.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=0.02, show_default=True,
               help="With --recompute: largest allowed |stored - recomputed| probability.")
 @device_option

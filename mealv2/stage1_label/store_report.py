@@ -73,18 +73,17 @@ def write_report(path, out, data=None) -> dict[str, str]:
     return {"report.md": f"the report on {store.name}", **pictures}
 
 
-def remove_previous(out: Path) -> list[str]:
+def remove_previous(out: Path) -> None:
     """Delete the report in ``out`` and the files it links (its pictures and tables: file names in ``out``),
     which a new report, of another store or layers, would not all overwrite and leave beside itself; the
-    folder's other files are left. Returns what was deleted."""
+    folder's other files are left."""
     old = out / "report.md"
     if not old.is_file():
-        return []
+        return
     owned = {link for link in re.findall(r"\]\(([^)\s/]+)\)", old.read_text(errors="replace"))
              if (out / link).is_file()}
     for name in (*owned, "report.md"):
         (out / name).unlink(missing_ok=True)
-    return ["report.md", *sorted(owned)]
 
 
 # ---------------------------------------------------------------------------------- report.md

@@ -24,7 +24,7 @@ from ..common.errors import MealV2Error
 from ..common.models.checkpoints import data_config, preview_classes, unwrap_model
 from ..common.models.distributed import DistInfo
 from ..common.models.runtime import Runtime, resolve_device
-from ..common.store.label_store import LabelStore
+from ..common.store.label_store import LabelStore, leading
 from ..common.store.locations import LOCAL_PATH, StorePath
 from .config import TrainConfig
 from .loader import StoredLabels, TrainLoader, images_per_step
@@ -52,7 +52,7 @@ def open_checked_store(path: str | Path, info: DistInfo = DistInfo(),
     found = info.gather_object((done.all(axis=1).tolist(), store.verify(shards, done, layers=layers)))
     full = np.logical_and.reduce([np.asarray(rounds, bool) for rounds, _ in found])
     if not full.all():   # counted as inspect and publish count: a round is complete once packed
-        complete, labelled = store.rounds_complete(), int(np.argmin(full))
+        complete, labelled = store.rounds_complete(), leading(full)
         unpacked = (f" ({labelled} labelled: a run packs its rounds as it ends, and this one did not end)"
                     if labelled > complete else "")
         raise MealV2Error(f"{store.path}: only {complete}/{store.rounds_planned} label rounds are complete{unpacked}; "

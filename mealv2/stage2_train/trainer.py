@@ -261,7 +261,6 @@ def _say_how_to_continue(cfg: TrainConfig) -> None:
               f"  {command}", file=sys.stderr)
 
 
-
 @contextmanager
 def run_folder(cfg: TrainConfig, info: DistInfo):
     """The run folder, writable and locked for the run's life by the one process that writes it

@@ -110,7 +110,7 @@ class LabelStore(StoreIntegrity):
         """
         objects = open_objects(path)
         path = objects.location
-        attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
+        attrs = _stamped(attrs)
         if objects.exists("zarr.json"):
             store = cls.open(path, mode="r+")
             store.guard = guard   # before any write of the resume: repair, pack, resize, deletions
@@ -131,7 +131,7 @@ class LabelStore(StoreIntegrity):
         """Refuse a labelling command whose ``attrs`` (teachers, data, crop settings) differ from the store's, or
         that keeps per-teacher layers where the store does not (or the reverse): resuming would mix labels.
         Reads only, so a dry run gives the refusal the run would."""
-        attrs = {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
+        attrs = _stamped(attrs)
         problems = settings_differences(self.attrs, attrs)
         if any(p.startswith("dataset.") for p in problems) and relpaths is not None:
             problems.append(self.dataset_changes(relpaths))
@@ -191,11 +191,12 @@ class LabelStore(StoreIntegrity):
         store whose plan its arrays hold, completed by the next command (a round's labels are a
         pure function of the seed, so chunks left of a dropped round are still its labels)."""
         def arrays():
-            for name in (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if per_round(n)), *_with_staged(self.layer_data)):
+            names = (*ROUND_ARRAYS, *(n for n in STAGED_ARRAYS if per_round(n)), *_with_staged(self.layer_data))
+            for name in names:
                 arr = self.group[name]
                 arr.resize((rounds, *arr.shape[1:]))
-                self._sync_meta(name)
                 fault_point("append")
+            self._sync_meta(*names)   # before a grown plan is recorded
 
         def plan():
             self.attrs["rounds_planned"] = rounds
@@ -211,10 +212,10 @@ class LabelStore(StoreIntegrity):
         self.group.attrs.update(values)
         self._sync_meta("")
 
-    def _sync_meta(self, name: str) -> None:
-        """Make the metadata zarr rewrote for array or group ``name`` ("": the store's) durable."""
+    def _sync_meta(self, *names: str) -> None:
+        """Make the metadata zarr rewrote for arrays or groups ``names`` ("": the store's) durable, in one batch."""
         if self.fsync:
-            self.objects.sync([f"{name}/zarr.json".lstrip("/")])
+            self.objects.sync([f"{name}/zarr.json".lstrip("/") for name in names])
 
     @property
     def digest(self) -> str:
@@ -255,9 +256,10 @@ class LabelStore(StoreIntegrity):
         j = len(self.layers)
         specs = array_specs(images=self.num_images, crops=self.attrs["crops_per_image"], topk=self.attrs["topk"],
                             classes=len(self.attrs["classes"]), shard_size=self.shard_size, rounds=self.rounds_planned)
-        for name, spec in layer_specs(specs, j, ("ids", "probs", "done")).items():
+        made = layer_specs(specs, j, ("ids", "probs", "done"))
+        for name, spec in made.items():
             self.group.create_array(name, overwrite=True, **spec)
-            self._sync_meta(name)
+        self._sync_meta(*made)   # before the layer is recorded
         self.objects.refresh()
         arrays = {**self.group.attrs[ARRAYS_KEY],
                   **{name: array_meta_digest(name, array_meta(self.objects, name))
@@ -465,8 +467,12 @@ class LabelStore(StoreIntegrity):
     # ---- reading -----------------------------------------------------------------------
     def rounds_complete(self) -> int:
         """Number of leading rounds that are complete: every shard labelled and the round packed."""
-        full = self.packed()
-        return int(np.argmin(full)) if not full.all() else len(full)
+        return leading(self.packed())
+
+    def rounds_labelled(self) -> int:
+        """Number of leading rounds every shard of which is labelled: the complete ones, and those a run labelled
+        but did not pack (it packs its rounds as it ends: a killed run leaves them for the next to pack)."""
+        return leading(self.done_mask().all(axis=1))
 
     @property
     def complete(self) -> bool:
@@ -605,6 +611,16 @@ class LabelStore(StoreIntegrity):
         """Delete temp files a killed writer left behind (zarr writes chunks via temp + rename)."""
         self._check_guard()
         return self.objects.remove_partials()
+
+
+def _stamped(attrs: dict) -> dict:
+    """A labelling command's store attributes with the format they are written in."""
+    return {"format": FORMAT, "version": VERSION, "prob_levels": PROB_LEVELS, **attrs}
+
+
+def leading(full: np.ndarray) -> int:
+    """How many leading entries of the bool vector ``full`` (one per round) are true."""
+    return int(np.argmin(full)) if not full.all() else len(full)
 
 
 def _record_arrays(layer: int, record: dict) -> tuple[str, ...]:
