@@ -566,7 +566,7 @@ def test_the_store_loads_neither_torch_nor_click_and_its_schema_not_zarr():
 def test_a_store_labelled_but_not_packed_is_counted_alike_by_inspect_and_train(store):
     """A killed run leaves its rounds labelled, not packed: inspect and publish said 0 rounds complete, train
     'only 1/2' of the same store."""
-    from mealv2.stage1_label.report import store_summary
+    from mealv2.stage1_label.report import store_summary   # here: the rest of this file imports no torch
     from mealv2.stage2_train.replay import open_checked_store
 
     _fill(store, pack=False)
